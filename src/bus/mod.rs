@@ -1,0 +1,122 @@
+//! Buses: where events come from. The embedded bus is in-process; others (Redis Streams) plug in
+//! behind the same trait.
+//!
+//! Owns the publish request format and its validation, and the [`Bus`] trait. A bus assigns ids,
+//! encodes each event once and hands it to the [`Hub`](crate::hub::Hub); it must never touch
+//! connections or shards directly.
+
+pub mod embedded;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::Deserialize;
+use serde_json::Value;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BusError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the gateway is overloaded; retry shortly")]
+    Overloaded,
+    #[error("the event bus is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// `POST /v1/events` body, and what `herald publish` sends.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    #[serde(default)]
+    pub project: Option<String>,
+    pub channels: Vec<String>,
+    #[serde(default)]
+    pub events: Vec<String>,
+    #[serde(default)]
+    pub roles: Option<Vec<String>>,
+    pub payload: Value,
+}
+
+/// A validated publish request with the project resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub project: String,
+    pub channels: Vec<String>,
+    pub events: Vec<String>,
+    pub roles: Vec<String>,
+    pub payload: Value,
+}
+
+impl PublishRequest {
+    pub fn validate(self, default_project: &str) -> Result<NewEvent, BusError> {
+        let invalid = |m: &str| Err(BusError::Invalid(m.to_owned()));
+        if self.channels.is_empty() {
+            return invalid("channels must list at least one channel");
+        }
+        if self.channels.iter().any(|c| c.is_empty()) {
+            return invalid("channels must not contain empty names");
+        }
+        if !self.payload.is_object() {
+            return invalid("payload must be a JSON object");
+        }
+        let roles = match self.roles {
+            None => vec![crate::event::ANY_ROLE.to_owned()],
+            Some(r) if r.is_empty() => return invalid("roles, when given, must not be empty"),
+            Some(r) if r.iter().any(|r| r.is_empty()) => {
+                return invalid("roles must not contain empty names");
+            }
+            Some(r) => r,
+        };
+        let project = match self.project {
+            Some(p) if !p.is_empty() => p,
+            _ => default_project.to_owned(),
+        };
+        Ok(NewEvent {
+            project,
+            channels: self.channels,
+            events: self.events,
+            roles,
+            payload: self.payload,
+        })
+    }
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// An event source and sink that the gateway fans out from.
+pub trait Bus: Send + Sync + 'static {
+    /// Short name for logs and the startup line ("embedded", "redis").
+    fn name(&self) -> &'static str;
+
+    /// Publishes an event and returns its id once every node will deliver it.
+    fn publish(&self, event: NewEvent) -> BoxFuture<'_, Result<String, BusError>>;
+
+    /// Whether the bus can currently deliver (for /readyz).
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(json: &str) -> Result<NewEvent, String> {
+        serde_json::from_str::<PublishRequest>(json)
+            .map_err(|e| e.to_string())?
+            .validate("console")
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_and_validation() {
+        let e = req(r#"{"channels":["files"],"payload":{"a":1}}"#).unwrap();
+        assert_eq!(e.project, "console");
+        assert_eq!(e.roles, vec!["any"]);
+        assert!(req(r#"{"channels":[],"payload":{}}"#).unwrap_err().contains("at least one"));
+        assert!(req(r#"{"channels":["a"],"payload":3}"#).unwrap_err().contains("payload"));
+        assert!(req(r#"{"channels":["a"],"payload":{},"rolez":[]}"#).unwrap_err().contains("unknown field"));
+        assert!(req(r#"{"payload":{}}"#).unwrap_err().contains("channels"));
+    }
+}

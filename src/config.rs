@@ -1,0 +1,105 @@
+//! Every tunable of `herald serve`, with its default, flag and environment variable.
+//!
+//! Owns names, defaults and validation of settings; it must not start anything. The binary
+//! parses it with clap (flags win over `HERALD_*` environment variables, which win over the
+//! defaults); tests build it with [`Config::for_tests`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address of the WebSocket listener (every shard binds it with SO_REUSEPORT).
+    #[arg(long, env = "HERALD_LISTEN", default_value = "0.0.0.0:9505")]
+    pub listen: SocketAddr,
+
+    /// Address of the admin HTTP listener (publish API, health, metrics). Keep it private.
+    #[arg(long, env = "HERALD_ADMIN", default_value = "127.0.0.1:9506")]
+    pub admin: SocketAddr,
+
+    /// Number of shards (event-loop threads). Default: one per CPU core.
+    #[arg(long, env = "HERALD_SHARDS")]
+    pub shards: Option<usize>,
+
+    /// Project used when a client or publisher names none (Appwrite uses "console").
+    #[arg(long, env = "HERALD_DEFAULT_PROJECT", default_value = "console")]
+    pub default_project: String,
+
+    /// Largest inbound WebSocket message on realtime connections; bigger ones close with 1009.
+    #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", default_value_t = 64_000)]
+    pub max_message_bytes: usize,
+
+    /// Largest upgrade request head; bigger ones get HTTP 431.
+    #[arg(long, env = "HERALD_MAX_HANDSHAKE_BYTES", default_value_t = 64_000)]
+    pub max_handshake_bytes: usize,
+
+    /// Time a client has to complete its upgrade request before it is dropped.
+    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+
+    /// Client messages allowed per window (Appwrite: 32 per minute); 0 disables the limit.
+    #[arg(long, env = "HERALD_MESSAGE_RATE", default_value_t = 32)]
+    pub message_rate: u32,
+
+    /// Window of the client message rate limit.
+    #[arg(long, env = "HERALD_MESSAGE_RATE_WINDOW", default_value = "60s", value_parser = duration)]
+    pub message_rate_window: Duration,
+
+    /// A connection silent for this long gets a WebSocket ping.
+    #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub ping_interval: Duration,
+
+    /// A connection silent for this long (no data, no pong) is closed; "0s" disables.
+    #[arg(long, env = "HERALD_IDLE_TIMEOUT", default_value = "90s", value_parser = duration)]
+    pub idle_timeout: Duration,
+
+    /// Outbound bytes queued for one connection before it is closed as a slow consumer (1013).
+    #[arg(long, env = "HERALD_MAX_OUTBOUND_BYTES", default_value_t = 1 << 20)]
+    pub max_outbound_bytes: usize,
+
+    /// On SIGTERM/SIGINT, how long to wait for clients to finish the close handshake.
+    #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub drain_timeout: Duration,
+
+    /// Largest body accepted by POST /v1/events; bigger ones get HTTP 413.
+    #[arg(long, env = "HERALD_MAX_PUBLISH_BYTES", default_value_t = 256 * 1024)]
+    pub max_publish_bytes: usize,
+
+    /// Subscriptions one connection may hold.
+    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub max_subscriptions: usize,
+
+    /// Serve an echo endpoint at this path, for RFC 6455 conformance testing only (Autobahn).
+    #[arg(long, env = "HERALD_ECHO_PATH")]
+    pub echo_path: Option<String>,
+
+    /// Largest message on the echo endpoint (Autobahn sends up to 16 MiB).
+    #[arg(long, env = "HERALD_ECHO_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
+    pub echo_max_message_bytes: usize,
+}
+
+impl Config {
+    pub fn shard_count(&self) -> usize {
+        self.shards
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// Defaults with both listeners on ephemeral loopback ports.
+    pub fn for_tests() -> Self {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            config: Config,
+        }
+        let mut c = Wrap::parse_from(["herald"]).config;
+        c.listen = "127.0.0.1:0".parse().expect("valid address");
+        c.admin = "127.0.0.1:0".parse().expect("valid address");
+        c
+    }
+}

@@ -1,0 +1,189 @@
+//! Events and their one-time encoding for fan-out.
+//!
+//! Owns what an event is (project, channels, roles, payload, id, timestamp) and turns it into
+//! the shared bytes every subscriber receives. The only per-connection part of an event frame is
+//! the `subscriptions` list at its end, so the encoded form is a shared prefix plus a tiny tail
+//! built at delivery time. Must not know about sockets, shards or buses.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+/// The role that lets an event reach every connection.
+pub const ANY_ROLE: &str = "any";
+
+/// An event as publishers describe it, before encoding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: String,
+    pub project: String,
+    pub channels: Vec<String>,
+    pub events: Vec<String>,
+    pub roles: Vec<String>,
+    /// `YYYY-MM-DDTHH:MM:SS.mmm+00:00`, as Appwrite formats it.
+    pub timestamp: String,
+    pub payload: serde_json::Value,
+}
+
+/// The current time in Appwrite's event timestamp format.
+pub fn timestamp_now() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.3f+00:00")
+        .to_string()
+}
+
+/// An event encoded once and shared (by `Arc`) with every shard.
+#[derive(Debug)]
+pub struct EncodedEvent {
+    pub id: Box<str>,
+    pub project: Box<str>,
+    pub channels: Box<[Box<str>]>,
+    pub roles: Box<[Box<str>]>,
+    /// True when `roles` contains `any`: the event reaches every connection of the project.
+    pub any_role: bool,
+    /// `{"type":"event","data":{...,"subscriptions":` — everything before the per-connection list.
+    pub prefix: Bytes,
+}
+
+impl EncodedEvent {
+    pub fn encode(event: &Event) -> Arc<Self> {
+        #[derive(Serialize)]
+        struct Data<'a> {
+            events: &'a [String],
+            channels: &'a [String],
+            timestamp: &'a str,
+            payload: &'a serde_json::Value,
+            id: &'a str,
+        }
+        let data = Data {
+            events: &event.events,
+            channels: &event.channels,
+            timestamp: &event.timestamp,
+            payload: &event.payload,
+            id: &event.id,
+        };
+        // Serializing plain strings and a `Value` cannot fail.
+        let mut json = serde_json::to_vec(&data).unwrap_or_default();
+        // Reopen the object so the per-connection `subscriptions` field can follow.
+        json.pop();
+        let mut prefix = Vec::with_capacity(json.len() + 40);
+        prefix.extend_from_slice(br#"{"type":"event","data":"#);
+        prefix.extend_from_slice(&json);
+        prefix.extend_from_slice(br#","subscriptions":"#);
+        let roles: Box<[Box<str>]> = if event.roles.is_empty() {
+            Box::new([ANY_ROLE.into()])
+        } else {
+            event.roles.iter().map(|r| r.as_str().into()).collect()
+        };
+        Arc::new(Self {
+            id: event.id.as_str().into(),
+            project: event.project.as_str().into(),
+            channels: event.channels.iter().map(|c| c.as_str().into()).collect(),
+            any_role: roles.iter().any(|r| &**r == ANY_ROLE),
+            roles,
+            prefix: Bytes::from(prefix),
+        })
+    }
+
+    /// Whether a connection holding `conn_roles` may receive this event.
+    pub fn allows(&self, conn_roles: &[Box<str>]) -> bool {
+        self.any_role || conn_roles.iter().any(|r| self.roles.contains(r))
+    }
+}
+
+/// Appends the per-connection tail `["id1","id2"]}}` to `out`. Subscription ids are restricted
+/// to `[A-Za-z0-9._-]`, so they never need JSON escaping.
+pub fn write_tail<'a>(out: &mut impl Extend<u8>, ids: impl Iterator<Item = &'a str>) {
+    out.extend([b'[']);
+    for (i, id) in ids.enumerate() {
+        if i > 0 {
+            out.extend([b',']);
+        }
+        out.extend([b'"']);
+        out.extend(id.bytes());
+        out.extend([b'"']);
+    }
+    out.extend(*b"]}}");
+}
+
+/// Assigns event ids shaped like Redis stream ids (`<unix ms>-<seq>`), strictly increasing even
+/// when the clock stalls or steps back.
+#[derive(Debug, Default)]
+pub struct EventIdGenerator {
+    last_ms: u64,
+    seq: u64,
+}
+
+impl EventIdGenerator {
+    pub fn next_id(&mut self) -> String {
+        let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        if now > self.last_ms {
+            self.last_ms = now;
+            self.seq = 0;
+        } else {
+            self.seq += 1;
+        }
+        format!("{}-{}", self.last_ms, self.seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_plus_tail_is_the_documented_json() {
+        let ev = Event {
+            id: "1-0".into(),
+            project: "p".into(),
+            channels: vec!["files".into()],
+            events: vec!["buckets.b.files.f.create".into()],
+            roles: vec![],
+            timestamp: "2026-08-21T12:00:00.123+00:00".into(),
+            payload: serde_json::json!({"a": "\"quoted\""}),
+        };
+        let enc = EncodedEvent::encode(&ev);
+        let mut frame = enc.prefix.to_vec();
+        write_tail(&mut frame, ["s1", "s2"].into_iter());
+        let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(v["type"], "event");
+        assert_eq!(v["data"]["subscriptions"], serde_json::json!(["s1", "s2"]));
+        assert_eq!(v["data"]["payload"]["a"], "\"quoted\"");
+        assert_eq!(v["data"]["id"], "1-0");
+        assert_eq!(v["data"]["timestamp"], "2026-08-21T12:00:00.123+00:00");
+        assert!(enc.any_role);
+    }
+
+    #[test]
+    fn roles_gate_delivery() {
+        let mut ev = Event {
+            id: "1-0".into(),
+            project: "p".into(),
+            channels: vec!["c".into()],
+            events: vec![],
+            roles: vec!["user:x".into()],
+            timestamp: timestamp_now(),
+            payload: serde_json::json!({}),
+        };
+        let guest: Box<[Box<str>]> = Box::new(["guests".into()]);
+        let user: Box<[Box<str>]> = Box::new(["user:x".into(), "users".into()]);
+        let enc = EncodedEvent::encode(&ev);
+        assert!(!enc.allows(&guest));
+        assert!(enc.allows(&user));
+        ev.roles = vec!["any".into()];
+        assert!(EncodedEvent::encode(&ev).allows(&guest));
+    }
+
+    #[test]
+    fn ids_increase() {
+        let mut g = EventIdGenerator::default();
+        let a = g.next_id();
+        let b = g.next_id();
+        let parse = |s: &str| {
+            let (ms, seq) = s.split_once('-').unwrap();
+            (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+        };
+        assert!(parse(&b) > parse(&a));
+    }
+}

@@ -1,0 +1,194 @@
+//! Start-up wiring: the one place that knows every part.
+//!
+//! Owns the order of start-up and shutdown: raise the fd limit, bind the shards' listeners,
+//! start shard threads, choose the bus, start the control plane (tokio: admin HTTP, signals),
+//! then wait. Nothing else in the crate constructs shards or buses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use thiserror::Error;
+
+use crate::admin::{AdminState, router};
+use crate::bus::Bus;
+use crate::bus::embedded::EmbeddedBus;
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::limits::{self, FdLimit};
+use crate::metrics::Metrics;
+use crate::shard::Shard;
+
+#[derive(Debug, Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start shard {shard}: {source}")]
+    Shard {
+        shard: usize,
+        source: std::io::Error,
+    },
+    #[error("cannot start the control plane: {0}")]
+    ControlPlane(std::io::Error),
+}
+
+const BACKLOG: i32 = 4096;
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// What a running gateway reports about itself.
+#[derive(Debug, Clone)]
+pub struct StartupInfo {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub shards: usize,
+    pub fd_limit: Option<FdLimit>,
+    pub bus: &'static str,
+}
+
+impl std::fmt::Display for StartupInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let capacity = self
+            .fd_limit
+            .map_or("unknown".to_owned(), |l| format!("{} connections", l.capacity()));
+        write!(
+            f,
+            "herald listening on ws://{}/v1/realtime ({} shards, capacity {}, bus: {}); admin on http://{}",
+            self.listen, self.shards, capacity, self.bus, self.admin
+        )
+    }
+}
+
+/// Runs a gateway until SIGTERM/SIGINT and a graceful drain. `on_start` is called once
+/// everything listens.
+pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), GatewayError> {
+    let fd_limit = match limits::raise_nofile() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise RLIMIT_NOFILE");
+            None
+        }
+    };
+    let metrics = Metrics::new();
+    if let Some(l) = fd_limit {
+        metrics.fd_limit.set(i64::try_from(l.soft).unwrap_or(i64::MAX));
+    }
+
+    let shard_count = config.shard_count();
+    let first = bind_reuseport(config.listen).map_err(|source| GatewayError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    // With port 0 the kernel picks a port; the other shards must join that same port.
+    let listen = first.local_addr().map_err(|source| GatewayError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let mut listeners = vec![first];
+    for _ in 1..shard_count {
+        listeners.push(
+            bind_reuseport(listen).map_err(|source| GatewayError::Bind {
+                addr: listen,
+                source,
+            })?,
+        );
+    }
+
+    let mut handles = Vec::with_capacity(shard_count);
+    let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(shard_count);
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let (shard, handle) = Shard::new(id, listener, &config, metrics.clone())
+            .map_err(|source| GatewayError::Shard { shard: id, source })?;
+        handles.push(handle);
+        let t = std::thread::Builder::new()
+            .name(format!("herald-shard-{id}"))
+            .spawn(move || shard.run())
+            .map_err(|source| GatewayError::Shard { shard: id, source })?;
+        threads.push(t);
+    }
+    let hub = Arc::new(Hub::new(handles));
+    let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new(hub.clone(), metrics.clone()));
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("herald-control")
+        .build()
+        .map_err(GatewayError::ControlPlane)?;
+    let admin_listener = runtime
+        .block_on(tokio::net::TcpListener::bind(config.admin))
+        .map_err(|source| GatewayError::Bind {
+            addr: config.admin,
+            source,
+        })?;
+    let admin = admin_listener
+        .local_addr()
+        .map_err(GatewayError::ControlPlane)?;
+
+    let info = StartupInfo {
+        listen,
+        admin,
+        shards: shard_count,
+        fd_limit,
+        bus: bus.name(),
+    };
+    on_start(&info);
+
+    let state = AdminState {
+        bus,
+        metrics,
+        default_project: config.default_project.clone(),
+        max_publish_bytes: config.max_publish_bytes,
+    };
+    let drain = config.drain_timeout;
+    let shutdown_hub = hub.clone();
+    runtime.block_on(async move {
+        let server = axum::serve(admin_listener, router(state));
+        let signal = async move {
+            wait_for_signal().await;
+            tracing::info!(?drain, "shutting down: closing connections with 1001");
+            shutdown_hub.shutdown(drain);
+        };
+        // The admin listener stops with the shards: /healthz fails once we drain.
+        tokio::select! {
+            r = server.into_future() => {
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "admin listener failed");
+                }
+            }
+            () = signal => {}
+        }
+    });
+    for t in threads {
+        let _ = t.join();
+    }
+    tracing::info!("herald stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process can still be stopped, just not gracefully.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,94 @@
+//! The `herald` command: `serve` runs the gateway, `publish` sends one event to a running one.
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use herald::bus::PublishRequest;
+use herald::config::Config;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "Realtime WebSocket gateway (Appwrite Realtime protocol)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve(Box<Config>),
+    /// Publish one event through a running gateway's admin API.
+    Publish(PublishArgs),
+}
+
+#[derive(clap::Args)]
+struct PublishArgs {
+    /// Admin address of the gateway.
+    #[arg(long, env = "HERALD_ADMIN", default_value = "127.0.0.1:9506")]
+    admin: String,
+    /// Project (default: the gateway's default project).
+    #[arg(long)]
+    project: Option<String>,
+    /// Channel to publish on (repeat for several).
+    #[arg(long = "channel", required = true)]
+    channels: Vec<String>,
+    /// Event name (repeat for several), e.g. buckets.b.files.f.create.
+    #[arg(long = "event")]
+    events: Vec<String>,
+    /// Role allowed to receive it (repeat; default: any).
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    /// Payload: a JSON object.
+    #[arg(long)]
+    payload: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match Cli::parse().command {
+        Command::Serve(config) => {
+            herald::gateway::run(*config, |info| {
+                println!("{info}");
+                tracing::info!("ready");
+            })?;
+            Ok(())
+        }
+        Command::Publish(args) => publish(args),
+    }
+}
+
+fn publish(args: PublishArgs) -> anyhow::Result<()> {
+    let payload: serde_json::Value =
+        serde_json::from_str(&args.payload).context("--payload is not valid JSON")?;
+    let req = PublishRequest {
+        project: args.project,
+        channels: args.channels,
+        events: args.events,
+        roles: (!args.roles.is_empty()).then_some(args.roles),
+        payload,
+    };
+    let url = format!("http://{}/v1/events", args.admin);
+    let mut resp = ureq::post(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_json(&req)
+        .with_context(|| format!("cannot reach herald's admin API at {url}"))?;
+    let status = resp.status();
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    if !status.is_success() {
+        bail!("publish refused ({status}): {body}");
+    }
+    println!("{body}");
+    Ok(())
+}

@@ -1,0 +1,514 @@
+//! The Appwrite Realtime protocol (generations A, B and C) for one connection.
+//!
+//! Owns a connection's session (project, roles, subscriptions), the handling of every client
+//! message (`ping`, `subscribe`, `unsubscribe`, `authentication`, ...) and the JSON of every
+//! server message except events (see `event.rs`). Pure: text in, text out; it must not touch
+//! sockets, the shard's channel index or the bus. The caller updates the index when
+//! [`Reply::subscriptions_changed`] says so.
+
+use std::sync::Arc;
+
+use compact_str::CompactString;
+use serde_json::{Value, json};
+
+use crate::event::EncodedEvent;
+
+/// Limits a client cannot exceed through subscribe messages.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub max_subscriptions: usize,
+    pub max_channels: usize,
+    pub max_channel_len: usize,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        Self {
+            max_subscriptions: 100,
+            max_channels: 100,
+            max_channel_len: 256,
+        }
+    }
+}
+
+/// A subscription id: up to 36 characters, stored inline when short (ids minted by herald and the
+/// SDK are 20 characters).
+pub type SubscriptionId = CompactString;
+
+/// One subscription of a connection: an id and the channels it listens to.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub id: SubscriptionId,
+    pub channels: Box<[Arc<str>]>,
+}
+
+/// The realtime state of one connection.
+#[derive(Debug)]
+pub struct Session {
+    pub project: Arc<str>,
+    pub roles: Arc<[Box<str>]>,
+    pub subscriptions: Vec<Subscription>,
+}
+
+/// What the connection must do after a client message.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    /// A text frame to send back.
+    pub frame: Option<String>,
+    /// Close the connection with this code after sending `frame`.
+    pub close: Option<u16>,
+    /// The set of channels the session listens to changed; the caller must re-index it.
+    pub subscriptions_changed: bool,
+}
+
+impl Reply {
+    fn frame(s: String) -> Self {
+        Self {
+            frame: Some(s),
+            ..Self::default()
+        }
+    }
+}
+
+/// Error codes and messages clients see, as Appwrite words them where it has an equivalent.
+pub mod errors {
+    pub const MESSAGE_FORMAT: &str = "Message format is not valid.";
+    pub const MESSAGE_TYPE: &str = "Message type is not valid.";
+    pub const TOO_MANY_MESSAGES: &str = "Too many messages.";
+    pub const BINARY: &str = "Binary messages are not supported: send JSON text frames.";
+}
+
+/// The JSON of an `error` message.
+pub fn error_message(code: u16, message: &str) -> String {
+    json!({"type": "error", "data": {"code": code, "message": message}}).to_string()
+}
+
+/// Mints an id like the SDK's `ID.unique()`: hex seconds, 5 hex digits of sub-second time and
+/// 7 random hex digits (20 characters).
+pub fn mint_id() -> SubscriptionId {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let random: u32 = rand::random::<u32>() & 0x0FFF_FFFF;
+    compact_str::format_compact!(
+        "{:08x}{:05x}{:07x}",
+        now.as_secs() as u32,
+        now.subsec_micros() & 0xFFFFF,
+        random
+    )
+}
+
+/// Appwrite's `CustomId` rule: at most 36 of `[A-Za-z0-9._-]`, not starting with `.`, `-` or `_`.
+pub fn is_valid_subscription_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 36
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+const ID_RULE: &str = "subscriptionId must be at most 36 characters of a-z, A-Z, 0-9, period, hyphen and underscore, and not start with a special character";
+
+impl Session {
+    /// A guest session. `url_channels` (generations A and B) form one subscription with a minted
+    /// id; `intern` returns the shard's shared copy of a channel name.
+    pub fn new(
+        project: Arc<str>,
+        roles: Arc<[Box<str>]>,
+        url_channels: &[String],
+        intern: &mut dyn FnMut(&str) -> Arc<str>,
+    ) -> Self {
+        let mut subscriptions = Vec::new();
+        if !url_channels.is_empty() {
+            subscriptions.push(Subscription {
+                id: mint_id(),
+                channels: url_channels.iter().map(|c| intern(c)).collect(),
+            });
+        }
+        Self {
+            project,
+            roles,
+            subscriptions,
+        }
+    }
+
+    /// The `connected` message sent right after the upgrade.
+    pub fn connected_message(&self) -> String {
+        json!({"type": "connected", "data": {
+            "channels": self.channels().iter().map(|c| &**c).collect::<Vec<_>>(),
+            "subscriptions": self.subscriptions.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            "user": null,
+        }})
+        .to_string()
+    }
+
+    /// Every distinct channel of every subscription, in first-seen order.
+    pub fn channels(&self) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = Vec::new();
+        for c in self.subscriptions.iter().flat_map(|s| s.channels.iter()) {
+            if !out.iter().any(|o| o == c) {
+                out.push(c.clone());
+            }
+        }
+        out
+    }
+
+    /// Ids of the subscriptions that listen to any of `channels` (in subscription order), for an
+    /// event the session's roles allow.
+    pub fn matching<'a>(
+        &'a self,
+        event: &'a EncodedEvent,
+    ) -> impl Iterator<Item = &'a str> + 'a {
+        let allowed = event.allows(&self.roles);
+        self.subscriptions
+            .iter()
+            .filter(move |s| {
+                allowed
+                    && s.channels
+                        .iter()
+                        .any(|c| event.channels.iter().any(|e| **e == **c))
+            })
+            .map(|s| s.id.as_str())
+    }
+
+    /// Handles one client text message.
+    pub fn handle_text(
+        &mut self,
+        text: &str,
+        limits: &SessionLimits,
+        intern: &mut dyn FnMut(&str) -> Arc<str>,
+    ) -> Reply {
+        let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(text) else {
+            return Reply::frame(error_message(1003, errors::MESSAGE_FORMAT));
+        };
+        if !msg.contains_key("type") && !msg.contains_key("data") {
+            return Reply::frame(error_message(1003, errors::MESSAGE_FORMAT));
+        }
+        let data = msg.remove("data").unwrap_or(Value::Null);
+        match msg.get("type").and_then(Value::as_str) {
+            Some("ping") => Reply::frame(r#"{"type":"pong"}"#.to_owned()),
+            Some("subscribe") => self.subscribe(data, limits, intern),
+            Some("unsubscribe") => self.unsubscribe(data),
+            Some("authentication") => Reply::frame(authentication(&data)),
+            Some("presence") => Reply::frame(error_message(
+                1003,
+                "Presence is not supported by this gateway.",
+            )),
+            _ => Reply::frame(error_message(1003, errors::MESSAGE_TYPE)),
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        data: Value,
+        limits: &SessionLimits,
+        intern: &mut dyn FnMut(&str) -> Arc<str>,
+    ) -> Reply {
+        let rows = match parse_subscribe(data, limits) {
+            Ok(rows) => rows,
+            Err(e) => return Reply::frame(error_message(1003, &format!("Invalid subscribe payload: {e}"))),
+        };
+        let new_ids = rows
+            .iter()
+            .filter_map(|r| r.id.as_ref())
+            .filter(|id| !self.subscriptions.iter().any(|s| &s.id == *id))
+            .count()
+            + rows.iter().filter(|r| r.id.is_none()).count();
+        if self.subscriptions.len() + new_ids > limits.max_subscriptions {
+            return Reply::frame(error_message(
+                1003,
+                &format!(
+                    "Invalid subscribe payload: a connection may hold at most {} subscriptions",
+                    limits.max_subscriptions
+                ),
+            ));
+        }
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let id = row.id.unwrap_or_else(mint_id);
+            let channels: Box<[Arc<str>]> = row.channels.iter().map(|c| intern(c)).collect();
+            out.push(json!({
+                "subscriptionId": id.as_str(),
+                "channels": channels.iter().map(|c| &**c).collect::<Vec<_>>(),
+                "queries": row.queries,
+            }));
+            // Upsert with replace semantics: the new channel list is the whole list.
+            match self.subscriptions.iter_mut().find(|s| s.id == id) {
+                Some(existing) => existing.channels = channels,
+                None => self.subscriptions.push(Subscription { id, channels }),
+            }
+        }
+        Reply {
+            frame: Some(
+                json!({"type": "response", "data": {"to": "subscribe", "success": true, "subscriptions": out}})
+                    .to_string(),
+            ),
+            close: None,
+            subscriptions_changed: true,
+        }
+    }
+
+    fn unsubscribe(&mut self, data: Value) -> Reply {
+        let ids = match parse_unsubscribe(data) {
+            Ok(ids) => ids,
+            Err(e) => {
+                return Reply::frame(error_message(1003, &format!("Invalid unsubscribe payload: {e}")));
+            }
+        };
+        let mut changed = false;
+        let rows: Vec<Value> = ids
+            .into_iter()
+            .map(|id| {
+                let before = self.subscriptions.len();
+                self.subscriptions.retain(|s| s.id != id);
+                let removed = self.subscriptions.len() != before;
+                changed |= removed;
+                json!({"subscriptionId": id, "removed": removed})
+            })
+            .collect();
+        Reply {
+            frame: Some(
+                json!({"type": "response", "data": {"to": "unsubscribe", "success": true, "subscriptions": rows}})
+                    .to_string(),
+            ),
+            close: None,
+            subscriptions_changed: changed,
+        }
+    }
+}
+
+/// Sessions cannot be verified until herald has an authentication backend; the connection keeps
+/// its project, guest roles and subscriptions.
+fn authentication(data: &Value) -> String {
+    match data.get("session").and_then(Value::as_str) {
+        Some(s) if !s.is_empty() && s.len() <= 2048 => error_message(
+            1003,
+            "Session is not valid. This gateway does not verify sessions yet; the connection stays a guest.",
+        ),
+        _ => error_message(1003, "Payload is not valid. Session is required"),
+    }
+}
+
+struct SubscribeRow {
+    id: Option<SubscriptionId>,
+    channels: Vec<String>,
+    queries: Vec<Value>,
+}
+
+/// Validates a whole subscribe batch before anything is applied.
+fn parse_subscribe(data: Value, limits: &SessionLimits) -> Result<Vec<SubscribeRow>, String> {
+    let Value::Array(rows) = data else {
+        return Err("data must be a list of subscriptions".into());
+    };
+    if rows.is_empty() {
+        return Err("data must hold at least one subscription".into());
+    }
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let Value::Object(mut row) = row else {
+            return Err("every subscription must be an object".into());
+        };
+        let id = match row.remove("subscriptionId") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s == "unique()" => None,
+            Some(Value::String(s)) if is_valid_subscription_id(&s) => Some(SubscriptionId::from(s)),
+            Some(_) => return Err(ID_RULE.into()),
+        };
+        let Some(Value::Array(chans)) = row.remove("channels") else {
+            return Err("channels must be a list of strings".into());
+        };
+        if chans.len() > limits.max_channels {
+            return Err(format!(
+                "a subscription may list at most {} channels",
+                limits.max_channels
+            ));
+        }
+        let mut channels = Vec::with_capacity(chans.len());
+        for c in chans {
+            match c {
+                Value::String(s) if !s.is_empty() && s.len() <= limits.max_channel_len => {
+                    if !channels.contains(&s) {
+                        channels.push(s);
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "channels must be non-empty strings of at most {} bytes",
+                        limits.max_channel_len
+                    ));
+                }
+            }
+        }
+        let queries = match row.remove("queries") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(q)) => q,
+            Some(_) => return Err("queries must be a list".into()),
+        };
+        for q in &queries {
+            check_query(q)?;
+        }
+        out.push(SubscribeRow {
+            id,
+            channels,
+            queries,
+        });
+    }
+    Ok(out)
+}
+
+/// herald delivers every event of a channel; the only query it accepts is `select(["*"])`, which
+/// means exactly that. Filters are refused rather than silently ignored.
+fn check_query(q: &Value) -> Result<(), String> {
+    let parsed: Option<Value> = match q {
+        Value::String(s) => serde_json::from_str(s).ok(),
+        other => Some(other.clone()),
+    };
+    let is_select_all = parsed.as_ref().is_some_and(|v| {
+        v.get("method").and_then(Value::as_str) == Some("select")
+            && v.get("values") == Some(&json!(["*"]))
+    });
+    if is_select_all {
+        Ok(())
+    } else {
+        Err(format!(
+            "query {q} is not supported: this gateway accepts only select([\"*\"]) and delivers every event of the subscribed channels"
+        ))
+    }
+}
+
+fn parse_unsubscribe(data: Value) -> Result<Vec<String>, String> {
+    let Value::Array(rows) = data else {
+        return Err("data must be a list of {\"subscriptionId\": ...} objects".into());
+    };
+    if rows.is_empty() {
+        return Err("data must hold at least one subscriptionId".into());
+    }
+    rows.into_iter()
+        .map(|row| match row.get("subscriptionId") {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            _ => Err("every row needs a non-empty string subscriptionId".into()),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn intern(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    fn session(channels: &[&str]) -> Session {
+        let chans: Vec<String> = channels.iter().map(|s| s.to_string()).collect();
+        Session::new(
+            "p".into(),
+            Arc::from(vec![Box::<str>::from("guests")]),
+            &chans,
+            &mut intern,
+        )
+    }
+
+    fn handle(s: &mut Session, text: &str) -> (Value, bool) {
+        let r = s.handle_text(text, &SessionLimits::default(), &mut intern);
+        (
+            serde_json::from_str(&r.frame.unwrap()).unwrap(),
+            r.subscriptions_changed,
+        )
+    }
+
+    #[test]
+    fn connected_lists_url_channels_and_one_minted_id() {
+        let s = session(&["files", "documents"]);
+        let v: Value = serde_json::from_str(&s.connected_message()).unwrap();
+        assert_eq!(v["data"]["channels"], json!(["files", "documents"]));
+        let id = v["data"]["subscriptions"][0].as_str().unwrap();
+        assert_eq!(id.len(), 20);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(v["data"]["user"], Value::Null);
+    }
+
+    #[test]
+    fn malformed_and_unknown_messages() {
+        let mut s = session(&[]);
+        for bad in ["nope", "[1]", "{}", "5"] {
+            let (v, _) = handle(&mut s, bad);
+            assert_eq!(v["data"]["message"], errors::MESSAGE_FORMAT, "{bad}");
+        }
+        let (v, _) = handle(&mut s, r#"{"type":"dance"}"#);
+        assert_eq!(v["data"]["code"], 1003);
+        assert_eq!(v["data"]["message"], errors::MESSAGE_TYPE);
+        let (v, _) = handle(&mut s, r#"{"type":"ping"}"#);
+        assert_eq!(v, json!({"type":"pong"}));
+    }
+
+    #[test]
+    fn subscribe_upserts_and_replaces() {
+        let mut s = session(&[]);
+        let (v, changed) = handle(
+            &mut s,
+            r#"{"type":"subscribe","data":[{"subscriptionId":"a1","channels":["x","y"]},{"channels":["z"],"queries":[]}]}"#,
+        );
+        assert!(changed);
+        assert_eq!(v["data"]["to"], "subscribe");
+        assert_eq!(v["data"]["subscriptions"][0]["subscriptionId"], "a1");
+        assert_eq!(s.subscriptions.len(), 2);
+        handle(&mut s, r#"{"type":"subscribe","data":[{"subscriptionId":"a1","channels":["q"]}]}"#);
+        assert_eq!(s.subscriptions.len(), 2);
+        assert_eq!(&*s.subscriptions[0].channels[0], "q");
+        assert_eq!(s.subscriptions[0].channels.len(), 1);
+    }
+
+    #[test]
+    fn subscribe_rejects_bad_ids_atomically() {
+        let mut s = session(&[]);
+        let (v, changed) = handle(
+            &mut s,
+            r#"{"type":"subscribe","data":[{"subscriptionId":"ok","channels":["x"]},{"subscriptionId":"-bad!","channels":["y"]}]}"#,
+        );
+        assert!(!changed);
+        assert_eq!(v["data"]["code"], 1003);
+        assert!(s.subscriptions.is_empty());
+        let long = "a".repeat(37);
+        let (v, _) = handle(
+            &mut s,
+            &format!(r#"{{"type":"subscribe","data":[{{"subscriptionId":"{long}","channels":["x"]}}]}}"#),
+        );
+        assert_eq!(v["data"]["code"], 1003);
+    }
+
+    #[test]
+    fn unsubscribe_reports_per_row_and_rejects_bad_batches() {
+        let mut s = session(&[]);
+        handle(&mut s, r#"{"type":"subscribe","data":[{"subscriptionId":"a","channels":["x"]},{"subscriptionId":"b","channels":["y"]}]}"#);
+        let (v, _) = handle(&mut s, r#"{"type":"unsubscribe","data":[{"subscriptionId":"a"},{}]}"#);
+        assert_eq!(v["data"]["code"], 1003);
+        assert_eq!(s.subscriptions.len(), 2);
+        let (v, changed) = handle(&mut s, r#"{"type":"unsubscribe","data":[{"subscriptionId":"a"},{"subscriptionId":"zz"}]}"#);
+        assert!(changed);
+        assert_eq!(
+            v["data"]["subscriptions"],
+            json!([{"subscriptionId":"a","removed":true},{"subscriptionId":"zz","removed":false}])
+        );
+    }
+
+    #[test]
+    fn authentication_keeps_the_session() {
+        let mut s = session(&["files"]);
+        let (v, changed) = handle(&mut s, r#"{"type":"authentication","data":{"session":"abc"}}"#);
+        assert_eq!(v["type"], "error");
+        assert!(!changed);
+        assert_eq!(&*s.project, "p");
+        assert_eq!(s.subscriptions.len(), 1);
+    }
+
+    #[test]
+    fn filter_queries_are_refused_select_all_accepted() {
+        let mut s = session(&[]);
+        let (v, _) = handle(&mut s, r#"{"type":"subscribe","data":[{"channels":["x"],"queries":["{\"method\":\"select\",\"values\":[\"*\"]}"]}]}"#);
+        assert_eq!(v["data"]["success"], true);
+        let (v, _) = handle(&mut s, r#"{"type":"subscribe","data":[{"channels":["x"],"queries":["{\"method\":\"equal\",\"attribute\":\"a\",\"values\":[1]}"]}]}"#);
+        assert_eq!(v["data"]["code"], 1003);
+    }
+}

@@ -1,0 +1,121 @@
+//! A shard's index from (project, channel) to the connections listening on it.
+//!
+//! Owns the lookup that turns an event's channels into candidate connections, and the shard's
+//! interned channel and project names (one allocation per distinct name, shared by every
+//! session). Connections are plain `u32` keys into the shard's slab; this module must not look
+//! at connections, sessions or sockets, and is only touched by its own shard thread.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use rustc_hash::{FxHashMap, FxHashSet};
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    /// Key: `project \x1f channel`.
+    index: FxHashMap<Box<str>, FxHashSet<u32>>,
+    names: HashSet<Arc<str>>,
+    key_buf: String,
+}
+
+fn key_into(buf: &mut String, project: &str, channel: &str) {
+    buf.clear();
+    buf.push_str(project);
+    buf.push('\x1f');
+    buf.push_str(channel);
+}
+
+impl Registry {
+    /// The shard's shared copy of a name.
+    pub fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        self.names.insert(n.clone());
+        n
+    }
+
+    /// Drops interned names nobody holds any more.
+    pub fn collect_garbage(&mut self) {
+        self.names.retain(|n| Arc::strong_count(n) > 1);
+    }
+
+    /// Moves `conn` from the channels in `before` to those in `after`.
+    pub fn update(&mut self, project: &str, conn: u32, before: &[Arc<str>], after: &[Arc<str>]) {
+        for c in before.iter().filter(|c| !after.contains(c)) {
+            key_into(&mut self.key_buf, project, c);
+            if let Some(set) = self.index.get_mut(self.key_buf.as_str()) {
+                set.remove(&conn);
+                if set.is_empty() {
+                    self.index.remove(self.key_buf.as_str());
+                }
+            }
+        }
+        for c in after.iter().filter(|c| !before.contains(c)) {
+            key_into(&mut self.key_buf, project, c);
+            match self.index.get_mut(self.key_buf.as_str()) {
+                Some(set) => {
+                    set.insert(conn);
+                }
+                None => {
+                    let mut set = FxHashSet::default();
+                    set.insert(conn);
+                    self.index.insert(self.key_buf.as_str().into(), set);
+                }
+            }
+        }
+    }
+
+    /// Fills `out` with every connection listening on any of `channels` in `project`, each once.
+    pub fn collect<S: AsRef<str>>(&mut self, project: &str, channels: &[S], out: &mut Vec<u32>) {
+        out.clear();
+        let mut sets = 0;
+        for c in channels {
+            key_into(&mut self.key_buf, project, c.as_ref());
+            if let Some(set) = self.index.get(self.key_buf.as_str()) {
+                out.extend(set.iter().copied());
+                sets += 1;
+            }
+        }
+        if sets > 1 {
+            out.sort_unstable();
+            out.dedup();
+        }
+    }
+
+    /// Number of (project, channel) pairs with at least one listener.
+    pub fn channel_count(&self) -> usize {
+        self.index.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_and_collect() {
+        let mut r = Registry::default();
+        let a = r.intern("a");
+        let b = r.intern("b");
+        r.update("p", 1, &[], &[a.clone(), b.clone()]);
+        r.update("p", 2, &[], &[b.clone()]);
+        r.update("q", 3, &[], &[a.clone()]);
+        let mut out = Vec::new();
+        r.collect("p", &["a", "b"], &mut out);
+        assert_eq!(out, vec![1, 2]);
+        r.collect("q", &["a", "b"], &mut out);
+        assert_eq!(out, vec![3]);
+        r.update("p", 1, &[a.clone(), b.clone()], &[b.clone()]);
+        r.collect("p", &["a"], &mut out);
+        assert!(out.is_empty());
+        r.update("p", 1, &[b.clone()], &[]);
+        r.update("p", 2, &[b.clone()], &[]);
+        r.update("q", 3, &[a.clone()], &[]);
+        assert_eq!(r.channel_count(), 0);
+        drop((a, b));
+        r.collect_garbage();
+        assert!(r.names.is_empty());
+    }
+}

@@ -1,0 +1,630 @@
+//! A shard: one OS thread running one epoll event loop (mio) over the connections it accepted.
+//!
+//! Owns its `SO_REUSEPORT` listener, its connections (in a slab), its channel index and its
+//! scratch buffers, and is the only thread that touches them: no locks on the hot path. It
+//! receives events and shutdown through a bounded crossbeam channel plus a mio waker. It must
+//! not know about HTTP, Redis or the bus; everything protocol-level is delegated to `conn.rs`.
+
+use std::io::{self, Read};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use smallvec::SmallVec;
+
+use crate::config::Config;
+use crate::conn::{ConnConfig, Connection, Counters, Env, Incident, Phase};
+use crate::event::{EncodedEvent, write_tail};
+use crate::metrics::Metrics;
+use crate::outbox::OutFrame;
+use crate::registry::Registry;
+use crate::ws::frame::Opcode;
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX - 2);
+/// Events taken from the inbound queue before frames are flushed and sockets polled again.
+const COMMAND_BATCH: usize = 256;
+/// Connections accepted per loop iteration, so an accept storm cannot starve delivery.
+const ACCEPT_BATCH: usize = 512;
+/// Socket reads per readable event: enough for normal traffic, bounded against floods.
+const READS_PER_EVENT: usize = 16;
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// Inbound queue capacity per shard, in events.
+pub const QUEUE_CAPACITY: usize = 65_536;
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+const TICK: Duration = Duration::from_secs(1);
+
+/// What the control plane sends a shard.
+#[derive(Debug)]
+pub enum Command {
+    Event(Arc<EncodedEvent>),
+    /// Stop accepting, close every connection with 1001, exit once drained or at the deadline.
+    Shutdown { drain: Duration },
+}
+
+/// The control plane's end of a shard.
+#[derive(Clone)]
+pub struct ShardHandle {
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+    wake_pending: Arc<AtomicBool>,
+}
+
+impl ShardHandle {
+    /// Queues a command without blocking; gives it back when the queue is full.
+    pub fn try_send(&self, cmd: Command) -> Result<(), Command> {
+        match self.tx.try_send(cmd) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(c) | TrySendError::Disconnected(c)) => Err(c),
+        }
+    }
+
+    /// Free slots in the inbound queue.
+    pub fn room(&self) -> usize {
+        QUEUE_CAPACITY.saturating_sub(self.tx.len())
+    }
+
+    /// Wakes the loop, at most once per batch: a wake already pending covers this send.
+    fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            // A failed wake means the shard is gone; its queue is then drained by nobody.
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+struct Slot {
+    stream: TcpStream,
+    conn: Connection,
+}
+
+/// Per-shard metric handles, taken once so the loop only touches atomics.
+struct ShardMetrics {
+    metrics: Metrics,
+    connections: prometheus::IntGauge,
+    accepted: prometheus::IntCounter,
+    delivered: prometheus::IntCounter,
+    slow: prometheus::IntCounter,
+    rate_limited: prometheus::IntCounter,
+    idle_closed: prometheus::IntCounter,
+    queue: prometheus::IntGauge,
+}
+
+pub struct Shard {
+    id: usize,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    slab: Slab<Slot>,
+    registry: Registry,
+    rx: Receiver<Command>,
+    wake_pending: Arc<AtomicBool>,
+    cfg: ConnConfig,
+    scratch: Box<[u8]>,
+    out: Vec<OutFrame>,
+    pending: Vec<(u32, OutFrame)>,
+    candidates: Vec<u32>,
+    counters: Counters,
+    epoch: Instant,
+    now: u32,
+    next_tick: Instant,
+    accept_paused_until: Option<Instant>,
+    accept_more: bool,
+    commands_more: bool,
+    drain_deadline: Option<Instant>,
+    last_fd_warning: Option<Instant>,
+    m: ShardMetrics,
+}
+
+impl Shard {
+    /// Builds shard `id` around an already bound, non-blocking listener.
+    pub fn new(
+        id: usize,
+        listener: std::net::TcpListener,
+        config: &Config,
+        metrics: Metrics,
+    ) -> io::Result<(Self, ShardHandle)> {
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+        let wake_pending = Arc::new(AtomicBool::new(false));
+        let label = id.to_string();
+        let m = ShardMetrics {
+            connections: metrics.connections.with_label_values(&[&label]),
+            accepted: metrics.accepted.with_label_values(&[&label]),
+            delivered: metrics.events_delivered.with_label_values(&[&label]),
+            slow: metrics.slow_consumers.with_label_values(&[&label]),
+            rate_limited: metrics.rate_limited.with_label_values(&[&label]),
+            idle_closed: metrics.idle_closed.with_label_values(&[&label]),
+            queue: metrics.shard_queue.with_label_values(&[&label]),
+            metrics,
+        };
+        let now = Instant::now();
+        let shard = Self {
+            id,
+            poll,
+            listener: Some(listener),
+            slab: Slab::new(),
+            registry: Registry::default(),
+            rx,
+            wake_pending: wake_pending.clone(),
+            cfg: ConnConfig::from_config(config),
+            scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
+            out: Vec::new(),
+            pending: Vec::new(),
+            candidates: Vec::new(),
+            counters: Counters::default(),
+            epoch: now,
+            now: 0,
+            next_tick: now + TICK,
+            accept_paused_until: None,
+            accept_more: false,
+            commands_more: false,
+            drain_deadline: None,
+            last_fd_warning: None,
+            m,
+        };
+        let handle = ShardHandle {
+            tx,
+            waker,
+            wake_pending,
+        };
+        Ok((shard, handle))
+    }
+
+    /// Runs the event loop until shutdown completes.
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(shard = self.id, error = %e, "epoll failed; shard stops");
+                return;
+            }
+            self.now = u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX);
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    Token(k) => {
+                        let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                        self.on_socket_event(k, readable, ev.is_writable());
+                    }
+                }
+            }
+            self.drain_commands();
+            let now = Instant::now();
+            if self.accept_more
+                || self
+                    .accept_paused_until
+                    .is_some_and(|until| now >= until)
+            {
+                self.accept_paused_until = None;
+                self.accept();
+            }
+            if now >= self.next_tick {
+                self.next_tick = now + TICK;
+                self.tick();
+            }
+            if let Some(deadline) = self.drain_deadline {
+                if self.slab.is_empty() || now >= deadline {
+                    let left = self.slab.len();
+                    for k in 0..self.slab.capacity() {
+                        self.remove(k);
+                    }
+                    tracing::debug!(shard = self.id, left, "shard drained");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Duration {
+        if self.commands_more || self.accept_more {
+            return Duration::ZERO;
+        }
+        let now = Instant::now();
+        let mut until = self.next_tick;
+        if let Some(p) = self.accept_paused_until {
+            until = until.min(p);
+        }
+        until.saturating_duration_since(now)
+    }
+
+    fn accept(&mut self) {
+        self.accept_more = false;
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        let Some(listener) = self.listener.as_ref() else {
+            return;
+        };
+        for _ in 0..ACCEPT_BATCH {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    // Event frames are latency-sensitive and already batched by writev.
+                    let _ = stream.set_nodelay(true);
+                    let entry = self.slab.vacant_entry();
+                    let key = entry.key();
+                    if u32::try_from(key).is_err()
+                        || self
+                            .poll
+                            .registry()
+                            .register(&mut stream, Token(key), Interest::READABLE)
+                            .is_err()
+                    {
+                        continue;
+                    }
+                    entry.insert(Slot {
+                        stream,
+                        conn: Connection::new(self.now, &self.cfg),
+                    });
+                    self.m.accepted.inc();
+                    self.m.connections.inc();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => {
+                    self.on_accept_error(&e);
+                    return;
+                }
+            }
+        }
+        self.accept_more = true;
+    }
+
+    /// Out of file descriptors (or kernel memory): keep serving what is open, retry later.
+    fn on_accept_error(&mut self, e: &io::Error) {
+        // EMFILE (24): this process's limit; ENFILE (23): the system-wide one.
+        let fd_limit = matches!(e.raw_os_error(), Some(23 | 24));
+        let kind = if fd_limit { "fd_limit" } else { "other" };
+        self.m
+            .metrics
+            .accept_errors
+            .with_label_values(&[kind])
+            .inc();
+        let now = Instant::now();
+        self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+        if self
+            .last_fd_warning
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+        {
+            self.last_fd_warning = Some(now);
+            if fd_limit {
+                tracing::warn!(
+                    shard = self.id,
+                    open = self.slab.len(),
+                    "cannot accept more connections: the open-file limit (RLIMIT_NOFILE) is reached; \
+                     existing connections keep being served, accepts resume when descriptors free up \
+                     (raise the hard limit or add processes to hold more)"
+                );
+            } else {
+                tracing::warn!(shard = self.id, error = %e, "accept failed; retrying shortly");
+            }
+        }
+    }
+
+    fn env<'a>(
+        cfg: &'a ConnConfig,
+        registry: &'a mut Registry,
+        out: &'a mut Vec<OutFrame>,
+        counters: &'a mut Counters,
+        key: usize,
+        now: u32,
+    ) -> Env<'a> {
+        Env {
+            cfg,
+            registry,
+            key: key as u32,
+            now,
+            out,
+            counters,
+        }
+    }
+
+    fn on_socket_event(&mut self, k: usize, readable: bool, writable: bool) {
+        if writable && self.slab.contains(k) {
+            self.settle(k);
+        }
+        if !readable {
+            return;
+        }
+        for _ in 0..READS_PER_EVENT {
+            let Some(slot) = self.slab.get_mut(k) else {
+                return;
+            };
+            match slot.stream.read(&mut self.scratch) {
+                Ok(0) => {
+                    self.remove(k);
+                    return;
+                }
+                Ok(n) => {
+                    let mut env = Self::env(
+                        &self.cfg,
+                        &mut self.registry,
+                        &mut self.out,
+                        &mut self.counters,
+                        k,
+                        self.now,
+                    );
+                    let incident = slot.conn.on_data(&mut self.scratch[..n], &mut env);
+                    if let Some(i) = incident {
+                        self.record(i);
+                    }
+                    if !self.settle(k) {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.remove(k);
+                    return;
+                }
+            }
+        }
+        // Still readable after a full batch: a flooding peer. Its remaining bytes are picked up
+        // on its next readiness edge or the next tick, never at the cost of other connections.
+    }
+
+    fn record(&self, incident: Incident) {
+        match incident {
+            Incident::Rejected(reason) => self
+                .m
+                .metrics
+                .handshake_rejected
+                .with_label_values(&[reason])
+                .inc(),
+            Incident::ProtocolError(code) => self
+                .m
+                .metrics
+                .protocol_errors
+                .with_label_values(&[&code.to_string()])
+                .inc(),
+        }
+    }
+
+    /// Writes `self.out` and the outbox of connection `k`, applies the slow-consumer rule and
+    /// the close sequence, and keeps epoll interest in sync. Returns false if `k` was dropped.
+    fn settle(&mut self, k: usize) -> bool {
+        let Some(slot) = self.slab.get_mut(k) else {
+            self.out.clear();
+            return false;
+        };
+        let limit = slot.conn.outbound_limit(&self.cfg);
+        match slot
+            .conn
+            .outbox
+            .send(&mut slot.stream, self.out.drain(..), limit)
+        {
+            Err(_) => {
+                self.remove(k);
+                return false;
+            }
+            Ok(Err(_overflow)) => {
+                self.m.slow.inc();
+                let mut env = Self::env(
+                    &self.cfg,
+                    &mut self.registry,
+                    &mut self.out,
+                    &mut self.counters,
+                    k,
+                    self.now,
+                );
+                slot.conn.slow_consumer(&mut env);
+                if slot
+                    .conn
+                    .outbox
+                    .send(&mut slot.stream, self.out.drain(..), usize::MAX)
+                    .is_err()
+                {
+                    self.remove(k);
+                    return false;
+                }
+            }
+            Ok(Ok(_)) => {}
+        }
+        if slot.conn.outbox.is_empty() {
+            if slot.conn.after_flush(self.now) {
+                self.remove(k);
+                return false;
+            }
+            if slot.conn.phase == Phase::Lingering {
+                // The peer hangs up after reading everything; a reset would destroy the tail.
+                let _ = slot.stream.shutdown(Shutdown::Write);
+            }
+        }
+        let want_write = !slot.conn.outbox.is_empty();
+        if want_write != slot.conn.wants_write {
+            let interest = if want_write {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if self
+                .poll
+                .registry()
+                .reregister(&mut slot.stream, Token(k), interest)
+                .is_err()
+            {
+                self.remove(k);
+                return false;
+            }
+            slot.conn.wants_write = want_write;
+        }
+        true
+    }
+
+    fn remove(&mut self, k: usize) {
+        if let Some(mut slot) = self.slab.try_remove(k) {
+            slot.conn.unindex(&mut self.registry, k as u32);
+            let _ = self.poll.registry().deregister(&mut slot.stream);
+            self.m.connections.dec();
+        }
+    }
+
+    fn drain_commands(&mut self) {
+        self.wake_pending.store(false, Ordering::Release);
+        self.commands_more = false;
+        let mut taken = 0;
+        while taken < COMMAND_BATCH {
+            let Ok(cmd) = self.rx.try_recv() else { break };
+            taken += 1;
+            match cmd {
+                Command::Event(ev) => self.fan_out(&ev),
+                Command::Shutdown { drain } => self.begin_shutdown(drain),
+            }
+        }
+        if taken == COMMAND_BATCH {
+            self.commands_more = true;
+        }
+        if taken > 0 {
+            self.m.queue.set(self.rx.len() as i64);
+            self.flush_pending();
+        }
+    }
+
+    /// Matches one event against this shard's index and stages a frame per subscriber: the
+    /// shared prefix by reference, plus the connection's own `subscriptions` tail.
+    fn fan_out(&mut self, ev: &EncodedEvent) {
+        self.registry
+            .collect(&ev.project, &ev.channels, &mut self.candidates);
+        let mut staged = 0;
+        for &k in &self.candidates {
+            let Some(slot) = self.slab.get(k as usize) else {
+                continue;
+            };
+            if !slot.conn.receives_events() {
+                continue;
+            }
+            let Some(session) = slot.conn.session.as_ref() else {
+                continue;
+            };
+            let mut ids = session.matching(ev).peekable();
+            if ids.peek().is_none() {
+                continue;
+            }
+            let mut tail = SmallVec::new();
+            write_tail(&mut tail, ids);
+            self.pending
+                .push((k, OutFrame::new(Opcode::Text, ev.prefix.clone(), tail)));
+            staged += 1;
+        }
+        self.m.delivered.inc_by(staged);
+    }
+
+    /// Writes every staged frame, all frames of one connection in one vectored write.
+    fn flush_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut pending = std::mem::take(&mut self.pending);
+        // Stable: frames of one connection stay in publish order.
+        pending.sort_by_key(|(k, _)| *k);
+        let mut current: Option<u32> = None;
+        for (k, frame) in pending.drain(..) {
+            if current.is_some_and(|c| c != k) {
+                self.flush_staged(current);
+            }
+            current = Some(k);
+            self.out.push(frame);
+        }
+        self.flush_staged(current);
+        self.pending = pending;
+    }
+
+    fn flush_staged(&mut self, key: Option<u32>) {
+        let Some(k) = key else { return };
+        let k = k as usize;
+        if self
+            .slab
+            .get(k)
+            .is_some_and(|s| s.conn.receives_events())
+        {
+            self.settle(k);
+        } else {
+            self.out.clear();
+        }
+    }
+
+    fn tick(&mut self) {
+        for k in 0..self.slab.capacity() {
+            let Some(slot) = self.slab.get_mut(k) else {
+                continue;
+            };
+            let mut env = Self::env(
+                &self.cfg,
+                &mut self.registry,
+                &mut self.out,
+                &mut self.counters,
+                k,
+                self.now,
+            );
+            if slot.conn.on_tick(&mut env) {
+                if slot.conn.phase == Phase::Handshake {
+                    self.m
+                        .metrics
+                        .handshake_rejected
+                        .with_label_values(&["timeout"])
+                        .inc();
+                }
+                self.out.clear();
+                self.remove(k);
+            } else if !self.out.is_empty() {
+                self.settle(k);
+            }
+        }
+        let c = std::mem::take(&mut self.counters);
+        self.m.rate_limited.inc_by(c.rate_limited);
+        self.m.idle_closed.inc_by(c.idle_closed);
+        self.registry.collect_garbage();
+    }
+
+    fn begin_shutdown(&mut self, drain: Duration) {
+        if self.drain_deadline.is_some() {
+            return;
+        }
+        self.drain_deadline = Some(Instant::now() + drain);
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        self.accept_more = false;
+        self.accept_paused_until = None;
+        for k in 0..self.slab.capacity() {
+            let Some(slot) = self.slab.get_mut(k) else {
+                continue;
+            };
+            let mut env = Self::env(
+                &self.cfg,
+                &mut self.registry,
+                &mut self.out,
+                &mut self.counters,
+                k,
+                self.now,
+            );
+            if slot.conn.shutdown(&mut env) {
+                self.out.clear();
+                self.remove(k);
+            } else {
+                self.settle(k);
+            }
+        }
+    }
+}
