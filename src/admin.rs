@@ -27,7 +27,10 @@ pub struct AdminState {
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/v1/events", post(publish))
-        .route("/healthz", get(|| async { json_response(StatusCode::OK, json!({"status": "ok"})) }))
+        .route(
+            "/healthz",
+            get(|| async { json_response(StatusCode::OK, json!({"status": "ok"})) }),
+        )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint") })
@@ -45,10 +48,7 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
-    json_response(
-        status,
-        json!({"code": status.as_u16(), "message": message}),
-    )
+    json_response(status, json!({"code": status.as_u16(), "message": message}))
 }
 
 async fn publish(State(st): State<AdminState>, headers: HeaderMap, body: Body) -> Response {
@@ -90,9 +90,15 @@ async fn publish(State(st): State<AdminState>, headers: HeaderMap, body: Body) -
 
 async fn readyz(State(st): State<AdminState>) -> Response {
     if st.bus.ready() {
-        json_response(StatusCode::OK, json!({"status": "ready", "bus": st.bus.name()}))
+        json_response(
+            StatusCode::OK,
+            json!({"status": "ready", "bus": st.bus.name()}),
+        )
     } else {
-        error(StatusCode::SERVICE_UNAVAILABLE, "the event bus is not connected")
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the event bus is not connected",
+        )
     }
 }
 

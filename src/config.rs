@@ -25,6 +25,11 @@ pub struct Config {
     #[arg(long, env = "HERALD_SHARDS")]
     pub shards: Option<usize>,
 
+    /// Most connections this process holds (all shards together). Default: what the open-file
+    /// limit allows, keeping a reserve for the admin listener and the bus.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
     /// Project used when a client or publisher names none (Appwrite uses "console").
     #[arg(long, env = "HERALD_DEFAULT_PROJECT", default_value = "console")]
     pub default_project: String,

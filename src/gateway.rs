@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::limits::{self, FdLimit};
 use crate::metrics::Metrics;
-use crate::shard::Shard;
+use crate::shard::{ConnectionLimit, Shard};
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -55,18 +55,17 @@ pub struct StartupInfo {
     pub admin: SocketAddr,
     pub shards: usize,
     pub fd_limit: Option<FdLimit>,
+    /// Connections this process will hold before it stops accepting.
+    pub capacity: usize,
     pub bus: &'static str,
 }
 
 impl std::fmt::Display for StartupInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let capacity = self
-            .fd_limit
-            .map_or("unknown".to_owned(), |l| format!("{} connections", l.capacity()));
         write!(
             f,
-            "herald listening on ws://{}/v1/realtime ({} shards, capacity {}, bus: {}); admin on http://{}",
-            self.listen, self.shards, capacity, self.bus, self.admin
+            "herald listening on ws://{}/v1/realtime ({} shards, capacity {} connections, bus: {}); admin on http://{}",
+            self.listen, self.shards, self.capacity, self.bus, self.admin
         )
     }
 }
@@ -83,8 +82,26 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
     };
     let metrics = Metrics::new();
     if let Some(l) = fd_limit {
-        metrics.fd_limit.set(i64::try_from(l.soft).unwrap_or(i64::MAX));
+        metrics
+            .fd_limit
+            .set(i64::try_from(l.soft).unwrap_or(i64::MAX));
     }
+
+    let fd_capacity = fd_limit.map(|l| usize::try_from(l.capacity()).unwrap_or(usize::MAX));
+    let capacity = match (config.max_connections, fd_capacity) {
+        (Some(max), Some(fds)) if max > fds => {
+            tracing::warn!(
+                max_connections = max,
+                fd_capacity = fds,
+                "--max-connections exceeds what the open-file limit allows; accepts will fail with EMFILE before it is reached"
+            );
+            max
+        }
+        (Some(max), _) => max,
+        (None, Some(fds)) => fds,
+        (None, None) => usize::MAX,
+    };
+    let limiter = Arc::new(ConnectionLimit::new(capacity));
 
     let shard_count = config.shard_count();
     let first = bind_reuseport(config.listen).map_err(|source| GatewayError::Bind {
@@ -98,18 +115,16 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
     })?;
     let mut listeners = vec![first];
     for _ in 1..shard_count {
-        listeners.push(
-            bind_reuseport(listen).map_err(|source| GatewayError::Bind {
-                addr: listen,
-                source,
-            })?,
-        );
+        listeners.push(bind_reuseport(listen).map_err(|source| GatewayError::Bind {
+            addr: listen,
+            source,
+        })?);
     }
 
     let mut handles = Vec::with_capacity(shard_count);
     let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(shard_count);
     for (id, listener) in listeners.into_iter().enumerate() {
-        let (shard, handle) = Shard::new(id, listener, &config, metrics.clone())
+        let (shard, handle) = Shard::new(id, listener, &config, metrics.clone(), limiter.clone())
             .map_err(|source| GatewayError::Shard { shard: id, source })?;
         handles.push(handle);
         let t = std::thread::Builder::new()
@@ -141,6 +156,7 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
         admin,
         shards: shard_count,
         fd_limit,
+        capacity,
         bus: bus.name(),
     };
     on_start(&info);

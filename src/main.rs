@@ -10,7 +10,11 @@ use herald::config::Config;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "herald", version, about = "Realtime WebSocket gateway (Appwrite Realtime protocol)")]
+#[command(
+    name = "herald",
+    version,
+    about = "Realtime WebSocket gateway (Appwrite Realtime protocol)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

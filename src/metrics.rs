@@ -27,17 +27,23 @@ impl Metrics {
         let registry = Registry::new();
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(g.clone())).expect("unique metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
             g
         };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry.register(Box::new(c.clone())).expect("unique metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
             c
         };
-        let events_published =
-            IntCounter::new("herald_events_published_total", "Events accepted from the bus")
-                .expect("valid metric");
+        let events_published = IntCounter::new(
+            "herald_events_published_total",
+            "Events accepted from the bus",
+        )
+        .expect("valid metric");
         registry
             .register(Box::new(events_published.clone()))
             .expect("unique metric");
@@ -46,10 +52,20 @@ impl Metrics {
             "RLIMIT_NOFILE soft limit after start-up (upper bound on connections)",
         )
         .expect("valid metric");
-        registry.register(Box::new(fd_limit.clone())).expect("unique metric");
+        registry
+            .register(Box::new(fd_limit.clone()))
+            .expect("unique metric");
         Self {
-            connections: gauge_vec("herald_connections", "Open WebSocket connections", &["shard"]),
-            accepted: counter_vec("herald_connections_accepted_total", "TCP connections accepted", &["shard"]),
+            connections: gauge_vec(
+                "herald_connections",
+                "Open WebSocket connections",
+                &["shard"],
+            ),
+            accepted: counter_vec(
+                "herald_connections_accepted_total",
+                "TCP connections accepted",
+                &["shard"],
+            ),
             accept_errors: counter_vec(
                 "herald_accept_errors_total",
                 "accept() failures; kind=fd_limit means the open-file limit was reached",

@@ -193,12 +193,20 @@ mod tests {
     }
 
     fn frame(body: &'static [u8], tail: &[u8]) -> OutFrame {
-        OutFrame::new(Opcode::Text, Bytes::from_static(body), SmallVec::from_slice(tail))
+        OutFrame::new(
+            Opcode::Text,
+            Bytes::from_static(body),
+            SmallVec::from_slice(tail),
+        )
     }
 
     #[test]
     fn partial_writes_resume_exactly() {
-        let frames = vec![frame(b"hello", b"[1]"), frame(b"world", b""), frame(b"!", b"xy")];
+        let frames = vec![
+            frame(b"hello", b"[1]"),
+            frame(b"world", b""),
+            frame(b"!", b"xy"),
+        ];
         let expected: Vec<u8> = frames
             .iter()
             .flat_map(|f| {
@@ -229,7 +237,11 @@ mod tests {
         };
         let mut ob = Outbox::default();
         let r = ob
-            .send(&mut w, vec![frame(b"0123456789", b""), frame(b"abcdefghij", b"")], 10)
+            .send(
+                &mut w,
+                vec![frame(b"0123456789", b""), frame(b"abcdefghij", b"")],
+                10,
+            )
             .unwrap();
         assert_eq!(r, Err(Overflow));
         ob.discard_unstarted();

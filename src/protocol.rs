@@ -156,10 +156,7 @@ impl Session {
 
     /// Ids of the subscriptions that listen to any of `channels` (in subscription order), for an
     /// event the session's roles allow.
-    pub fn matching<'a>(
-        &'a self,
-        event: &'a EncodedEvent,
-    ) -> impl Iterator<Item = &'a str> + 'a {
+    pub fn matching<'a>(&'a self, event: &'a EncodedEvent) -> impl Iterator<Item = &'a str> + 'a {
         let allowed = event.allows(&self.roles);
         self.subscriptions
             .iter()
@@ -207,12 +204,17 @@ impl Session {
     ) -> Reply {
         let rows = match parse_subscribe(data, limits) {
             Ok(rows) => rows,
-            Err(e) => return Reply::frame(error_message(1003, &format!("Invalid subscribe payload: {e}"))),
+            Err(e) => {
+                return Reply::frame(error_message(
+                    1003,
+                    &format!("Invalid subscribe payload: {e}"),
+                ));
+            }
         };
         let new_ids = rows
             .iter()
             .filter_map(|r| r.id.as_ref())
-            .filter(|id| !self.subscriptions.iter().any(|s| &s.id == *id))
+            .filter(|id| !self.subscriptions.iter().any(|s| s.id == **id))
             .count()
             + rows.iter().filter(|r| r.id.is_none()).count();
         if self.subscriptions.len() + new_ids > limits.max_subscriptions {
@@ -253,7 +255,10 @@ impl Session {
         let ids = match parse_unsubscribe(data) {
             Ok(ids) => ids,
             Err(e) => {
-                return Reply::frame(error_message(1003, &format!("Invalid unsubscribe payload: {e}")));
+                return Reply::frame(error_message(
+                    1003,
+                    &format!("Invalid unsubscribe payload: {e}"),
+                ));
             }
         };
         let mut changed = false;
@@ -454,7 +459,10 @@ mod tests {
         assert_eq!(v["data"]["to"], "subscribe");
         assert_eq!(v["data"]["subscriptions"][0]["subscriptionId"], "a1");
         assert_eq!(s.subscriptions.len(), 2);
-        handle(&mut s, r#"{"type":"subscribe","data":[{"subscriptionId":"a1","channels":["q"]}]}"#);
+        handle(
+            &mut s,
+            r#"{"type":"subscribe","data":[{"subscriptionId":"a1","channels":["q"]}]}"#,
+        );
         assert_eq!(s.subscriptions.len(), 2);
         assert_eq!(&*s.subscriptions[0].channels[0], "q");
         assert_eq!(s.subscriptions[0].channels.len(), 1);
@@ -473,7 +481,9 @@ mod tests {
         let long = "a".repeat(37);
         let (v, _) = handle(
             &mut s,
-            &format!(r#"{{"type":"subscribe","data":[{{"subscriptionId":"{long}","channels":["x"]}}]}}"#),
+            &format!(
+                r#"{{"type":"subscribe","data":[{{"subscriptionId":"{long}","channels":["x"]}}]}}"#
+            ),
         );
         assert_eq!(v["data"]["code"], 1003);
     }
@@ -481,11 +491,20 @@ mod tests {
     #[test]
     fn unsubscribe_reports_per_row_and_rejects_bad_batches() {
         let mut s = session(&[]);
-        handle(&mut s, r#"{"type":"subscribe","data":[{"subscriptionId":"a","channels":["x"]},{"subscriptionId":"b","channels":["y"]}]}"#);
-        let (v, _) = handle(&mut s, r#"{"type":"unsubscribe","data":[{"subscriptionId":"a"},{}]}"#);
+        handle(
+            &mut s,
+            r#"{"type":"subscribe","data":[{"subscriptionId":"a","channels":["x"]},{"subscriptionId":"b","channels":["y"]}]}"#,
+        );
+        let (v, _) = handle(
+            &mut s,
+            r#"{"type":"unsubscribe","data":[{"subscriptionId":"a"},{}]}"#,
+        );
         assert_eq!(v["data"]["code"], 1003);
         assert_eq!(s.subscriptions.len(), 2);
-        let (v, changed) = handle(&mut s, r#"{"type":"unsubscribe","data":[{"subscriptionId":"a"},{"subscriptionId":"zz"}]}"#);
+        let (v, changed) = handle(
+            &mut s,
+            r#"{"type":"unsubscribe","data":[{"subscriptionId":"a"},{"subscriptionId":"zz"}]}"#,
+        );
         assert!(changed);
         assert_eq!(
             v["data"]["subscriptions"],
@@ -496,7 +515,10 @@ mod tests {
     #[test]
     fn authentication_keeps_the_session() {
         let mut s = session(&["files"]);
-        let (v, changed) = handle(&mut s, r#"{"type":"authentication","data":{"session":"abc"}}"#);
+        let (v, changed) = handle(
+            &mut s,
+            r#"{"type":"authentication","data":{"session":"abc"}}"#,
+        );
         assert_eq!(v["type"], "error");
         assert!(!changed);
         assert_eq!(&*s.project, "p");
@@ -506,9 +528,15 @@ mod tests {
     #[test]
     fn filter_queries_are_refused_select_all_accepted() {
         let mut s = session(&[]);
-        let (v, _) = handle(&mut s, r#"{"type":"subscribe","data":[{"channels":["x"],"queries":["{\"method\":\"select\",\"values\":[\"*\"]}"]}]}"#);
+        let (v, _) = handle(
+            &mut s,
+            r#"{"type":"subscribe","data":[{"channels":["x"],"queries":["{\"method\":\"select\",\"values\":[\"*\"]}"]}]}"#,
+        );
         assert_eq!(v["data"]["success"], true);
-        let (v, _) = handle(&mut s, r#"{"type":"subscribe","data":[{"channels":["x"],"queries":["{\"method\":\"equal\",\"attribute\":\"a\",\"values\":[1]}"]}]}"#);
+        let (v, _) = handle(
+            &mut s,
+            r#"{"type":"subscribe","data":[{"channels":["x"],"queries":["{\"method\":\"equal\",\"attribute\":\"a\",\"values\":[1]}"]}]}"#,
+        );
         assert_eq!(v["data"]["code"], 1003);
     }
 }

@@ -22,22 +22,16 @@ pub fn parse(query: &str) -> RealtimeQuery {
             None => (&key[..], None),
         };
         match (base, bracket) {
-            ("project", None) => {
-                if !value.is_empty() {
-                    out.project = Some(value.into_owned());
-                }
-            }
-            ("lastEventId", None) => {
-                if !value.is_empty() {
-                    out.last_event_id = Some(value.into_owned());
-                }
-            }
+            _ if value.is_empty() => {}
+            ("project", None) => out.project = Some(value.into_owned()),
+            ("lastEventId", None) => out.last_event_id = Some(value.into_owned()),
             // `channels[]`, `channels[3]`, and a bare `channels=x` (read as a one-element list
             // rather than failing the way PHP's type error does).
-            ("channels", b) if b.is_none_or(is_list_index) => {
-                if !value.is_empty() && !out.channels.iter().any(|c| c == value.as_ref()) {
-                    out.channels.push(value.into_owned());
-                }
+            ("channels", b)
+                if b.is_none_or(is_list_index)
+                    && !out.channels.iter().any(|c| c == value.as_ref()) =>
+            {
+                out.channels.push(value.into_owned());
             }
             _ => {}
         }
@@ -59,14 +53,18 @@ mod tests {
 
     #[test]
     fn all_channel_spellings() {
-        let q = parse("project=p1&channels[]=a&channels%5B%5D=b&channels[0]=c&channels%5B7%5D=d&channels[]=a");
+        let q = parse(
+            "project=p1&channels[]=a&channels%5B%5D=b&channels[0]=c&channels%5B7%5D=d&channels[]=a",
+        );
         assert_eq!(q.project.as_deref(), Some("p1"));
         assert_eq!(q.channels, vec!["a", "b", "c", "d"]);
     }
 
     #[test]
     fn percent_decoding_and_unknown_keys() {
-        let q = parse("channels[]=databases.db.collections.c.documents&documents[0][]=%7B%7D&project=&x=1&lastEventId=1-0");
+        let q = parse(
+            "channels[]=databases.db.collections.c.documents&documents[0][]=%7B%7D&project=&x=1&lastEventId=1-0",
+        );
         assert_eq!(q.project, None);
         assert_eq!(q.channels, vec!["databases.db.collections.c.documents"]);
         assert_eq!(q.last_event_id.as_deref(), Some("1-0"));

@@ -8,7 +8,7 @@
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -39,12 +39,20 @@ pub const QUEUE_CAPACITY: usize = 65_536;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const TICK: Duration = Duration::from_secs(1);
 
+enum AcceptRefusal {
+    ConnectionLimit,
+    FdLimit,
+    Other(io::Error),
+}
+
 /// What the control plane sends a shard.
 #[derive(Debug)]
 pub enum Command {
     Event(Arc<EncodedEvent>),
     /// Stop accepting, close every connection with 1001, exit once drained or at the deadline.
-    Shutdown { drain: Duration },
+    Shutdown {
+        drain: Duration,
+    },
 }
 
 /// The control plane's end of a shard.
@@ -78,6 +86,35 @@ impl ShardHandle {
             // A failed wake means the shard is gone; its queue is then drained by nobody.
             let _ = self.waker.wake();
         }
+    }
+}
+
+/// The process-wide connection cap, shared by all shards. Touched once per accept and once per
+/// close, never per message.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    max: usize,
+    open: AtomicUsize,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            open: AtomicUsize::new(0),
+        }
+    }
+
+    fn try_acquire(&self) -> bool {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release(&self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -120,6 +157,7 @@ pub struct Shard {
     commands_more: bool,
     drain_deadline: Option<Instant>,
     last_fd_warning: Option<Instant>,
+    limit: Arc<ConnectionLimit>,
     m: ShardMetrics,
 }
 
@@ -130,6 +168,7 @@ impl Shard {
         listener: std::net::TcpListener,
         config: &Config,
         metrics: Metrics,
+        limit: Arc<ConnectionLimit>,
     ) -> io::Result<(Self, ShardHandle)> {
         let poll = Poll::new()?;
         let mut listener = TcpListener::from_std(listener);
@@ -172,6 +211,7 @@ impl Shard {
             commands_more: false,
             drain_deadline: None,
             last_fd_warning: None,
+            limit,
             m,
         };
         let handle = ShardHandle {
@@ -207,11 +247,7 @@ impl Shard {
             }
             self.drain_commands();
             let now = Instant::now();
-            if self.accept_more
-                || self
-                    .accept_paused_until
-                    .is_some_and(|until| now >= until)
-            {
+            if self.accept_more || self.accept_paused_until.is_some_and(|until| now >= until) {
                 self.accept_paused_until = None;
                 self.accept();
             }
@@ -219,15 +255,15 @@ impl Shard {
                 self.next_tick = now + TICK;
                 self.tick();
             }
-            if let Some(deadline) = self.drain_deadline {
-                if self.slab.is_empty() || now >= deadline {
-                    let left = self.slab.len();
-                    for k in 0..self.slab.capacity() {
-                        self.remove(k);
-                    }
-                    tracing::debug!(shard = self.id, left, "shard drained");
-                    return;
+            if let Some(deadline) = self.drain_deadline
+                && (self.slab.is_empty() || now >= deadline)
+            {
+                let left = self.slab.len();
+                for k in 0..self.slab.capacity() {
+                    self.remove(k);
                 }
+                tracing::debug!(shard = self.id, left, "shard drained");
+                return;
             }
         }
     }
@@ -253,6 +289,11 @@ impl Shard {
             return;
         };
         for _ in 0..ACCEPT_BATCH {
+            // At the cap, connections wait in the kernel's backlog until others close.
+            if !self.limit.try_acquire() {
+                self.on_accept_refused(AcceptRefusal::ConnectionLimit);
+                return;
+            }
             match listener.accept() {
                 Ok((mut stream, _)) => {
                     // Event frames are latency-sensitive and already batched by writev.
@@ -266,6 +307,7 @@ impl Shard {
                             .register(&mut stream, Token(key), Interest::READABLE)
                             .is_err()
                     {
+                        self.limit.release();
                         continue;
                     }
                     entry.insert(Slot {
@@ -275,14 +317,27 @@ impl Shard {
                     self.m.accepted.inc();
                     self.m.connections.inc();
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.limit.release();
+                    return;
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                    ) => {}
+                    ) =>
+                {
+                    self.limit.release();
+                }
                 Err(e) => {
-                    self.on_accept_error(&e);
+                    self.limit.release();
+                    // EMFILE (24): this process's limit; ENFILE (23): the system-wide one.
+                    let refusal = if matches!(e.raw_os_error(), Some(23 | 24)) {
+                        AcceptRefusal::FdLimit
+                    } else {
+                        AcceptRefusal::Other(e)
+                    };
+                    self.on_accept_refused(refusal);
                     return;
                 }
             }
@@ -290,11 +345,14 @@ impl Shard {
         self.accept_more = true;
     }
 
-    /// Out of file descriptors (or kernel memory): keep serving what is open, retry later.
-    fn on_accept_error(&mut self, e: &io::Error) {
-        // EMFILE (24): this process's limit; ENFILE (23): the system-wide one.
-        let fd_limit = matches!(e.raw_os_error(), Some(23 | 24));
-        let kind = if fd_limit { "fd_limit" } else { "other" };
+    /// Out of connections or descriptors: keep serving what is open and retry after a pause,
+    /// never in a tight loop.
+    fn on_accept_refused(&mut self, refusal: AcceptRefusal) {
+        let kind = match refusal {
+            AcceptRefusal::ConnectionLimit => "connection_limit",
+            AcceptRefusal::FdLimit => "fd_limit",
+            AcceptRefusal::Other(_) => "other",
+        };
         self.m
             .metrics
             .accept_errors
@@ -304,18 +362,26 @@ impl Shard {
         self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
         if self
             .last_fd_warning
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10))
         {
-            self.last_fd_warning = Some(now);
-            if fd_limit {
-                tracing::warn!(
-                    shard = self.id,
-                    open = self.slab.len(),
-                    "cannot accept more connections: the open-file limit (RLIMIT_NOFILE) is reached; \
-                     existing connections keep being served, accepts resume when descriptors free up \
-                     (raise the hard limit or add processes to hold more)"
-                );
-            } else {
+            return;
+        }
+        self.last_fd_warning = Some(now);
+        match refusal {
+            AcceptRefusal::ConnectionLimit => tracing::warn!(
+                shard = self.id,
+                max = self.limit.max,
+                "connection limit reached: new connections wait in the backlog until others close \
+                 (see --max-connections and the open-file limit)"
+            ),
+            AcceptRefusal::FdLimit => tracing::warn!(
+                shard = self.id,
+                open = self.slab.len(),
+                "cannot accept: the open-file limit (RLIMIT_NOFILE) is reached; existing connections \
+                 keep being served and accepts resume when descriptors free up (raise the hard limit \
+                 or run more processes)"
+            ),
+            AcceptRefusal::Other(e) => {
                 tracing::warn!(shard = self.id, error = %e, "accept failed; retrying shortly");
             }
         }
@@ -477,6 +543,7 @@ impl Shard {
             slot.conn.unindex(&mut self.registry, k as u32);
             let _ = self.poll.registry().deregister(&mut slot.stream);
             self.m.connections.dec();
+            self.limit.release();
         }
     }
 
@@ -553,11 +620,7 @@ impl Shard {
     fn flush_staged(&mut self, key: Option<u32>) {
         let Some(k) = key else { return };
         let k = k as usize;
-        if self
-            .slab
-            .get(k)
-            .is_some_and(|s| s.conn.receives_events())
-        {
+        if self.slab.get(k).is_some_and(|s| s.conn.receives_events()) {
             self.settle(k);
         } else {
             self.out.clear();

@@ -10,16 +10,23 @@ use serde_json::{Value, json};
 /// Publishes a marker on `channel` and asserts it is the next message `ws` sees: proof that
 /// nothing published before it reached this client.
 async fn assert_nothing_before_marker(server: &Server, ws: &mut Ws, project: &str, channel: &str) {
-    let id = server.publish(json!({"project": project, "channels": [channel], "payload": {"marker": true}}));
+    let id = server
+        .publish(json!({"project": project, "channels": [channel], "payload": {"marker": true}}));
     let msg = next_json(ws).await;
     assert_eq!(msg["type"], "event", "{msg}");
-    assert_eq!(msg["data"]["id"], id.as_str(), "an earlier event leaked: {msg}");
+    assert_eq!(
+        msg["data"]["id"],
+        id.as_str(),
+        "an earlier event leaked: {msg}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn url_channels_get_connected_and_matching_events_only() {
     let server = Server::start(&["--shards", "2"]);
-    let (mut a, connected) = connect(&server.url("/v1/realtime?project=p1&channels[]=files&channels%5B%5D=documents")).await;
+    let (mut a, connected) =
+        connect(&server.url("/v1/realtime?project=p1&channels[]=files&channels%5B%5D=documents"))
+            .await;
     assert_eq!(connected["data"]["channels"], json!(["files", "documents"]));
     assert_eq!(connected["data"]["user"], Value::Null);
     let subs = connected["data"]["subscriptions"].as_array().unwrap();
@@ -27,8 +34,10 @@ async fn url_channels_get_connected_and_matching_events_only() {
     let sub = subs[0].as_str().unwrap().to_owned();
     assert_eq!(sub.len(), 20);
 
-    let (mut other_project, _) = connect(&server.url("/v1/realtime?project=p2&channels[0]=files")).await;
-    let (mut other_channel, _) = connect(&server.url("/v1/realtime/realtime?project=p1&channels[]=teams")).await;
+    let (mut other_project, _) =
+        connect(&server.url("/v1/realtime?project=p2&channels[0]=files")).await;
+    let (mut other_channel, _) =
+        connect(&server.url("/v1/realtime/realtime?project=p1&channels[]=teams")).await;
 
     let id = server.publish(json!({
         "project": "p1", "channels": ["files"], "events": ["buckets.b.files.f.create"],
@@ -78,29 +87,62 @@ async fn gen_c_subscribe_unsubscribe_and_replace() {
     assert_eq!(r["type"], "response");
     assert_eq!(r["data"]["to"], "subscribe");
     assert_eq!(r["data"]["success"], true);
-    assert_eq!(r["data"]["subscriptions"][1]["channels"], json!(["files", "documents"]));
+    assert_eq!(
+        r["data"]["subscriptions"][1]["channels"],
+        json!(["files", "documents"])
+    );
 
     server.publish(json!({"project": "p", "channels": ["files"], "payload": {"n": 1}}));
-    assert_eq!(next_json(&mut ws).await["data"]["subscriptions"], json!(["sub-a", "sub-b"]));
+    assert_eq!(
+        next_json(&mut ws).await["data"]["subscriptions"],
+        json!(["sub-a", "sub-b"])
+    );
     server.publish(json!({"project": "p", "channels": ["documents"], "payload": {"n": 2}}));
-    assert_eq!(next_json(&mut ws).await["data"]["subscriptions"], json!(["sub-b"]));
+    assert_eq!(
+        next_json(&mut ws).await["data"]["subscriptions"],
+        json!(["sub-b"])
+    );
 
-    send(&mut ws, r#"{"type":"unsubscribe","data":[{"subscriptionId":"sub-a"},{"subscriptionId":"nope"}]}"#).await;
+    send(
+        &mut ws,
+        r#"{"type":"unsubscribe","data":[{"subscriptionId":"sub-a"},{"subscriptionId":"nope"}]}"#,
+    )
+    .await;
     let r = next_json(&mut ws).await;
-    assert_eq!(r["data"]["subscriptions"], json!([{"subscriptionId":"sub-a","removed":true},{"subscriptionId":"nope","removed":false}]));
+    assert_eq!(
+        r["data"]["subscriptions"],
+        json!([{"subscriptionId":"sub-a","removed":true},{"subscriptionId":"nope","removed":false}])
+    );
     server.publish(json!({"project": "p", "channels": ["files"], "payload": {"n": 3}}));
-    assert_eq!(next_json(&mut ws).await["data"]["subscriptions"], json!(["sub-b"]));
+    assert_eq!(
+        next_json(&mut ws).await["data"]["subscriptions"],
+        json!(["sub-b"])
+    );
 
     // Same id, new channel list: replaced, not merged.
-    send(&mut ws, r#"{"type":"subscribe","data":[{"subscriptionId":"sub-b","channels":["teams"]}]}"#).await;
+    send(
+        &mut ws,
+        r#"{"type":"subscribe","data":[{"subscriptionId":"sub-b","channels":["teams"]}]}"#,
+    )
+    .await;
     assert_eq!(next_json(&mut ws).await["data"]["to"], "subscribe");
     server.publish(json!({"project": "p", "channels": ["files"], "payload": {"n": 4}}));
     assert_nothing_before_marker(&server, &mut ws, "p", "teams").await;
 
     // A missing id is minted by the server.
-    send(&mut ws, r#"{"type":"subscribe","data":[{"channels":["x"]}]}"#).await;
+    send(
+        &mut ws,
+        r#"{"type":"subscribe","data":[{"channels":["x"]}]}"#,
+    )
+    .await;
     let r = next_json(&mut ws).await;
-    assert_eq!(r["data"]["subscriptions"][0]["subscriptionId"].as_str().unwrap().len(), 20);
+    assert_eq!(
+        r["data"]["subscriptions"][0]["subscriptionId"]
+            .as_str()
+            .unwrap()
+            .len(),
+        20
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,9 +151,11 @@ async fn roles_gate_events() {
     let (mut guest, _) = connect(&server.url("/v1/realtime?project=p&channels[]=c")).await;
     server.publish(json!({"project": "p", "channels": ["c"], "roles": ["user:x"], "payload": {}}));
     server.publish(json!({"project": "p", "channels": ["c"], "roles": ["users"], "payload": {}}));
-    let id = server.publish(json!({"project": "p", "channels": ["c"], "roles": ["any"], "payload": {}}));
+    let id =
+        server.publish(json!({"project": "p", "channels": ["c"], "roles": ["any"], "payload": {}}));
     assert_eq!(next_json(&mut guest).await["data"]["id"], id.as_str());
-    let id = server.publish(json!({"project": "p", "channels": ["c"], "roles": ["guests"], "payload": {}}));
+    let id = server
+        .publish(json!({"project": "p", "channels": ["c"], "roles": ["guests"], "payload": {}}));
     assert_eq!(next_json(&mut guest).await["data"]["id"], id.as_str());
 }
 
@@ -124,23 +168,45 @@ async fn client_messages_get_documented_answers() {
     for (input, code, message) in [
         ("not json", 1003, "Message format is not valid."),
         ("{}", 1003, "Message format is not valid."),
-        (r#"{"type":"dance","data":{}}"#, 1003, "Message type is not valid."),
+        (
+            r#"{"type":"dance","data":{}}"#,
+            1003,
+            "Message type is not valid.",
+        ),
     ] {
         send(&mut ws, input).await;
         let r = next_json(&mut ws).await;
-        assert_eq!(r, json!({"type":"error","data":{"code":code,"message":message}}), "{input}");
+        assert_eq!(
+            r,
+            json!({"type":"error","data":{"code":code,"message":message}}),
+            "{input}"
+        );
     }
-    send(&mut ws, r#"{"type":"subscribe","data":[{"subscriptionId":"bad id!","channels":["c"]}]}"#).await;
+    send(
+        &mut ws,
+        r#"{"type":"subscribe","data":[{"subscriptionId":"bad id!","channels":["c"]}]}"#,
+    )
+    .await;
     let r = next_json(&mut ws).await;
     assert_eq!(r["data"]["code"], 1003);
-    assert!(r["data"]["message"].as_str().unwrap().contains("subscriptionId"), "{r}");
+    assert!(
+        r["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("subscriptionId"),
+        "{r}"
+    );
 
     ws.send_binary(b"{}").await;
     let r = next_json(&mut ws).await;
     assert_eq!(r["data"]["code"], 1003, "{r}");
 
     // Authentication cannot succeed yet, but must not cost the connection its subscriptions.
-    send(&mut ws, r#"{"type":"authentication","data":{"session":"eyJpZCI6IngifQ=="}}"#).await;
+    send(
+        &mut ws,
+        r#"{"type":"authentication","data":{"session":"eyJpZCI6IngifQ=="}}"#,
+    )
+    .await;
     assert_eq!(next_json(&mut ws).await["type"], "error");
     let id = server.publish(json!({"project": "p", "channels": ["c"], "payload": {}}));
     assert_eq!(next_json(&mut ws).await["data"]["id"], id.as_str());
@@ -153,15 +219,24 @@ trait SendBinary {
 impl SendBinary for Ws {
     async fn send_binary(&mut self, b: &[u8]) {
         use futures_util::SinkExt;
-        self.send(tokio_tungstenite::tungstenite::Message::Binary(b.to_vec().into()))
-            .await
-            .expect("send");
+        self.send(tokio_tungstenite::tungstenite::Message::Binary(
+            b.to_vec().into(),
+        ))
+        .await
+        .expect("send");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_rate_limit_answers_1013_and_keeps_the_connection() {
-    let server = Server::start(&["--shards", "1", "--message-rate", "3", "--message-rate-window", "60s"]);
+    let server = Server::start(&[
+        "--shards",
+        "1",
+        "--message-rate",
+        "3",
+        "--message-rate-window",
+        "60s",
+    ]);
     let (mut ws, _) = connect(&server.url("/v1/realtime?project=p&channels[]=c")).await;
     for _ in 0..3 {
         send(&mut ws, r#"{"type":"ping"}"#).await;
@@ -177,7 +252,10 @@ async fn message_rate_limit_answers_1013_and_keeps_the_connection() {
     // Shards publish their counters once a second.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while server.metric("herald_rate_limited_messages_total") != 1.0 {
-        assert!(std::time::Instant::now() < deadline, "rate-limited message not counted");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rate-limited message not counted"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -187,13 +265,19 @@ async fn publish_api_validates_input() {
     let server = Server::start(&["--shards", "1", "--max-publish-bytes", "1000"]);
     let (s, r) = server.publish_raw("{nope");
     assert_eq!(s, 400);
-    assert!(r["message"].as_str().unwrap().contains("invalid event"), "{r}");
+    assert!(
+        r["message"].as_str().unwrap().contains("invalid event"),
+        "{r}"
+    );
     let (s, r) = server.publish_raw(r#"{"channels":[],"payload":{}}"#);
     assert_eq!(s, 400);
     assert!(r["message"].as_str().unwrap().contains("channels"), "{r}");
     let (s, _) = server.publish_raw(r#"{"channels":["a"],"payload":"text"}"#);
     assert_eq!(s, 400);
-    let big = format!(r#"{{"channels":["a"],"payload":{{"x":"{}"}}}}"#, "a".repeat(2000));
+    let big = format!(
+        r#"{{"channels":["a"],"payload":{{"x":"{}"}}}}"#,
+        "a".repeat(2000)
+    );
     let (s, r) = server.publish_raw(&big);
     assert_eq!(s, 413, "{r}");
     let (s, _) = server.get("/healthz");
@@ -207,17 +291,39 @@ async fn publish_command_reaches_subscribers() {
     let server = Server::start(&["--shards", "1"]);
     let (mut ws, _) = connect(&server.url("/v1/realtime?project=p&channels[]=files")).await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["publish", "--admin", &server.admin.to_string(), "--project", "p", "--channel", "files", "--payload", r#"{"a":1}"#])
+        .args([
+            "publish",
+            "--admin",
+            &server.admin.to_string(),
+            "--project",
+            "p",
+            "--channel",
+            "files",
+            "--payload",
+            r#"{"a":1}"#,
+        ])
         .output()
         .expect("run herald publish");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reply: Value = serde_json::from_slice(&out.stdout).expect("json reply");
     let ev = next_json(&mut ws).await;
     assert_eq!(ev["data"]["id"], reply["id"]);
     assert_eq!(ev["data"]["payload"], json!({"a": 1}));
 
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["publish", "--admin", &server.admin.to_string(), "--channel", "files", "--payload", "[1]"])
+        .args([
+            "publish",
+            "--admin",
+            &server.admin.to_string(),
+            "--channel",
+            "files",
+            "--payload",
+            "[1]",
+        ])
         .output()
         .expect("run herald publish");
     assert!(!bad.status.success());
@@ -226,7 +332,14 @@ async fn publish_command_reaches_subscribers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_peers_are_pinged_and_dead_ones_closed() {
-    let server = Server::start(&["--shards", "1", "--ping-interval", "1s", "--idle-timeout", "3s"]);
+    let server = Server::start(&[
+        "--shards",
+        "1",
+        "--ping-interval",
+        "1s",
+        "--idle-timeout",
+        "3s",
+    ]);
     // tungstenite answers pings while it is being read: it must survive.
     let (mut alive, _) = connect(&server.url("/v1/realtime?project=p&channels[]=c")).await;
     let mut dead = RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=c");

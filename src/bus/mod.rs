@@ -114,9 +114,21 @@ mod tests {
         let e = req(r#"{"channels":["files"],"payload":{"a":1}}"#).unwrap();
         assert_eq!(e.project, "console");
         assert_eq!(e.roles, vec!["any"]);
-        assert!(req(r#"{"channels":[],"payload":{}}"#).unwrap_err().contains("at least one"));
-        assert!(req(r#"{"channels":["a"],"payload":3}"#).unwrap_err().contains("payload"));
-        assert!(req(r#"{"channels":["a"],"payload":{},"rolez":[]}"#).unwrap_err().contains("unknown field"));
+        assert!(
+            req(r#"{"channels":[],"payload":{}}"#)
+                .unwrap_err()
+                .contains("at least one")
+        );
+        assert!(
+            req(r#"{"channels":["a"],"payload":3}"#)
+                .unwrap_err()
+                .contains("payload")
+        );
+        assert!(
+            req(r#"{"channels":["a"],"payload":{},"rolez":[]}"#)
+                .unwrap_err()
+                .contains("unknown field")
+        );
         assert!(req(r#"{"payload":{}}"#).unwrap_err().contains("channels"));
     }
 }

@@ -12,7 +12,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
-pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Lets this test process open thousands of client sockets.
 pub fn raise_fd_limit() {
@@ -43,11 +44,18 @@ impl Server {
         let mut child = cmd.spawn().expect("spawn herald");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read startup line");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read startup line");
         let grab = |marker: &str| -> SocketAddr {
-            let start = line.find(marker).unwrap_or_else(|| panic!("no {marker} in {line:?}")) + marker.len();
+            let start = line
+                .find(marker)
+                .unwrap_or_else(|| panic!("no {marker} in {line:?}"))
+                + marker.len();
             let rest = &line[start..];
-            let end = rest.find(|c: char| c == '/' || c.is_whitespace()).unwrap_or(rest.len());
+            let end = rest
+                .find(|c: char| c == '/' || c.is_whitespace())
+                .unwrap_or(rest.len());
             rest[..end].parse().expect("address")
         };
         let ws = grab("ws://");
@@ -79,7 +87,10 @@ impl Server {
             .expect("admin reachable");
         let status = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Publishes an event and returns its id, panicking unless the gateway accepted it.
@@ -96,7 +107,10 @@ impl Server {
             .build()
             .call()
             .expect("admin reachable");
-        (resp.status().as_u16(), resp.body_mut().read_to_string().expect("body"))
+        (
+            resp.status().as_u16(),
+            resp.body_mut().read_to_string().expect("body"),
+        )
     }
 
     /// Sum of a metric over all its label sets, from /metrics.
@@ -138,7 +152,8 @@ impl Server {
 
     /// User + system CPU seconds used so far, from /proc.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("stat");
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("stat");
         let after = &stat[stat.rfind(')').expect("comm") + 2..];
         let f: Vec<&str> = after.split(' ').collect();
         let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
@@ -155,7 +170,9 @@ impl Drop for Server {
 
 /// Connects a WebSocket client and returns it with the `connected` message.
 pub async fn connect(url: &str) -> (Ws, Value) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
     let connected = next_json(&mut ws).await;
     assert_eq!(connected["type"], "connected", "{connected}");
     (ws, connected)
@@ -163,8 +180,11 @@ pub async fn connect(url: &str) -> (Ws, Value) {
 
 pub async fn connect_with_header(url: &str, name: &'static str, value: &str) -> (Ws, Value) {
     let mut req = url.into_client_request().expect("request");
-    req.headers_mut().insert(name, value.parse().expect("header"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("connect");
+    req.headers_mut()
+        .insert(name, value.parse().expect("header"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connect");
     let connected = next_json(&mut ws).await;
     (ws, connected)
 }
@@ -216,8 +236,13 @@ pub struct RawClient {
 
 impl RawClient {
     pub fn tcp(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).expect("tcp connect");
-        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        Self::from_stream(TcpStream::connect(addr).expect("tcp connect"))
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Self {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
         Self {
             stream,
             buf: Vec::new(),
@@ -227,12 +252,7 @@ impl RawClient {
     /// Connects and upgrades; returns the client once the 101 has been read.
     pub fn upgrade(addr: SocketAddr, path_and_query: &str) -> Self {
         let mut c = Self::tcp(addr);
-        c.write(
-            format!(
-                "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-            )
-            .as_bytes(),
-        );
+        c.send_upgrade(path_and_query);
         let head = c.read_http_head();
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         c
@@ -254,6 +274,53 @@ impl RawClient {
                 return String::from_utf8_lossy(&self.buf).into_owned();
             }
         }
+    }
+
+    /// Waits up to `timeout` for an HTTP response head; None if none arrived in time.
+    pub fn poll_http_head(&mut self, timeout: Duration) -> Option<String> {
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .expect("timeout");
+        let deadline = Instant::now() + timeout;
+        let mut chunk = [0u8; 4096];
+        let head = loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end + 4]).into_owned();
+                self.buf.drain(..end + 4);
+                break Some(head);
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) => break None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break None;
+                }
+                Err(e) => panic!("read failed: {e}"),
+            }
+        };
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        head
+    }
+
+    /// Sends an upgrade request without waiting for the answer.
+    pub fn send_upgrade(&mut self, path_and_query: &str) {
+        let addr = self.stream.peer_addr().expect("peer");
+        self.write(
+            format!(
+                "GET {path_and_query} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            .as_bytes(),
+        );
     }
 
     /// Reads what arrives until EOF; returns everything buffered.
@@ -282,7 +349,9 @@ impl RawClient {
                 let op = self.buf[0] & 0x0F;
                 let len7 = (self.buf[1] & 0x7F) as usize;
                 let (len, hl) = match len7 {
-                    126 if self.buf.len() >= 4 => (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4),
+                    126 if self.buf.len() >= 4 => {
+                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
+                    }
                     127 if self.buf.len() >= 10 => {
                         let mut a = [0u8; 8];
                         a.copy_from_slice(&self.buf[2..10]);
@@ -324,7 +393,12 @@ impl RawClient {
     }
 
     pub fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
-        let f = herald::ws::decoder::encode_client_frame(fin, opcode, payload, [0x12, 0x34, 0x56, 0x78]);
+        let f = herald::ws::decoder::encode_client_frame(
+            fin,
+            opcode,
+            payload,
+            [0x12, 0x34, 0x56, 0x78],
+        );
         self.write(&f);
     }
 }

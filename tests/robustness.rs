@@ -1,0 +1,366 @@
+//! Hostile, broken and slow clients, overload and shutdown: what each one gets, and proof that
+//! everyone else keeps being served.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_its_documented_answer_and_others_keep_being_served() {
+    let server = Server::start(&[
+        "--shards",
+        "2",
+        "--handshake-timeout",
+        "1s",
+        "--max-handshake-bytes",
+        "4096",
+    ]);
+    let (mut bystander, _) = connect(&server.url("/v1/realtime?project=p&channels[]=c")).await;
+    let addr = server.ws;
+
+    tokio::task::spawn_blocking(move || {
+        // Oversized frame: 1009.
+        let mut c = RawClient::upgrade(addr, "/v1/realtime?project=p&channels[]=c");
+        assert_eq!(c.read_json()["type"], "connected");
+        c.send_frame(true, 1, &vec![b'a'; 64_001]);
+        assert_eq!(c.read_close_code(), Some(1009));
+
+        // A fragmented message whose total exceeds the limit: 1009 too.
+        let mut c = RawClient::upgrade(addr, "/v1/realtime?project=p&channels[]=c");
+        c.send_frame(false, 1, &vec![b'a'; 40_000]);
+        c.send_frame(true, 0, &vec![b'a'; 40_000]);
+        assert_eq!(c.read_close_code(), Some(1009));
+
+        // Invalid UTF-8 in a text frame: 1007.
+        let mut c = RawClient::upgrade(addr, "/v1/realtime?project=p&channels[]=c");
+        c.send_frame(true, 1, &[b'{', 0xff, 0xfe, b'}']);
+        assert_eq!(c.read_close_code(), Some(1007));
+
+        // Unmasked client frame: 1002.
+        let mut c = RawClient::upgrade(addr, "/v1/realtime?project=p&channels[]=c");
+        c.write(&[0x81, 0x02, b'h', b'i']);
+        assert_eq!(c.read_close_code(), Some(1002));
+
+        // Reserved opcode: 1002.
+        let mut c = RawClient::upgrade(addr, "/v1/realtime?project=p&channels[]=c");
+        c.send_frame(true, 0x3, b"x");
+        assert_eq!(c.read_close_code(), Some(1002));
+
+        // Wrong path: 404 with a JSON body.
+        let mut c = RawClient::tcp(addr);
+        c.send_upgrade("/v2/elsewhere");
+        let head = c.read_http_head();
+        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+        let body = String::from_utf8(c.read_to_end()).unwrap();
+        assert!(body.contains("/v1/realtime"), "{body}");
+
+        // A plain GET on the realtime path: 426.
+        let mut c = RawClient::tcp(addr);
+        c.write(b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(c.read_http_head().starts_with("HTTP/1.1 426"));
+
+        // A request head over the limit: 431.
+        let mut c = RawClient::tcp(addr);
+        let big = format!(
+            "GET /v1/realtime HTTP/1.1\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(5000)
+        );
+        c.write(big.as_bytes());
+        assert!(c.read_http_head().starts_with("HTTP/1.1 431"));
+
+        // Slowloris: an unfinished request head is dropped after the handshake timeout.
+        let mut c = RawClient::tcp(addr);
+        c.write(b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\n");
+        let t = Instant::now();
+        let rest = c.read_to_end();
+        assert!(rest.is_empty(), "{rest:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "slow handshake held {:?}",
+            t.elapsed()
+        );
+    })
+    .await
+    .unwrap();
+
+    let id = server.publish(json!({"project": "p", "channels": ["c"], "payload": {}}));
+    assert_eq!(next_json(&mut bystander).await["data"]["id"], id.as_str());
+    assert!(server.metric_with("herald_protocol_errors_total", "1009") >= 2.0);
+    assert!(server.metric_with("herald_handshake_rejected_total", "timeout") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn slow_consumer_is_closed_with_1013_while_its_neighbour_gets_everything() {
+    // One shard: the slow and the healthy client share an event loop.
+    let server = Server::start(&["--shards", "1", "--max-outbound-bytes", "1048576"]);
+    let url = server.url("/v1/realtime?project=p&channels[]=big");
+    let (mut healthy, _) = connect(&url).await;
+    let mut slow = {
+        let addr = server.ws;
+        tokio::task::spawn_blocking(move || {
+            let sock =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            sock.set_recv_buffer_size(4096).unwrap();
+            sock.connect(&addr.into()).unwrap();
+            let mut c = RawClient::from_stream(sock.into());
+            c.send_upgrade("/v1/realtime?project=p&channels[]=big");
+            assert!(c.read_http_head().starts_with("HTTP/1.1 101"));
+            assert_eq!(c.read_json()["type"], "connected");
+            c
+        })
+        .await
+        .unwrap()
+    };
+
+    const EVENTS: usize = 120;
+    let blob = "x".repeat(100_000);
+    let reader = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        while ids.len() < EVENTS {
+            let ev = next_json(&mut healthy).await;
+            ids.push(ev["data"]["id"].as_str().unwrap().to_owned());
+        }
+        ids
+    });
+    let mut published = Vec::new();
+    for n in 0..EVENTS {
+        published.push(server.publish(
+            json!({"project": "p", "channels": ["big"], "payload": {"n": n, "blob": blob}}),
+        ));
+    }
+    let received = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        received, published,
+        "the healthy client must get every event, in order"
+    );
+
+    // The slow client now reads what was sent before herald gave up on it: a prefix of the
+    // events, then a close frame with 1013.
+    let code = tokio::task::spawn_blocking(move || slow.read_close_code())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1013));
+    assert_eq!(server.metric("herald_slow_consumers_total"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_everyone_with_1001_and_exits_zero_within_the_drain_timeout() {
+    let mut server = Server::start(&["--shards", "2", "--drain-timeout", "3s"]);
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        clients.push(
+            connect(&server.url("/v1/realtime?project=p&channels[]=c"))
+                .await
+                .0,
+        );
+    }
+    // A peer that never answers the close handshake must not hold the shutdown past the timeout.
+    let mut mute = RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=c");
+    let started = Instant::now();
+    server.sigterm();
+    for ws in &mut clients {
+        assert_eq!(expect_close(ws, Duration::from_secs(5)).await, 1001);
+    }
+    let status = tokio::task::spawn_blocking(move || {
+        let s = server.wait_exit(Duration::from_secs(6));
+        (s, server)
+    })
+    .await
+    .unwrap()
+    .0
+    .expect("herald exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(4500),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(mute.read_close_code(), Some(1001));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_on_every_shard_gets_every_event_exactly_once_in_order() {
+    raise_fd_limit();
+    const CLIENTS: usize = 2000;
+    const EVENTS: usize = 100;
+    let server = Server::start(&["--shards", "2"]);
+    let url = server.url("/v1/realtime?project=p&channels[]=news");
+    let config =
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+    let mut clients = Vec::with_capacity(CLIENTS);
+    for chunk in 0..CLIENTS / 100 {
+        let batch = (0..100).map(|_| {
+            let url = url.clone();
+            async move {
+                let (mut ws, _) =
+                    tokio_tungstenite::connect_async_with_config(url, Some(config), false)
+                        .await
+                        .expect("connect");
+                let c = next_json(&mut ws).await;
+                assert_eq!(c["type"], "connected");
+                ws
+            }
+        });
+        clients.extend(futures_util::future::join_all(batch).await);
+        assert_eq!(clients.len(), (chunk + 1) * 100);
+    }
+    for shard in ["0", "1"] {
+        let n = server.metric_with("herald_connections", &format!("shard=\"{shard}\""));
+        assert!(
+            n > 0.0,
+            "shard {shard} holds no connections: the test would not cover two shards"
+        );
+    }
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                let mut ids = Vec::with_capacity(EVENTS);
+                while ids.len() < EVENTS {
+                    match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+                        Ok(Some(Ok(Message::Text(t)))) => {
+                            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                            ids.push(v["data"]["id"].as_str().unwrap().to_owned());
+                        }
+                        Ok(Some(Ok(_))) => {}
+                        other => {
+                            panic!("client stopped early after {} events: {other:?}", ids.len())
+                        }
+                    }
+                }
+                // Anything more would be a duplicate.
+                let extra = tokio::time::timeout(Duration::from_millis(300), ws.next()).await;
+                assert!(extra.is_err(), "unexpected extra message: {extra:?}");
+                ids
+            })
+        })
+        .collect();
+    let published: Vec<String> = (0..EVENTS)
+        .map(|n| server.publish(json!({"project": "p", "channels": ["news"], "payload": {"n": n}})))
+        .collect();
+    for r in readers {
+        assert_eq!(r.await.unwrap(), published);
+    }
+}
+
+/// Starts herald with an open-file limit of 160 and fills it with 200 clients. Returns the
+/// clients that got their upgrade and those still waiting in the backlog.
+fn saturate(extra: &[&str]) -> (Server, Vec<RawClient>, Vec<RawClient>) {
+    use std::os::unix::process::CommandExt;
+    let server = Server::start_with(extra, |cmd| {
+        // SAFETY: setrlimit is async-signal-safe and touches only the child.
+        unsafe {
+            cmd.pre_exec(|| rlimit::setrlimit(rlimit::Resource::NOFILE, 160, 160));
+        }
+    });
+    let mut clients: Vec<RawClient> = (0..200).map(|_| RawClient::tcp(server.ws)).collect();
+    for c in &mut clients {
+        c.send_upgrade("/v1/realtime?project=p&channels[]=c");
+    }
+    // Give herald time to answer everyone it can take; then sort the clients.
+    std::thread::sleep(Duration::from_secs(1));
+    let (mut accepted, mut waiting) = (Vec::new(), Vec::new());
+    for mut c in clients {
+        match c.poll_http_head(Duration::from_millis(20)) {
+            Some(head) => {
+                assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+                assert_eq!(c.read_json()["type"], "connected");
+                accepted.push(c);
+            }
+            None => waiting.push(c),
+        }
+    }
+    (server, accepted, waiting)
+}
+
+/// While saturated, herald must idle rather than retry accept() in a tight loop.
+fn assert_not_spinning(server: &Server) {
+    let cpu0 = server.cpu_seconds();
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = server.cpu_seconds() - cpu0;
+    assert!(
+        spent < 0.5,
+        "herald burned {spent} s of CPU in 2 s while saturated"
+    );
+}
+
+/// Closes `n` accepted clients and expects as many waiting ones to be upgraded (which ones
+/// depends on the shard whose backlog they sit in).
+fn assert_waiting_clients_get_in(
+    accepted: &mut Vec<RawClient>,
+    waiting: &mut [RawClient],
+    n: usize,
+) {
+    accepted.truncate(accepted.len() - n);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut upgraded = vec![false; waiting.len()];
+    while upgraded.iter().filter(|&&u| u).count() < n {
+        assert!(
+            Instant::now() < deadline,
+            "waiting clients were not accepted after descriptors were freed"
+        );
+        for (c, done) in waiting
+            .iter_mut()
+            .zip(upgraded.iter_mut())
+            .filter(|(_, d)| !**d)
+        {
+            if let Some(head) = c.poll_http_head(Duration::from_millis(5)) {
+                assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+                *done = true;
+            }
+        }
+    }
+}
+
+#[test]
+fn at_the_connection_limit_clients_wait_and_the_admin_api_keeps_working() {
+    let (server, mut accepted, mut waiting) = saturate(&["--shards", "2"]);
+    assert!(
+        server.startup_line.contains("capacity 96 connections"),
+        "{}",
+        server.startup_line
+    );
+    assert_eq!(accepted.len(), 96);
+    assert_eq!(waiting.len(), 104);
+    assert_not_spinning(&server);
+    // The reserve keeps the admin listener usable: publish, and every holder receives it.
+    let id = server.publish(json!({"project": "p", "channels": ["c"], "payload": {}}));
+    for c in &mut accepted {
+        assert_eq!(c.read_json()["data"]["id"], id.as_str());
+    }
+    assert!(server.metric_with("herald_accept_errors_total", "connection_limit") >= 1.0);
+    assert_waiting_clients_get_in(&mut accepted, &mut waiting, 30);
+}
+
+#[test]
+fn when_accept_fails_with_emfile_herald_backs_off_and_keeps_serving() {
+    // A cap above what the descriptors allow: accept() itself runs out of descriptors.
+    let (server, mut accepted, mut waiting) =
+        saturate(&["--shards", "1", "--max-connections", "100000"]);
+    assert!(
+        !waiting.is_empty(),
+        "the descriptor limit was never reached"
+    );
+    assert!(accepted.len() > 100, "only {} accepted", accepted.len());
+    assert_not_spinning(&server);
+    // Served while saturated: WebSocket pings are answered.
+    for c in accepted.iter_mut().take(10) {
+        c.send_frame(true, 0x9, b"hi");
+        assert_eq!(c.read_frame(), Some((0xA, b"hi".to_vec())));
+    }
+    assert_waiting_clients_get_in(&mut accepted, &mut waiting, 20);
+    // With descriptors free again (and the backlog gone) the admin listener answers, and the
+    // failures were counted.
+    drop(waiting);
+    accepted.truncate(accepted.len() - 20);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(server.metric_with("herald_accept_errors_total", "fd_limit") >= 1.0);
+}
