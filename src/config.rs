@@ -13,6 +13,11 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
+    /// TOML file of settings, keyed like the flags with underscores (`max_message_bytes = 64000`,
+    /// `idle_timeout = "90s"`). Flags and HERALD_* variables win over it.
+    #[arg(long, env = "HERALD_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
     /// Address of the WebSocket listener (every shard binds it with SO_REUSEPORT).
     #[arg(long, env = "HERALD_LISTEN", default_value = "0.0.0.0:9505")]
     pub listen: SocketAddr,
@@ -85,6 +90,79 @@ pub struct Config {
     /// Largest message on the echo endpoint (Autobahn sends up to 16 MiB).
     #[arg(long, env = "HERALD_ECHO_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub echo_max_message_bytes: usize,
+}
+
+/// Loads a TOML config file into `HERALD_*` environment variables that are not set yet, so that
+/// clap's precedence becomes: flags, then environment, then the file, then defaults.
+///
+/// Must run before any other thread starts (it changes the process environment).
+pub fn load_file_into_env(path: &std::path::Path) -> Result<(), ConfigError> {
+    use clap::CommandFactory;
+    #[derive(clap::Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        config: Config,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.display().to_string(),
+        source: e,
+    })?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+    let cmd = Wrap::command();
+    let known: Vec<String> = cmd
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(|l| l.replace('-', "_")))
+        .filter(|k| k != "config")
+        .collect();
+    for (key, value) in table {
+        if !known.contains(&key) {
+            return Err(ConfigError::UnknownKey {
+                path: path.display().to_string(),
+                key,
+                known: known.join(", "),
+            });
+        }
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_) => {
+                value.to_string()
+            }
+            _ => {
+                return Err(ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message: format!("{key} must be a string, number or boolean"),
+                });
+            }
+        };
+        let var = format!("HERALD_{}", key.to_uppercase());
+        if std::env::var_os(&var).is_none() {
+            // SAFETY: called from `main` before any thread exists, as documented above.
+            unsafe { std::env::set_var(var, value) };
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("unknown setting `{key}` in {path}; known settings: {known}")]
+    UnknownKey {
+        path: String,
+        key: String,
+        known: String,
+    },
 }
 
 impl Config {

@@ -59,6 +59,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Some(path) = config_file_arg() {
+        herald::config::load_file_into_env(&path)?;
+    }
     match Cli::parse().command {
         Command::Serve(config) => {
             herald::gateway::run(*config, |info| {
@@ -69,6 +72,21 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Publish(args) => publish(args),
     }
+}
+
+/// `--config PATH`, `--config=PATH` or `HERALD_CONFIG`, looked up before clap parses anything
+/// because the file feeds clap's environment defaults.
+fn config_file_arg() -> Option<std::path::PathBuf> {
+    let mut args = std::env::args_os().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--config" {
+            return args.next().map(Into::into);
+        }
+        if let Some(v) = a.to_str().and_then(|s| s.strip_prefix("--config=")) {
+            return Some(v.into());
+        }
+    }
+    std::env::var_os("HERALD_CONFIG").map(Into::into)
 }
 
 fn publish(args: PublishArgs) -> anyhow::Result<()> {

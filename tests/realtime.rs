@@ -367,3 +367,45 @@ async fn idle_peers_are_pinged_and_dead_ones_closed() {
     let id = server.publish(json!({"project": "p", "channels": ["c"], "payload": {}}));
     assert_eq!(next_json(&mut alive).await["data"]["id"], id.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_sets_defaults_and_flags_win() {
+    let dir = std::env::temp_dir().join(format!("herald-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("herald.toml");
+    std::fs::write(
+        &path,
+        "default_project = \"fromfile\"\nmessage_rate = 1\nidle_timeout = \"90s\"\n",
+    )
+    .unwrap();
+    let server = Server::start(&["--config", path.to_str().unwrap(), "--message-rate", "2"]);
+    let (mut ws, _) = connect(&server.url("/v1/realtime?channels[]=c")).await;
+    let id = server.publish(json!({"project": "fromfile", "channels": ["c"], "payload": {}}));
+    assert_eq!(next_json(&mut ws).await["data"]["id"], id.as_str());
+    // The flag (2) wins over the file (1): the second ping is still answered.
+    for _ in 0..2 {
+        send(&mut ws, r#"{"type":"ping"}"#).await;
+        assert_eq!(next_json(&mut ws).await["type"], "pong");
+    }
+
+    std::fs::write(&path, "max_mesage_bytes = 5\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "serve",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown setting `max_mesage_bytes`") && err.contains("max_message_bytes"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
