@@ -83,6 +83,44 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 100)]
     pub max_subscriptions: usize,
 
+    /// Redis URL: use Redis Streams as the bus (many nodes, replay across restarts) instead of the
+    /// embedded one, e.g. redis://127.0.0.1:6379.
+    #[arg(long, env = "HERALD_REDIS")]
+    pub redis: Option<String>,
+
+    /// Redis stream every node reads and publishes to.
+    #[arg(long, env = "HERALD_STREAM", default_value = "herald:events")]
+    pub stream: String,
+
+    /// Approximate number of entries the stream retains (XADD MAXLEN ~).
+    #[arg(long, env = "HERALD_STREAM_MAXLEN", default_value_t = 1_000_000)]
+    pub stream_maxlen: usize,
+
+    /// Also deliver Appwrite's Redis pub/sub messages (channel --appwrite-channel), so herald can
+    /// stand in for Appwrite's realtime container. Requires --redis.
+    #[arg(long, env = "HERALD_APPWRITE_PUBSUB")]
+    pub appwrite_pubsub: bool,
+
+    /// Appwrite's pub/sub channel.
+    #[arg(long, env = "HERALD_APPWRITE_CHANNEL", default_value = "realtime")]
+    pub appwrite_channel: String,
+
+    /// Most events replayed to one resuming connection; further back it is told to resync.
+    #[arg(long, env = "HERALD_REPLAY_MAX_EVENTS", default_value_t = 1000)]
+    pub replay_max_events: usize,
+
+    /// Most bytes replayed to one resuming connection.
+    #[arg(long, env = "HERALD_REPLAY_MAX_BYTES", default_value_t = 512 * 1024)]
+    pub replay_max_bytes: usize,
+
+    /// Recent events kept in memory for replay (the embedded bus's whole history).
+    #[arg(long, env = "HERALD_HISTORY_EVENTS", default_value_t = 10_000)]
+    pub history_events: usize,
+
+    /// Bytes of recent events kept in memory for replay.
+    #[arg(long, env = "HERALD_HISTORY_BYTES", default_value_t = 64 << 20)]
+    pub history_bytes: usize,
+
     /// Serve an echo endpoint at this path, for RFC 6455 conformance testing only (Autobahn).
     #[arg(long, env = "HERALD_ECHO_PATH")]
     pub echo_path: Option<String>,

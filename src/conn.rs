@@ -7,13 +7,16 @@
 //!
 //! Memory: an idle open connection holds no buffers, only this struct and its session.
 
+use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use smallvec::SmallVec;
 
+use crate::bus::ReplayError;
 use crate::config::Config;
+use crate::event::{EncodedEvent, EventId, write_tail};
 use crate::outbox::{OutFrame, Outbox};
 use crate::protocol::{self, Session, SessionLimits};
 use crate::registry::Registry;
@@ -109,6 +112,48 @@ pub struct Env<'a> {
     /// Frames to send, in order; the driver appends them to the outbox.
     pub out: &'a mut Vec<OutFrame>,
     pub counters: &'a mut Counters,
+    /// Connections that started a resume; the shard asks the control plane for their history.
+    pub replays: &'a mut Vec<u32>,
+    /// The last event this shard has processed: a resume starting now replays up to it.
+    pub position: Option<EventId>,
+}
+
+/// Error code for a `lastEventId` that is not an event id (README: Resume).
+pub const INVALID_LAST_EVENT_ID: u16 = 4011;
+
+/// A resume in progress. While the history is being fetched, live events for the connection
+/// wait here, so replayed and live events join without a gap or a duplicate.
+#[derive(Debug)]
+pub struct Replay {
+    pub after: EventId,
+    /// The shard's position when the resume began: history covers `(after, upto]`, live
+    /// delivery everything later.
+    pub upto: Option<EventId>,
+    /// The history answer is outstanding. Once it arrived the state only remains while this
+    /// shard has not yet passed `after`, to skip live events the client already has.
+    waiting: bool,
+    buffered: VecDeque<Arc<EncodedEvent>>,
+    buffered_bytes: usize,
+    overflowed: bool,
+}
+
+/// What to do with a live event for a connection that matched it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Live {
+    Deliver,
+    /// Held until the replay finishes.
+    Held,
+    /// The client already has it (or lost it to an overflow it will be told about).
+    Skip,
+}
+
+/// The frame of `event` for `session`: the shared prefix plus this connection's matching ids.
+pub fn event_frame(session: &Session, event: &EncodedEvent) -> Option<OutFrame> {
+    let mut ids = session.matching(event).peekable();
+    ids.peek()?;
+    let mut tail = SmallVec::new();
+    write_tail(&mut tail, ids);
+    Some(OutFrame::new(Opcode::Text, event.prefix.clone(), tail))
 }
 
 /// Outcome of a protocol error or handshake refusal, for the shard's metrics.
@@ -120,6 +165,8 @@ pub enum Incident {
 
 #[derive(Debug)]
 pub struct Connection {
+    /// Tells this connection apart from a later one reusing its slab slot.
+    pub serial: u32,
     pub phase: Phase,
     kind: Kind,
     pub ping_outstanding: bool,
@@ -136,11 +183,13 @@ pub struct Connection {
     decoder: Decoder,
     pub outbox: Outbox,
     pub session: Option<Session>,
+    pub replay: Option<Box<Replay>>,
 }
 
 impl Connection {
-    pub fn new(now: u32, cfg: &ConnConfig) -> Self {
+    pub fn new(serial: u32, now: u32, cfg: &ConnConfig) -> Self {
         Self {
+            serial,
             phase: Phase::Handshake,
             kind: Kind::Realtime,
             ping_outstanding: false,
@@ -153,6 +202,7 @@ impl Connection {
             decoder: Decoder::default(),
             outbox: Outbox::default(),
             session: None,
+            replay: None,
         }
     }
 
@@ -278,7 +328,115 @@ impl Connection {
         env.registry
             .update(&session.project, env.key, &[], &session.channels());
         self.session = Some(session);
+        if let Some(after) = q.last_event_id {
+            self.start_replay(&after, env);
+        }
         None
+    }
+
+    /// Begins a resume after `raw` (a client-supplied `lastEventId`).
+    fn start_replay(&mut self, raw: &str, env: &mut Env<'_>) {
+        let message = match raw.parse::<EventId>() {
+            Err(e) => format!("Invalid lastEventId {raw:?}: {e}"),
+            Ok(_) if self.replay.as_ref().is_some_and(|r| r.waiting) => {
+                "Invalid lastEventId: a replay is already in progress on this connection".to_owned()
+            }
+            Ok(after) => {
+                self.replay = Some(Box::new(Replay {
+                    after,
+                    upto: env.position,
+                    waiting: true,
+                    buffered: VecDeque::new(),
+                    buffered_bytes: 0,
+                    overflowed: false,
+                }));
+                env.replays.push(env.key);
+                return;
+            }
+        };
+        env.out.push(OutFrame::text(protocol::error_message(
+            INVALID_LAST_EVENT_ID,
+            &message,
+        )));
+    }
+
+    /// Decides what happens to a live event this connection's session matched.
+    pub fn offer_live(&mut self, event: &Arc<EncodedEvent>, max_held: usize) -> Live {
+        let Some(r) = self.replay.as_mut() else {
+            return Live::Deliver;
+        };
+        if r.waiting {
+            if r.overflowed {
+                return Live::Skip;
+            }
+            r.buffered_bytes += event.frame_bytes();
+            if r.buffered_bytes > max_held {
+                r.overflowed = true;
+                r.buffered = VecDeque::new();
+                return Live::Skip;
+            }
+            r.buffered.push_back(event.clone());
+            return Live::Held;
+        }
+        match event.position {
+            Some(p) if p <= r.after => Live::Skip,
+            Some(_) => {
+                self.replay = None;
+                Live::Deliver
+            }
+            None => Live::Deliver,
+        }
+    }
+
+    /// The history for a resume arrived: sends it, then the live events held meanwhile.
+    /// `shard_position` is the last event this shard has processed.
+    pub fn finish_replay(
+        &mut self,
+        outcome: Result<Vec<Arc<EncodedEvent>>, ReplayError>,
+        shard_position: Option<EventId>,
+        env: &mut Env<'_>,
+    ) {
+        let Some(mut r) = self.replay.take() else {
+            return;
+        };
+        let Some(session) = self.session.as_ref() else {
+            return;
+        };
+        let keep_skipping = match &outcome {
+            Ok(events) => {
+                env.out
+                    .extend(events.iter().filter_map(|e| event_frame(session, e)));
+                true
+            }
+            Err(e) => {
+                env.out.push(OutFrame::text(protocol::error_message(
+                    e.code(),
+                    &e.to_string(),
+                )));
+                // After "ahead" the client's id means nothing here: skip nothing.
+                !matches!(e, ReplayError::Ahead(_))
+            }
+        };
+        if r.overflowed {
+            let e = ReplayError::Truncated(format!(
+                "more than {} bytes of live events arrived during the replay",
+                env.cfg.max_outbound
+            ));
+            env.out.push(OutFrame::text(protocol::error_message(
+                e.code(),
+                &e.to_string(),
+            )));
+        }
+        env.out.extend(
+            r.buffered
+                .drain(..)
+                .filter_map(|e| event_frame(session, &e)),
+        );
+        if keep_skipping && shard_position.is_none_or(|h| h < r.after) {
+            r.waiting = false;
+            r.buffered = VecDeque::new();
+            self.replay = Some(r);
+        }
     }
 
     fn on_ws_bytes(&mut self, data: &mut [u8], env: &mut Env<'_>) -> Option<Incident> {
@@ -386,6 +544,9 @@ impl Connection {
         }
         if let Some(frame) = reply.frame {
             env.out.push(OutFrame::text(frame));
+        }
+        if let Some(after) = reply.resume_after {
+            self.start_replay(&after, env);
         }
         if let Some(code) = reply.close {
             self.close(code, "", env);

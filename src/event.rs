@@ -37,6 +37,9 @@ pub fn timestamp_now() -> String {
 #[derive(Debug)]
 pub struct EncodedEvent {
     pub id: Box<str>,
+    /// The id as a position in the event history; `None` for events that cannot be replayed
+    /// (those taken from Appwrite's pub/sub, which has no history).
+    pub position: Option<EventId>,
     pub project: Box<str>,
     pub channels: Box<[Box<str>]>,
     pub roles: Box<[Box<str>]>,
@@ -78,12 +81,28 @@ impl EncodedEvent {
         };
         Arc::new(Self {
             id: event.id.as_str().into(),
+            position: event.id.parse().ok(),
             project: event.project.as_str().into(),
             channels: event.channels.iter().map(|c| c.as_str().into()).collect(),
             any_role: roles.iter().any(|r| &**r == ANY_ROLE),
             roles,
             prefix: Bytes::from(prefix),
         })
+    }
+
+    /// Whether this event is for `project`, allowed for `roles` and on one of `channels`.
+    pub fn matches_filter(&self, project: &str, roles: &[Box<str>], channels: &[String]) -> bool {
+        &*self.project == project
+            && self.allows(roles)
+            && self
+                .channels
+                .iter()
+                .any(|c| channels.iter().any(|f| f == &**c))
+    }
+
+    /// Bytes this event adds to a connection's outbound stream (without its small tail).
+    pub fn frame_bytes(&self) -> usize {
+        self.prefix.len() + 64
     }
 
     /// Whether a connection holding `conn_roles` may receive this event.
@@ -107,6 +126,62 @@ pub fn write_tail<'a>(out: &mut impl Extend<u8>, ids: impl Iterator<Item = &'a s
     out.extend(*b"]}}");
 }
 
+/// A position in the event history: a Redis stream id `<ms>-<seq>`, ordered numerically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl EventId {
+    pub const ZERO: EventId = EventId { ms: 0, seq: 0 };
+
+    /// The id right after this one, for exclusive range starts.
+    pub fn next(self) -> EventId {
+        match self.seq.checked_add(1) {
+            Some(seq) => EventId { ms: self.ms, seq },
+            None => EventId {
+                ms: self.ms + 1,
+                seq: 0,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("an event id looks like 1700000000000-0 (milliseconds, a dash, a sequence number)")]
+pub struct InvalidEventId;
+
+impl std::str::FromStr for EventId {
+    type Err = InvalidEventId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (ms, seq) = s.split_once('-').ok_or(InvalidEventId)?;
+        let digits =
+            |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        if !digits(ms) || !digits(seq) {
+            return Err(InvalidEventId);
+        }
+        Ok(EventId {
+            ms: ms.parse().map_err(|_| InvalidEventId)?,
+            seq: seq.parse().map_err(|_| InvalidEventId)?,
+        })
+    }
+}
+
+/// Appwrite's timestamp format for an instant given in unix milliseconds.
+pub fn timestamp_from_ms(ms: u64) -> String {
+    let dt = chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX))
+        .unwrap_or_default();
+    dt.format("%Y-%m-%dT%H:%M:%S%.3f+00:00").to_string()
+}
+
 /// Assigns event ids shaped like Redis stream ids (`<unix ms>-<seq>`), strictly increasing even
 /// when the clock stalls or steps back.
 #[derive(Debug, Default)]
@@ -116,7 +191,7 @@ pub struct EventIdGenerator {
 }
 
 impl EventIdGenerator {
-    pub fn next_id(&mut self) -> String {
+    pub fn next_id(&mut self) -> EventId {
         let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
         if now > self.last_ms {
             self.last_ms = now;
@@ -124,7 +199,10 @@ impl EventIdGenerator {
         } else {
             self.seq += 1;
         }
-        format!("{}-{}", self.last_ms, self.seq)
+        EventId {
+            ms: self.last_ms,
+            seq: self.seq,
+        }
     }
 }
 
@@ -180,10 +258,29 @@ mod tests {
         let mut g = EventIdGenerator::default();
         let a = g.next_id();
         let b = g.next_id();
-        let parse = |s: &str| {
-            let (ms, seq) = s.split_once('-').unwrap();
-            (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
-        };
-        assert!(parse(&b) > parse(&a));
+        assert!(b > a);
+        assert_eq!(a.to_string().parse::<EventId>(), Ok(a));
+    }
+
+    #[test]
+    fn event_ids_parse_strictly() {
+        assert_eq!("5-2".parse::<EventId>(), Ok(EventId { ms: 5, seq: 2 }));
+        for bad in [
+            "",
+            "5",
+            "5-",
+            "-2",
+            "a-1",
+            "1-2-3",
+            "+1-2",
+            "99999999999999999999999-0",
+        ] {
+            assert!(bad.parse::<EventId>().is_err(), "{bad}");
+        }
+        assert!("10-0".parse::<EventId>().unwrap() > "9-99".parse().unwrap());
+        assert_eq!(
+            timestamp_from_ms(1_795_393_049_647),
+            "2026-11-23T00:17:29.647+00:00"
+        );
     }
 }

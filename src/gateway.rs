@@ -14,6 +14,7 @@ use thiserror::Error;
 use crate::admin::{AdminState, router};
 use crate::bus::Bus;
 use crate::bus::embedded::EmbeddedBus;
+use crate::bus::redis::{RedisBus, RedisSettings};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::limits::{self, FdLimit};
@@ -34,6 +35,8 @@ pub enum GatewayError {
     },
     #[error("cannot start the control plane: {0}")]
     ControlPlane(std::io::Error),
+    #[error("invalid Redis settings: {0}")]
+    Redis(String),
 }
 
 const BACKLOG: i32 = 4096;
@@ -121,11 +124,24 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
         })?);
     }
 
+    if config.appwrite_pubsub && config.redis.is_none() {
+        return Err(GatewayError::Redis(
+            "--appwrite-pubsub needs --redis (Appwrite's pub/sub lives in Redis)".into(),
+        ));
+    }
+    let (replay_tx, replay_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut handles = Vec::with_capacity(shard_count);
     let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(shard_count);
     for (id, listener) in listeners.into_iter().enumerate() {
-        let (shard, handle) = Shard::new(id, listener, &config, metrics.clone(), limiter.clone())
-            .map_err(|source| GatewayError::Shard { shard: id, source })?;
+        let (shard, handle) = Shard::new(
+            id,
+            listener,
+            &config,
+            metrics.clone(),
+            limiter.clone(),
+            replay_tx.clone(),
+        )
+        .map_err(|source| GatewayError::Shard { shard: id, source })?;
         handles.push(handle);
         let t = std::thread::Builder::new()
             .name(format!("herald-shard-{id}"))
@@ -133,8 +149,38 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
             .map_err(|source| GatewayError::Shard { shard: id, source })?;
         threads.push(t);
     }
+    drop(replay_tx);
     let hub = Arc::new(Hub::new(handles));
-    let bus: Arc<dyn Bus> = Arc::new(EmbeddedBus::new(hub.clone(), metrics.clone()));
+    let redis = match &config.redis {
+        Some(url) => Some(
+            RedisBus::new(
+                RedisSettings {
+                    url: url.clone(),
+                    stream: config.stream.clone(),
+                    maxlen: config.stream_maxlen,
+                    default_project: config.default_project.clone(),
+                    appwrite_channel: config
+                        .appwrite_pubsub
+                        .then(|| config.appwrite_channel.clone()),
+                    history_events: config.history_events,
+                    history_bytes: config.history_bytes,
+                },
+                hub.clone(),
+                metrics.clone(),
+            )
+            .map_err(|e| GatewayError::Redis(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let bus: Arc<dyn Bus> = match &redis {
+        Some(r) => r.clone(),
+        None => Arc::new(EmbeddedBus::new(
+            hub.clone(),
+            metrics.clone(),
+            config.history_events,
+            config.history_bytes,
+        )),
+    };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -162,14 +208,18 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
     on_start(&info);
 
     let state = AdminState {
-        bus,
-        metrics,
+        bus: bus.clone(),
+        metrics: metrics.clone(),
         default_project: config.default_project.clone(),
         max_publish_bytes: config.max_publish_bytes,
     };
     let drain = config.drain_timeout;
     let shutdown_hub = hub.clone();
     runtime.block_on(async move {
+        if let Some(r) = &redis {
+            r.spawn_workers();
+        }
+        tokio::spawn(crate::replay::serve(replay_rx, bus, hub.clone(), metrics));
         let server = axum::serve(admin_listener, router(state));
         let signal = async move {
             wait_for_signal().await;

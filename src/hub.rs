@@ -1,10 +1,10 @@
 //! The hub: the control plane's handle on every shard.
 //!
 //! Owns handing one encoded event to all shards (each gets the same `Arc`), and shutdown. It
-//! must not encode events or know where they come from; buses call it. Callers serialize their
-//! calls to [`Hub::broadcast`] so every shard sees events in the same order.
+//! must not encode events or know where they come from; buses call it. Broadcasts are
+//! serialized, so every shard sees events in the same order even with several sources.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -20,11 +20,23 @@ pub enum HubError {
 
 pub struct Hub {
     shards: Vec<ShardHandle>,
+    order: Mutex<()>,
 }
 
 impl Hub {
     pub fn new(shards: Vec<ShardHandle>) -> Self {
-        Self { shards }
+        Self {
+            shards,
+            order: Mutex::new(()),
+        }
+    }
+
+    /// Sends a command to one shard; gives it back when that shard's queue is full.
+    pub fn send_to(&self, shard: usize, cmd: Command) -> Result<(), Command> {
+        match self.shards.get(shard) {
+            Some(s) => s.try_send(cmd),
+            None => Err(cmd),
+        }
     }
 
     pub fn shard_count(&self) -> usize {
@@ -34,6 +46,7 @@ impl Hub {
     /// Hands `event` to every shard, or to none: when any queue is full nothing is sent, so an
     /// event is never delivered on some shards and lost on others.
     pub fn broadcast(&self, event: Arc<EncodedEvent>) -> Result<(), HubError> {
+        let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         if self.shards.iter().any(|s| s.room() == 0) {
             return Err(HubError::Overloaded);
         }

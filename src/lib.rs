@@ -17,6 +17,9 @@
 //! Control plane (tokio, its own thread):
 //! - [`hub`]: hands each encoded event to every shard.
 //! - [`bus`]: event sources behind the [`bus::Bus`] trait ([`bus::embedded`] by default).
+//! - [`bus::redis`]: Redis Streams, for many nodes and replay after restarts.
+//! - [`history`]: recent events in memory, for replay to reconnecting clients.
+//! - [`replay`]: serves shards' replay requests from the bus, off the data plane.
 //! - [`admin`]: HTTP publish API, health, readiness, metrics.
 //! - [`metrics`]: Prometheus metrics.
 //!
@@ -32,6 +35,7 @@ pub mod config;
 pub mod conn;
 pub mod event;
 pub mod gateway;
+pub mod history;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
@@ -39,5 +43,6 @@ pub mod outbox;
 pub mod protocol;
 pub mod query;
 pub mod registry;
+pub mod replay;
 pub mod shard;
 pub mod ws;

@@ -20,6 +20,9 @@ pub struct Metrics {
     pub idle_closed: IntCounterVec,
     pub shard_queue: IntGaugeVec,
     pub fd_limit: IntGauge,
+    pub replays: IntCounterVec,
+    pub stream_entries_skipped: IntCounter,
+    pub bus_reconnects: IntCounter,
 }
 
 impl Metrics {
@@ -47,6 +50,21 @@ impl Metrics {
         registry
             .register(Box::new(events_published.clone()))
             .expect("unique metric");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let stream_entries_skipped = counter(
+            "herald_stream_entries_skipped_total",
+            "Redis stream entries that violate the entry format (logged with their id)",
+        );
+        let bus_reconnects = counter(
+            "herald_bus_reconnects_total",
+            "Times the bus lost its connection to Redis and reconnected",
+        );
         let fd_limit = IntGauge::new(
             "herald_fd_limit",
             "RLIMIT_NOFILE soft limit after start-up (upper bound on connections)",
@@ -107,6 +125,13 @@ impl Metrics {
                 "Events waiting in a shard's inbound queue",
                 &["shard"],
             ),
+            replays: counter_vec(
+                "herald_replays_total",
+                "Resumes served to reconnecting clients, by outcome",
+                &["outcome"],
+            ),
+            stream_entries_skipped,
+            bus_reconnects,
             fd_limit,
             registry,
         }

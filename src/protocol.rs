@@ -59,6 +59,8 @@ pub struct Reply {
     pub close: Option<u16>,
     /// The set of channels the session listens to changed; the caller must re-index it.
     pub subscriptions_changed: bool,
+    /// A successful `subscribe` carried `lastEventId` (unvalidated): replay what was missed.
+    pub resume_after: Option<String>,
 }
 
 impl Reply {
@@ -185,7 +187,16 @@ impl Session {
         let data = msg.remove("data").unwrap_or(Value::Null);
         match msg.get("type").and_then(Value::as_str) {
             Some("ping") => Reply::frame(r#"{"type":"pong"}"#.to_owned()),
-            Some("subscribe") => self.subscribe(data, limits, intern),
+            Some("subscribe") => {
+                let mut reply = self.subscribe(data, limits, intern);
+                if reply.subscriptions_changed {
+                    reply.resume_after = msg.get("lastEventId").map(|v| match v {
+                        Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    });
+                }
+                reply
+            }
             Some("unsubscribe") => self.unsubscribe(data),
             Some("authentication") => Reply::frame(authentication(&data)),
             Some("presence") => Reply::frame(error_message(
@@ -248,6 +259,7 @@ impl Session {
             ),
             close: None,
             subscriptions_changed: true,
+            resume_after: None,
         }
     }
 
@@ -279,6 +291,7 @@ impl Session {
             ),
             close: None,
             subscriptions_changed: changed,
+            resume_after: None,
         }
     }
 }

@@ -15,15 +15,15 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
-use smallvec::SmallVec;
 
+use crate::bus::{ReplayError, ReplayQuery};
 use crate::config::Config;
-use crate::conn::{ConnConfig, Connection, Counters, Env, Incident, Phase};
-use crate::event::{EncodedEvent, write_tail};
+use crate::conn::{ConnConfig, Connection, Counters, Env, Incident, Live, Phase, event_frame};
+use crate::event::{EncodedEvent, EventId};
 use crate::metrics::Metrics;
 use crate::outbox::OutFrame;
 use crate::registry::Registry;
-use crate::ws::frame::Opcode;
+use crate::replay::ReplayRequest;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -52,6 +52,12 @@ pub enum Command {
     /// Stop accepting, close every connection with 1001, exit once drained or at the deadline.
     Shutdown {
         drain: Duration,
+    },
+    /// The history a resuming connection asked for.
+    Replay {
+        key: u32,
+        serial: u32,
+        outcome: Result<Vec<Arc<EncodedEvent>>, ReplayError>,
     },
 }
 
@@ -158,6 +164,13 @@ pub struct Shard {
     drain_deadline: Option<Instant>,
     last_fd_warning: Option<Instant>,
     limit: Arc<ConnectionLimit>,
+    next_serial: u32,
+    /// The last event processed, as a history position.
+    position: Option<EventId>,
+    replays: Vec<u32>,
+    replay_tx: tokio::sync::mpsc::UnboundedSender<ReplayRequest>,
+    replay_max_events: usize,
+    replay_max_bytes: usize,
     m: ShardMetrics,
 }
 
@@ -169,6 +182,7 @@ impl Shard {
         config: &Config,
         metrics: Metrics,
         limit: Arc<ConnectionLimit>,
+        replay_tx: tokio::sync::mpsc::UnboundedSender<ReplayRequest>,
     ) -> io::Result<(Self, ShardHandle)> {
         let poll = Poll::new()?;
         let mut listener = TcpListener::from_std(listener);
@@ -212,6 +226,12 @@ impl Shard {
             drain_deadline: None,
             last_fd_warning: None,
             limit,
+            next_serial: 0,
+            position: None,
+            replays: Vec::new(),
+            replay_tx,
+            replay_max_events: config.replay_max_events,
+            replay_max_bytes: config.replay_max_bytes,
             m,
         };
         let handle = ShardHandle {
@@ -246,6 +266,9 @@ impl Shard {
                 }
             }
             self.drain_commands();
+            if !self.replays.is_empty() {
+                self.request_replays();
+            }
             let now = Instant::now();
             if self.accept_more || self.accept_paused_until.is_some_and(|until| now >= until) {
                 self.accept_paused_until = None;
@@ -310,9 +333,10 @@ impl Shard {
                         self.limit.release();
                         continue;
                     }
+                    self.next_serial = self.next_serial.wrapping_add(1);
                     entry.insert(Slot {
                         stream,
-                        conn: Connection::new(self.now, &self.cfg),
+                        conn: Connection::new(self.next_serial, self.now, &self.cfg),
                     });
                     self.m.accepted.inc();
                     self.m.connections.inc();
@@ -387,11 +411,15 @@ impl Shard {
         }
     }
 
+    /// Borrows what a connection may touch, field by field, so the slab can stay borrowed.
+    #[allow(clippy::too_many_arguments)]
     fn env<'a>(
         cfg: &'a ConnConfig,
         registry: &'a mut Registry,
         out: &'a mut Vec<OutFrame>,
         counters: &'a mut Counters,
+        replays: &'a mut Vec<u32>,
+        position: Option<EventId>,
         key: usize,
         now: u32,
     ) -> Env<'a> {
@@ -402,6 +430,8 @@ impl Shard {
             now,
             out,
             counters,
+            replays,
+            position,
         }
     }
 
@@ -427,6 +457,8 @@ impl Shard {
                         &mut self.registry,
                         &mut self.out,
                         &mut self.counters,
+                        &mut self.replays,
+                        self.position,
                         k,
                         self.now,
                     );
@@ -491,6 +523,8 @@ impl Shard {
                     &mut self.registry,
                     &mut self.out,
                     &mut self.counters,
+                    &mut self.replays,
+                    self.position,
                     k,
                     self.now,
                 );
@@ -557,6 +591,11 @@ impl Shard {
             match cmd {
                 Command::Event(ev) => self.fan_out(&ev),
                 Command::Shutdown { drain } => self.begin_shutdown(drain),
+                Command::Replay {
+                    key,
+                    serial,
+                    outcome,
+                } => self.finish_replay(key as usize, serial, outcome),
             }
         }
         if taken == COMMAND_BATCH {
@@ -570,31 +609,88 @@ impl Shard {
 
     /// Matches one event against this shard's index and stages a frame per subscriber: the
     /// shared prefix by reference, plus the connection's own `subscriptions` tail.
-    fn fan_out(&mut self, ev: &EncodedEvent) {
+    fn fan_out(&mut self, ev: &Arc<EncodedEvent>) {
+        if ev.position.is_some() {
+            self.position = self.position.max(ev.position);
+        }
         self.registry
             .collect(&ev.project, &ev.channels, &mut self.candidates);
         let mut staged = 0;
         for &k in &self.candidates {
-            let Some(slot) = self.slab.get(k as usize) else {
+            let Some(slot) = self.slab.get_mut(k as usize) else {
                 continue;
             };
             if !slot.conn.receives_events() {
                 continue;
             }
-            let Some(session) = slot.conn.session.as_ref() else {
+            let Some(frame) = slot.conn.session.as_ref().and_then(|s| event_frame(s, ev)) else {
                 continue;
             };
-            let mut ids = session.matching(ev).peekable();
-            if ids.peek().is_none() {
-                continue;
+            if slot.conn.offer_live(ev, self.cfg.max_outbound) == Live::Deliver {
+                self.pending.push((k, frame));
+                staged += 1;
             }
-            let mut tail = SmallVec::new();
-            write_tail(&mut tail, ids);
-            self.pending
-                .push((k, OutFrame::new(Opcode::Text, ev.prefix.clone(), tail)));
-            staged += 1;
         }
         self.m.delivered.inc_by(staged);
+    }
+
+    fn finish_replay(
+        &mut self,
+        k: usize,
+        serial: u32,
+        outcome: Result<Vec<Arc<EncodedEvent>>, ReplayError>,
+    ) {
+        let Some(slot) = self.slab.get_mut(k) else {
+            return;
+        };
+        if slot.conn.serial != serial || !slot.conn.receives_events() {
+            return;
+        }
+        let mut env = Self::env(
+            &self.cfg,
+            &mut self.registry,
+            &mut self.out,
+            &mut self.counters,
+            &mut self.replays,
+            self.position,
+            k,
+            self.now,
+        );
+        slot.conn.finish_replay(outcome, self.position, &mut env);
+        self.settle(k);
+    }
+
+    /// Hands the resumes started in this iteration to the control plane.
+    fn request_replays(&mut self) {
+        let mut keys = std::mem::take(&mut self.replays);
+        for k in keys.drain(..) {
+            let Some(slot) = self.slab.get(k as usize) else {
+                continue;
+            };
+            let (Some(session), Some(replay)) = (&slot.conn.session, &slot.conn.replay) else {
+                continue;
+            };
+            let request = ReplayRequest {
+                shard: self.id,
+                key: k,
+                serial: slot.conn.serial,
+                query: ReplayQuery {
+                    after: replay.after,
+                    upto: replay.upto,
+                    project: session.project.to_string(),
+                    channels: session.channels().iter().map(|c| c.to_string()).collect(),
+                    roles: session.roles.to_vec(),
+                    max_events: self.replay_max_events,
+                    max_bytes: self.replay_max_bytes,
+                },
+            };
+            if self.replay_tx.send(request).is_err() {
+                let serial = slot.conn.serial;
+                let outcome = Err(ReplayError::Unavailable("the control plane is gone".into()));
+                self.finish_replay(k as usize, serial, outcome);
+            }
+        }
+        self.replays = keys;
     }
 
     /// Writes every staged frame, all frames of one connection in one vectored write.
@@ -637,6 +733,8 @@ impl Shard {
                 &mut self.registry,
                 &mut self.out,
                 &mut self.counters,
+                &mut self.replays,
+                self.position,
                 k,
                 self.now,
             );
@@ -679,6 +777,8 @@ impl Shard {
                 &mut self.registry,
                 &mut self.out,
                 &mut self.counters,
+                &mut self.replays,
+                self.position,
                 k,
                 self.now,
             );

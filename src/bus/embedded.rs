@@ -1,36 +1,58 @@
 //! The embedded bus: events published on this node go straight to this node's shards.
 //!
-//! Owns event-id assignment and the order of events in single-node mode. No setup, no
-//! persistence: an event published while a client is disconnected is not replayed to it (the
-//! Redis bus provides that). Must not touch connections.
+//! Owns event-id assignment, the order of events in single-node mode, and the in-memory history
+//! that lets a reconnecting client catch up (as far back as `--history-events` reaches; nothing
+//! survives a restart: the Redis bus provides that). Must not touch connections.
 
 use std::sync::{Arc, Mutex};
 
-use super::{BoxFuture, Bus, BusError, NewEvent};
-use crate::event::{EncodedEvent, Event, EventIdGenerator, timestamp_now};
+use super::{BoxFuture, Bus, BusError, NewEvent, ReplayError, ReplayQuery, select_replay};
+use crate::event::{EncodedEvent, Event, EventId, EventIdGenerator, timestamp_now};
+use crate::history::History;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
 pub struct EmbeddedBus {
     hub: Arc<Hub>,
-    /// Held while an id is assigned and the event is handed to the shards, so ids and delivery
-    /// order agree on every shard.
-    ids: Mutex<EventIdGenerator>,
+    /// Held while an id is assigned, the event recorded and handed to the shards, so ids,
+    /// history and delivery order agree on every shard.
+    state: Mutex<State>,
+    start: EventId,
     metrics: Metrics,
 }
 
+struct State {
+    ids: EventIdGenerator,
+    history: History,
+}
+
 impl EmbeddedBus {
-    pub fn new(hub: Arc<Hub>, metrics: Metrics) -> Self {
+    pub fn new(
+        hub: Arc<Hub>,
+        metrics: Metrics,
+        history_events: usize,
+        history_bytes: usize,
+    ) -> Self {
+        let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
+        // Just below the first id this process can assign.
+        let start = EventId {
+            ms: now.saturating_sub(1),
+            seq: u64::MAX,
+        };
         Self {
             hub,
-            ids: Mutex::new(EventIdGenerator::default()),
+            state: Mutex::new(State {
+                ids: EventIdGenerator::default(),
+                history: History::new(start, history_events, history_bytes),
+            }),
+            start,
             metrics,
         }
     }
 
     fn publish_now(&self, ev: NewEvent) -> Result<String, BusError> {
-        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        let id = ids.next_id();
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let id = state.ids.next_id().to_string();
         let encoded = EncodedEvent::encode(&Event {
             id: id.clone(),
             project: ev.project,
@@ -41,10 +63,31 @@ impl EmbeddedBus {
             payload: ev.payload,
         });
         self.hub
-            .broadcast(encoded)
+            .broadcast(encoded.clone())
             .map_err(|_| BusError::Overloaded)?;
+        state.history.push(encoded);
         self.metrics.events_published.inc();
         Ok(id)
+    }
+
+    fn replay_now(&self, q: &ReplayQuery) -> Result<Vec<Arc<EncodedEvent>>, ReplayError> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let history = &state.history;
+        if q.after > history.newest() {
+            return Err(ReplayError::Ahead(q.after));
+        }
+        let upto = q.upto.unwrap_or(self.start);
+        let Some(events) = history.range(q.after, upto) else {
+            return Err(ReplayError::Truncated(format!(
+                "lastEventId {} is older than the history this node keeps (from {})",
+                q.after,
+                history.floor()
+            )));
+        };
+        drop(state);
+        let mut selected = Vec::new();
+        select_replay(events, q, &mut selected, &mut 0)?;
+        Ok(selected)
     }
 }
 
@@ -55,5 +98,12 @@ impl Bus for EmbeddedBus {
 
     fn publish(&self, event: NewEvent) -> BoxFuture<'_, Result<String, BusError>> {
         Box::pin(std::future::ready(self.publish_now(event)))
+    }
+
+    fn replay(
+        &self,
+        query: ReplayQuery,
+    ) -> BoxFuture<'_, Result<Vec<Arc<EncodedEvent>>, ReplayError>> {
+        Box::pin(std::future::ready(self.replay_now(&query)))
     }
 }

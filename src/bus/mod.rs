@@ -6,9 +6,13 @@
 //! connections or shards directly.
 
 pub mod embedded;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::event::{EncodedEvent, EventId};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -82,6 +86,65 @@ impl PublishRequest {
     }
 }
 
+/// What a reconnecting connection asks to be replayed: events after `after`, up to `upto` (the
+/// last event its shard has already processed; later ones reach it live), filtered like live
+/// delivery and bounded.
+#[derive(Debug, Clone)]
+pub struct ReplayQuery {
+    pub after: EventId,
+    /// `None`: the shard has processed no event yet, so replay up to where the bus started.
+    pub upto: Option<EventId>,
+    pub project: String,
+    pub channels: Vec<String>,
+    pub roles: Vec<Box<str>>,
+    pub max_events: usize,
+    pub max_bytes: usize,
+}
+
+/// Why a replay cannot be served; the client gets the message and then live events.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum ReplayError {
+    #[error("history truncated: {0}; resync, then live events follow")]
+    Truncated(String),
+    #[error("lastEventId {0} is newer than the newest event; live events follow")]
+    Ahead(EventId),
+    #[error("history unavailable: {0}; resync, then live events follow")]
+    Unavailable(String),
+}
+
+impl ReplayError {
+    /// The `error` code clients see (documented in the README).
+    pub fn code(&self) -> u16 {
+        match self {
+            Self::Truncated(_) | Self::Unavailable(_) => 4010,
+            Self::Ahead(_) => 4012,
+        }
+    }
+}
+
+/// Keeps the events `query` asks for, in order, enforcing its limits.
+pub fn select_replay(
+    events: impl IntoIterator<Item = Arc<EncodedEvent>>,
+    query: &ReplayQuery,
+    selected: &mut Vec<Arc<EncodedEvent>>,
+    bytes: &mut usize,
+) -> Result<(), ReplayError> {
+    for e in events {
+        if !e.matches_filter(&query.project, &query.roles, &query.channels) {
+            continue;
+        }
+        *bytes += e.frame_bytes();
+        if selected.len() >= query.max_events || *bytes > query.max_bytes {
+            return Err(ReplayError::Truncated(format!(
+                "more than {} events or {} bytes were missed",
+                query.max_events, query.max_bytes
+            )));
+        }
+        selected.push(e);
+    }
+    Ok(())
+}
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// An event source and sink that the gateway fans out from.
@@ -91,6 +154,12 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Publishes an event and returns its id once every node will deliver it.
     fn publish(&self, event: NewEvent) -> BoxFuture<'_, Result<String, BusError>>;
+
+    /// Events a reconnecting client missed (see [`ReplayQuery`]).
+    fn replay(
+        &self,
+        query: ReplayQuery,
+    ) -> BoxFuture<'_, Result<Vec<Arc<EncodedEvent>>, ReplayError>>;
 
     /// Whether the bus can currently deliver (for /readyz).
     fn ready(&self) -> bool {

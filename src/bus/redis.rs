@@ -1,0 +1,582 @@
+//! The Redis Streams bus: one stream that every node publishes to and reads from.
+//!
+//! Owns the stream entry format, the reader (XREAD BLOCK from the last delivered id, reconnecting
+//! with back-off, so an outage shorter than the stream's retention loses nothing), publishing
+//! (XADD with MAXLEN ~), history for resumes (memory first, then XRANGE), and the optional
+//! Appwrite pub/sub source. A node delivers its own publishes only when it reads them back, so
+//! every node delivers every event in stream order. Must not touch connections or shards.
+//!
+//! Entry fields (what any publisher writes with plain XADD):
+//! - `channels`: JSON array of strings, required
+//! - `payload`: JSON object as text, required
+//! - `project`: string, optional (the default project)
+//! - `events`: JSON array of strings, optional
+//! - `roles`: JSON array of strings, optional (`["any"]`)
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
+use redis::{AsyncConnectionConfig, RedisResult};
+use serde_json::Value;
+
+use super::{BoxFuture, Bus, BusError, NewEvent, ReplayError, ReplayQuery, select_replay};
+use crate::event::{
+    EncodedEvent, Event, EventId, EventIdGenerator, timestamp_from_ms, timestamp_now,
+};
+use crate::history::History;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// Entries per XREAD / XRANGE call.
+const BATCH: usize = 1000;
+/// How long one XREAD waits for new entries.
+const BLOCK: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub stream: String,
+    pub maxlen: usize,
+    pub default_project: String,
+    pub appwrite_channel: Option<String>,
+    pub history_events: usize,
+    pub history_bytes: usize,
+}
+
+pub struct RedisBus {
+    client: redis::Client,
+    settings: RedisSettings,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+    /// Connection for commands that answer at once (XADD, XRANGE, XINFO).
+    commands: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    history: Mutex<History>,
+    /// Where the reader started: the stream's last id when this node first connected.
+    start: OnceLock<EventId>,
+    reader_up: AtomicBool,
+    pubsub_up: AtomicBool,
+}
+
+/// An entry that violates the format; it is skipped and counted.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadEntry(String);
+
+/// Parses a stream entry into an event whose id is the entry id.
+pub fn parse_entry(entry: &StreamId, default_project: &str) -> Result<Event, BadEntry> {
+    let id: EventId = entry
+        .id
+        .parse()
+        .map_err(|_| BadEntry(format!("entry id {} is not a stream id", entry.id)))?;
+    let text = |field: &str| -> Result<Option<String>, BadEntry> {
+        match entry.map.get(field) {
+            None => Ok(None),
+            Some(v) => redis::from_redis_value_ref::<String>(v)
+                .map(Some)
+                .map_err(|_| BadEntry(format!("field {field} is not text"))),
+        }
+    };
+    let list = |field: &str| -> Result<Option<Vec<String>>, BadEntry> {
+        match text(field)? {
+            None => Ok(None),
+            Some(t) => serde_json::from_str::<Vec<String>>(&t)
+                .map(Some)
+                .map_err(|e| {
+                    BadEntry(format!("field {field} is not a JSON array of strings: {e}"))
+                }),
+        }
+    };
+    let channels = list("channels")?.ok_or_else(|| BadEntry("missing field channels".into()))?;
+    if channels.is_empty() || channels.iter().any(String::is_empty) {
+        return Err(BadEntry(
+            "channels must hold at least one non-empty name".into(),
+        ));
+    }
+    let payload_text = text("payload")?.ok_or_else(|| BadEntry("missing field payload".into()))?;
+    let payload: Value = serde_json::from_str(&payload_text)
+        .map_err(|e| BadEntry(format!("payload is not JSON: {e}")))?;
+    if !payload.is_object() {
+        return Err(BadEntry("payload must be a JSON object".into()));
+    }
+    let roles = list("roles")?.unwrap_or_else(|| vec![crate::event::ANY_ROLE.to_owned()]);
+    if roles.is_empty() {
+        return Err(BadEntry("roles, when given, must not be empty".into()));
+    }
+    let project = text("project")?
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| default_project.to_owned());
+    Ok(Event {
+        id: entry.id.clone(),
+        project,
+        channels,
+        events: list("events")?.unwrap_or_default(),
+        roles,
+        // The entry id carries the time of the XADD, so every node stamps the same time.
+        timestamp: timestamp_from_ms(id.ms),
+        payload,
+    })
+}
+
+impl RedisBus {
+    pub fn new(
+        settings: RedisSettings,
+        hub: Arc<Hub>,
+        metrics: Metrics,
+    ) -> Result<Arc<Self>, redis::RedisError> {
+        let client = redis::Client::open(settings.url.as_str())?;
+        let history = History::new(
+            EventId::ZERO,
+            settings.history_events,
+            settings.history_bytes,
+        );
+        Ok(Arc::new(Self {
+            client,
+            settings,
+            hub,
+            metrics,
+            commands: tokio::sync::Mutex::new(None),
+            history: Mutex::new(history),
+            start: OnceLock::new(),
+            reader_up: AtomicBool::new(false),
+            pubsub_up: AtomicBool::new(false),
+        }))
+    }
+
+    /// Starts the stream reader (and the Appwrite pub/sub listener) on the current runtime.
+    pub fn spawn_workers(self: &Arc<Self>) {
+        let me = self.clone();
+        tokio::spawn(async move { me.run_reader().await });
+        if let Some(channel) = self.settings.appwrite_channel.clone() {
+            let me = self.clone();
+            tokio::spawn(async move { me.run_pubsub(channel).await });
+        }
+    }
+
+    async fn connect(
+        &self,
+        response_timeout: Option<Duration>,
+    ) -> RedisResult<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(response_timeout);
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+    }
+
+    /// Runs a command on the shared command connection, reconnecting once if it broke.
+    async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> RedisResult<T> {
+        let mut guard = self.commands.lock().await;
+        let conn = match guard.as_mut() {
+            Some(c) => c,
+            None => guard.insert(self.connect(Some(Duration::from_secs(2))).await?),
+        };
+        let result = cmd.query_async(conn).await;
+        if result
+            .as_ref()
+            .is_err_and(|e| e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
+        {
+            *guard = None;
+        }
+        result
+    }
+
+    async fn run_reader(self: Arc<Self>) {
+        let mut last: Option<EventId> = None;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let err = self.read_stream(&mut last, &mut backoff).await;
+            if self.reader_up.swap(false, Ordering::AcqRel) {
+                self.metrics.bus_reconnects.inc();
+            }
+            tracing::warn!(
+                error = %err,
+                resume_after = %last.map_or("-".to_owned(), |l| l.to_string()),
+                retry_in = ?backoff,
+                "lost the Redis stream; reconnecting (no event is lost while the stream retains it)"
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Reads until an error; `last` is the id of the last entry handed to the shards.
+    async fn read_stream(
+        &self,
+        last: &mut Option<EventId>,
+        backoff: &mut Duration,
+    ) -> redis::RedisError {
+        // No response timeout would hang forever on a silently dead peer; BLOCK bounds the wait.
+        let mut conn = match self.connect(Some(BLOCK + Duration::from_secs(5))).await {
+            Ok(c) => c,
+            Err(e) => return e,
+        };
+        let after = match *last {
+            Some(l) => l,
+            None => match stream_last_id(&mut conn, &self.settings.stream).await {
+                Ok(start) => {
+                    let _ = self.start.set(start);
+                    self.lock_history().reset(start);
+                    *last = Some(start);
+                    start
+                }
+                Err(e) => return e,
+            },
+        };
+        self.reader_up.store(true, Ordering::Release);
+        *backoff = Duration::from_millis(100);
+        tracing::info!(stream = %self.settings.stream, after = %after, "reading the Redis stream");
+        let mut cursor = after;
+        loop {
+            let reply: RedisResult<Option<StreamReadReply>> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(BATCH)
+                .arg("BLOCK")
+                .arg(BLOCK.as_millis() as u64)
+                .arg("STREAMS")
+                .arg(&self.settings.stream)
+                .arg(cursor.to_string())
+                .query_async(&mut conn)
+                .await;
+            let reply = match reply {
+                Ok(r) => r,
+                Err(e) => return e,
+            };
+            for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+                let Ok(id) = entry.id.parse::<EventId>() else {
+                    continue;
+                };
+                match parse_entry(&entry, &self.settings.default_project) {
+                    Ok(ev) => self.deliver(EncodedEvent::encode(&ev)).await,
+                    Err(e) => {
+                        self.metrics.stream_entries_skipped.inc();
+                        tracing::warn!(id = %entry.id, error = %e, "skipping a malformed stream entry");
+                    }
+                }
+                cursor = id;
+                *last = Some(id);
+            }
+        }
+    }
+
+    fn lock_history(&self) -> std::sync::MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands an event to the shards, waiting while their queues are full (the stream holds
+    /// everything meanwhile, so back-pressure costs latency, never events).
+    async fn deliver(&self, event: Arc<EncodedEvent>) {
+        loop {
+            if self.hub.broadcast(event.clone()).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if event.position.is_some() {
+            self.lock_history().push(event);
+        }
+        self.metrics.events_published.inc();
+    }
+
+    async fn run_pubsub(self: Arc<Self>, channel: String) {
+        let mut ids = EventIdGenerator::default();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let err = match self.client.get_async_pubsub().await {
+                Err(e) => e,
+                Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                    Err(e) => e,
+                    Ok(()) => {
+                        self.pubsub_up.store(true, Ordering::Release);
+                        backoff = Duration::from_millis(100);
+                        tracing::info!(%channel, "listening to Appwrite's realtime pub/sub");
+                        let mut messages = pubsub.on_message();
+                        while let Some(msg) = messages.next().await {
+                            match parse_appwrite(
+                                msg.get_payload_bytes(),
+                                &self.settings.default_project,
+                            ) {
+                                Ok(mut ev) => {
+                                    // Pub/sub has no history: these ids are not stream positions.
+                                    ev.id = format!("appwrite-{}", ids.next_id());
+                                    self.deliver(EncodedEvent::encode(&ev)).await;
+                                }
+                                Err(e) => {
+                                    self.metrics.stream_entries_skipped.inc();
+                                    tracing::warn!(error = %e, "skipping a malformed Appwrite pub/sub message");
+                                }
+                            }
+                        }
+                        redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connection closed"))
+                    }
+                },
+            };
+            self.pubsub_up.store(false, Ordering::Release);
+            tracing::warn!(error = %err, retry_in = ?backoff, "lost Appwrite's pub/sub; reconnecting");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn replay_from(&self, q: ReplayQuery) -> Result<Vec<Arc<EncodedEvent>>, ReplayError> {
+        let unavailable = |e: redis::RedisError| ReplayError::Unavailable(format!("Redis: {e}"));
+        let start = *self
+            .start
+            .get()
+            .ok_or_else(|| ReplayError::Unavailable("not connected to Redis yet".into()))?;
+        let upto = q.upto.unwrap_or(start);
+        let (newest, cached) = {
+            let h = self.lock_history();
+            (h.newest(), h.range(q.after, upto))
+        };
+        if q.after > newest {
+            // Ahead of this node is fine (another node read further); ahead of the stream is not.
+            let last: EventId = self
+                .command::<Option<StreamRangeReply>>(
+                    redis::cmd("XREVRANGE")
+                        .arg(&self.settings.stream)
+                        .arg("+")
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(1),
+                )
+                .await
+                .map_err(unavailable)?
+                .and_then(|r| r.ids.first().and_then(|e| e.id.parse().ok()))
+                .unwrap_or(EventId::ZERO);
+            if q.after > last {
+                return Err(ReplayError::Ahead(q.after));
+            }
+            return Ok(Vec::new());
+        }
+        let mut selected = Vec::new();
+        let mut bytes = 0;
+        if let Some(events) = cached {
+            select_replay(events, &q, &mut selected, &mut bytes)?;
+            return Ok(selected);
+        }
+        // Older than memory reaches: read the stream, unless it was trimmed past `after`.
+        let info: redis::Value = self
+            .command(redis::cmd("XINFO").arg("STREAM").arg(&self.settings.stream))
+            .await
+            .map_err(unavailable)?;
+        if let Some(deleted) =
+            info_field(&info, "max-deleted-entry-id").and_then(|s| s.parse::<EventId>().ok())
+            && q.after < deleted
+        {
+            return Err(ReplayError::Truncated(format!(
+                "lastEventId {} is older than the stream retains (entries up to {deleted} were trimmed)",
+                q.after
+            )));
+        }
+        let mut from = q.after.next();
+        while from <= upto {
+            let page: StreamRangeReply = self
+                .command(
+                    redis::cmd("XRANGE")
+                        .arg(&self.settings.stream)
+                        .arg(from.to_string())
+                        .arg(upto.to_string())
+                        .arg("COUNT")
+                        .arg(BATCH),
+                )
+                .await
+                .map_err(unavailable)?;
+            let Some(last) = page.ids.last().and_then(|e| e.id.parse::<EventId>().ok()) else {
+                break;
+            };
+            let events = page
+                .ids
+                .iter()
+                .filter_map(|e| parse_entry(e, &self.settings.default_project).ok())
+                .map(|e| EncodedEvent::encode(&e));
+            select_replay(events, &q, &mut selected, &mut bytes)?;
+            if page.ids.len() < BATCH {
+                break;
+            }
+            from = last.next();
+        }
+        Ok(selected)
+    }
+}
+
+/// The last id in `stream`, or 0-0 when it is empty or missing.
+async fn stream_last_id(conn: &mut MultiplexedConnection, stream: &str) -> RedisResult<EventId> {
+    let reply: Option<StreamRangeReply> = redis::cmd("XREVRANGE")
+        .arg(stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(conn)
+        .await?;
+    Ok(reply
+        .and_then(|r| r.ids.first().and_then(|e| e.id.parse().ok()))
+        .unwrap_or(EventId::ZERO))
+}
+
+/// A text field of an XINFO STREAM reply (a flat key/value array in RESP2, a map in RESP3).
+fn info_field(info: &redis::Value, name: &str) -> Option<String> {
+    let pairs: Vec<(&redis::Value, &redis::Value)> = match info {
+        redis::Value::Array(items) => items.chunks_exact(2).map(|p| (&p[0], &p[1])).collect(),
+        redis::Value::Map(items) => items.iter().map(|(k, v)| (k, v)).collect(),
+        _ => return None,
+    };
+    pairs.into_iter().find_map(|(k, v)| {
+        let key: String = redis::from_redis_value_ref(k).ok()?;
+        (key == name).then(|| redis::from_redis_value_ref::<String>(v).ok())?
+    })
+}
+
+/// Maps one of Appwrite's `PUBLISH realtime` messages onto an event (id assigned by the caller).
+pub fn parse_appwrite(bytes: &[u8], default_project: &str) -> Result<Event, BadEntry> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| BadEntry(format!("not JSON: {e}")))?;
+    let strings = |v: &Value| -> Option<Vec<String>> {
+        v.as_array()?
+            .iter()
+            .map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    let data = v
+        .get("data")
+        .ok_or_else(|| BadEntry("missing data".into()))?;
+    let channels = data
+        .get("channels")
+        .and_then(strings)
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| BadEntry("data.channels must be a non-empty array of strings".into()))?;
+    let payload = data
+        .get("payload")
+        .filter(|p| p.is_object())
+        .cloned()
+        .ok_or_else(|| BadEntry("data.payload must be an object".into()))?;
+    let roles = v
+        .get("roles")
+        .and_then(strings)
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| BadEntry("roles must be a non-empty array of strings".into()))?;
+    let project = v
+        .get("project")
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+        .unwrap_or(default_project)
+        .to_owned();
+    Ok(Event {
+        id: String::new(),
+        project,
+        channels,
+        events: data.get("events").and_then(strings).unwrap_or_default(),
+        roles,
+        timestamp: data
+            .get("timestamp")
+            .and_then(Value::as_str)
+            .map_or_else(timestamp_now, str::to_owned),
+        payload,
+    })
+}
+
+impl Bus for RedisBus {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    fn publish(&self, event: NewEvent) -> BoxFuture<'_, Result<String, BusError>> {
+        Box::pin(async move {
+            let json = |v: &[String]| serde_json::to_string(v).unwrap_or_else(|_| "[]".to_owned());
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(&self.settings.stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.settings.maxlen)
+                .arg("*")
+                .arg("project")
+                .arg(&event.project)
+                .arg("channels")
+                .arg(json(&event.channels))
+                .arg("events")
+                .arg(json(&event.events))
+                .arg("roles")
+                .arg(json(&event.roles))
+                .arg("payload")
+                .arg(event.payload.to_string());
+            self.command::<String>(&cmd)
+                .await
+                .map_err(|e| BusError::Unavailable(format!("Redis: {e}")))
+        })
+    }
+
+    fn replay(
+        &self,
+        query: ReplayQuery,
+    ) -> BoxFuture<'_, Result<Vec<Arc<EncodedEvent>>, ReplayError>> {
+        Box::pin(self.replay_from(query))
+    }
+
+    fn ready(&self) -> bool {
+        self.reader_up.load(Ordering::Acquire)
+            && (self.settings.appwrite_channel.is_none() || self.pubsub_up.load(Ordering::Acquire))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fields: &[(&str, &str)]) -> StreamId {
+        StreamId {
+            id: "1795393049647-3".into(),
+            map: fields
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        redis::Value::BulkString(v.as_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+            milliseconds_elapsed_from_delivery: None,
+            delivered_count: None,
+        }
+    }
+
+    #[test]
+    fn entry_format() {
+        let ev = parse_entry(
+            &entry(&[("channels", r#"["files"]"#), ("payload", r#"{"a":1}"#)]),
+            "console",
+        )
+        .unwrap();
+        assert_eq!(ev.project, "console");
+        assert_eq!(ev.roles, vec!["any"]);
+        assert_eq!(ev.id, "1795393049647-3");
+        assert_eq!(ev.timestamp, "2026-11-23T00:17:29.647+00:00");
+        for bad in [
+            vec![("payload", "{}")],
+            vec![("channels", "files"), ("payload", "{}")],
+            vec![("channels", r#"["files"]"#), ("payload", "not json")],
+            vec![("channels", r#"["files"]"#)],
+            vec![("channels", "[]"), ("payload", "{}")],
+            vec![("channels", r#"["a"]"#), ("payload", "{}"), ("roles", "[]")],
+        ] {
+            assert!(parse_entry(&entry(&bad), "console").is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn appwrite_messages() {
+        let ev = parse_appwrite(
+            br#"{"project":"p1","roles":["any"],"permissionsChanged":false,"userId":null,"data":{"events":["e"],"channels":["documents"],"timestamp":"2026-08-21T12:00:00.123+00:00","payload":{"$id":"d"}}}"#,
+            "console",
+        )
+        .unwrap();
+        assert_eq!(ev.project, "p1");
+        assert_eq!(ev.channels, vec!["documents"]);
+        assert_eq!(ev.timestamp, "2026-08-21T12:00:00.123+00:00");
+        assert!(parse_appwrite(br#"{"data":{"channels":["a"],"payload":{}}}"#, "c").is_err());
+    }
+}

@@ -1,0 +1,76 @@
+//! Serving resumes: shards ask, the bus answers, the shard delivers.
+//!
+//! Owns the control-plane side of a resume: it takes replay requests from shards (never blocking
+//! them), fetches the history from the bus with bounded concurrency, and hands the answer back to
+//! the right shard. It must not touch connections; the shard matches the answer to its
+//! connection by key and serial.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::bus::{Bus, ReplayError, ReplayQuery};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::shard::Command;
+
+/// History fetches in flight at once: enough to serve a mass reconnect quickly without
+/// flooding Redis.
+const CONCURRENCY: usize = 64;
+/// How long an answer waits for room in a full shard queue before it is dropped (the shard is
+/// then shutting down or hopelessly behind).
+const HANDBACK_PATIENCE: Duration = Duration::from_secs(5);
+
+/// A shard's request to replay history to one of its connections.
+#[derive(Debug)]
+pub struct ReplayRequest {
+    pub shard: usize,
+    pub key: u32,
+    pub serial: u32,
+    pub query: ReplayQuery,
+}
+
+/// Runs until every shard has dropped its sender.
+pub async fn serve(
+    mut requests: UnboundedReceiver<ReplayRequest>,
+    bus: Arc<dyn Bus>,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+) {
+    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    while let Some(req) = requests.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let (bus, hub, metrics) = (bus.clone(), hub.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let outcome = bus.replay(req.query).await;
+            let label = match &outcome {
+                Ok(_) => "ok",
+                Err(ReplayError::Truncated(_)) => "truncated",
+                Err(ReplayError::Ahead(_)) => "ahead",
+                Err(ReplayError::Unavailable(_)) => "unavailable",
+            };
+            metrics.replays.with_label_values(&[label]).inc();
+            let mut cmd = Command::Replay {
+                key: req.key,
+                serial: req.serial,
+                outcome,
+            };
+            let deadline = tokio::time::Instant::now() + HANDBACK_PATIENCE;
+            loop {
+                match hub.send_to(req.shard, cmd) {
+                    Ok(()) => break,
+                    Err(back) if tokio::time::Instant::now() < deadline => {
+                        cmd = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err(_) => break,
+                }
+            }
+            drop(permit);
+        });
+    }
+}
