@@ -365,12 +365,9 @@ impl RedisBus {
             .command(redis::cmd("XINFO").arg("STREAM").arg(&self.settings.stream))
             .await
             .map_err(unavailable)?;
-        if let Some(deleted) =
-            info_field(&info, "max-deleted-entry-id").and_then(|s| s.parse::<EventId>().ok())
-            && q.after < deleted
-        {
+        if let Some(reason) = trimmed_past(&info, q.after) {
             return Err(ReplayError::Truncated(format!(
-                "lastEventId {} is older than the stream retains (entries up to {deleted} were trimmed)",
+                "lastEventId {} is older than the stream retains ({reason})",
                 q.after
             )));
         }
@@ -418,6 +415,25 @@ async fn stream_last_id(conn: &mut MultiplexedConnection, stream: &str) -> Redis
     Ok(reply
         .and_then(|r| r.ids.first().and_then(|e| e.id.parse().ok()))
         .unwrap_or(EventId::ZERO))
+}
+
+/// Whether entries after `after` may have been removed, judged from XINFO STREAM: trimming
+/// (MAXLEN) moves the first entry, XDEL moves `max-deleted-entry-id`.
+fn trimmed_past(info: &redis::Value, after: EventId) -> Option<String> {
+    let id = |name: &str| info_field(info, name).and_then(|s| s.parse::<EventId>().ok());
+    let number = |name: &str| info_field(info, name).and_then(|s| s.parse::<u64>().ok());
+    if let Some(deleted) = id("max-deleted-entry-id")
+        && after < deleted
+    {
+        return Some(format!("entries up to {deleted} were deleted"));
+    }
+    let removed = match (number("entries-added"), number("length")) {
+        (Some(added), Some(len)) => added > len,
+        // Before Redis 7 the counters are missing: assume trimming happened.
+        _ => true,
+    };
+    let first = id("recorded-first-entry-id")?;
+    (removed && after < first).then(|| format!("the oldest retained entry is {first}"))
 }
 
 /// A text field of an XINFO STREAM reply (a flat key/value array in RESP2, a map in RESP3).

@@ -1,0 +1,334 @@
+//! Redis Streams as the bus: many nodes, one stream, outages and node failures without loss.
+//! Every test runs its own redis-server (installed by ./scripts/test).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const STREAM: &str = "herald:events";
+
+fn node(redis: &RedisServer, extra: &[&str]) -> Server {
+    let url = redis.url();
+    let mut args = vec!["--shards", "2", "--redis", url.as_str()];
+    args.extend_from_slice(extra);
+    let server = Server::start(&args);
+    wait_ready(&server, true);
+    server
+}
+
+fn wait_ready(server: &Server, ready: bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while (server.get("/readyz").0 == 200) != ready {
+        assert!(
+            Instant::now() < deadline,
+            "node never became {}",
+            if ready { "ready" } else { "not ready" }
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn event_fields(n: usize) -> Vec<(String, String)> {
+    vec![
+        ("project".into(), "p".into()),
+        ("channels".into(), r#"["c"]"#.into()),
+        ("payload".into(), json!({"n": n}).to_string()),
+    ]
+}
+
+fn xadd_event(redis: &RedisServer, n: usize) -> String {
+    let f = event_fields(n);
+    let refs: Vec<(&str, &str)> = f.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    redis.xadd(STREAM, &refs)
+}
+
+/// Connects `n` small-buffered clients to `url`.
+async fn clients(url: &str, n: usize) -> Vec<Ws> {
+    let config =
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n.div_ceil(100) {
+        let batch = (0..100.min(n - out.len())).map(|_| {
+            let url = url.to_owned();
+            async move {
+                let (mut ws, _) =
+                    tokio_tungstenite::connect_async_with_config(url, Some(config), false)
+                        .await
+                        .expect("connect");
+                assert_eq!(next_json(&mut ws).await["type"], "connected");
+                ws
+            }
+        });
+        out.extend(futures_util::future::join_all(batch).await);
+    }
+    out
+}
+
+/// Every client must read exactly `expected` (event ids, in order) and nothing more.
+async fn assert_all_receive(clients: Vec<Ws>, expected: &[String]) {
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            let expected = expected.to_vec();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while got.len() < expected.len() {
+                    match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+                        Ok(Some(Ok(Message::Text(t)))) => {
+                            let v: Value = serde_json::from_str(&t).unwrap();
+                            assert_eq!(v["type"], "event", "{v}");
+                            got.push(v["data"]["id"].as_str().unwrap().to_owned());
+                        }
+                        Ok(Some(Ok(_))) => {}
+                        other => panic!(
+                            "stopped after {} of {} events: {other:?}",
+                            got.len(),
+                            expected.len()
+                        ),
+                    }
+                }
+                assert_eq!(got, expected);
+                let extra = tokio::time::timeout(Duration::from_millis(300), ws.next()).await;
+                assert!(extra.is_err(), "unexpected extra message: {extra:?}");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_deliver_every_event_exactly_once_in_stream_order() {
+    raise_fd_limit();
+    let redis = RedisServer::start(&[]);
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let mut all = clients(&a.url("/v1/realtime?project=p&channels[]=c"), 500).await;
+    all.extend(clients(&b.url("/v1/realtime?project=p&channels[]=c"), 500).await);
+
+    let mut published = Vec::new();
+    for n in 0..30 {
+        let id = match n % 3 {
+            // Plain redis-cli, as any backend in any language would publish.
+            0 => {
+                let out = std::process::Command::new("redis-cli")
+                    .args([
+                        "-p",
+                        &redis.port.to_string(),
+                        "XADD",
+                        STREAM,
+                        "*",
+                        "project",
+                        "p",
+                        "channels",
+                        r#"["c"]"#,
+                        "payload",
+                    ])
+                    .arg(json!({"n": n}).to_string())
+                    .output()
+                    .expect("redis-cli");
+                assert!(out.status.success());
+                String::from_utf8(out.stdout).unwrap().trim().to_owned()
+            }
+            1 => a.publish(json!({"project": "p", "channels": ["c"], "payload": {"n": n}})),
+            _ => b.publish(json!({"project": "p", "channels": ["c"], "payload": {"n": n}})),
+        };
+        published.push(id);
+    }
+    assert_all_receive(all, &published).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_entries_are_skipped_and_counted() {
+    let redis = RedisServer::start(&[]);
+    let a = node(&redis, &[]);
+    let (mut ws, _) = connect(&a.url("/v1/realtime?project=p&channels[]=c")).await;
+    redis.xadd(STREAM, &[("payload", "{}")]);
+    redis.xadd(STREAM, &[("channels", r#"["c"]"#), ("payload", "not json")]);
+    redis.xadd(STREAM, &[("channels", "c"), ("payload", "{}")]);
+    let good = xadd_event(&redis, 1);
+    let ev = next_json(&mut ws).await;
+    assert_eq!(ev["data"]["id"], good.as_str());
+    assert_eq!(ev["data"]["payload"], json!({"n": 1}));
+    assert_eq!(a.metric("herald_stream_entries_skipped_total"), 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_loses_nothing_and_nodes_reconnect_by_themselves() {
+    let mut redis = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let a = node(&redis, &[]);
+    let (mut ws, _) = connect(&a.url("/v1/realtime?project=p&channels[]=c")).await;
+    let mut published: Vec<String> = (0..5).map(|n| xadd_event(&redis, n)).collect();
+    expect(&mut ws, &published).await;
+
+    redis.kill();
+    wait_ready(&a, false);
+    // While Redis is away, publishing through herald says so instead of losing the event.
+    let (status, reply) = a.publish_raw(r#"{"project":"p","channels":["c"],"payload":{}}"#);
+    assert_eq!(status, 503, "{reply}");
+
+    redis.restart();
+    // Published before the node has reconnected: read back from where it left off.
+    published.extend((5..10).map(|n| xadd_event(&redis, n)));
+    wait_ready(&a, true);
+    published.extend((10..15).map(|n| xadd_event(&redis, n)));
+    published.push(a.publish(json!({"project": "p", "channels": ["c"], "payload": {"n": 15}})));
+    expect(&mut ws, &published[5..]).await;
+    assert!(a.metric("herald_bus_reconnects_total") >= 1.0);
+}
+
+async fn expect(ws: &mut Ws, ids: &[String]) {
+    for id in ids {
+        let ev = next_json(ws).await;
+        assert_eq!(ev["data"]["id"], id.as_str(), "{ev}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_node_clients_resume_on_the_other_node_with_every_event_exactly_once() {
+    const CLIENTS: usize = 100;
+    const EVENTS: usize = 150;
+    let redis = RedisServer::start(&[]);
+    let mut a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let url_a = a.url("/v1/realtime?project=p&channels[]=c");
+    let url_b = b.url("/v1/realtime?project=p&channels[]=c");
+
+    // Each client reads until it has EVENTS events; when its node dies it reconnects to the
+    // other node with the last id it saw.
+    let tasks: Vec<_> = clients(&url_a, CLIENTS)
+        .await
+        .into_iter()
+        .map(|ws| {
+            let url_b = url_b.clone();
+            tokio::spawn(async move {
+                let mut ws = Some(ws);
+                let mut got: Vec<String> = Vec::new();
+                let mut reconnects = 0;
+                while got.len() < EVENTS {
+                    let conn = match ws.as_mut() {
+                        Some(c) => c,
+                        None => {
+                            reconnects += 1;
+                            assert!(reconnects < 20, "could not reconnect");
+                            let url = format!(
+                                "{url_b}&lastEventId={}",
+                                got.last().map_or("0-0", |s| s.as_str())
+                            );
+                            match tokio_tungstenite::connect_async(url).await {
+                                Ok((mut c, _)) => {
+                                    assert_eq!(next_json(&mut c).await["type"], "connected");
+                                    ws.insert(c)
+                                }
+                                Err(_) => {
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    match tokio::time::timeout(Duration::from_secs(30), conn.next()).await {
+                        Ok(Some(Ok(Message::Text(t)))) => {
+                            let v: Value = serde_json::from_str(&t).unwrap();
+                            assert_eq!(v["type"], "event", "{v}");
+                            got.push(v["data"]["id"].as_str().unwrap().to_owned());
+                        }
+                        Ok(Some(Ok(_))) => {}
+                        Ok(_) => ws = None,
+                        Err(_) => panic!("no event for 30 s after {}", got.len()),
+                    }
+                }
+                (got, reconnects)
+            })
+        })
+        .collect();
+
+    let mut published = Vec::new();
+    for n in 0..EVENTS {
+        if n == EVENTS / 3 {
+            a.kill9();
+        }
+        published.push(xadd_event(&redis, n));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for t in tasks {
+        let (got, reconnects) = t.await.unwrap();
+        assert!(reconnects >= 1, "the client never lost its node");
+        assert_eq!(got, published, "every event exactly once, in stream order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_from_redis_and_its_edge_cases() {
+    let redis = RedisServer::start(&[]);
+    // Memory history of 5 events: older resumes must come from the stream itself.
+    let a = node(&redis, &["--history-events", "5", "--stream-maxlen", "10"]);
+    let (mut live, _) = connect(&a.url("/v1/realtime?project=p&channels[]=c")).await;
+    let ids: Vec<String> = (0..20).map(|n| xadd_event(&redis, n)).collect();
+    expect(&mut live, &ids).await;
+
+    // Served from Redis (XRANGE), past the memory history.
+    let (mut ws, _) = connect(&a.url(&format!(
+        "/v1/realtime?project=p&channels[]=c&lastEventId={}",
+        ids[12]
+    )))
+    .await;
+    expect(&mut ws, &ids[13..]).await;
+
+    // Many entries later the stream is trimmed past early ids: 4010.
+    let more: Vec<String> = (20..400)
+        .map(|n| a.publish(json!({"project": "p", "channels": ["c"], "payload": {"n": n}})))
+        .collect();
+    expect(&mut live, &more).await;
+    let (mut old, _) = connect(&a.url(&format!(
+        "/v1/realtime?project=p&channels[]=c&lastEventId={}",
+        ids[0]
+    )))
+    .await;
+    let err = next_json(&mut old).await;
+    assert_eq!(err["data"]["code"], 4010, "{err}");
+
+    let (mut future, _) =
+        connect(&a.url("/v1/realtime?project=p&channels[]=c&lastEventId=99999999999999-0")).await;
+    assert_eq!(next_json(&mut future).await["data"]["code"], 4012);
+    let (mut bad, _) = connect(&a.url("/v1/realtime?project=p&channels[]=c&lastEventId=abc")).await;
+    assert_eq!(next_json(&mut bad).await["data"]["code"], 4011);
+
+    let last = vec![xadd_event(&redis, 1000)];
+    for ws in [&mut old, &mut future, &mut bad, &mut live] {
+        expect(ws, &last).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appwrite_pubsub_messages_are_delivered() {
+    let redis = RedisServer::start(&[]);
+    let a = node(&redis, &["--appwrite-pubsub"]);
+    let (mut ws, _) = connect(&a.url("/v1/realtime?project=6650abc&channels[]=documents")).await;
+    let msg = json!({
+        "project": "6650abc", "roles": ["any"], "permissionsChanged": false, "userId": null,
+        "data": {"events": ["databases.db1.collections.col1.documents.doc1.create"],
+                 "channels": ["documents", "databases.db1.collections.col1.documents"],
+                 "timestamp": "2026-08-21T12:00:00.123+00:00", "payload": {"$id": "doc1"}}
+    });
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg("realtime")
+        .arg(msg.to_string())
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(receivers, 1);
+    let ev = next_json(&mut ws).await;
+    assert_eq!(ev["data"]["payload"], json!({"$id": "doc1"}));
+    assert_eq!(ev["data"]["timestamp"], "2026-08-21T12:00:00.123+00:00");
+    assert_eq!(
+        ev["data"]["events"][0],
+        "databases.db1.collections.col1.documents.doc1.create"
+    );
+    assert_eq!(ev["data"]["subscriptions"].as_array().unwrap().len(), 1);
+}
