@@ -68,6 +68,54 @@ impl OutFrame {
     }
 }
 
+/// How far a vectored write got: whole frames written, bytes into the next one, bytes in all.
+struct Progress {
+    frames: usize,
+    offset: usize,
+    bytes: usize,
+}
+
+/// Writes `frames` (the first one from `offset`) with as few `writev` calls as the socket
+/// allows, stopping when it would block.
+fn write_frames<W: Write>(w: &mut W, frames: &[OutFrame], offset: usize) -> io::Result<Progress> {
+    let mut p = Progress {
+        frames: 0,
+        offset,
+        bytes: 0,
+    };
+    while p.frames < frames.len() {
+        let mut slices: SmallVec<[IoSlice<'_>; 48]> = SmallVec::new();
+        for (i, f) in frames[p.frames..]
+            .iter()
+            .take(MAX_FRAMES_PER_WRITE)
+            .enumerate()
+        {
+            f.slices(if i == 0 { p.offset } else { 0 }, &mut slices);
+        }
+        let written = match w.write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        p.bytes += written;
+        let mut left = written;
+        while left > 0 && p.frames < frames.len() {
+            let remaining = frames[p.frames].len() - p.offset;
+            if left >= remaining {
+                left -= remaining;
+                p.offset = 0;
+                p.frames += 1;
+            } else {
+                p.offset += left;
+                left = 0;
+            }
+        }
+    }
+    Ok(p)
+}
+
 /// The bound was exceeded: the peer is not reading fast enough.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overflow;
@@ -96,20 +144,40 @@ impl Outbox {
         self.queue.as_ref().map_or(0, |q| q.bytes)
     }
 
-    /// Queues `frames` and writes as much as the socket takes. Returns `Ok(true)` when
-    /// everything was written, `Ok(false)` when some stays queued (wait for writability).
+    /// Writes `frames` (emptying the vector) after anything already queued, as far as the socket
+    /// takes them; the rest is queued. Returns `Ok(true)` when nothing is left queued and
+    /// `Ok(false)` when the caller must wait for writability.
     pub fn send<W: Write>(
         &mut self,
         w: &mut W,
-        frames: impl IntoIterator<Item = OutFrame>,
+        frames: &mut Vec<OutFrame>,
         limit: usize,
     ) -> io::Result<Result<bool, Overflow>> {
-        let q = self.queue.get_or_insert_with(Box::default);
-        for f in frames {
-            q.bytes += f.len();
-            q.frames.push_back(f);
-        }
-        let drained = self.flush(w)?;
+        let drained = match self.queue.as_mut() {
+            // Nothing queued: write straight from the caller's frames, allocating nothing
+            // unless the socket would block.
+            None => {
+                let progress = write_frames(w, frames, 0)?;
+                if progress.frames == frames.len() {
+                    frames.clear();
+                    return Ok(Ok(true));
+                }
+                let mut q = Box::<Queue>::default();
+                q.offset = progress.offset;
+                q.frames.extend(frames.drain(progress.frames..));
+                frames.clear();
+                q.bytes = q.frames.iter().map(OutFrame::len).sum::<usize>() - q.offset;
+                self.queue = Some(q);
+                false
+            }
+            Some(q) => {
+                for f in frames.drain(..) {
+                    q.bytes += f.len();
+                    q.frames.push_back(f);
+                }
+                self.flush(w)?
+            }
+        };
         if !drained && self.queued_bytes() > limit {
             return Ok(Err(Overflow));
         }
@@ -121,36 +189,15 @@ impl Outbox {
         let Some(q) = self.queue.as_mut() else {
             return Ok(true);
         };
-        while !q.frames.is_empty() {
-            let mut slices: SmallVec<[IoSlice<'_>; 48]> = SmallVec::new();
-            for (i, f) in q.frames.iter().take(MAX_FRAMES_PER_WRITE).enumerate() {
-                f.slices(if i == 0 { q.offset } else { 0 }, &mut slices);
-            }
-            let written = match w.write_vectored(&slices) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            drop(slices);
-            q.bytes -= written;
-            let mut left = written;
-            while left > 0 {
-                let Some(front) = q.frames.front() else { break };
-                let remaining = front.len() - q.offset;
-                if left >= remaining {
-                    left -= remaining;
-                    q.offset = 0;
-                    q.frames.pop_front();
-                } else {
-                    q.offset += left;
-                    left = 0;
-                }
-            }
+        let progress = write_frames(w, q.frames.make_contiguous(), q.offset)?;
+        q.frames.drain(..progress.frames);
+        q.offset = progress.offset;
+        q.bytes -= progress.bytes;
+        if q.frames.is_empty() {
+            self.queue = None;
+            return Ok(true);
         }
-        self.queue = None;
-        Ok(true)
+        Ok(false)
     }
 
     /// Keeps only a frame that is partly on the wire (cutting it would corrupt the stream) and
@@ -221,7 +268,9 @@ mod tests {
             budget: 4,
         };
         let mut ob = Outbox::default();
-        assert_eq!(ob.send(&mut w, frames, 1 << 20).unwrap(), Ok(false));
+        let mut frames = frames;
+        assert_eq!(ob.send(&mut w, &mut frames, 1 << 20).unwrap(), Ok(false));
+        assert!(frames.is_empty());
         while !ob.is_empty() {
             w.budget = 3;
             ob.flush(&mut w).unwrap();
@@ -236,13 +285,8 @@ mod tests {
             budget: 3,
         };
         let mut ob = Outbox::default();
-        let r = ob
-            .send(
-                &mut w,
-                vec![frame(b"0123456789", b""), frame(b"abcdefghij", b"")],
-                10,
-            )
-            .unwrap();
+        let mut frames = vec![frame(b"0123456789", b""), frame(b"abcdefghij", b"")];
+        let r = ob.send(&mut w, &mut frames, 10).unwrap();
         assert_eq!(r, Err(Overflow));
         ob.discard_unstarted();
         assert_eq!(ob.queued_bytes(), 12 - 3);

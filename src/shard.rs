@@ -510,9 +510,10 @@ impl Shard {
         match slot
             .conn
             .outbox
-            .send(&mut slot.stream, self.out.drain(..), limit)
+            .send(&mut slot.stream, &mut self.out, limit)
         {
             Err(_) => {
+                self.out.clear();
                 self.remove(k);
                 return false;
             }
@@ -532,9 +533,10 @@ impl Shard {
                 if slot
                     .conn
                     .outbox
-                    .send(&mut slot.stream, self.out.drain(..), usize::MAX)
+                    .send(&mut slot.stream, &mut self.out, usize::MAX)
                     .is_err()
                 {
+                    self.out.clear();
                     self.remove(k);
                     return false;
                 }
