@@ -458,7 +458,17 @@ impl Connection {
         self.decoder = Decoder::default();
         let code = e.close_code();
         if self.phase == Phase::Open {
-            self.close(code, &e.to_string(), env);
+            // RFC 6455 section 7.1.7, _Fail the WebSocket Connection_: send a close frame, then
+            // end the TCP connection without waiting for the peer's close frame. A peer whose own
+            // close frame was malformed would never send another, so waiting (Closing) only held
+            // the socket until the timeout. The half-close after the flush keeps the close frame
+            // from being destroyed by a reset.
+            env.out.push(OutFrame::new(
+                Opcode::Close,
+                Bytes::from(close_payload(code, &e.to_string())),
+                SmallVec::new(),
+            ));
+            self.enter(Phase::FlushThenLinger, env.now);
         } else {
             self.enter(Phase::FlushThenDrop, env.now);
         }
