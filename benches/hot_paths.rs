@@ -1,0 +1,107 @@
+//! Criterion micro-benchmarks of the per-event and per-message hot paths:
+//! `cargo bench --bench hot_paths`. Figures go to benches/RESULTS.md.
+
+use std::hint::black_box;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use herald::event::{EncodedEvent, Event, write_tail};
+use herald::outbox::OutFrame;
+use herald::protocol::Session;
+use herald::registry::Registry;
+use herald::ws::decoder::{Decoder, encode_client_frame};
+use herald::ws::frame::Opcode;
+use smallvec::SmallVec;
+
+fn appwrite_event() -> Event {
+    // The shape of a document-create event: 16 channels, a handful of event names.
+    let channels = [
+        "documents",
+        "databases.db1.collections.col1.documents",
+        "databases.db1.collections.col1.documents.doc1",
+        "rows",
+        "databases.db1.tables.col1.rows",
+        "databases.db1.tables.col1.rows.doc1",
+        "tablesdb.db1.tables.col1.rows",
+        "tablesdb.db1.tables.col1.rows.doc1",
+        "documents.create",
+        "databases.db1.collections.col1.documents.create",
+        "databases.db1.collections.col1.documents.doc1.create",
+        "rows.create",
+        "databases.db1.tables.col1.rows.create",
+        "databases.db1.tables.col1.rows.doc1.create",
+        "tablesdb.db1.tables.col1.rows.create",
+        "tablesdb.db1.tables.col1.rows.doc1.create",
+    ];
+    Event {
+        id: "1795393049647-0".into(),
+        project: "p".into(),
+        channels: channels.iter().map(|c| c.to_string()).collect(),
+        events: vec![
+            "databases.db1.collections.col1.documents.doc1.create".into(),
+            "databases.*.collections.*.documents.*.create".into(),
+        ],
+        roles: vec!["any".into()],
+        timestamp: "2026-11-23T00:17:29.647+00:00".into(),
+        payload: serde_json::json!({"$id": "doc1", "name": "Chris Evans", "n": 42}),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let event = appwrite_event();
+    c.bench_function("encode event once (16 channels)", |b| {
+        b.iter(|| EncodedEvent::encode(black_box(&event)))
+    });
+
+    let encoded = EncodedEvent::encode(&event);
+    let mut registry = Registry::default();
+    let guests: Arc<[Box<str>]> = Arc::from(vec![Box::<str>::from("guests")]);
+    let sessions: Vec<Session> = (0..10_000u32)
+        .map(|k| {
+            let chans = vec!["documents".to_owned(), format!("other.{k}")];
+            let s = Session::new(
+                "p".into(),
+                guests.clone(),
+                &chans,
+                &mut |c| registry.intern(c),
+            );
+            registry.update("p", k, &[], &s.channels());
+            s
+        })
+        .collect();
+    let mut out = Vec::new();
+    c.bench_function("index lookup: 10,000 subscribers of one of 16 channels", |b| {
+        b.iter(|| {
+            registry.collect("p", &encoded.channels, &mut out);
+            black_box(out.len())
+        })
+    });
+
+    c.bench_function("per subscriber: match + tail + frame", |b| {
+        let s = &sessions[7];
+        b.iter(|| {
+            let mut tail: SmallVec<[u8; 32]> = SmallVec::new();
+            write_tail(&mut tail, s.matching(black_box(&encoded)));
+            black_box(OutFrame::new(Opcode::Text, encoded.prefix.clone(), tail))
+        })
+    });
+
+    let frame = encode_client_frame(true, 1, br#"{"type":"ping"}"#, [1, 2, 3, 4]);
+    c.bench_function("decode one small client message", |b| {
+        let mut dec = Decoder::default();
+        let mut buf = frame.clone();
+        b.iter(|| {
+            buf.copy_from_slice(&frame);
+            let mut n = 0;
+            let _ = dec.feed(&mut buf, 64_000, |_| {
+                n += 1;
+                ControlFlow::Continue(())
+            });
+            black_box(n)
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
