@@ -60,23 +60,23 @@ fn bench(c: &mut Criterion) {
     let sessions: Vec<Session> = (0..10_000u32)
         .map(|k| {
             let chans = vec!["documents".to_owned(), format!("other.{k}")];
-            let s = Session::new(
-                "p".into(),
-                guests.clone(),
-                &chans,
-                &mut |c| registry.intern(c),
-            );
+            let s = Session::new("p".into(), guests.clone(), &chans, &mut |c| {
+                registry.intern(c)
+            });
             registry.update("p", k, &[], &s.channels());
             s
         })
         .collect();
     let mut out = Vec::new();
-    c.bench_function("index lookup: 10,000 subscribers of one of 16 channels", |b| {
-        b.iter(|| {
-            registry.collect("p", &encoded.channels, &mut out);
-            black_box(out.len())
-        })
-    });
+    c.bench_function(
+        "index lookup: 10,000 subscribers of one of 16 channels",
+        |b| {
+            b.iter(|| {
+                registry.collect("p", &encoded.channels, &mut out);
+                black_box(out.len())
+            })
+        },
+    );
 
     c.bench_function("per subscriber: match + tail + frame", |b| {
         let s = &sessions[7];

@@ -168,6 +168,8 @@ pub struct Shard {
     /// The last event processed, as a history position.
     position: Option<EventId>,
     replays: Vec<u32>,
+    /// Connections whose socket still held data after their share of reads.
+    unfinished_reads: Vec<usize>,
     replay_tx: tokio::sync::mpsc::UnboundedSender<ReplayRequest>,
     replay_max_events: usize,
     replay_max_bytes: usize,
@@ -229,6 +231,7 @@ impl Shard {
             next_serial: 0,
             position: None,
             replays: Vec::new(),
+            unfinished_reads: Vec::new(),
             replay_tx,
             replay_max_events: config.replay_max_events,
             replay_max_bytes: config.replay_max_bytes,
@@ -265,6 +268,9 @@ impl Shard {
                     }
                 }
             }
+            for k in std::mem::take(&mut self.unfinished_reads) {
+                self.on_socket_event(k, true, false);
+            }
             self.drain_commands();
             if !self.replays.is_empty() {
                 self.request_replays();
@@ -292,7 +298,7 @@ impl Shard {
     }
 
     fn poll_timeout(&self) -> Duration {
-        if self.commands_more || self.accept_more {
+        if self.commands_more || self.accept_more || !self.unfinished_reads.is_empty() {
             return Duration::ZERO;
         }
         let now = Instant::now();
@@ -478,8 +484,9 @@ impl Shard {
                 }
             }
         }
-        // Still readable after a full batch: a flooding peer. Its remaining bytes are picked up
-        // on its next readiness edge or the next tick, never at the cost of other connections.
+        // Still readable after a full batch. Epoll will not report it again (edge-triggered), so
+        // it goes on the list served after everyone else's events in this iteration.
+        self.unfinished_reads.push(k);
     }
 
     fn record(&self, incident: Incident) {

@@ -364,3 +364,22 @@ fn when_accept_fails_with_emfile_herald_backs_off_and_keeps_serving() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(server.metric_with("herald_accept_errors_total", "fd_limit") >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_burst_is_read_to_the_end() {
+    // More than one event's share of reads (16 x 64 KiB) arrives at once: nothing may stall.
+    let server = Server::start(&["--shards", "1", "--echo-path", "/echo"]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(server.url("/echo"))
+        .await
+        .expect("connect");
+    let big: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+    futures_util::SinkExt::send(&mut ws, Message::Binary(big.clone().into()))
+        .await
+        .unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("echo within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, Message::Binary(big.into()));
+}
