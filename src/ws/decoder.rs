@@ -7,7 +7,9 @@
 
 use std::ops::ControlFlow;
 
-use super::frame::{CloseReason, FrameHeader, Opcode, ProtocolError, apply_mask, parse_close_payload};
+use super::frame::{
+    CloseReason, FrameHeader, Opcode, ProtocolError, apply_mask, parse_close_payload,
+};
 
 /// A complete message, borrowed from the decoder's input or its reassembly buffer.
 #[derive(Debug, PartialEq, Eq)]
@@ -67,7 +69,10 @@ impl Decoder {
         self.partial.is_none()
     }
 
-    /// Heap bytes currently held for incomplete frames and messages.
+    /// Heap bytes currently held for incomplete frames and messages. With message limit `max`
+    /// and reads of at most `read` bytes this stays within `2 * max + 14 + read`: a fragmented
+    /// message (at most `max`), the frame still arriving (at most a 14-byte header and `max`),
+    /// and the rest of the read that brought it.
     pub fn held_bytes(&self) -> usize {
         self.partial.as_ref().map_or(0, |p| {
             p.pending.capacity() + p.message.as_ref().map_or(0, |m| m.data.capacity())
@@ -100,6 +105,8 @@ impl Decoder {
             }
             input[consumed..].to_vec()
         } else {
+            // Exact, so the buffer never doubles past the frame it is completing.
+            pending.reserve_exact(input.len());
             pending.extend_from_slice(input);
             let (consumed, stopped) =
                 process(&mut pending, &mut message, max_message, &mut on_message)?;
@@ -107,16 +114,21 @@ impl Decoder {
                 return Ok(());
             }
             pending.drain(..consumed);
-            pending
+            // Between frames (a fragmented message in progress) keep no frame buffer at all.
+            if pending.is_empty() {
+                Vec::new()
+            } else {
+                pending
+            }
         };
 
         if !leftover.is_empty() || message.is_some() {
             let mut pending = leftover;
             // Reserve for the whole frame now that its length may be known, so a large frame
-            // arriving in many reads is not reallocated again and again.
+            // arriving in many reads is not reallocated again and again (exactly: no more).
             if let Ok(Some(h)) = FrameHeader::parse(&pending, max_message) {
                 let total = h.header_len + h.payload_len as usize;
-                pending.reserve(total.saturating_sub(pending.len()));
+                pending.reserve_exact(total.saturating_sub(pending.len()));
             }
             self.partial = Some(Box::new(Partial { pending, message }));
         }
@@ -137,6 +149,7 @@ where
 {
     let mut pos = 0;
     while let Some(h) = FrameHeader::parse(&buf[pos..], max_message)? {
+        check_sequence(&h, message.as_ref(), max_message)?;
         let total = h.header_len + h.payload_len as usize;
         if buf.len() - pos < total {
             break;
@@ -151,9 +164,6 @@ where
             Opcode::Pong => on_message(Message::Pong(payload)),
             Opcode::Close => on_message(Message::Close(parse_close_payload(payload)?)),
             Opcode::Text | Opcode::Binary => {
-                if message.is_some() {
-                    return Err(ProtocolError::ExpectedContinuation);
-                }
                 let text = h.opcode == Opcode::Text;
                 if h.fin {
                     deliver(text, payload, on_message)?
@@ -172,12 +182,11 @@ where
                 let Some(f) = message.as_mut() else {
                     return Err(ProtocolError::UnexpectedContinuation);
                 };
+                // Grow geometrically (many small fragments stay linear) but never past the limit.
                 let len = f.data.len() + payload.len();
-                if len > max_message {
-                    return Err(ProtocolError::TooBig {
-                        len: len as u64,
-                        limit: max_message,
-                    });
+                if len > f.data.capacity() {
+                    let cap = (2 * f.data.capacity()).clamp(len, max_message.max(len));
+                    f.data.reserve_exact(cap - f.data.len());
                 }
                 f.data.extend_from_slice(payload);
                 f.check_utf8(h.fin)?;
@@ -196,6 +205,31 @@ where
         }
     }
     Ok((pos, false))
+}
+
+/// Checks a data frame against the message in progress as soon as its header is known, so a
+/// frame that must be refused is never buffered first.
+fn check_sequence(
+    h: &FrameHeader,
+    message: Option<&Fragmented>,
+    max_message: usize,
+) -> Result<(), ProtocolError> {
+    match (h.opcode, message) {
+        (Opcode::Text | Opcode::Binary, Some(_)) => Err(ProtocolError::ExpectedContinuation),
+        (Opcode::Continuation, None) => Err(ProtocolError::UnexpectedContinuation),
+        (Opcode::Continuation, Some(f)) => {
+            let len = f.data.len() as u64 + h.payload_len;
+            if len > max_message as u64 {
+                Err(ProtocolError::TooBig {
+                    len,
+                    limit: max_message,
+                })
+            } else {
+                Ok(())
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 fn deliver<F>(text: bool, data: &[u8], on_message: &mut F) -> Result<ControlFlow<()>, ProtocolError>
@@ -325,6 +359,22 @@ mod tests {
         bytes.extend(encode_client_frame(true, 0, &[0; 60], [1, 2, 3, 4]));
         let (_, r) = decode_all(&mut Decoder::default(), &bytes, 100);
         assert_eq!(r.unwrap_err().close_code(), 1009);
+    }
+
+    #[test]
+    fn oversized_continuation_is_refused_at_its_header() {
+        let mut bytes = encode_client_frame(false, 2, &[0; 60], [1, 2, 3, 4]);
+        let next = encode_client_frame(true, 0, &[0; 60], [1, 2, 3, 4]);
+        bytes.extend_from_slice(&next[..6]); // the header only: no payload has arrived
+        let mut dec = Decoder::default();
+        let (_, r) = decode_all(&mut dec, &bytes, 100);
+        assert_eq!(
+            r,
+            Err(ProtocolError::TooBig {
+                len: 120,
+                limit: 100
+            })
+        );
     }
 
     #[test]

@@ -351,7 +351,10 @@ mod tests {
             ServerHeader::new(Opcode::Text, 300).as_bytes(),
             &[0x81, 126, 1, 44]
         );
-        assert_eq!(ServerHeader::new(Opcode::Binary, 70_000).as_bytes().len(), 10);
+        assert_eq!(
+            ServerHeader::new(Opcode::Binary, 70_000).as_bytes().len(),
+            10
+        );
     }
 
     #[test]

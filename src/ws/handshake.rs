@@ -42,7 +42,10 @@ pub struct Request {
 
 /// Parses a request head from the start of `buf`. `Ok(None)` means it is incomplete; bytes
 /// after the head (if any) belong to the WebSocket stream and are reported by the length.
-pub fn parse_request(buf: &[u8], max_len: usize) -> Result<Option<(Request, usize)>, HandshakeError> {
+pub fn parse_request(
+    buf: &[u8],
+    max_len: usize,
+) -> Result<Option<(Request, usize)>, HandshakeError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
