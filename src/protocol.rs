@@ -121,7 +121,8 @@ impl Session {
         url_channels: &[String],
         intern: &mut dyn FnMut(&str) -> Arc<str>,
     ) -> Self {
-        let mut subscriptions = Vec::new();
+        // Exactly one slot: a growing Vec would reserve four (120 bytes more per connection).
+        let mut subscriptions = Vec::with_capacity(usize::from(!url_channels.is_empty()));
         if !url_channels.is_empty() {
             subscriptions.push(Subscription {
                 id: mint_id(),

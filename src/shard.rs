@@ -168,6 +168,8 @@ pub struct Shard {
     /// The last event processed, as a history position.
     position: Option<EventId>,
     replays: Vec<u32>,
+    /// Scratch list of occupied slab keys for the once-a-second sweep.
+    sweep_keys: Vec<usize>,
     /// Connections whose socket still held data after their share of reads.
     unfinished_reads: Vec<usize>,
     replay_tx: tokio::sync::mpsc::UnboundedSender<ReplayRequest>,
@@ -209,7 +211,12 @@ impl Shard {
             id,
             poll,
             listener: Some(listener),
-            slab: Slab::new(),
+            // Reserved up front: growing by doubling leaves the old arrays resident (about 150
+            // bytes per connection), while untouched reserved pages cost only address space.
+            // SO_REUSEPORT does not split evenly, hence the headroom.
+            slab: Slab::with_capacity(
+                ((limit.max / config.shard_count().max(1)).saturating_mul(5) / 4).min(1 << 20),
+            ),
             registry: Registry::default(),
             rx,
             wake_pending: wake_pending.clone(),
@@ -232,6 +239,7 @@ impl Shard {
             position: None,
             replays: Vec::new(),
             unfinished_reads: Vec::new(),
+            sweep_keys: Vec::new(),
             replay_tx,
             replay_max_events: config.replay_max_events,
             replay_max_bytes: config.replay_max_bytes,
@@ -288,7 +296,7 @@ impl Shard {
                 && (self.slab.is_empty() || now >= deadline)
             {
                 let left = self.slab.len();
-                for k in 0..self.slab.capacity() {
+                for k in self.take_occupied_keys() {
                     self.remove(k);
                 }
                 tracing::debug!(shard = self.id, left, "shard drained");
@@ -733,7 +741,8 @@ impl Shard {
     }
 
     fn tick(&mut self) {
-        for k in 0..self.slab.capacity() {
+        let keys = self.take_occupied_keys();
+        for &k in &keys {
             let Some(slot) = self.slab.get_mut(k) else {
                 continue;
             };
@@ -761,10 +770,20 @@ impl Shard {
                 self.settle(k);
             }
         }
+        self.sweep_keys = keys;
         let c = std::mem::take(&mut self.counters);
         self.m.rate_limited.inc_by(c.rate_limited);
         self.m.idle_closed.inc_by(c.idle_closed);
         self.registry.collect_garbage();
+    }
+
+    /// The keys of every connection, in a reused buffer (hand it back with `sweep_keys`). The
+    /// slab is reserved far beyond its use, so walking its capacity would cost more.
+    fn take_occupied_keys(&mut self) -> Vec<usize> {
+        let mut keys = std::mem::take(&mut self.sweep_keys);
+        keys.clear();
+        keys.extend(self.slab.iter().map(|(k, _)| k));
+        keys
     }
 
     fn begin_shutdown(&mut self, drain: Duration) {
@@ -777,7 +796,8 @@ impl Shard {
         }
         self.accept_more = false;
         self.accept_paused_until = None;
-        for k in 0..self.slab.capacity() {
+        let keys = self.take_occupied_keys();
+        for &k in &keys {
             let Some(slot) = self.slab.get_mut(k) else {
                 continue;
             };
@@ -798,5 +818,6 @@ impl Shard {
                 self.settle(k);
             }
         }
+        self.sweep_keys = keys;
     }
 }
