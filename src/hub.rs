@@ -46,14 +46,23 @@ impl Hub {
     /// Hands `event` to every shard, or to none: when any queue is full nothing is sent, so an
     /// event is never delivered on some shards and lost on others.
     pub fn broadcast(&self, event: Arc<EncodedEvent>) -> Result<(), HubError> {
+        self.broadcast_many(std::slice::from_ref(&event))
+    }
+
+    /// Hands a batch of events to every shard, in order, waking each shard once: all of them
+    /// or, when a queue lacks room for the whole batch, none.
+    pub fn broadcast_many(&self, events: &[Arc<EncodedEvent>]) -> Result<(), HubError> {
         let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
-        if self.shards.iter().any(|s| s.room() == 0) {
+        if self.shards.iter().any(|s| s.room() < events.len()) {
             return Err(HubError::Overloaded);
         }
         for s in &self.shards {
-            // Room was checked above and the caller is the only producer, so this cannot fail
-            // unless the shard thread is gone, in which case there is nobody to deliver to.
-            let _ = s.try_send(Command::Event(event.clone()));
+            for e in events {
+                // Room was checked above and broadcasts are serialized, so this cannot fail
+                // unless the shard thread is gone, in which case nobody is left to deliver to.
+                let _ = s.try_send_quiet(Command::Event(e.clone()));
+            }
+            s.wake();
         }
         Ok(())
     }

@@ -70,15 +70,19 @@ pub struct ShardHandle {
 }
 
 impl ShardHandle {
-    /// Queues a command without blocking; gives it back when the queue is full.
+    /// Queues a command without blocking and wakes the shard; gives it back when the queue is
+    /// full.
     pub fn try_send(&self, cmd: Command) -> Result<(), Command> {
-        match self.tx.try_send(cmd) {
-            Ok(()) => {
-                self.wake();
-                Ok(())
-            }
-            Err(TrySendError::Full(c) | TrySendError::Disconnected(c)) => Err(c),
-        }
+        self.try_send_quiet(cmd)?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Queues a command without waking the shard: for batches, followed by one [`Self::wake`].
+    pub fn try_send_quiet(&self, cmd: Command) -> Result<(), Command> {
+        self.tx
+            .try_send(cmd)
+            .map_err(|(TrySendError::Full(c) | TrySendError::Disconnected(c))| c)
     }
 
     /// Free slots in the inbound queue.
@@ -87,7 +91,7 @@ impl ShardHandle {
     }
 
     /// Wakes the loop, at most once per batch: a wake already pending covers this send.
-    fn wake(&self) {
+    pub fn wake(&self) {
         if !self.wake_pending.swap(true, Ordering::AcqRel) {
             // A failed wake means the shard is gone; its queue is then drained by nobody.
             let _ = self.waker.wake();

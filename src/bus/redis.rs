@@ -247,20 +247,22 @@ impl RedisBus {
                 Ok(r) => r,
                 Err(e) => return e,
             };
+            let mut batch = Vec::new();
             for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
                 let Ok(id) = entry.id.parse::<EventId>() else {
                     continue;
                 };
                 match parse_entry(&entry, &self.settings.default_project) {
-                    Ok(ev) => self.deliver(EncodedEvent::encode(&ev)).await,
+                    Ok(ev) => batch.push(EncodedEvent::encode(&ev)),
                     Err(e) => {
                         self.metrics.stream_entries_skipped.inc();
                         tracing::warn!(id = %entry.id, error = %e, "skipping a malformed stream entry");
                     }
                 }
                 cursor = id;
-                *last = Some(id);
             }
+            self.deliver(batch).await;
+            *last = Some(cursor);
         }
     }
 
@@ -268,19 +270,20 @@ impl RedisBus {
         self.history.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hands an event to the shards, waiting while their queues are full (the stream holds
-    /// everything meanwhile, so back-pressure costs latency, never events).
-    async fn deliver(&self, event: Arc<EncodedEvent>) {
-        loop {
-            if self.hub.broadcast(event.clone()).is_ok() {
-                break;
-            }
+    /// Hands events to the shards in one batch, waiting while their queues are full (the
+    /// stream holds everything meanwhile, so back-pressure costs latency, never events).
+    async fn deliver(&self, events: Vec<Arc<EncodedEvent>>) {
+        if events.is_empty() {
+            return;
+        }
+        while self.hub.broadcast_many(&events).is_err() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        if event.position.is_some() {
-            self.lock_history().push(event);
+        self.metrics.events_published.inc_by(events.len() as u64);
+        let mut history = self.lock_history();
+        for e in events {
+            history.push(e);
         }
-        self.metrics.events_published.inc();
     }
 
     async fn run_pubsub(self: Arc<Self>, channel: String) {
@@ -304,7 +307,7 @@ impl RedisBus {
                                 Ok(mut ev) => {
                                     // Pub/sub has no history: these ids are not stream positions.
                                     ev.id = format!("appwrite-{}", ids.next_id());
-                                    self.deliver(EncodedEvent::encode(&ev)).await;
+                                    self.deliver(vec![EncodedEvent::encode(&ev)]).await;
                                 }
                                 Err(e) => {
                                     self.metrics.stream_entries_skipped.inc();
