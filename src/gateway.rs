@@ -39,7 +39,8 @@ pub enum GatewayError {
     Redis(String),
 }
 
-const BACKLOG: i32 = 4096;
+/// Listen backlog per shard; the kernel caps it at net.core.somaxconn (see sysctl/herald.conf).
+const BACKLOG: i32 = 65_535;
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::event::EncodedEvent;
-use crate::shard::{Command, ShardHandle};
+use crate::shard::{AnswerRefused, Command, ReplayAnswer, ShardHandle};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum HubError {
@@ -31,11 +31,11 @@ impl Hub {
         }
     }
 
-    /// Sends a command to one shard; gives it back when that shard's queue is full.
-    pub fn send_to(&self, shard: usize, cmd: Command) -> Result<(), Command> {
+    /// Hands a replay answer to one shard.
+    pub fn send_answer(&self, shard: usize, answer: ReplayAnswer) -> Result<(), AnswerRefused> {
         match self.shards.get(shard) {
-            Some(s) => s.try_send(cmd),
-            None => Err(cmd),
+            Some(s) => s.try_send_answer(answer),
+            None => Err(AnswerRefused::Gone),
         }
     }
 

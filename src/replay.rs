@@ -14,14 +14,13 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::bus::{Bus, ReplayError, ReplayQuery};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::shard::Command;
+use crate::shard::{AnswerRefused, ReplayAnswer};
 
 /// History fetches in flight at once: enough to serve a mass reconnect quickly without
 /// flooding Redis.
 const CONCURRENCY: usize = 64;
-/// How long an answer waits for room in a full shard queue before it is dropped (the shard is
-/// then shutting down or hopelessly behind).
-const HANDBACK_PATIENCE: Duration = Duration::from_secs(5);
+/// Pause before offering an answer again to a shard whose answer queue is full.
+const RETRY: Duration = Duration::from_millis(2);
 
 /// A shard's request to replay history to one of its connections.
 #[derive(Debug)]
@@ -54,20 +53,20 @@ pub async fn serve(
                 Err(ReplayError::Unavailable(_)) => "unavailable",
             };
             metrics.replays.with_label_values(&[label]).inc();
-            let mut cmd = Command::Replay {
+            let mut answer = ReplayAnswer {
                 key: req.key,
                 serial: req.serial,
                 outcome,
             };
-            let deadline = tokio::time::Instant::now() + HANDBACK_PATIENCE;
+            // A full answer queue is the shard pacing replays behind live traffic: wait, never
+            // drop (the connection would wait forever for its history).
             loop {
-                match hub.send_to(req.shard, cmd) {
-                    Ok(()) => break,
-                    Err(back) if tokio::time::Instant::now() < deadline => {
-                        cmd = back;
-                        tokio::time::sleep(Duration::from_millis(1)).await;
+                match hub.send_answer(req.shard, answer) {
+                    Ok(()) | Err(AnswerRefused::Gone) => break,
+                    Err(AnswerRefused::Full(back)) => {
+                        answer = back;
+                        tokio::time::sleep(RETRY).await;
                     }
-                    Err(_) => break,
                 }
             }
             drop(permit);

@@ -36,6 +36,10 @@ const READS_PER_EVENT: usize = 16;
 const SCRATCH_BYTES: usize = 64 * 1024;
 /// Inbound queue capacity per shard, in events.
 pub const QUEUE_CAPACITY: usize = 65_536;
+/// Replay answers waiting per shard; the control plane holds the rest back.
+const ANSWER_CAPACITY: usize = 1024;
+/// Replay answers written per loop iteration, after live events.
+const ANSWERS_PER_ITERATION: usize = 16;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const TICK: Duration = Duration::from_secs(1);
 
@@ -53,18 +57,31 @@ pub enum Command {
     Shutdown {
         drain: Duration,
     },
-    /// The history a resuming connection asked for.
-    Replay {
-        key: u32,
-        serial: u32,
-        outcome: Result<Vec<Arc<EncodedEvent>>, ReplayError>,
-    },
+}
+
+/// The history a resuming connection asked for. Answers travel in their own queue, served after
+/// live events and a few per loop iteration, so a mass reconnect never delays live delivery.
+#[derive(Debug)]
+pub struct ReplayAnswer {
+    pub key: u32,
+    pub serial: u32,
+    pub outcome: Result<Vec<Arc<EncodedEvent>>, ReplayError>,
+}
+
+/// Why a replay answer could not be queued.
+#[derive(Debug)]
+pub enum AnswerRefused {
+    /// The shard's answer queue is full: try again shortly.
+    Full(ReplayAnswer),
+    /// The shard has stopped.
+    Gone,
 }
 
 /// The control plane's end of a shard.
 #[derive(Clone)]
 pub struct ShardHandle {
     tx: Sender<Command>,
+    answers: Sender<ReplayAnswer>,
     waker: Arc<Waker>,
     wake_pending: Arc<AtomicBool>,
 }
@@ -83,6 +100,18 @@ impl ShardHandle {
         self.tx
             .try_send(cmd)
             .map_err(|(TrySendError::Full(c) | TrySendError::Disconnected(c))| c)
+    }
+
+    /// Queues a replay answer and wakes the shard.
+    pub fn try_send_answer(&self, answer: ReplayAnswer) -> Result<(), AnswerRefused> {
+        match self.answers.try_send(answer) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(a)) => Err(AnswerRefused::Full(a)),
+            Err(TrySendError::Disconnected(_)) => Err(AnswerRefused::Gone),
+        }
     }
 
     /// Free slots in the inbound queue.
@@ -152,6 +181,7 @@ pub struct Shard {
     slab: Slab<Slot>,
     registry: Registry,
     rx: Receiver<Command>,
+    answers: Receiver<ReplayAnswer>,
     wake_pending: Arc<AtomicBool>,
     cfg: ConnConfig,
     scratch: Box<[u8]>,
@@ -198,6 +228,7 @@ impl Shard {
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
+        let (answers_tx, answers) = crossbeam_channel::bounded(ANSWER_CAPACITY);
         let wake_pending = Arc::new(AtomicBool::new(false));
         let label = id.to_string();
         let m = ShardMetrics {
@@ -223,6 +254,7 @@ impl Shard {
             ),
             registry: Registry::default(),
             rx,
+            answers,
             wake_pending: wake_pending.clone(),
             cfg: ConnConfig::from_config(config),
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
@@ -251,6 +283,7 @@ impl Shard {
         };
         let handle = ShardHandle {
             tx,
+            answers: answers_tx,
             waker,
             wake_pending,
         };
@@ -612,11 +645,6 @@ impl Shard {
             match cmd {
                 Command::Event(ev) => self.fan_out(&ev),
                 Command::Shutdown { drain } => self.begin_shutdown(drain),
-                Command::Replay {
-                    key,
-                    serial,
-                    outcome,
-                } => self.finish_replay(key as usize, serial, outcome),
             }
         }
         if taken == COMMAND_BATCH {
@@ -625,6 +653,15 @@ impl Shard {
         if taken > 0 {
             self.m.queue.set(self.rx.len() as i64);
             self.flush_pending();
+        }
+        for _ in 0..ANSWERS_PER_ITERATION {
+            let Ok(a) = self.answers.try_recv() else {
+                return;
+            };
+            self.finish_replay(a.key as usize, a.serial, a.outcome);
+        }
+        if !self.answers.is_empty() {
+            self.commands_more = true;
         }
     }
 
