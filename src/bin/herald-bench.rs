@@ -1,17 +1,40 @@
-//! `herald-bench`: a lean load generator for herald.
+//! `herald-bench`: a lean load generator and benchmark driver for herald (and for anything else
+//! that speaks the Appwrite Realtime protocol).
 //!
-//! Owns client-side load. `idle` opens many realtime WebSocket connections at a controlled rate
-//! (spread over many source addresses, so loopback runs do not exhaust ephemeral ports), waits
-//! for each one's `connected` message, answers the server's pings, holds the connections, and
-//! reports: progress once a second on stderr, a JSON summary on stdout.
+//! Subcommands:
+//! - `idle`: one process opens N connections at a controlled rate, answers pings, holds them and
+//!   prints a JSON summary (used by `benches/idle_memory.sh`).
+//! - `fanout`: the full benchmark. Subscribers in worker processes (split automatically by the
+//!   open-file limit), a publisher in this process (HTTP `POST /v1/events` with keep-alive, or
+//!   Redis `XADD`), and phases: fixed rates, a search for the highest lossless rate, bursts,
+//!   single events (time to the last subscriber), churn, settle and close. Every event's payload
+//!   carries `"hb":"PHASE.INDEX.CHANNEL.SEQ.SENT_US"`; every client checks its own sequence for
+//!   gaps and duplicates and records end-to-end latency. JSON summary on stdout, an optional
+//!   self-contained HTML report, a status line every second on stderr.
+//! - `publish`: the publisher alone: M events at a rate.
+//! - `connect`: the handshake rate ceiling (open, wait for `connected`, close, repeat), also
+//!   against a plain TCP target (`tcp://`), for which `accept-loop` is the server.
+//! - `compare`: merges result files of several servers into ratios, a summary line and one
+//!   HTML report.
 //!
-//! It must stay cheap per connection, so one process can hold ~19,000 connections while herald's
-//! own memory is measured: one mio event loop, one slab entry (under 100 bytes) per connection and
-//! one shared read buffer. A connection owns heap memory only while a server frame or one of its
-//! own writes is split. Client frames are built with herald's codec ([`encode_client_frame`],
-//! masked); server frames are unmasked, which herald's server-side header parser refuses, so
-//! their few header bytes are parsed here. It must not know herald's internals beyond that codec
-//! and [`herald::limits`]: anything that speaks the Appwrite Realtime protocol can be loaded.
+//! Modules: [`client`] is the connection engine (one mio loop, under 100 bytes per idle
+//! connection plus what the kernel holds); [`worker`] runs it under a coordinator's commands;
+//! [`fanout`] is the coordinator; [`publish`] the publisher; [`connect`] the handshake-rate mode
+//! and the TCP accept loop; [`report`] the merged results and the HTML report. It must not know
+//! herald's internals beyond its client frame codec and [`herald::limits`].
+
+#[path = "herald-bench/client.rs"]
+mod client;
+#[path = "herald-bench/connect.rs"]
+mod connect;
+#[path = "herald-bench/fanout.rs"]
+mod fanout;
+#[path = "herald-bench/publish.rs"]
+mod publish;
+#[path = "herald-bench/report.rs"]
+mod report;
+#[path = "herald-bench/worker.rs"]
+mod worker;
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
@@ -19,18 +42,15 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream as StdTcpStream, ToSocket
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail, ensure};
 use clap::{Parser, Subcommand};
 use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
 use serde_json::{Value, json};
-use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use herald::ws::decoder::encode_client_frame;
-use herald::ws::frame::{close_payload, parse_close_payload};
+use client::{Engine, EngineOptions, Slot};
 
 /// Shared read buffer: one per process, never per connection.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -46,8 +66,12 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 /// How long the start-up probe waits for the target.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Linux's errno for a non-blocking connect under way (std has no stable `ErrorKind` for it).
+/// Linux errno values std has no stable `ErrorKind` for.
 const EINPROGRESS: i32 = 115;
+const EADDRINUSE: i32 = 98;
+const EADDRNOTAVAIL: i32 = 99;
+const EMFILE: i32 = 24;
+const ENFILE: i32 = 23;
 
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
@@ -60,7 +84,7 @@ const OP_PONG: u8 = 0xA;
 #[command(
     name = "herald-bench",
     version,
-    about = "Load generator for herald (WebSocket, Appwrite Realtime protocol)"
+    about = "Load generator and benchmark driver for herald (WebSocket, Appwrite Realtime protocol)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -73,6 +97,23 @@ enum Command {
     ///
     /// Exit status: 0 when every connection opened, 1 when some failed, 2 on a setup error.
     Idle(IdleArgs),
+    /// Subscribers (in worker processes) plus a publisher: delivery, loss, latency, per phase.
+    ///
+    /// Exit status: 0 when every connection opened and no checked phase lost, duplicated or
+    /// misrouted an event; 1 otherwise; 2 on a setup error.
+    Fanout(Box<fanout::FanoutArgs>),
+    /// Publish M events at a given rate (HTTP publish API or Redis XADD); JSON summary.
+    Publish(publish::PublishArgs),
+    /// Handshake rate ceiling: connect, wait for `connected` (or one byte for tcp://), close,
+    /// repeat, for a bounded time.
+    Connect(connect::ConnectArgs),
+    /// A plain TCP accept loop (accept, write one byte, close): the baseline for `connect`.
+    AcceptLoop(connect::AcceptLoopArgs),
+    /// Merge result files (LABEL=FILE ...) of one scenario: ratios, one summary line, HTML.
+    Compare(report::CompareArgs),
+    /// Internal: one subscriber process under a `fanout` coordinator (commands on stdin).
+    #[command(hide = true)]
+    Worker(worker::WorkerArgs),
 }
 
 #[derive(clap::Args)]
@@ -102,39 +143,65 @@ struct IdleArgs {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::Idle(args) => match idle(&args) {
-            Ok(summary) => {
-                println!("{summary}");
-                let all_open = summary["connected"] == summary["requested"];
-                ExitCode::from(if all_open { 0 } else { 1 })
-            }
-            Err(e) => {
-                eprintln!("herald-bench: error: {e:#}");
-                ExitCode::from(2)
-            }
-        },
+    let result = match Cli::parse().command {
+        Command::Idle(args) => idle(&args).map(|summary| {
+            println!("{summary}");
+            u8::from(summary["connected"] != summary["requested"])
+        }),
+        Command::Fanout(args) => fanout::run(&args),
+        Command::Publish(args) => publish::run(&args),
+        Command::Connect(args) => connect::run(&args),
+        Command::AcceptLoop(args) => connect::accept_loop(&args),
+        Command::Compare(args) => report::compare(&args),
+        Command::Worker(args) => worker::run(&args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("herald-bench: error: {e:#}");
+            ExitCode::from(2)
+        }
     }
 }
 
 /// Where to connect and what to send there.
-#[derive(Debug)]
-struct Target {
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
     url: String,
     addr: SocketAddr,
-    /// The upgrade request, the same bytes for every connection.
-    request: Vec<u8>,
+    /// A plain TCP target (`tcp://`): done when the first byte arrives; nothing is sent.
+    tcp: bool,
+    /// The upgrade request per channel (one for a URL taken as is), the same bytes for every
+    /// connection of that channel.
+    requests: Vec<Vec<u8>>,
     /// The `Sec-WebSocket-Accept` value the server must answer with.
     accept: String,
 }
 
 impl Target {
+    /// A target whose URL is used as is (its query names the channels, if any).
     fn parse(url: &str) -> anyhow::Result<Self> {
+        Self::with_channels(url, &[])
+    }
+
+    /// A target with one upgrade request per channel: `channels[]=NAME` is appended to the URL's
+    /// query for each name. No names: the URL as is.
+    fn with_channels(url: &str, channels: &[String]) -> anyhow::Result<Self> {
+        if let Some(rest) = url.strip_prefix("tcp://") {
+            let addr = resolve(url, rest.trim_end_matches('/'))?;
+            return Ok(Self {
+                url: url.to_owned(),
+                addr,
+                tcp: true,
+                requests: vec![Vec::new()],
+                accept: String::new(),
+            });
+        }
         if url.starts_with("wss://") {
             bail!("{url}: TLS (wss://) is not supported; point herald-bench at a ws:// listener");
         }
         let Some(rest) = url.strip_prefix("ws://") else {
-            bail!("{url}: the target must be a ws:// URL");
+            bail!("{url}: the target must be a ws:// URL (or tcp://HOST:PORT for `connect`)");
         };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'/' => (&rest[..i], rest[i..].to_owned()),
@@ -142,39 +209,55 @@ impl Target {
             None => (rest, "/".to_owned()),
         };
         ensure!(!authority.is_empty(), "{url}: no host");
-        let with_port = if authority
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-        {
-            authority.to_owned()
-        } else {
-            format!("{authority}:80")
-        };
-        let addr = with_port
-            .to_socket_addrs()
-            .with_context(|| format!("{url}: cannot resolve {with_port}"))?
-            .find(SocketAddr::is_ipv4)
-            .with_context(|| format!("{url}: {with_port} has no IPv4 address"))?;
-        // One key per process: herald needs nothing per connection from it, and the answer is
+        let addr = resolve(url, authority)?;
+        // One key per process: servers need nothing per connection from it, and the answer is
         // still checked on every connection.
         let key = tungstenite::handshake::client::generate_key();
         let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nUser-Agent: herald-bench\r\n\r\n"
-        )
-        .into_bytes();
+        let request = |path: &str| {
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nUser-Agent: herald-bench\r\n\r\n"
+            )
+            .into_bytes()
+        };
+        let requests = if channels.is_empty() {
+            vec![request(&path)]
+        } else {
+            let sep = if path.contains('?') { '&' } else { '?' };
+            channels
+                .iter()
+                .map(|c| request(&format!("{path}{sep}channels[]={c}")))
+                .collect()
+        };
         Ok(Self {
             url: url.to_owned(),
             addr,
-            request,
+            tcp: false,
+            requests,
             accept,
         })
     }
 }
 
+fn resolve(url: &str, authority: &str) -> anyhow::Result<SocketAddr> {
+    let with_port = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_owned()
+    } else {
+        format!("{authority}:80")
+    };
+    with_port
+        .to_socket_addrs()
+        .with_context(|| format!("{url}: cannot resolve {with_port}"))?
+        .find(SocketAddr::is_ipv4)
+        .with_context(|| format!("{url}: {with_port} has no IPv4 address"))
+}
+
 /// Parses `127.0.0.2-127.0.0.60,127.0.1.1` into a list of addresses.
-fn parse_source_ips(spec: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
+pub(crate) fn parse_source_ips(spec: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
     let mut out = Vec::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (first, last) = part.split_once('-').unwrap_or((part, part));
@@ -196,43 +279,70 @@ fn parse_source_ips(spec: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
 }
 
 /// Resident memory of this process, from /proc (0 where unavailable).
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+pub(crate) fn rss_bytes() -> u64 {
+    proc_rss_bytes("self").unwrap_or(0)
+}
+
+/// `VmRSS` of a process (`"self"` or a PID), in bytes.
+pub(crate) fn proc_rss_bytes(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+        .map(|kb| kb * 1024)
+}
+
+/// User plus system CPU seconds of a process and its waited-for children, from
+/// `/proc/PID/stat` (Linux reports them in USER_HZ = 100 ticks per second on every platform).
+pub(crate) fn proc_cpu_seconds(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+pub(crate) fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// Makes sure this process may open `connections` sockets, or says how to split the load.
 fn check_fd_limit(connections: usize) -> anyhow::Result<()> {
-    let limit = herald::limits::raise_nofile().context("cannot read or raise RLIMIT_NOFILE")?;
-    let capacity = usize::try_from(limit.capacity()).unwrap_or(usize::MAX);
+    let capacity = fd_capacity()?;
     if connections > capacity {
         let processes = connections.div_ceil(capacity.max(1));
         bail!(
             "--connections {connections} needs more file descriptors than this process may open: \
-             the open-file limit is {} (hard limit {}), so one herald-bench process holds at most \
-             {capacity} connections. Split the load into {processes} or more herald-bench \
-             processes of at most {capacity} connections each (give each its own --source-ips \
-             range), or raise the hard limit",
-            limit.soft,
-            limit.hard
+             one herald-bench process holds at most {capacity} connections (its open-file hard \
+             limit minus 64). Split the load into {processes} or more processes of at most \
+             {capacity} connections each (`herald-bench fanout` does this by itself; for `idle`, \
+             give each its own --source-ips range), or raise the hard limit (ulimit -Hn)"
         );
     }
     Ok(())
 }
 
+/// Connections this process can hold, after raising its soft open-file limit to the hard one.
+pub(crate) fn fd_capacity() -> anyhow::Result<usize> {
+    let limit = herald::limits::raise_nofile().context("cannot read or raise RLIMIT_NOFILE")?;
+    Ok(usize::try_from(limit.capacity()).unwrap_or(usize::MAX))
+}
+
 /// Checks every source address can be bound, so a typo fails before the load starts.
-fn check_source_ips(ips: &[Ipv4Addr]) -> anyhow::Result<()> {
+pub(crate) fn check_source_ips(ips: &[Ipv4Addr]) -> anyhow::Result<()> {
     for ip in ips {
         let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
         s.bind(&SocketAddr::new(IpAddr::V4(*ip), 0).into())
             .with_context(|| {
                 format!(
                     "source address {ip} cannot be bound (on loopback any 127.x.y.z works; other \
-                 addresses must be configured on an interface)"
+                     addresses must be configured on an interface)"
                 )
             })?;
     }
@@ -241,7 +351,7 @@ fn check_source_ips(ips: &[Ipv4Addr]) -> anyhow::Result<()> {
 
 /// One blocking upgrade before the load starts, so an unreachable target or a refused upgrade
 /// is reported plainly instead of as thousands of identical failures.
-fn probe(target: &Target, source: Option<Ipv4Addr>) -> anyhow::Result<()> {
+pub(crate) fn probe(target: &Target, source: Option<Ipv4Addr>) -> anyhow::Result<()> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     if let Some(ip) = source {
         socket.bind(&SocketAddr::new(IpAddr::V4(ip), 0).into())?;
@@ -257,17 +367,22 @@ fn probe(target: &Target, source: Option<Ipv4Addr>) -> anyhow::Result<()> {
     let mut stream: StdTcpStream = socket.into();
     stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
     stream
-        .write_all(&target.request)
+        .write_all(&target.requests[0])
         .with_context(|| format!("cannot send the upgrade request to {}", target.addr))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        match parse_response(&buf, &target.accept) {
-            Response::Upgraded(_) => return Ok(()),
-            Response::Refused(reason) => {
-                bail!("{} refused the WebSocket upgrade: {reason}", target.url)
+        if target.tcp && !buf.is_empty() {
+            return Ok(());
+        }
+        if !target.tcp {
+            match parse_response(&buf, &target.accept) {
+                Response::Upgraded(_) => return Ok(()),
+                Response::Refused(reason) => {
+                    bail!("{} refused the WebSocket upgrade: {reason}", target.url)
+                }
+                Response::Incomplete => {}
             }
-            Response::Incomplete => {}
         }
         let n = match stream.read(&mut chunk) {
             Ok(n) => n,
@@ -277,14 +392,10 @@ fn probe(target: &Target, source: Option<Ipv4Addr>) -> anyhow::Result<()> {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                bail!(
-                    "{} did not answer the upgrade request within {PROBE_TIMEOUT:?}",
-                    target.url
-                )
+                bail!("{} did not answer within {PROBE_TIMEOUT:?}", target.url)
             }
             Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("reading the upgrade response from {}", target.url));
+                return Err(e).with_context(|| format!("reading the answer of {}", target.url));
             }
         };
         if n == 0 {
@@ -414,234 +525,42 @@ fn parse_server_frame(buf: &[u8]) -> Result<Option<ServerFrame>, String> {
     }))
 }
 
-/// Where a connection is in its life; everything before `Open` counts as in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Connecting,
-    Upgrading,
-    AwaitConnected,
-    Open,
+/// What a server text message is, as far as the client state machine cares.
+#[derive(Debug, PartialEq, Eq)]
+enum Message {
+    Connected,
+    /// `response` to a subscribe message.
+    Subscribed,
+    Error(String),
+    Other(Option<String>),
 }
 
-impl Phase {
-    fn waiting_for(self) -> &'static str {
-        match self {
-            Self::Connecting => "the TCP connection",
-            Self::Upgrading => "the upgrade response",
-            Self::AwaitConnected => "the connected message",
-            Self::Open => "nothing",
+/// Classifies a control message (not called for events, which are scanned without parsing).
+fn classify(payload: &[u8]) -> Result<Message, String> {
+    let v: Value = serde_json::from_slice(payload).map_err(|_| {
+        let text = String::from_utf8_lossy(payload);
+        format!(
+            "message is not JSON: {}",
+            text.chars().take(MAX_BODY_QUOTE).collect::<String>()
+        )
+    })?;
+    Ok(match v.get("type").and_then(Value::as_str) {
+        Some("connected") => Message::Connected,
+        Some("response") if v["data"]["to"] == "subscribe" && v["data"]["success"] == true => {
+            Message::Subscribed
         }
-    }
-}
-
-/// One client connection: the whole per-connection cost of herald-bench.
-struct Conn {
-    stream: TcpStream,
-    phase: Phase,
-    /// Microseconds since the run's start when the connect began.
-    started_us: u64,
-    /// Bytes of a response head or frame that has not fully arrived; empty (no heap) when idle.
-    inbuf: Vec<u8>,
-    /// Bytes the socket would not take yet; empty (no heap) when idle.
-    unsent: Vec<u8>,
-}
-
-/// How handling a connection's input ended.
-enum Step {
-    Continue,
-    /// The connection never opened (or broke the protocol); the reason goes in the summary.
-    Fail(String),
-    /// The server sent a close frame (code, if any).
-    ServerClosed(Option<u16>),
-}
-
-#[derive(Default)]
-struct Stats {
-    opened: usize,
-    inflight: usize,
-    open: usize,
-    connected: usize,
-    failed: usize,
-    failures: BTreeMap<String, u64>,
-    latencies_us: Vec<u32>,
-    pings_answered: u64,
-    messages: u64,
-    /// Open connections the server ended, by how: `close 1001`, `eof`, `io: ...`.
-    lost: BTreeMap<String, u64>,
-}
-
-fn bump(map: &mut BTreeMap<String, u64>, key: String) {
-    let key = if map.len() >= MAX_REASONS && !map.contains_key(&key) {
-        "other".to_owned()
-    } else {
-        key
-    };
-    *map.entry(key).or_default() += 1;
-}
-
-impl Conn {
-    /// Writes `bytes` after anything already queued; queues what the socket does not take.
-    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        if !self.unsent.is_empty() {
-            self.unsent.extend_from_slice(bytes);
-            return Ok(());
-        }
-        let written = write_some(&mut self.stream, bytes)?;
-        if written < bytes.len() {
-            self.unsent.extend_from_slice(&bytes[written..]);
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.unsent.is_empty() {
-            return Ok(());
-        }
-        let written = write_some(&mut self.stream, &self.unsent)?;
-        if written == self.unsent.len() {
-            self.unsent = Vec::new();
-        } else {
-            self.unsent.drain(..written);
-        }
-        Ok(())
-    }
-
-    /// Handles bytes just read, keeping whatever is incomplete.
-    fn on_bytes(&mut self, data: &[u8], accept: &str, now_us: u64, stats: &mut Stats) -> Step {
-        if self.inbuf.is_empty() {
-            let (used, step) = self.consume(data, accept, now_us, stats);
-            if matches!(step, Step::Continue) && used < data.len() {
-                self.inbuf.extend_from_slice(&data[used..]);
-            }
-            return step;
-        }
-        let mut buf = std::mem::take(&mut self.inbuf);
-        buf.extend_from_slice(data);
-        let (used, step) = self.consume(&buf, accept, now_us, stats);
-        if matches!(step, Step::Continue) && used < buf.len() {
-            buf.drain(..used);
-            self.inbuf = buf;
-        }
-        step
-    }
-
-    /// Consumes every complete response head and frame at the start of `buf`.
-    fn consume(
-        &mut self,
-        buf: &[u8],
-        accept: &str,
-        now_us: u64,
-        stats: &mut Stats,
-    ) -> (usize, Step) {
-        let mut pos = 0;
-        loop {
-            let rest = &buf[pos..];
-            match self.phase {
-                Phase::Connecting => {
-                    return (
-                        pos,
-                        Step::Fail("data before the connection was established".into()),
-                    );
-                }
-                Phase::Upgrading => match parse_response(rest, accept) {
-                    Response::Incomplete => return (pos, Step::Continue),
-                    Response::Refused(reason) => return (pos, Step::Fail(reason)),
-                    Response::Upgraded(len) => {
-                        pos += len;
-                        self.phase = Phase::AwaitConnected;
-                    }
-                },
-                Phase::AwaitConnected | Phase::Open => {
-                    let frame = match parse_server_frame(rest) {
-                        Ok(Some(f)) => f,
-                        Ok(None) => return (pos, Step::Continue),
-                        Err(e) => return (pos, Step::Fail(format!("protocol error: {e}"))),
-                    };
-                    let total = frame.header_len + frame.payload_len;
-                    if rest.len() < total {
-                        return (pos, Step::Continue);
-                    }
-                    pos += total;
-                    let payload = &rest[frame.header_len..total];
-                    let step = self.on_frame(frame, payload, now_us, stats);
-                    if !matches!(step, Step::Continue) {
-                        return (pos, step);
-                    }
-                }
-            }
-        }
-    }
-
-    fn on_frame(
-        &mut self,
-        frame: ServerFrame,
-        payload: &[u8],
-        now_us: u64,
-        stats: &mut Stats,
-    ) -> Step {
-        let io_fail = |e: io::Error| Step::Fail(format!("write: {e}"));
-        match frame.opcode {
-            OP_PING => {
-                let pong = encode_client_frame(true, OP_PONG, payload, mask());
-                if let Err(e) = self.send(&pong) {
-                    return io_fail(e);
-                }
-                stats.pings_answered += 1;
-                Step::Continue
-            }
-            OP_PONG => Step::Continue,
-            OP_CLOSE => {
-                let code = parse_close_payload(payload).ok().and_then(|c| c.code);
-                let reply = code.map(|c| close_payload(c, "")).unwrap_or_default();
-                // The socket is closed right after; a failed reply changes nothing.
-                let _ = self.send(&encode_client_frame(true, OP_CLOSE, &reply, mask()));
-                Step::ServerClosed(code)
-            }
-            OP_TEXT if self.phase == Phase::AwaitConnected && frame.fin => {
-                match first_message(payload) {
-                    Ok(()) => {
-                        self.phase = Phase::Open;
-                        stats.inflight -= 1;
-                        stats.open += 1;
-                        stats.connected += 1;
-                        let us = now_us.saturating_sub(self.started_us);
-                        stats
-                            .latencies_us
-                            .push(u32::try_from(us).unwrap_or(u32::MAX));
-                        Step::Continue
-                    }
-                    Err(reason) => Step::Fail(reason),
-                }
-            }
-            OP_TEXT | OP_BINARY | OP_CONTINUATION if self.phase == Phase::AwaitConnected => {
-                Step::Fail("the first message was not a single text frame".into())
-            }
-            OP_TEXT | OP_BINARY | OP_CONTINUATION => {
-                if frame.fin {
-                    stats.messages += 1;
-                }
-                Step::Continue
-            }
-            other => Step::Fail(format!("protocol error: unknown opcode {other:#x}")),
-        }
-    }
+        Some("error") => Message::Error(v["data"].to_string()),
+        other => Message::Other(other.map(str::to_owned)),
+    })
 }
 
 /// Checks the first message is `connected`; otherwise says what came instead.
 fn first_message(payload: &[u8]) -> Result<(), String> {
-    let v: Value = serde_json::from_slice(payload).map_err(|_| {
-        let text = String::from_utf8_lossy(payload);
-        format!(
-            "first message is not JSON: {}",
-            text.chars().take(MAX_BODY_QUOTE).collect::<String>()
-        )
-    })?;
-    match v.get("type").and_then(Value::as_str) {
-        Some("connected") => Ok(()),
-        Some("error") => Err(format!("error instead of connected: {}", v["data"])),
-        other => Err(format!(
-            "first message has type {other:?}, not \"connected\""
-        )),
+    match classify(payload).map_err(|e| format!("first {e}"))? {
+        Message::Connected => Ok(()),
+        Message::Error(data) => Err(format!("error instead of connected: {data}")),
+        Message::Subscribed => Err("first message is a response, not \"connected\"".into()),
+        Message::Other(t) => Err(format!("first message has type {t:?}, not \"connected\"")),
     }
 }
 
@@ -664,6 +583,23 @@ fn write_some(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
     Ok(written)
 }
 
+/// A socket error in words a user can act on.
+fn explain(op: &str, e: &io::Error, source: Option<Ipv4Addr>) -> String {
+    let from = source.map_or_else(String::new, |ip| format!(" from {ip}"));
+    match e.raw_os_error() {
+        Some(EADDRINUSE | EADDRNOTAVAIL) => format!(
+            "{op}: local port exhaustion{from} ({e}): spread the load over more --source-ips \
+             (127.0.0.2-127.0.0.60 gives ~1.6 million ports)"
+        ),
+        Some(EMFILE) => format!(
+            "{op}: out of file descriptors ({e}): the process's open-file limit is too low for \
+             this many connections"
+        ),
+        Some(ENFILE) => format!("{op}: the system-wide file table is full ({e})"),
+        _ => format!("{op}: {e}"),
+    }
+}
+
 /// Starts a non-blocking connect from `source` (if any).
 fn start_connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> Result<TcpStream, String> {
     let socket = Socket::new(
@@ -671,18 +607,18 @@ fn start_connect(addr: SocketAddr, source: Option<Ipv4Addr>) -> Result<TcpStream
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )
-    .map_err(|e| format!("socket: {e}"))?;
+    .map_err(|e| explain("socket", &e, None))?;
     if let Some(ip) = source {
         socket
             .bind(&SocketAddr::new(IpAddr::V4(ip), 0).into())
-            .map_err(|e| format!("bind: {e}"))?;
+            .map_err(|e| explain("bind", &e, source))?;
     }
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         // EINPROGRESS: the usual answer of a non-blocking connect.
         Err(e)
             if e.raw_os_error() == Some(EINPROGRESS) || e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(e) => return Err(format!("connect: {e}")),
+        Err(e) => return Err(explain("connect", &e, source)),
     }
     // Pongs are tiny and must not wait for Nagle.
     let _ = socket.set_tcp_nodelay(true);
@@ -701,194 +637,14 @@ fn connect_done(stream: &TcpStream) -> io::Result<bool> {
     }
 }
 
-/// The `idle` run: the event loop and its connections.
-struct Engine {
-    poll: Poll,
-    conns: Slab<Conn>,
-    scratch: Box<[u8]>,
-    target: Target,
-    sources: Vec<Ipv4Addr>,
-    next_source: usize,
-    stats: Stats,
-    epoch: Instant,
-}
-
-impl Engine {
-    fn now_us(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+/// Installs SIGINT/SIGTERM handlers that set the returned flag.
+pub(crate) fn stop_flag() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())
+            .context("cannot install a signal handler")?;
     }
-
-    fn open_one(&mut self) {
-        self.stats.opened += 1;
-        let started_us = self.now_us();
-        let source = (!self.sources.is_empty()).then(|| {
-            let ip = self.sources[self.next_source % self.sources.len()];
-            self.next_source += 1;
-            ip
-        });
-        let mut stream = match start_connect(self.target.addr, source) {
-            Ok(s) => s,
-            Err(reason) => {
-                self.stats.failed += 1;
-                bump(&mut self.stats.failures, reason);
-                return;
-            }
-        };
-        let entry = self.conns.vacant_entry();
-        if let Err(e) = self.poll.registry().register(
-            &mut stream,
-            Token(entry.key()),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            self.stats.failed += 1;
-            bump(&mut self.stats.failures, format!("epoll register: {e}"));
-            return;
-        }
-        entry.insert(Conn {
-            stream,
-            phase: Phase::Connecting,
-            started_us,
-            inbuf: Vec::new(),
-            unsent: Vec::new(),
-        });
-        self.stats.inflight += 1;
-    }
-
-    /// Drops connection `k` and books why.
-    fn finish(&mut self, k: usize, step: Step) {
-        let Some(mut c) = self.conns.try_remove(k) else {
-            return;
-        };
-        let _ = self.poll.registry().deregister(&mut c.stream);
-        let opened = c.phase == Phase::Open;
-        if opened {
-            self.stats.open -= 1;
-        } else {
-            self.stats.inflight -= 1;
-            self.stats.failed += 1;
-        }
-        let reason = match step {
-            Step::Continue => return,
-            Step::Fail(reason) => reason,
-            Step::ServerClosed(code) => {
-                let code = code.map_or_else(|| "without a code".to_owned(), |c| c.to_string());
-                format!("closed by the server ({code})")
-            }
-        };
-        if opened {
-            bump(&mut self.stats.lost, reason);
-        } else {
-            bump(&mut self.stats.failures, reason);
-        }
-    }
-
-    fn on_event(&mut self, k: usize, ev: &mio::event::Event) {
-        let Some(c) = self.conns.get_mut(k) else {
-            return;
-        };
-        if c.phase == Phase::Connecting {
-            match connect_done(&c.stream) {
-                Ok(false) => return,
-                Ok(true) => {
-                    c.phase = Phase::Upgrading;
-                    if let Err(e) = c.send(&self.target.request) {
-                        return self.finish(k, Step::Fail(format!("write: {e}")));
-                    }
-                }
-                Err(e) => return self.finish(k, Step::Fail(format!("connect: {e}"))),
-            }
-        } else if ev.is_writable()
-            && let Err(e) = c.flush()
-        {
-            return self.finish(k, Step::Fail(format!("write: {e}")));
-        }
-        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-            self.read(k);
-        }
-    }
-
-    /// Reads until the socket would block (epoll is edge-triggered).
-    fn read(&mut self, k: usize) {
-        loop {
-            let now_us = self.now_us();
-            let Some(c) = self.conns.get_mut(k) else {
-                return;
-            };
-            match c.stream.read(&mut self.scratch) {
-                Ok(0) => {
-                    let reason = match c.phase {
-                        Phase::Open => "closed by the server without a close frame".to_owned(),
-                        Phase::Upgrading => refusal_at_eof(&c.inbuf),
-                        phase => format!(
-                            "connection closed while waiting for {}",
-                            phase.waiting_for()
-                        ),
-                    };
-                    return self.finish(k, Step::Fail(reason));
-                }
-                Ok(n) => {
-                    let step = c.on_bytes(
-                        &self.scratch[..n],
-                        &self.target.accept,
-                        now_us,
-                        &mut self.stats,
-                    );
-                    if !matches!(step, Step::Continue) {
-                        return self.finish(k, step);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return self.finish(k, Step::Fail(format!("read: {e}"))),
-            }
-        }
-    }
-
-    /// Fails connections that have been in flight for longer than `timeout`.
-    fn expire(&mut self, timeout: Duration) {
-        if self.stats.inflight == 0 {
-            return;
-        }
-        let timeout_us = u64::try_from(timeout.as_micros()).unwrap_or(u64::MAX);
-        let cutoff = self.now_us().saturating_sub(timeout_us);
-        let late: Vec<(usize, Phase)> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.phase != Phase::Open && c.started_us < cutoff)
-            .map(|(k, c)| (k, c.phase))
-            .collect();
-        for (k, phase) in late {
-            let reason = format!(
-                "timeout: no answer within {timeout:?} while waiting for {}",
-                phase.waiting_for()
-            );
-            self.finish(k, Step::Fail(reason));
-        }
-    }
-
-    fn progress(&self, requested: usize) {
-        let s = &self.stats;
-        eprintln!(
-            "herald-bench: {:6.1}s started {}/{requested} open {} in-flight {} failed {} lost {} pings {} rss {:.1} MiB",
-            self.epoch.elapsed().as_secs_f64(),
-            s.opened,
-            s.open,
-            s.inflight,
-            s.failed,
-            s.lost.values().sum::<u64>(),
-            s.pings_answered,
-            rss_bytes() as f64 / (1 << 20) as f64,
-        );
-    }
-}
-
-fn percentile_ms(sorted_us: &[u32], p: f64) -> Option<f64> {
-    if sorted_us.is_empty() {
-        return None;
-    }
-    let rank = ((p / 100.0) * sorted_us.len() as f64).ceil() as usize;
-    let i = rank.clamp(1, sorted_us.len()) - 1;
-    Some(f64::from(sorted_us[i]) / 1000.0)
+    Ok(stop)
 }
 
 fn idle(args: &IdleArgs) -> anyhow::Result<Value> {
@@ -896,6 +652,7 @@ fn idle(args: &IdleArgs) -> anyhow::Result<Value> {
     ensure!(args.rate > 0, "--rate must be at least 1");
     ensure!(args.max_inflight > 0, "--max-inflight must be at least 1");
     let target = Target::parse(&args.target)?;
+    ensure!(!target.tcp, "idle needs a ws:// target");
     let sources = match &args.source_ips {
         Some(spec) => parse_source_ips(spec)?,
         None => Vec::new(),
@@ -903,28 +660,25 @@ fn idle(args: &IdleArgs) -> anyhow::Result<Value> {
     check_fd_limit(args.connections)?;
     check_source_ips(&sources)?;
     probe(&target, sources.first().copied())?;
+    let stop = stop_flag()?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, stop.clone())
-            .context("cannot install a signal handler")?;
-    }
-
-    let mut engine = Engine {
-        poll: Poll::new().context("cannot create an epoll instance")?,
-        conns: Slab::with_capacity(args.connections),
-        scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
-        target,
+    let url = target.url.clone();
+    let slots = vec![Slot::default(); args.connections];
+    let mut engine = Engine::new(
+        vec![target],
         sources,
-        next_source: 0,
-        stats: Stats {
-            latencies_us: Vec::with_capacity(args.connections),
-            ..Stats::default()
+        slots,
+        EngineOptions {
+            rate: f64::from(args.rate),
+            max_inflight: args.max_inflight,
+            handshake_timeout: args.handshake_timeout,
+            subscribe: None,
+            track_events: false,
+            close_on_open: false,
         },
-        epoch: Instant::now(),
-    };
+    )?;
+    engine.queue_all();
     let rss_before = rss_bytes();
-    let mut events = Events::with_capacity(1024);
     let mut next_progress = engine.epoch + PROGRESS_EVERY;
     let mut settled: Option<(Instant, u64)> = None;
     let mut interrupted = false;
@@ -936,19 +690,15 @@ fn idle(args: &IdleArgs) -> anyhow::Result<Value> {
         let now = Instant::now();
         match settled {
             None => {
-                let elapsed = now.duration_since(engine.epoch).as_secs_f64();
-                let due = ((elapsed * f64::from(args.rate)) as usize + 1).min(args.connections);
-                while engine.stats.opened < due && engine.stats.inflight < args.max_inflight {
-                    engine.open_one();
-                }
-                if engine.stats.opened == args.connections && engine.stats.inflight == 0 {
+                engine.start_due(now);
+                if engine.settled() {
                     let rss = rss_bytes();
                     settled = Some((now, rss));
                     eprintln!(
                         "herald-bench: settled: {} open, {} failed after {:.1}s; rss {:.1} MiB; holding for {:?}",
                         engine.stats.open,
                         engine.stats.failed,
-                        elapsed,
+                        now.duration_since(engine.epoch).as_secs_f64(),
                         rss as f64 / (1 << 20) as f64,
                         args.hold
                     );
@@ -958,32 +708,21 @@ fn idle(args: &IdleArgs) -> anyhow::Result<Value> {
             Some(_) => {}
         }
         let wake_at = match settled {
-            None if engine.stats.opened < args.connections => now + Duration::from_millis(5),
+            None if engine.has_pending() => now + Duration::from_millis(5),
             None => next_progress,
             Some((at, _)) => next_progress.min(at + args.hold),
         };
-        let timeout = wake_at.saturating_duration_since(now);
-        if let Err(e) = engine.poll.poll(&mut events, Some(timeout)) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e).context("epoll_wait failed");
-        }
-        for ev in events.iter() {
-            engine.on_event(ev.token().0, ev);
-        }
+        engine.poll(wake_at.saturating_duration_since(now))?;
         if Instant::now() >= next_progress {
             next_progress += PROGRESS_EVERY;
-            engine.expire(args.handshake_timeout);
-            engine.progress(args.connections);
+            engine.expire();
+            eprintln!("herald-bench: {}", engine.status_line(args.connections));
         }
     }
 
     let rss_end = rss_bytes();
     let elapsed = engine.epoch.elapsed();
-    let stats = &mut engine.stats;
-    stats.latencies_us.sort_unstable();
-    let l = &stats.latencies_us;
+    let stats = &engine.stats;
     let (settled_after, rss_settled) = settled.map_or((None, None), |(at, rss)| {
         (
             Some(at.duration_since(engine.epoch).as_secs_f64()),
@@ -994,18 +733,13 @@ fn idle(args: &IdleArgs) -> anyhow::Result<Value> {
         .filter(|_| stats.connected > 0)
         .map(|rss| rss.saturating_sub(rss_before) as f64 / stats.connected as f64);
     Ok(json!({
-        "target": engine.target.url,
+        "target": url,
         "requested": args.connections,
         "connected": stats.connected,
         "open_at_end": stats.open,
         "failed": {"total": stats.failed, "reasons": stats.failures},
         "lost_after_open": stats.lost,
-        "handshake_latency_ms": {
-            "p50": percentile_ms(l, 50.0),
-            "p90": percentile_ms(l, 90.0),
-            "p99": percentile_ms(l, 99.0),
-            "max": percentile_ms(l, 100.0),
-        },
+        "handshake_latency_ms": client::percentiles_ms(&stats.handshake_us),
         "settled_after_s": settled_after,
         "pings_answered": stats.pings_answered,
         "messages_received": stats.messages,
@@ -1020,6 +754,20 @@ fn idle(args: &IdleArgs) -> anyhow::Result<Value> {
     }))
 }
 
+/// Adds one to a reason's count, folding reasons beyond [`MAX_REASONS`] into `other`.
+pub(crate) fn bump(map: &mut BTreeMap<String, u64>, key: String) {
+    bump_n(map, key, 1);
+}
+
+pub(crate) fn bump_n(map: &mut BTreeMap<String, u64>, key: String, n: u64) {
+    let key = if map.len() >= MAX_REASONS && !map.contains_key(&key) {
+        "other".to_owned()
+    } else {
+        key
+    };
+    *map.entry(key).or_default() += n;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1029,14 +777,14 @@ mod tests {
         let t =
             Target::parse("ws://127.0.0.1:9505/v1/realtime?project=p&channels[]=files").unwrap();
         assert_eq!(t.addr, "127.0.0.1:9505".parse().unwrap());
-        let req = String::from_utf8(t.request).unwrap();
+        let req = String::from_utf8(t.requests[0].clone()).unwrap();
         assert!(req.starts_with(
             "GET /v1/realtime?project=p&channels[]=files HTTP/1.1\r\nHost: 127.0.0.1:9505\r\n"
         ));
         let t = Target::parse("ws://127.0.0.1?project=p").unwrap();
         assert_eq!(t.addr.port(), 80);
         assert!(
-            String::from_utf8(t.request)
+            String::from_utf8(t.requests[0].clone())
                 .unwrap()
                 .starts_with("GET /?project=p HTTP/1.1")
         );
@@ -1047,6 +795,19 @@ mod tests {
                 .contains("TLS")
         );
         assert!(Target::parse("http://x/").is_err());
+        let t = Target::parse("tcp://127.0.0.1:7000").unwrap();
+        assert!(t.tcp);
+        let t = Target::with_channels(
+            "ws://127.0.0.1:1/v1/realtime?project=p",
+            &["a".into(), "b".into()],
+        )
+        .unwrap();
+        assert_eq!(t.requests.len(), 2);
+        assert!(
+            String::from_utf8(t.requests[1].clone())
+                .unwrap()
+                .starts_with("GET /v1/realtime?project=p&channels[]=b HTTP/1.1")
+        );
     }
 
     #[test]
@@ -1100,15 +861,23 @@ mod tests {
         let e = first_message(br#"{"type":"error","data":{"code":1008}}"#).unwrap_err();
         assert!(e.contains("1008"));
         assert!(first_message(b"nope").is_err());
+        assert_eq!(
+            classify(br#"{"type":"response","data":{"to":"subscribe","success":true}}"#),
+            Ok(Message::Subscribed)
+        );
     }
 
     #[test]
-    fn conn_state_is_small() {
-        // The per-connection promise of this tool: far below 2 KiB including the slab entry.
-        assert!(
-            std::mem::size_of::<Conn>() <= 80,
-            "{}",
-            std::mem::size_of::<Conn>()
-        );
+    fn explains_socket_errors() {
+        let e = io::Error::from_raw_os_error(EADDRNOTAVAIL);
+        assert!(explain("connect", &e, None).contains("port exhaustion"));
+        let e = io::Error::from_raw_os_error(EMFILE);
+        assert!(explain("socket", &e, None).contains("file descriptors"));
+    }
+
+    #[test]
+    fn reads_proc() {
+        assert!(proc_rss_bytes("self").unwrap() > 0);
+        assert!(proc_cpu_seconds("self").is_some());
     }
 }
