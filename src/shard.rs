@@ -25,6 +25,22 @@ use crate::outbox::OutFrame;
 use crate::registry::Registry;
 use crate::replay::ReplayRequest;
 
+/// What a connection may touch, borrowed field by field so the slab entry can stay borrowed.
+macro_rules! conn_env {
+    ($shard:ident, $key:expr) => {
+        Env {
+            cfg: &$shard.cfg,
+            registry: &mut $shard.registry,
+            key: $key as u32,
+            now: $shard.now,
+            out: &mut $shard.out,
+            counters: &mut $shard.counters,
+            replays: &mut $shard.replays,
+            position: $shard.position,
+        }
+    };
+}
+
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 /// Events taken from the inbound queue before frames are flushed and sockets polled again.
@@ -462,30 +478,6 @@ impl Shard {
         }
     }
 
-    /// Borrows what a connection may touch, field by field, so the slab can stay borrowed.
-    #[allow(clippy::too_many_arguments)]
-    fn env<'a>(
-        cfg: &'a ConnConfig,
-        registry: &'a mut Registry,
-        out: &'a mut Vec<OutFrame>,
-        counters: &'a mut Counters,
-        replays: &'a mut Vec<u32>,
-        position: Option<EventId>,
-        key: usize,
-        now: u32,
-    ) -> Env<'a> {
-        Env {
-            cfg,
-            registry,
-            key: key as u32,
-            now,
-            out,
-            counters,
-            replays,
-            position,
-        }
-    }
-
     fn on_socket_event(&mut self, k: usize, readable: bool, writable: bool) {
         if writable && self.slab.contains(k) {
             self.settle(k);
@@ -503,16 +495,7 @@ impl Shard {
                     return;
                 }
                 Ok(n) => {
-                    let mut env = Self::env(
-                        &self.cfg,
-                        &mut self.registry,
-                        &mut self.out,
-                        &mut self.counters,
-                        &mut self.replays,
-                        self.position,
-                        k,
-                        self.now,
-                    );
+                    let mut env = conn_env!(self, k);
                     let incident = slot.conn.on_data(&mut self.scratch[..n], &mut env);
                     if let Some(i) = incident {
                         self.record(i);
@@ -571,16 +554,7 @@ impl Shard {
             }
             Ok(Err(_overflow)) => {
                 self.m.slow.inc();
-                let mut env = Self::env(
-                    &self.cfg,
-                    &mut self.registry,
-                    &mut self.out,
-                    &mut self.counters,
-                    &mut self.replays,
-                    self.position,
-                    k,
-                    self.now,
-                );
+                let mut env = conn_env!(self, k);
                 slot.conn.slow_consumer(&mut env);
                 if slot
                     .conn
@@ -704,16 +678,7 @@ impl Shard {
         if slot.conn.serial != serial || !slot.conn.receives_events() {
             return;
         }
-        let mut env = Self::env(
-            &self.cfg,
-            &mut self.registry,
-            &mut self.out,
-            &mut self.counters,
-            &mut self.replays,
-            self.position,
-            k,
-            self.now,
-        );
+        let mut env = conn_env!(self, k);
         slot.conn.finish_replay(outcome, self.position, &mut env);
         self.settle(k);
     }
@@ -787,16 +752,7 @@ impl Shard {
             let Some(slot) = self.slab.get_mut(k) else {
                 continue;
             };
-            let mut env = Self::env(
-                &self.cfg,
-                &mut self.registry,
-                &mut self.out,
-                &mut self.counters,
-                &mut self.replays,
-                self.position,
-                k,
-                self.now,
-            );
+            let mut env = conn_env!(self, k);
             if slot.conn.on_tick(&mut env) {
                 if slot.conn.phase == Phase::Handshake {
                     self.m
@@ -842,16 +798,7 @@ impl Shard {
             let Some(slot) = self.slab.get_mut(k) else {
                 continue;
             };
-            let mut env = Self::env(
-                &self.cfg,
-                &mut self.registry,
-                &mut self.out,
-                &mut self.counters,
-                &mut self.replays,
-                self.position,
-                k,
-                self.now,
-            );
+            let mut env = conn_env!(self, k);
             if slot.conn.shutdown(&mut env) {
                 self.out.clear();
                 self.remove(k);
