@@ -1,0 +1,871 @@
+//! `kernel_fanout`: a benchmark baseline, the kernel's limit for WebSocket fan-out.
+//!
+//! Owns one thing: measuring what fan-out costs when the server does nothing but the system
+//! calls (issue 4), so herald's numbers can be read as a ratio to it. It is never shipped. Per
+//! shard thread (`--shards N`, each with its own SO_REUSEPORT listener and mio/epoll loop):
+//!
+//! - reads the upgrade request head (httparse), answers 101 with the right
+//!   `Sec-WebSocket-Accept`, and in the same write a `connected` frame encoded once at start;
+//! - discards everything a client sends afterwards (no frame parsing, no pings, no pongs) and
+//!   closes the socket on EOF;
+//! - on each publish writes ONE frame, encoded once by the admin thread (the event JSON with a
+//!   fixed `subscriptions` list), with plain `write()` to every open connection. Publishes that
+//!   queued up while the shard was busy are joined once (per shard, up to 256) and written with
+//!   one `write()` per connection, as herald coalesces them into one `writev`; otherwise herald
+//!   would beat its own ceiling under bursts. What a socket does not take is kept in that
+//!   connection's buffer and flushed when it becomes writable, so every event is delivered;
+//!   only a connection whose buffer passes `--max-outbound-bytes` is closed (counted and
+//!   printed at exit).
+//!
+//! The URL's project and channels are not read: every connection gets the same `connected`
+//! frame (channels from `--channel`, default `files`, and one subscription id minted at start)
+//! and every event. The admin listener is a blocking thread per HTTP/1.1 connection
+//! (keep-alive): `POST /v1/events` frames the event, hands it to every shard over a crossbeam
+//! channel and wakes the shard (mio `Waker`), and replies `{"id":"<ms>-<seq>"}`; `GET /healthz`.
+//! SIGTERM/SIGINT: each shard sends close 1001 to every connection, waits up to 2 s for the
+//! clients to hang up, and the process exits 0.
+//!
+//! Run: `cargo build --release --examples && target/release/examples/kernel_fanout --listen
+//! 127.0.0.1:0 --admin 127.0.0.1:0 --shards 2`. A leading `serve` argument is accepted and
+//! ignored, so scripts written for `herald serve` work unchanged.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use slab::Slab;
+use socket2::{Domain, Protocol, Socket, Type};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX);
+/// Descriptors kept for listeners, epoll and the admin listener, as herald reports capacity.
+const RESERVED_FDS: u64 = 64;
+const BACKLOG: i32 = 4096;
+/// Largest upgrade request head; bigger ones get HTTP 431.
+const MAX_HEAD: usize = 16 * 1024;
+/// Largest publish request body.
+const MAX_BODY: usize = 256 * 1024;
+/// Publishes joined into one write per connection at most (herald takes 256 per wake).
+const MAX_BATCH: usize = 256;
+/// How long shutdown waits for clients to hang up after the close frame.
+const DRAIN: Duration = Duration::from_secs(2);
+/// An idle admin connection is dropped after this long.
+const ADMIN_IDLE: Duration = Duration::from_secs(30);
+
+#[derive(Parser)]
+#[command(
+    name = "kernel_fanout",
+    about = "Benchmark baseline: the least work a WebSocket fan-out server can do (mio, one frame for all)"
+)]
+struct Cli {
+    /// Address of the WebSocket listener (every shard binds it with SO_REUSEPORT).
+    #[arg(long, default_value = "0.0.0.0:9505")]
+    listen: SocketAddr,
+    /// Address of the admin HTTP listener (publish API, health).
+    #[arg(long, default_value = "127.0.0.1:9506")]
+    admin: SocketAddr,
+    /// Number of shards (event-loop threads). Default: one per CPU core.
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Channels listed in the `connected` frame every connection gets (repeat for several).
+    #[arg(long = "channel", default_value = "files")]
+    channels: Vec<String>,
+    /// Unsent bytes one connection may hold before it is closed (and counted).
+    #[arg(long, default_value_t = 64 << 20)]
+    max_outbound_bytes: usize,
+}
+
+/// What the admin side and the signal handler send to a shard.
+enum Command {
+    /// One pre-encoded WebSocket frame for every connection.
+    Frame(Arc<[u8]>),
+    Shutdown,
+}
+
+struct ShardHandle {
+    tx: Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted: AtomicU64,
+    /// Event frames written or queued, summed over connections.
+    frames_written: AtomicU64,
+    /// write() calls that started a fan-out to one connection.
+    writes: AtomicU64,
+    /// Fan-outs (one per wake with publishes queued, or per MAX_BATCH of them).
+    batches: AtomicU64,
+    overflow_closed: AtomicU64,
+    would_block: AtomicU64,
+}
+
+fn main() -> anyhow::Result<()> {
+    // `kernel_fanout serve --listen ...` works like `herald serve --listen ...`.
+    let args = std::env::args_os()
+        .enumerate()
+        .filter(|(i, a)| !(*i == 1 && a == "serve"))
+        .map(|(_, a)| a);
+    let cli = Cli::parse_from(args);
+    let shards = cli
+        .shards
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let soft = rlimit::Resource::NOFILE
+        .get()
+        .and_then(|(_, hard)| rlimit::increase_nofile_limit(hard))
+        .unwrap_or(1024);
+
+    // Bind everything before the startup line, so a client may connect as soon as it is printed.
+    let first = bind_reuseport(cli.listen)?;
+    let listen = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..shards {
+        listeners.push(bind_reuseport(listen)?);
+    }
+    let admin = StdTcpListener::bind(cli.admin)?;
+    let admin_addr = admin.local_addr()?;
+
+    let subscription = mint_id();
+    // Fields in Appwrite's order (serde_json's `json!` would sort them).
+    let connected = text_frame(
+        format!(
+            r#"{{"type":"connected","data":{{"channels":{},"subscriptions":["{subscription}"],"user":null}}}}"#,
+            serde_json::to_string(&cli.channels)?
+        )
+        .as_bytes(),
+    );
+    let counters = Arc::new(Counters::default());
+    let mut handles = Vec::new();
+    let mut threads = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        handles.push(ShardHandle { tx, waker });
+        let mut shard = Shard {
+            poll,
+            listener: TcpListener::from_std(listener),
+            conns: Slab::new(),
+            rx,
+            connected: connected.clone(),
+            max_outbound: cli.max_outbound_bytes,
+            counters: counters.clone(),
+            accept_paused: false,
+            draining: None,
+        };
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("shard-{i}"))
+                .spawn(move || shard.run())?,
+        );
+    }
+    let handles = Arc::new(handles);
+    let publisher = Arc::new(Publisher {
+        shards: handles.clone(),
+        ids: Mutex::new(IdClock::default()),
+        subscription,
+    });
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || admin_loop(admin, publisher))?;
+
+    // Before the startup line: a SIGTERM right after it must still stop the server cleanly.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    println!(
+        "kernel_fanout listening on ws://{listen}/v1/realtime ({shards} shards, capacity {} connections, bus: channel); admin on http://{admin_addr}",
+        soft.saturating_sub(RESERVED_FDS)
+    );
+
+    let _ = signals.forever().next();
+    for h in handles.iter() {
+        let _ = h.tx.send(Command::Shutdown);
+        let _ = h.waker.wake();
+    }
+    let mut left = 0;
+    for t in threads {
+        left += t.join().unwrap_or(0);
+    }
+    eprintln!(
+        "kernel_fanout: stopped; accepted {} connections, wrote {} event frames in {} fan-outs and {} writes ({} would block), closed {} over --max-outbound-bytes, {} still open at exit",
+        counters.accepted.load(Ordering::Relaxed),
+        counters.frames_written.load(Ordering::Relaxed),
+        counters.batches.load(Ordering::Relaxed),
+        counters.writes.load(Ordering::Relaxed),
+        counters.would_block.load(Ordering::Relaxed),
+        counters.overflow_closed.load(Ordering::Relaxed),
+        left
+    );
+    Ok(())
+}
+
+fn bind_reuseport(addr: SocketAddr) -> io::Result<StdTcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// A 20-hex-character id like the SDK's `ID.unique()`.
+fn mint_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "{:08x}{:05x}{:07x}",
+        now.as_secs() as u32,
+        now.subsec_micros() & 0xF_FFFF,
+        rand::random::<u32>() & 0x0FFF_FFFF
+    )
+}
+
+/// A server-to-client frame (final, unmasked) with opcode `op`.
+fn frame(op: u8, payload: &[u8]) -> Arc<[u8]> {
+    let mut out = Vec::with_capacity(payload.len() + 10);
+    out.push(0x80 | op);
+    match payload.len() {
+        n if n < 126 => out.push(n as u8),
+        n if n <= 0xFFFF => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+    out.into()
+}
+
+fn text_frame(payload: &[u8]) -> Arc<[u8]> {
+    frame(0x1, payload)
+}
+
+/// Close 1001 ("going away").
+fn close_frame() -> Arc<[u8]> {
+    frame(0x8, &1001u16.to_be_bytes())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shards: the data plane.
+
+enum Phase {
+    /// Reading the upgrade request head (kept here until complete).
+    Upgrading(Vec<u8>),
+    Open,
+    /// Close frame queued; the write side shuts once it is flushed.
+    Closing,
+}
+
+struct Conn {
+    stream: TcpStream,
+    phase: Phase,
+    /// Bytes the socket did not take yet; empty (no heap) while it keeps up.
+    unsent: Vec<u8>,
+    write_shut: bool,
+}
+
+/// What became of a connection after handling it.
+enum Fate {
+    Keep,
+    Drop,
+}
+
+struct Shard {
+    poll: Poll,
+    listener: TcpListener,
+    conns: Slab<Conn>,
+    rx: Receiver<Command>,
+    connected: Arc<[u8]>,
+    max_outbound: usize,
+    counters: Arc<Counters>,
+    /// Accepting failed (most likely EMFILE): retry on a timer instead of the next edge.
+    accept_paused: bool,
+    /// Set once shutdown began: the deadline for clients to hang up.
+    draining: Option<Instant>,
+}
+
+impl Shard {
+    /// Runs until shutdown has drained; returns the connections still open then.
+    fn run(&mut self) -> usize {
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut self.listener, LISTENER, Interest::READABLE)
+        {
+            eprintln!("kernel_fanout: cannot register the listener: {e}");
+            return 0;
+        }
+        let mut events = Events::with_capacity(1024);
+        let mut scratch = vec![0u8; 64 * 1024];
+        loop {
+            let timeout = match self.draining {
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if self.conns.is_empty() || now >= deadline {
+                        return self.conns.len();
+                    }
+                    Some(deadline - now)
+                }
+                None if self.accept_paused => Some(Duration::from_millis(10)),
+                None => None,
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                eprintln!("kernel_fanout: poll: {e}");
+                return self.conns.len();
+            }
+            if self.accept_paused && self.draining.is_none() {
+                self.accept();
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    WAKER => self.commands(),
+                    Token(k) => {
+                        let Some(conn) = self.conns.get_mut(k) else {
+                            continue;
+                        };
+                        let mut fate = Fate::Keep;
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            fate = self.on_readable(k, &mut scratch);
+                        } else if ev.is_writable() {
+                            fate = flush(conn);
+                        }
+                        if matches!(fate, Fate::Keep)
+                            && ev.is_writable()
+                            && let Some(conn) = self.conns.get_mut(k)
+                        {
+                            fate = flush(conn);
+                        }
+                        if matches!(fate, Fate::Drop) {
+                            self.close(k);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        self.accept_paused = false;
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let token = Token(entry.key());
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    entry.insert(Conn {
+                        stream,
+                        phase: Phase::Upgrading(Vec::new()),
+                        unsent: Vec::new(),
+                        write_shut: false,
+                    });
+                    self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(_) => {
+                    self.accept_paused = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes every queued publish (up to [`MAX_BATCH`] at a time) and writes them together:
+    /// one write per connection per wake, as herald coalesces queued events into one `writev`.
+    /// A lone publish is written as is; several are joined once per shard, never per connection.
+    fn commands(&mut self) {
+        let mut batch: Vec<Arc<[u8]>> = Vec::new();
+        while let Ok(cmd) = self.rx.try_recv() {
+            match cmd {
+                Command::Frame(frame) => {
+                    batch.push(frame);
+                    if batch.len() == MAX_BATCH {
+                        self.fan_out_batch(&mut batch);
+                    }
+                }
+                Command::Shutdown => {
+                    self.fan_out_batch(&mut batch);
+                    self.shutdown();
+                }
+            }
+        }
+        self.fan_out_batch(&mut batch);
+    }
+
+    fn fan_out_batch(&mut self, batch: &mut Vec<Arc<[u8]>>) {
+        match batch.len() {
+            0 => {}
+            1 => self.fan_out(&batch[0], 1),
+            n => self.fan_out(&batch.concat(), n as u64),
+        }
+        batch.clear();
+    }
+
+    /// The whole point: the same bytes (`frames` pre-encoded frames) to every open connection.
+    fn fan_out(&mut self, bytes: &[u8], frames: u64) {
+        let mut dead = Vec::new();
+        let mut delivered = 0u64;
+        let mut writes = 0u64;
+        let mut blocked = 0u64;
+        for (k, conn) in self.conns.iter_mut() {
+            if !matches!(conn.phase, Phase::Open) {
+                continue;
+            }
+            if !conn.unsent.is_empty() {
+                conn.unsent.extend_from_slice(bytes);
+                if conn.unsent.len() > self.max_outbound {
+                    dead.push(k);
+                } else {
+                    delivered += frames;
+                }
+                continue;
+            }
+            writes += 1;
+            match write_some(&mut conn.stream, bytes) {
+                Ok(n) if n == bytes.len() => delivered += frames,
+                Ok(n) => {
+                    blocked += 1;
+                    delivered += frames;
+                    conn.unsent.extend_from_slice(&bytes[n..]);
+                }
+                Err(_) => dead.push(k),
+            }
+        }
+        let c = Arc::clone(&self.counters);
+        c.frames_written.fetch_add(delivered, Ordering::Relaxed);
+        c.writes.fetch_add(writes, Ordering::Relaxed);
+        c.would_block.fetch_add(blocked, Ordering::Relaxed);
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        for k in dead {
+            if self.conns[k].unsent.len() > self.max_outbound {
+                c.overflow_closed.fetch_add(1, Ordering::Relaxed);
+            }
+            self.close(k);
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if self.draining.is_some() {
+            return;
+        }
+        self.draining = Some(Instant::now() + DRAIN);
+        let _ = self.poll.registry().deregister(&mut self.listener);
+        let close = close_frame();
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            let conn = &mut self.conns[k];
+            if !matches!(conn.phase, Phase::Open) {
+                self.close(k);
+                continue;
+            }
+            conn.phase = Phase::Closing;
+            conn.unsent.extend_from_slice(&close);
+            if matches!(flush(conn), Fate::Drop) {
+                self.close(k);
+            }
+        }
+    }
+
+    fn on_readable(&mut self, k: usize, scratch: &mut [u8]) -> Fate {
+        let conn = &mut self.conns[k];
+        loop {
+            let n = match conn.stream.read(scratch) {
+                Ok(0) => return Fate::Drop,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Fate::Keep,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Fate::Drop,
+            };
+            let Phase::Upgrading(head) = &mut conn.phase else {
+                // Client frames (pings, closes, messages) are read and discarded.
+                continue;
+            };
+            head.extend_from_slice(&scratch[..n]);
+            match upgrade_response(head) {
+                Upgrade::Incomplete if head.len() > MAX_HEAD => {
+                    let _ = conn
+                        .stream
+                        .write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                    return Fate::Drop;
+                }
+                Upgrade::Incomplete => {}
+                Upgrade::Refuse(response) => {
+                    let _ = conn.stream.write_all(response.as_bytes());
+                    return Fate::Drop;
+                }
+                Upgrade::Accept(response) => {
+                    // Anything after the head is a client frame: discarded.
+                    conn.phase = Phase::Open;
+                    let mut bytes = response.into_bytes();
+                    bytes.extend_from_slice(&self.connected);
+                    match write_some(&mut conn.stream, &bytes) {
+                        Ok(w) if w == bytes.len() => {}
+                        Ok(w) => conn.unsent.extend_from_slice(&bytes[w..]),
+                        Err(_) => return Fate::Drop,
+                    }
+                }
+            }
+        }
+    }
+
+    fn close(&mut self, k: usize) {
+        if let Some(mut conn) = self.conns.try_remove(k) {
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+        }
+    }
+}
+
+/// Writes what the socket takes of `unsent`; shuts the write side after a flushed close frame.
+fn flush(conn: &mut Conn) -> Fate {
+    if !conn.unsent.is_empty() {
+        match write_some(&mut conn.stream, &conn.unsent) {
+            Ok(n) if n == conn.unsent.len() => conn.unsent = Vec::new(),
+            Ok(n) => {
+                conn.unsent.drain(..n);
+                return Fate::Keep;
+            }
+            Err(_) => return Fate::Drop,
+        }
+    }
+    if matches!(conn.phase, Phase::Closing) && !conn.write_shut {
+        conn.write_shut = true;
+        let _ = conn.stream.shutdown(std::net::Shutdown::Write);
+    }
+    Fate::Keep
+}
+
+/// Writes as much of `bytes` as the socket takes now.
+fn write_some(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match stream.write(&bytes[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+enum Upgrade {
+    Incomplete,
+    Accept(String),
+    Refuse(String),
+}
+
+/// The answer to an upgrade request head, once it is complete.
+fn upgrade_response(head: &[u8]) -> Upgrade {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut headers);
+    let refuse = |status: &str| {
+        Upgrade::Refuse(format!(
+            "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        ))
+    };
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Upgrade::Incomplete,
+        Err(_) => return refuse("400 Bad Request"),
+    }
+    if !req.path.is_some_and(|p| p.starts_with("/v1/realtime")) {
+        return refuse("404 Not Found");
+    }
+    let key = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-key"))
+        .map(|h| h.value);
+    let Some(key) = key else {
+        return refuse("426 Upgrade Required");
+    };
+    let accept = tungstenite::handshake::derive_accept_key(key);
+    Upgrade::Accept(format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin: blocking HTTP/1.1, one thread per connection.
+
+/// `<ms>-<seq>` ids, increasing even when the clock steps back.
+#[derive(Default)]
+struct IdClock {
+    last_ms: u64,
+    seq: u64,
+}
+
+impl IdClock {
+    fn next(&mut self) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        if now > self.last_ms {
+            self.last_ms = now;
+            self.seq = 0;
+        } else {
+            self.seq += 1;
+        }
+        format!("{}-{}", self.last_ms, self.seq)
+    }
+}
+
+struct Publisher {
+    shards: Arc<Vec<ShardHandle>>,
+    /// Held while an event goes to the shards, so ids and delivery order agree.
+    ids: Mutex<IdClock>,
+    subscription: String,
+}
+
+/// `{"type":"event","data":{...}}`, fields in Appwrite's order.
+#[derive(Serialize)]
+struct EventMessage<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    data: EventData<'a>,
+}
+
+#[derive(Serialize)]
+struct EventData<'a> {
+    events: &'a [String],
+    channels: &'a [String],
+    timestamp: &'a str,
+    payload: &'a Value,
+    id: &'a str,
+    subscriptions: [&'a str; 1],
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    #[allow(dead_code)]
+    project: Option<String>,
+    channels: Vec<String>,
+    #[serde(default)]
+    events: Vec<String>,
+    #[allow(dead_code)]
+    roles: Option<Vec<String>>,
+    payload: Value,
+}
+
+impl Publisher {
+    /// Returns the HTTP status and JSON body of the reply.
+    fn publish(&self, body: &[u8]) -> (u16, Value) {
+        let bad = |message: String| (400, json!({"code": 400, "message": message}));
+        let body: PublishBody = match serde_json::from_slice(body) {
+            Ok(b) => b,
+            Err(e) => return bad(format!("invalid body: {e}")),
+        };
+        if body.channels.is_empty() {
+            return bad("channels must not be empty".into());
+        }
+        if !body.payload.is_object() {
+            return bad("payload must be a JSON object".into());
+        }
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        let id = ids.next();
+        let timestamp = chrono::Utc::now()
+            .format("%Y-%m-%dT%H:%M:%S%.3f+00:00")
+            .to_string();
+        let message = EventMessage {
+            kind: "event",
+            data: EventData {
+                events: &body.events,
+                channels: &body.channels,
+                timestamp: &timestamp,
+                payload: &body.payload,
+                id: &id,
+                subscriptions: [&self.subscription],
+            },
+        };
+        let Ok(message) = serde_json::to_vec(&message) else {
+            return (
+                500,
+                json!({"code": 500, "message": "cannot encode the event"}),
+            );
+        };
+        let frame = text_frame(&message);
+        for shard in self.shards.iter() {
+            let _ = shard.tx.send(Command::Frame(frame.clone()));
+            let _ = shard.waker.wake();
+        }
+        drop(ids);
+        (200, json!({"id": id}))
+    }
+}
+
+fn admin_loop(listener: StdTcpListener, publisher: Arc<Publisher>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        let publisher = publisher.clone();
+        let _ = std::thread::Builder::new()
+            .name("admin-conn".into())
+            .spawn(move || {
+                let _ = admin_conn(stream, &publisher);
+            });
+    }
+}
+
+/// Serves HTTP/1.1 requests on one connection until it closes or idles out.
+fn admin_conn(mut stream: StdTcpStream, publisher: &Publisher) -> io::Result<()> {
+    stream.set_read_timeout(Some(ADMIN_IDLE))?;
+    let _ = stream.set_nodelay(true);
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        // Read one request head.
+        let (head_len, method, path, content_length, expect_continue, keep_alive) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let header = |name: &str| {
+                        req.headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name))
+                            .map(|h| String::from_utf8_lossy(h.value).to_ascii_lowercase())
+                    };
+                    if header("transfer-encoding").is_some() {
+                        respond(
+                            &mut stream,
+                            411,
+                            &json!({"code": 411, "message": "send a content-length"}),
+                            false,
+                        )?;
+                        return Ok(());
+                    }
+                    let Some(length) = header("content-length")
+                        .map(|v| v.trim().parse::<usize>())
+                        .transpose()
+                        .ok()
+                    else {
+                        respond(
+                            &mut stream,
+                            400,
+                            &json!({"code": 400, "message": "bad content-length"}),
+                            false,
+                        )?;
+                        return Ok(());
+                    };
+                    let close = header("connection").is_some_and(|v| v.contains("close"))
+                        || req.version == Some(0);
+                    break (
+                        len,
+                        req.method.unwrap_or("").to_owned(),
+                        req.path.unwrap_or("").to_owned(),
+                        length.unwrap_or(0),
+                        header("expect").is_some_and(|v| v.contains("100-continue")),
+                        !close,
+                    );
+                }
+                Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {}
+                _ => {
+                    respond(
+                        &mut stream,
+                        400,
+                        &json!({"code": 400, "message": "bad request"}),
+                        false,
+                    )?;
+                    return Ok(());
+                }
+            }
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        buf.drain(..head_len);
+        if content_length > MAX_BODY {
+            respond(
+                &mut stream,
+                413,
+                &json!({"code": 413, "message": format!("request body exceeds {MAX_BODY} bytes")}),
+                false,
+            )?;
+            return Ok(());
+        }
+        if expect_continue && buf.len() < content_length {
+            stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        while buf.len() < content_length {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let body: Vec<u8> = buf.drain(..content_length).collect();
+        let path = path.split('?').next().unwrap_or("");
+        let (status, reply) = match (method.as_str(), path) {
+            ("POST", "/v1/events") => publisher.publish(&body),
+            ("GET", "/healthz") => (200, json!({"status": "ok"})),
+            _ => (
+                404,
+                json!({"code": 404, "message": "no such admin endpoint"}),
+            ),
+        };
+        respond(&mut stream, status, &reply, keep_alive)?;
+        if !keep_alive {
+            return Ok(());
+        }
+    }
+}
+
+fn respond(
+    stream: &mut StdTcpStream,
+    status: u16,
+    body: &Value,
+    keep_alive: bool,
+) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        411 => "Length Required",
+        500 => "Internal Server Error",
+        413 => "Payload Too Large",
+        _ => "",
+    };
+    let body = body.to_string();
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let response = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: {connection}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes())
+}

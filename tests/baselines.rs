@@ -1,0 +1,242 @@
+//! The benchmark baselines (`examples/naive_server.rs`, `examples/kernel_fanout.rs`) still speak
+//! the protocol subset the benchmarks drive: startup line, `connected`, one published event with
+//! its payload, id and subscription, and a clean stop on SIGTERM.
+//!
+//! Builds nothing itself: `cargo test` builds the examples next to the binaries, under
+//! `target/<profile>/examples/`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use common::{connect, expect_close, next_json, send};
+
+struct Baseline {
+    child: Child,
+    ws: SocketAddr,
+    admin: SocketAddr,
+    startup_line: String,
+}
+
+impl Baseline {
+    fn start(name: &str) -> Self {
+        let path: PathBuf = std::path::Path::new(env!("CARGO_BIN_EXE_herald"))
+            .parent()
+            .expect("target directory")
+            .join("examples")
+            .join(name);
+        assert!(
+            path.exists(),
+            "{} is missing: `cargo test` builds the examples (a run filtered with --test does \
+             not; run `cargo build --examples` first, with the same profile)",
+            path.display()
+        );
+        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(format!("{name}.rs"));
+        let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        assert!(
+            modified(&source) <= modified(&path),
+            "{} is older than {}: run `cargo test` without --test (it builds the examples), or \
+             `cargo build --examples` with the same profile",
+            path.display(),
+            source.display()
+        );
+        let mut child = Command::new(&path)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin",
+                "127.0.0.1:0",
+                "--shards",
+                "1",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", path.display()));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("startup line");
+        let grab = |marker: &str| -> SocketAddr {
+            let start = line
+                .find(marker)
+                .unwrap_or_else(|| panic!("no {marker} in {line:?}"))
+                + marker.len();
+            let rest = &line[start..];
+            let end = rest
+                .find(|c: char| c == '/' || c.is_whitespace())
+                .unwrap_or(rest.len());
+            rest[..end].parse().expect("address")
+        };
+        let ws = grab("ws://");
+        let admin = grab("admin on http://");
+        Self {
+            child,
+            ws,
+            admin,
+            startup_line: line,
+        }
+    }
+
+    fn post(&self, body: &str) -> (u16, Value) {
+        let mut resp = ureq::post(&format!("http://{}/v1/events", self.admin))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .header("content-type", "application/json")
+            .send(body)
+            .expect("admin reachable");
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().expect("body");
+        (status, serde_json::from_str(&text).expect("JSON reply"))
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "no exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_event_id(id: &str) -> bool {
+    id.split_once('-').is_some_and(|(ms, seq)| {
+        !ms.is_empty()
+            && !seq.is_empty()
+            && ms.bytes().all(|b| b.is_ascii_digit())
+            && seq.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+/// Connect, publish one event, check it arrives intact, stop with SIGTERM.
+async fn round_trip(name: &str) {
+    let mut server = Baseline::start(name);
+    assert!(
+        server.startup_line.starts_with(&format!(
+            "{name} listening on ws://{}/v1/realtime (",
+            server.ws
+        )),
+        "{:?}",
+        server.startup_line
+    );
+    assert!(
+        server
+            .startup_line
+            .trim_end()
+            .ends_with(&format!("; admin on http://{}", server.admin)),
+        "{:?}",
+        server.startup_line
+    );
+    let health = ureq::get(&format!("http://{}/healthz", server.admin))
+        .call()
+        .expect("healthz")
+        .status();
+    assert_eq!(health, 200);
+
+    let url = format!("ws://{}/v1/realtime?project=p&channels[]=files", server.ws);
+    let (mut ws, connected) = connect(&url).await;
+    assert_eq!(
+        connected["data"]["channels"],
+        json!(["files"]),
+        "{connected}"
+    );
+    assert_eq!(connected["data"]["user"], Value::Null, "{connected}");
+    let sub = connected["data"]["subscriptions"][0]
+        .as_str()
+        .expect("subscription id")
+        .to_owned();
+    assert!(
+        sub.len() == 20 && sub.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{sub:?}"
+    );
+
+    let payload = json!({"$id": "f1", "name": "report.pdf", "size": 1234});
+    let (status, reply) = server.post(
+        &json!({"project": "p", "channels": ["files"], "events": ["buckets.b.files.f1.create"],
+                "payload": payload})
+        .to_string(),
+    );
+    assert_eq!(status, 200, "{reply}");
+    let id = reply["id"].as_str().expect("id").to_owned();
+    assert!(is_event_id(&id), "{id:?}");
+
+    let event = tokio::time::timeout(Duration::from_secs(3), next_json(&mut ws))
+        .await
+        .expect("event within 3 s");
+    assert_eq!(event["type"], "event", "{event}");
+    let data = &event["data"];
+    assert_eq!(data["payload"], payload, "{event}");
+    assert_eq!(data["id"], id.as_str(), "{event}");
+    assert_eq!(data["channels"], json!(["files"]), "{event}");
+    assert_eq!(
+        data["events"],
+        json!(["buckets.b.files.f1.create"]),
+        "{event}"
+    );
+    assert_eq!(data["subscriptions"], json!([sub]), "{event}");
+    assert!(
+        data["timestamp"].as_str().is_some_and(|t| t.len() == 29),
+        "{event}"
+    );
+
+    // A second event gets a later id.
+    let (status, reply) = server.post(r#"{"project":"p","channels":["files"],"payload":{}}"#);
+    assert_eq!(status, 200, "{reply}");
+    let second = reply["id"].as_str().expect("id").to_owned();
+    assert_ne!(second, id);
+    let event = next_json(&mut ws).await;
+    assert_eq!(event["data"]["id"], second.as_str(), "{event}");
+
+    let (status, _) = server.post(r#"{"project":"p","channels":[],"payload":{}}"#);
+    assert_eq!(status, 400);
+
+    if name == "naive_server" {
+        send(&mut ws, r#"{"type":"ping"}"#).await;
+        assert_eq!(next_json(&mut ws).await, json!({"type": "pong"}));
+    }
+
+    // SIGTERM: close 1001, then a clean exit.
+    let term = std::thread::spawn({
+        let pid = server.child.id();
+        move || {
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .expect("kill")
+        }
+    });
+    assert_eq!(expect_close(&mut ws, Duration::from_secs(3)).await, 1001);
+    drop(ws);
+    assert!(term.join().expect("kill thread").success());
+    let status = server.wait_exit(Duration::from_secs(3));
+    assert!(status.success(), "{name} exited with {status}");
+}
+
+#[tokio::test]
+async fn naive_server_round_trip() {
+    round_trip("naive_server").await;
+}
+
+#[tokio::test]
+async fn kernel_fanout_round_trip() {
+    round_trip("kernel_fanout").await;
+}
