@@ -35,8 +35,9 @@ use crate::{
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 const STATUS_EVERY: Duration = Duration::from_secs(1);
-/// Deliveries count as finished once none arrived for this long.
-const QUIET: Duration = Duration::from_secs(1);
+/// Deliveries count as finished once none arrived for this long (a server may stage a whole
+/// batch of events for every connection before it writes anything).
+const QUIET: Duration = Duration::from_secs(3);
 /// Per-event figures kept per phase (time to first and last subscriber).
 const MAX_EVENTS_REPORTED: usize = 20_000;
 /// Percentiles of the latency curves in the report.
@@ -107,9 +108,11 @@ pub(crate) struct FanoutArgs {
     /// Length of each rate phase.
     #[arg(long, default_value = "4s", value_parser = humantime::parse_duration)]
     phase_time: Duration,
-    /// A rate is kept up with when the last delivery comes at most this long after the last
-    /// publish (and nothing is lost or duplicated, and the publisher kept its schedule).
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    /// A rate is kept up with when nothing is lost or duplicated, the publisher kept its
+    /// schedule, the time from publish to the last subscriber did not grow during the phase
+    /// (median of the last quarter of events at most 1.25 x that of the second quarter + 50 ms),
+    /// and the last delivery came at most this long after the last publish.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     max_drain: Duration,
     /// Upper bound on waiting for deliveries after the last publish of a phase.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
@@ -445,6 +448,18 @@ impl Coordinator<'_> {
                     bump_n(map, k.clone(), v.as_u64().unwrap_or(0));
                 }
             }
+        }
+        if search.is_none() {
+            // No search: the best fixed rate every subscriber kept up with.
+            search = self
+                .phases
+                .iter()
+                .filter(|p| p["kind"] == "rate" && p["sustained"] == true)
+                .max_by(|a, b| {
+                    let r = |p: &Value| p["rate"].as_f64().unwrap_or(0.0);
+                    r(a).total_cmp(&r(b))
+                })
+                .map(sustained_json);
         }
         let single = self
             .phases
@@ -824,7 +839,7 @@ impl Coordinator<'_> {
             if now != last {
                 last = now;
                 quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= Duration::from_millis(500) {
+            } else if quiet_since.elapsed() >= Duration::from_secs(1) {
                 return Ok(());
             }
         }
@@ -1026,18 +1041,27 @@ impl Coordinator<'_> {
         let mut ttl = new_hist();
         let mut ttf = new_hist();
         let mut incomplete = 0u64;
+        // Time to the last subscriber of each event, in publish order (None: incomplete).
+        let mut ttl_seq: Vec<Option<u64>> = Vec::with_capacity(channel_of.len());
         for (g, &chan) in channel_of.iter().enumerate().take(MAX_EVENTS_REPORTED) {
             let want = self.subscribers[usize::from(chan)];
             let (count, lo, hi) = per_event.get(g).copied().unwrap_or((0, 0, 0));
             if kind != Kind::Churn && count < want {
                 incomplete += 1;
+                ttl_seq.push(None);
                 continue;
             }
+            ttl_seq.push(Some(hi));
             if count > 0 {
                 let _ = ttl.record(hi.max(1));
                 let _ = ttf.record(lo.max(1));
             }
         }
+        let (ttl_q2, ttl_q4) = quarter_medians(&ttl_seq);
+        let backlog_grew = match (ttl_q2, ttl_q4) {
+            (Some(q2), Some(q4)) => q4 as f64 > 1.25 * q2 as f64 + 50_000.0,
+            _ => false,
+        };
         let deliver_secs = (last_recv.saturating_sub(first_sent)) as f64 / 1e6;
         let drain_s = if last_recv > 0 {
             (last_recv as f64 - last_sent as f64) / 1e6
@@ -1054,7 +1078,8 @@ impl Coordinator<'_> {
             Kind::Rate { rate, .. } => published == events && achieved >= 0.95 * rate,
             _ => published == events,
         };
-        let sustained = clean && kept_schedule && drain_s <= args.max_drain.as_secs_f64();
+        let sustained =
+            clean && kept_schedule && !backlog_grew && drain_s <= args.max_drain.as_secs_f64();
         let cpu = match (before, after) {
             (Some(b), Some(a)) => Some(a.cpu - b.cpu),
             _ => None,
@@ -1095,6 +1120,9 @@ impl Coordinator<'_> {
             "time_to_last_subscriber_ms": percentiles_ms(&ttl),
             "time_to_first_subscriber_ms": percentiles_ms(&ttf),
             "incomplete_events": incomplete,
+            "ttl_median_ms_q2_q4": [ttl_q2.map(|v| v as f64 / 1000.0), ttl_q4.map(|v| v as f64 / 1000.0)],
+            "backlog_grew": backlog_grew,
+            "stray": sum("stray"),
             "clean": clean,
             "sustained": sustained,
             "start_s": publish_start.duration_since(self.start).as_secs_f64(),
@@ -1106,12 +1134,15 @@ impl Coordinator<'_> {
             },
         });
         eprintln!(
-            "herald-bench [{}] phase {id} {label}: published {published} ({achieved:.1}/s), delivered {unique}/{exp} ({missing} missing, {dups} dup, {lost} conns lost), {:.0} msg/s, drain {:.3}s, latency p50 {} p99 {} ms{}",
+            "herald-bench [{}] phase {id} {label}: published {published} ({achieved:.1}/s), delivered {unique}/{exp} ({missing} missing, {dups} dup, {lost} conns lost), {:.0} msg/s, drain {:.3}s, latency p50 {} p99 {} ms, last subscriber p50 {} ms (2nd/4th quarter {}/{}){}",
             args.label,
             delivered_per_s,
             drain_s,
             fmt_ms(&result["latency_ms"]["p50"]),
             fmt_ms(&result["latency_ms"]["p99"]),
+            fmt_ms(&result["time_to_last_subscriber_ms"]["p50"]),
+            fmt_ms(&result["ttl_median_ms_q2_q4"][0]),
+            fmt_ms(&result["ttl_median_ms_q2_q4"][1]),
             if matches!(kind, Kind::Rate { .. }) {
                 if sustained {
                     " -> kept up"
@@ -1160,18 +1191,41 @@ impl Coordinator<'_> {
             }
         }
         Ok(match best {
-            Some(r) => json!({
-                "rate": best_rate,
-                "first_failing_rate": fail_rate,
-                "phase": r["id"],
-                "delivered_per_s": r["delivered_per_s"],
-                "latency_ms": r["latency_ms"],
-                "time_to_last_subscriber_ms": r["time_to_last_subscriber_ms"],
-                "cpu_s_per_million_delivered": r["server"]["cpu_s_per_million_delivered"],
-            }),
+            Some(r) => {
+                let mut v = sustained_json(&r);
+                v["first_failing_rate"] = json!(fail_rate);
+                v
+            }
             None => json!({"rate": null, "first_failing_rate": fail_rate}),
         })
     }
+}
+
+/// Medians of the second and the last quarter of a sequence (events every subscriber got).
+fn quarter_medians(seq: &[Option<u64>]) -> (Option<u64>, Option<u64>) {
+    let n = seq.len();
+    if n < 8 {
+        return (None, None);
+    }
+    let median = |part: &[Option<u64>]| {
+        let mut v: Vec<u64> = part.iter().flatten().copied().collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied()
+    };
+    (median(&seq[n / 4..n / 2]), median(&seq[3 * n / 4..]))
+}
+
+/// The figures of the phase at the highest rate kept up with.
+fn sustained_json(r: &Value) -> Value {
+    json!({
+        "rate": r["rate"],
+        "first_failing_rate": null,
+        "phase": r["id"],
+        "delivered_per_s": r["delivered_per_s"],
+        "latency_ms": r["latency_ms"],
+        "time_to_last_subscriber_ms": r["time_to_last_subscriber_ms"],
+        "cpu_s_per_million_delivered": r["server"]["cpu_s_per_million_delivered"],
+    })
 }
 
 fn fmt_ms(v: &Value) -> String {
@@ -1221,6 +1275,15 @@ pub(crate) fn machine() -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quarters() {
+        let flat: Vec<Option<u64>> = (0..16).map(|_| Some(100)).collect();
+        assert_eq!(quarter_medians(&flat), (Some(100), Some(100)));
+        let growing: Vec<Option<u64>> = (0..16).map(|i| Some(i * 10)).collect();
+        assert_eq!(quarter_medians(&growing), (Some(60), Some(140)));
+        assert_eq!(quarter_medians(&growing[..4]), (None, None));
+    }
 
     #[test]
     fn splitmix_is_deterministic_and_uniform() {
