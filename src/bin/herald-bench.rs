@@ -23,6 +23,9 @@
 //! and the TCP accept loop; [`report`] the merged results and the HTML report. It must not know
 //! herald's internals beyond its client frame codec and [`herald::limits`].
 
+// The phase summaries are large `json!` literals.
+#![recursion_limit = "256"]
+
 #[path = "herald-bench/client.rs"]
 mod client;
 #[path = "herald-bench/connect.rs"]

@@ -112,8 +112,13 @@ pub(crate) struct FanoutArgs {
     /// schedule, the time from publish to the last subscriber did not grow during the phase
     /// (median of the last quarter of events at most 1.25 x that of the second quarter + 50 ms),
     /// and the last delivery came at most this long after the last publish.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     max_drain: Duration,
+    /// Abandon a rate phase once deliveries fall this far behind the publish schedule (it did
+    /// not keep up; a server that buffers without bound would otherwise build a backlog that
+    /// takes minutes to drain).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    max_lag: Duration,
     /// Upper bound on waiting for deliveries after the last publish of a phase.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -378,7 +383,14 @@ impl Coordinator<'_> {
             ));
         }
         let mut search: Option<Value> = None;
+        // The lightest phases first: the search ends above what the server keeps up with.
         if connected > 0 {
+            if args.single > 0 {
+                self.phase(Kind::Single, args.single as u64)?;
+            }
+            if args.burst > 0 {
+                self.phase(Kind::Burst, args.burst as u64)?;
+            }
             for &rate in &args.rates {
                 self.phase(
                     Kind::Rate {
@@ -390,12 +402,6 @@ impl Coordinator<'_> {
             }
             if args.find_max {
                 search = Some(self.find_max()?);
-            }
-            if args.burst > 0 {
-                self.phase(Kind::Burst, args.burst as u64)?;
-            }
-            if args.single > 0 {
-                self.phase(Kind::Single, args.single as u64)?;
             }
         }
         let mut memory = json!({
@@ -884,12 +890,24 @@ impl Coordinator<'_> {
             Kind::Burst => (f64::INFINITY, Duration::ZERO),
         };
         let label = match kind {
-            Kind::Rate { rate, .. } => format!("{rate:.0} events/s"),
+            Kind::Rate { rate, .. } => format!("{} events/s", fmt_rate(rate)),
             Kind::Churn => format!("{:.0}%/s churn", args.churn * 100.0),
             Kind::Single => format!("one event per {:?}", args.single_gap),
             Kind::Burst => "burst".into(),
         };
         let mut times: Vec<Vec<u64>> = vec![Vec::new(); args.channels];
+        // Deliveries owed so far (subscribers of each published event's channel).
+        let mut owed = 0u64;
+        let mut abandoned: Option<String> = None;
+        let max_lag = match kind {
+            Kind::Rate { rate, .. } => {
+                let subs: u64 = self.subscribers.iter().sum();
+                Some(
+                    (rate * args.max_lag.as_secs_f64() * subs as f64 / args.channels as f64) as u64,
+                )
+            }
+            _ => None,
+        };
         let mut channel_of: Vec<u16> = Vec::with_capacity(events as usize);
         let mut publish_hist: Histogram<u64> = new_hist();
         let mut retries = 0u64;
@@ -907,6 +925,18 @@ impl Coordinator<'_> {
             }
             if k % 16 == 0 {
                 self.status = format!("phase {id} ({label}): published {k}/{events}");
+            }
+            if let Some(limit) = max_lag {
+                let behind = owed.saturating_sub(self.totals().phase_delivered);
+                if behind > limit {
+                    let msg = format!(
+                        "abandoned after {k} events: {behind} deliveries behind (more than {:?} of the offered load)",
+                        args.max_lag
+                    );
+                    eprintln!("herald-bench [{}] phase {id}: {msg}", args.label);
+                    abandoned = Some(msg);
+                    break;
+                }
             }
             let chan = if args.channels == 1 {
                 0
@@ -938,6 +968,7 @@ impl Coordinator<'_> {
             }
             let _ = publish_hist.record((t.elapsed().as_micros() as u64).max(1));
             times[chan].push(sent);
+            owed += self.subscribers[chan];
             channel_of.push(chan as u16);
             last_sent = sent;
         }
@@ -1077,7 +1108,7 @@ impl Coordinator<'_> {
         let kept_schedule = match kind {
             Kind::Rate { rate, .. } => published == events && achieved >= 0.95 * rate,
             _ => published == events,
-        };
+        } && abandoned.is_none();
         let sustained =
             clean && kept_schedule && !backlog_grew && drain_s <= args.max_drain.as_secs_f64();
         let cpu = match (before, after) {
@@ -1102,6 +1133,7 @@ impl Coordinator<'_> {
             "busy_retries": retries,
             "publish_latency_ms": percentiles_ms(&publish_hist),
             "error": error,
+            "abandoned": abandoned,
             "connections_at_start": open_at_start,
             "closed_by_us": closed_by_us,
             "connections_judged": judged,
@@ -1226,6 +1258,14 @@ fn sustained_json(r: &Value) -> Value {
         "time_to_last_subscriber_ms": r["time_to_last_subscriber_ms"],
         "cpu_s_per_million_delivered": r["server"]["cpu_s_per_million_delivered"],
     })
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r.fract() == 0.0 {
+        format!("{r:.0}")
+    } else {
+        format!("{r:.2}")
+    }
 }
 
 fn fmt_ms(v: &Value) -> String {
