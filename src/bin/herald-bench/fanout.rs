@@ -37,7 +37,9 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// Deliveries count as finished once none arrived for this long (a server may stage a whole
 /// batch of events for every connection before it writes anything).
-const QUIET: Duration = Duration::from_secs(3);
+/// Phases whose expected count is known end as soon as it arrived; this only bounds the wait
+/// when something is missing.
+const QUIET: Duration = Duration::from_secs(10);
 /// Per-event figures kept per phase (time to first and last subscriber).
 const MAX_EVENTS_REPORTED: usize = 20_000;
 /// Percentiles of the latency curves in the report.
@@ -120,7 +122,7 @@ pub(crate) struct FanoutArgs {
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     max_lag: Duration,
     /// Upper bound on waiting for deliveries after the last publish of a phase.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
     /// A burst phase: this many events back to back.
     #[arg(long, default_value_t = 0)]

@@ -97,10 +97,43 @@ fn metrics(scenario: &str, v: &Value) -> Value {
                     "latency_ms": churn["latency_ms"],
                 })},
                 "memory": v["memory"],
+                "server_cpu_s_per_million_by_rate": cpu_by_rate(v),
                 "checks_failed": v["checks_failed"],
             })
         }
     }
+}
+
+/// Server CPU seconds per million delivered messages at each rate the server kept up with: at
+/// the same rate, the ratio between two servers is their cost per message, which a busy
+/// machine disturbs far less than their ceilings.
+fn cpu_by_rate(v: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for p in v["phases"].as_array().into_iter().flatten() {
+        if (p["kind"] == "search" || p["kind"] == "rate")
+            && p["sustained"] == true
+            && let (Some(rate), Some(cpu)) = (
+                num(&p["rate"]),
+                num(&p["server"]["cpu_s_per_million_delivered"]),
+            )
+        {
+            out.insert(format!("{rate}"), json!(cpu));
+        }
+    }
+    Value::Object(out)
+}
+
+/// `subject / baseline` of the CPU cost per message at every rate both kept up with.
+fn cpu_ratios(subject: &Value, baseline: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    for (rate, a) in subject.as_object().into_iter().flatten() {
+        if let (Some(a), Some(b)) = (num(a), num(&baseline[rate]))
+            && b > 0.0
+        {
+            out.insert(rate.clone(), json!(a / b));
+        }
+    }
+    Value::Object(out)
 }
 
 fn num(v: &Value) -> Option<f64> {
@@ -174,6 +207,15 @@ pub(crate) fn compare(args: &CompareArgs) -> anyhow::Result<u8> {
             {
                 r.insert(k.clone(), json!(a / b));
             }
+        }
+        if scenario != "connect" {
+            r.insert(
+                "server_cpu_per_message_at_same_rate".into(),
+                cpu_ratios(
+                    &subj_m["server_cpu_s_per_million_by_rate"],
+                    &m["server_cpu_s_per_million_by_rate"],
+                ),
+            );
         }
         ratios.insert(label.clone(), Value::Object(r));
     }
@@ -296,9 +338,22 @@ fn summary_line(
                 );
             }
             for (label, r) in ratios {
+                let cpu: Vec<f64> = r["server_cpu_per_message_at_same_rate"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(_, v)| num(v))
+                    .collect();
+                let cpu = if cpu.is_empty() {
+                    String::new()
+                } else {
+                    let lo = cpu.iter().copied().fold(f64::MAX, f64::min);
+                    let hi = cpu.iter().copied().fold(f64::MIN, f64::max);
+                    format!(", server CPU per message at the same rates {lo:.2}-{hi:.2}x")
+                };
                 let _ = write!(
                     s,
-                    " {subject}/{label}: delivered {}x, last-subscriber p99 {}x;",
+                    " {subject}/{label}: delivered {}x, last-subscriber p99 {}x{cpu};",
                     num(&r["delivered_per_s"]).map_or("-".into(), |x| format!("{x:.2}")),
                     num(&r["ttl_p99_ms"]).map_or("-".into(), |x| format!("{x:.2}")),
                 );
