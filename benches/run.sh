@@ -252,7 +252,7 @@ scenario_channels() {
     echo "== channels: $N connections over $channels channels (Zipf 1); herald, naive_server" >&2
     # shellcheck disable=SC2046
     for s in herald naive; do
-        fanout_run "$s" channels --channels "$channels" --zipf 1 --pad 0,256,1024 \
+        fanout_run "$s" channels --channels "$channels" --zipf 1 --pad 0,256,1024 --publishers 4 \
             $(rate_args 50 100) --burst "$((BURST * 5))"
     done
     compare channels herald="$OUT/channels-herald.json" naive="$OUT/channels-naive.json"

@@ -26,7 +26,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use crate::client::{hist_merge_json, new_hist, percentiles_ms};
-use crate::publish::{Sink, payload};
+use crate::publish::{Job, Pool, Sink};
 use crate::worker::{WorkerSpec, zipf_cdf};
 use crate::{
     Target, bump_n, check_source_ips, fd_capacity, parse_source_ips, probe, proc_cpu_seconds,
@@ -146,6 +146,10 @@ pub(crate) struct FanoutArgs {
     /// Close every connection at the end and measure the server's memory again after `--settle`.
     #[arg(long)]
     close_at_end: bool,
+    /// Publisher connections (threads); each channel always uses the same one, so events of a
+    /// channel stay in order.
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
     /// Payload padding in bytes; several values (e.g. 0,256,2048) make a random mix.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pad: Vec<usize>,
@@ -237,6 +241,7 @@ struct Coordinator<'a> {
     /// Subscribers per channel as reported by the workers when they were ready.
     subscribers: Vec<u64>,
     sink: Sink,
+    pool: Pool,
     stop: Arc<AtomicBool>,
     phases: Vec<Value>,
     next_phase: u32,
@@ -318,6 +323,13 @@ pub(crate) fn run(args: &FanoutArgs) -> anyhow::Result<u8> {
     )
     .context("the publish probe failed")?;
 
+    let names = Arc::new(channel_names.clone());
+    let make_sink = || match (&args.redis, &args.admin) {
+        (Some(url), _) => Sink::redis(url, &args.stream),
+        (None, Some(admin)) => Sink::http(admin),
+        (None, None) => bail!("give --admin URL (HTTP publish API) or --redis URL"),
+    };
+    let pool = Pool::new(args.publishers, &make_sink, &args.project, names)?;
     let capacity = fd_capacity()?.saturating_sub(16).max(1);
     let needed = args.connections.div_ceil(capacity);
     let workers = args.workers.unwrap_or(1).max(needed);
@@ -344,6 +356,7 @@ pub(crate) fn run(args: &FanoutArgs) -> anyhow::Result<u8> {
         channel_names,
         subscribers: vec![0; args.channels],
         sink,
+        pool,
         stop,
         phases: Vec::new(),
         next_phase: 1,
@@ -629,6 +642,11 @@ impl Coordinator<'_> {
             if self.stop.load(Ordering::Relaxed) {
                 bail!("interrupted");
             }
+            // Whatever arrived, even when the caller is already late (a publisher behind its
+            // schedule must still see current progress).
+            while let Ok((i, v)) = self.rx.try_recv() {
+                self.handle(i, v);
+            }
             let now = Instant::now();
             if now >= self.deadline {
                 bail!("the run exceeded --max-time {:?}", self.args.max_time);
@@ -649,27 +667,30 @@ impl Coordinator<'_> {
                 .min(self.next_status)
                 .saturating_duration_since(now);
             match self.rx.recv_timeout(wait) {
-                Ok((i, v)) => {
-                    if v["k"] == "p" {
-                        let u = |k: &str| v[k].as_u64().unwrap_or(0);
-                        self.progress[i] = Progress {
-                            open: u("open"),
-                            inflight: u("inflight"),
-                            failed: u("failed"),
-                            lost: u("lost"),
-                            phase_delivered: u("pd"),
-                            received: u("rx"),
-                            events: u("ev"),
-                            closed_by_us: u("closed_by_us"),
-                        };
-                    } else {
-                        self.inbox.push_back((i, v));
-                    }
-                }
+                Ok((i, v)) => self.handle(i, v),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 // Every worker is gone; their last words are in the inbox.
                 Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
             }
+        }
+    }
+
+    /// Books one worker message: progress is kept, everything else waits in the inbox.
+    fn handle(&mut self, i: usize, v: Value) {
+        if v["k"] == "p" {
+            let u = |k: &str| v[k].as_u64().unwrap_or(0);
+            self.progress[i] = Progress {
+                open: u("open"),
+                inflight: u("inflight"),
+                failed: u("failed"),
+                lost: u("lost"),
+                phase_delivered: u("pd"),
+                received: u("rx"),
+                events: u("ev"),
+                closed_by_us: u("closed_by_us"),
+            };
+        } else {
+            self.inbox.push_back((i, v));
         }
     }
 
@@ -903,10 +924,18 @@ impl Coordinator<'_> {
         let mut abandoned: Option<String> = None;
         let max_lag = match kind {
             Kind::Rate { rate, .. } => {
-                let subs: u64 = self.subscribers.iter().sum();
-                Some(
-                    (rate * args.max_lag.as_secs_f64() * subs as f64 / args.channels as f64) as u64,
-                )
+                // Subscribers per event on average: events pick channels by the same Zipf law.
+                let per_event: f64 = self
+                    .cdf
+                    .iter()
+                    .zip(&self.subscribers)
+                    .scan(0.0, |prev, (&c, &subs)| {
+                        let p = c - *prev;
+                        *prev = c;
+                        Some(p * subs as f64)
+                    })
+                    .sum();
+                Some((rate * args.max_lag.as_secs_f64() * per_event).max(1.0) as u64)
             }
             _ => None,
         };
@@ -917,7 +946,10 @@ impl Coordinator<'_> {
         let publish_start = Instant::now();
         let first_sent = unix_us();
         let mut last_sent = first_sent;
+        let mut last_done = publish_start;
         let phase_deadline = publish_start + gap.mul_f64(events as f64) + Duration::from_secs(30);
+        let mut submitted = 0u64;
+        let mut completed = 0u64;
         for k in 0..events {
             let due = publish_start + gap.mul_f64(k as f64);
             if due > Instant::now() {
@@ -925,8 +957,21 @@ impl Coordinator<'_> {
             } else if k % 64 == 0 {
                 self.pump(Instant::now())?;
             }
+            self.collect_published(
+                &mut times,
+                &mut owed,
+                &mut completed,
+                &mut retries,
+                &mut publish_hist,
+                &mut error,
+                &mut last_sent,
+                &mut last_done,
+            );
+            if error.is_some() {
+                break;
+            }
             if k % 16 == 0 {
-                self.status = format!("phase {id} ({label}): published {k}/{events}");
+                self.status = format!("phase {id} ({label}): published {completed}/{events}");
             }
             if let Some(limit) = max_lag {
                 let behind = owed.saturating_sub(self.totals().phase_delivered);
@@ -952,30 +997,43 @@ impl Coordinator<'_> {
                 args.pad[(self.rng.next() % args.pad.len() as u64) as usize]
             };
             let seq = times[chan].len() as u64;
-            let sent = unix_us();
-            let body = payload(id, k, chan, seq, sent, pad);
-            let t = Instant::now();
-            match self.sink.publish_retrying(
-                &args.project,
-                &self.channel_names[chan],
-                &body,
-                phase_deadline,
-            ) {
-                Ok(r) => retries += r,
-                Err(e) => {
-                    error = Some(format!("{e:#}"));
-                    eprintln!("herald-bench: phase {id}: {e:#}; ending the phase early");
-                    break;
-                }
-            }
-            let _ = publish_hist.record((t.elapsed().as_micros() as u64).max(1));
-            times[chan].push(sent);
-            owed += self.subscribers[chan];
+            // Filled in with the send time when the publisher thread is done with it.
+            times[chan].push(u64::MAX);
             channel_of.push(chan as u16);
-            last_sent = sent;
+            self.pool.submit(Job {
+                phase: id,
+                index: k,
+                chan,
+                seq,
+                pad,
+                deadline: phase_deadline,
+            })?;
+            submitted += 1;
         }
-        let published = channel_of.len() as u64;
-        let publish_secs = publish_start.elapsed().as_secs_f64();
+        // Every submitted event is published (or failed) before the phase goes on.
+        while completed < submitted && Instant::now() < phase_deadline + Duration::from_secs(10) {
+            self.pump(Instant::now() + Duration::from_millis(5))?;
+            self.collect_published(
+                &mut times,
+                &mut owed,
+                &mut completed,
+                &mut retries,
+                &mut publish_hist,
+                &mut error,
+                &mut last_sent,
+                &mut last_done,
+            );
+        }
+        if completed < submitted {
+            error.get_or_insert_with(|| {
+                format!(
+                    "{} events were never confirmed by the publisher",
+                    submitted - completed
+                )
+            });
+        }
+        let published = completed;
+        let publish_secs = last_done.duration_since(publish_start).as_secs_f64();
         if kind == Kind::Churn {
             self.send_all(&json!({"cmd": "churn", "frac": 0}))?;
         }
@@ -1189,6 +1247,40 @@ impl Coordinator<'_> {
         );
         self.phases.push(result.clone());
         Ok(result)
+    }
+
+    /// Books the publisher threads' answers: send times, latency, retries, errors.
+    #[allow(clippy::too_many_arguments)]
+    fn collect_published(
+        &mut self,
+        times: &mut [Vec<u64>],
+        owed: &mut u64,
+        completed: &mut u64,
+        retries: &mut u64,
+        hist: &mut Histogram<u64>,
+        error: &mut Option<String>,
+        last_sent: &mut u64,
+        last_done: &mut Instant,
+    ) {
+        while let Some(d) = self.pool.try_done() {
+            *completed += 1;
+            *last_done = Instant::now();
+            if let Some(e) = d.error {
+                if error.is_none() {
+                    eprintln!(
+                        "herald-bench [{}]: {e}; ending the phase early",
+                        self.args.label
+                    );
+                }
+                error.get_or_insert(e);
+                continue;
+            }
+            times[d.chan][d.seq as usize] = d.sent;
+            *owed += self.subscribers[d.chan];
+            *retries += d.retries;
+            let _ = hist.record(d.latency_us);
+            *last_sent = (*last_sent).max(d.sent);
+        }
     }
 
     /// Doubles the rate until a phase does not keep up, then bisects.

@@ -3,6 +3,7 @@
 //! run drift; busy answers (503, 429) are retried with the same event, so subscribers never see
 //! a hole that is the publisher's doing.
 
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
@@ -180,6 +181,91 @@ impl Sink {
                 }
             }
         }
+    }
+}
+
+/// One event for the pool to publish.
+pub(crate) struct Job {
+    pub phase: u32,
+    pub index: u64,
+    pub chan: usize,
+    pub seq: u64,
+    pub pad: usize,
+    /// Give up retrying busy answers after this.
+    pub deadline: Instant,
+}
+
+/// What became of a job.
+pub(crate) struct Done {
+    pub chan: usize,
+    pub seq: u64,
+    /// Unix microseconds written into the payload just before the request.
+    pub sent: u64,
+    pub latency_us: u64,
+    pub retries: u64,
+    pub error: Option<String>,
+}
+
+/// Publisher threads, one connection each. All events of a channel go through the same
+/// thread, so they reach the server in order; different channels go out in parallel.
+pub(crate) struct Pool {
+    jobs: Vec<mpsc::Sender<Job>>,
+    done: mpsc::Receiver<Done>,
+}
+
+impl Pool {
+    pub fn new(
+        threads: usize,
+        make_sink: &dyn Fn() -> anyhow::Result<Sink>,
+        project: &str,
+        channel_names: Arc<Vec<String>>,
+    ) -> anyhow::Result<Self> {
+        let (done_tx, done) = mpsc::channel();
+        let mut jobs = Vec::new();
+        for _ in 0..threads.max(1) {
+            let mut sink = make_sink()?;
+            let (tx, rx) = mpsc::channel::<Job>();
+            let done_tx = done_tx.clone();
+            let names = channel_names.clone();
+            let project = project.to_owned();
+            std::thread::spawn(move || {
+                for job in rx {
+                    let sent = unix_us();
+                    let body = payload(job.phase, job.index, job.chan, job.seq, sent, job.pad);
+                    let t = Instant::now();
+                    let outcome =
+                        sink.publish_retrying(&project, &names[job.chan], &body, job.deadline);
+                    let (retries, error) = match outcome {
+                        Ok(r) => (r, None),
+                        Err(e) => (0, Some(format!("{e:#}"))),
+                    };
+                    let done = Done {
+                        chan: job.chan,
+                        seq: job.seq,
+                        sent,
+                        latency_us: (t.elapsed().as_micros() as u64).max(1),
+                        retries,
+                        error,
+                    };
+                    if done_tx.send(done).is_err() {
+                        return;
+                    }
+                }
+            });
+            jobs.push(tx);
+        }
+        Ok(Self { jobs, done })
+    }
+
+    pub fn submit(&self, job: Job) -> anyhow::Result<()> {
+        let thread = job.chan % self.jobs.len();
+        self.jobs[thread]
+            .send(job)
+            .map_err(|_| anyhow!("a publisher thread is gone"))
+    }
+
+    pub fn try_done(&self) -> Option<Done> {
+        self.done.try_recv().ok()
     }
 }
 
