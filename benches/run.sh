@@ -17,8 +17,10 @@
 #   channels  19,000 connections over 1,000 channels with Zipf(1) popularity, events on Zipf
 #             channels with payloads of 0, 256 or 1,024 bytes: herald and naive_server
 #             (kernel_fanout sends every event to every connection, so it has no channels).
-#   churn     19,000 connections, 10% closing and reopening every second for 20 s while events
-#             flow: every live subscriber must get every event; herald's RSS before and after.
+#   churn     19,000 connections, 10% closing and reopening every second for 20 s while 10
+#             events/s flow: every live subscriber must get every event; herald's RSS before churn
+#             (after a 10 s warm-up at the same event rate) and after it, at the same connection
+#             count; and after closing everything (herald runs with MIMALLOC_ALLOW_THP=0 here).
 #   connect   handshake rate (connect, upgrade, `connected`, reset) of herald, naive_server and
 #             kernel_fanout against a plain TCP accept loop (`herald-bench accept-loop`).
 #
@@ -261,7 +263,10 @@ scenario_channels() {
 scenario_churn() {
     local secs=${CHURN_TIME%s}
     echo "== churn: $N connections, 10%/s reopening for $CHURN_TIME while 10 events/s flow; herald" >&2
-    fanout_run herald churn --churn 0.1 --churn-time "$CHURN_TIME" --churn-rate 10 \
+    # A warm-up at the same event rate first: the fan-out buffers reach their high-water mark
+    # before the baseline is taken, so before/after compares what churn itself leaves behind.
+    fanout_run herald churn --rates 10 --phase-time "$([[ $QUICK == 1 ]] && echo 1s || echo 10s)" \
+        --churn 0.1 --churn-time "$CHURN_TIME" --churn-rate 10 \
         --settle "$([[ $QUICK == 1 ]] && echo 1s || echo 5s)" --close-at-end
     : "$secs"
     compare churn herald="$OUT/churn-herald.json"

@@ -310,7 +310,7 @@ fn summary_line(
             };
             let _ = write!(
                 s,
-                "churn: {subject} {} connections, {} reconnects; events owed to live subscribers {}, missing {}, duplicates {}, connections lost {}; latency p99 {} ms; server RSS {} before churn, {} after ({growth}); {} at start, {} after closing all",
+                "churn: {subject} {} connections, {} reconnects; events owed to live subscribers {}, missing {}, duplicates {}, connections lost {}; latency p99 {} ms; server RSS {} before churn (after a warm-up at the same event rate), {} after ({growth}); {} at start, {} after closing all",
                 opt_si(&m["connected"]),
                 opt_si(&c["reconnects"]),
                 opt_si(&c["expected"]),
