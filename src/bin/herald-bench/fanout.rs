@@ -127,10 +127,12 @@ pub(crate) struct FanoutArgs {
     /// A burst phase: this many events back to back.
     #[arg(long, default_value_t = 0)]
     burst: usize,
-    /// A single-event phase: this many events one at a time (time to the last subscriber).
+    /// A single-event phase: this many events one at a time, each once the previous one
+    /// reached every subscriber (time from publish to the last subscriber).
     #[arg(long, default_value_t = 0)]
     single: usize,
-    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    /// Pause before each single event once every subscriber has the previous one.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     single_gap: Duration,
     /// A churn phase: this fraction of the connections closes and reopens every second.
     #[arg(long, default_value_t = 0.0)]
@@ -909,13 +911,17 @@ impl Coordinator<'_> {
                 args.churn_rate,
                 Duration::from_secs_f64(1.0 / args.churn_rate),
             ),
-            Kind::Single => (1.0 / args.single_gap.as_secs_f64(), args.single_gap),
+            // Paced by deliveries, not by the clock.
+            Kind::Single => (f64::INFINITY, Duration::ZERO),
             Kind::Burst => (f64::INFINITY, Duration::ZERO),
         };
         let label = match kind {
             Kind::Rate { rate, .. } => format!("{} events/s", fmt_rate(rate)),
             Kind::Churn => format!("{:.0}%/s churn", args.churn * 100.0),
-            Kind::Single => format!("one event per {:?}", args.single_gap),
+            Kind::Single => format!(
+                "one event at a time ({:?} after the previous one reached everyone)",
+                args.single_gap
+            ),
             Kind::Burst => "burst".into(),
         };
         let mut times: Vec<Vec<u64>> = vec![Vec::new(); args.channels];
@@ -947,15 +953,45 @@ impl Coordinator<'_> {
         let first_sent = unix_us();
         let mut last_sent = first_sent;
         let mut last_done = publish_start;
-        let phase_deadline = publish_start + gap.mul_f64(events as f64) + Duration::from_secs(30);
+        let per_event = if kind == Kind::Single {
+            args.single_gap + Duration::from_secs(10)
+        } else {
+            gap
+        };
+        let phase_deadline =
+            publish_start + per_event.mul_f64(events as f64) + Duration::from_secs(30);
         let mut submitted = 0u64;
         let mut completed = 0u64;
         for k in 0..events {
-            let due = publish_start + gap.mul_f64(k as f64);
-            if due > Instant::now() {
-                self.pump(due)?;
-            } else if k % 64 == 0 {
-                self.pump(Instant::now())?;
+            if kind == Kind::Single {
+                // One event at a time: the next once every subscriber has the previous one
+                // (at most 10 s), after a pause in which the server has nothing to do.
+                let wait_until = Instant::now() + Duration::from_secs(10);
+                while k > 0
+                    && (completed < submitted || self.totals().phase_delivered < owed)
+                    && Instant::now() < wait_until
+                    && error.is_none()
+                {
+                    self.pump(Instant::now() + Duration::from_millis(2))?;
+                    self.collect_published(
+                        &mut times,
+                        &mut owed,
+                        &mut completed,
+                        &mut retries,
+                        &mut publish_hist,
+                        &mut error,
+                        &mut last_sent,
+                        &mut last_done,
+                    );
+                }
+                self.pump(Instant::now() + args.single_gap)?;
+            } else {
+                let due = publish_start + gap.mul_f64(k as f64);
+                if due > Instant::now() {
+                    self.pump(due)?;
+                } else if k % 64 == 0 {
+                    self.pump(Instant::now())?;
+                }
             }
             self.collect_published(
                 &mut times,
