@@ -653,12 +653,13 @@ impl Coordinator<'_> {
             if now >= self.deadline {
                 bail!("the run exceeded --max-time {:?}", self.args.max_time);
             }
+            // No catching up after a stall: samples close together make no rate.
             if now >= self.next_sample {
-                self.next_sample += SAMPLE_EVERY;
+                self.next_sample = now + SAMPLE_EVERY;
                 self.sample();
             }
             if now >= self.next_status {
-                self.next_status += STATUS_EVERY;
+                self.next_status = now + STATUS_EVERY;
                 self.print_status();
             }
             if now >= until {
@@ -953,15 +954,17 @@ impl Coordinator<'_> {
         let first_sent = unix_us();
         let mut last_sent = first_sent;
         let mut last_done = publish_start;
-        let per_event = if kind == Kind::Single {
-            args.single_gap + Duration::from_secs(10)
-        } else {
-            gap
+        // How long one event may take to publish: a busy server answers slowly.
+        let per_event = match kind {
+            Kind::Single => args.single_gap + Duration::from_secs(10),
+            Kind::Burst => Duration::from_millis(500),
+            _ => gap,
         };
         let phase_deadline =
             publish_start + per_event.mul_f64(events as f64) + Duration::from_secs(30);
         let mut submitted = 0u64;
         let mut completed = 0u64;
+        self.pool.set_phase(id);
         for k in 0..events {
             if kind == Kind::Single {
                 // One event at a time: the next once every subscriber has the previous one
@@ -1060,6 +1063,8 @@ impl Coordinator<'_> {
                 &mut last_done,
             );
         }
+        // Whatever is still queued is dropped unpublished.
+        self.pool.set_phase(0);
         if completed < submitted {
             error.get_or_insert_with(|| {
                 format!(
@@ -1299,6 +1304,10 @@ impl Coordinator<'_> {
         last_done: &mut Instant,
     ) {
         while let Some(d) = self.pool.try_done() {
+            if d.phase != self.next_phase - 1 {
+                // Published for a phase that already ended.
+                continue;
+            }
             *completed += 1;
             *last_done = Instant::now();
             if let Some(e) = d.error {

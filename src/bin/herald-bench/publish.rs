@@ -3,6 +3,7 @@
 //! run drift; busy answers (503, 429) are retried with the same event, so subscribers never see
 //! a hole that is the publisher's doing.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -197,6 +198,7 @@ pub(crate) struct Job {
 
 /// What became of a job.
 pub(crate) struct Done {
+    pub phase: u32,
     pub chan: usize,
     pub seq: u64,
     /// Unix microseconds written into the payload just before the request.
@@ -211,6 +213,9 @@ pub(crate) struct Done {
 pub(crate) struct Pool {
     jobs: Vec<mpsc::Sender<Job>>,
     done: mpsc::Receiver<Done>,
+    /// Jobs of any other phase are dropped unpublished (a phase that ended with events still
+    /// queued, behind a slow server, must not publish them into the next one).
+    current: Arc<AtomicU32>,
 }
 
 impl Pool {
@@ -221,6 +226,7 @@ impl Pool {
         channel_names: Arc<Vec<String>>,
     ) -> anyhow::Result<Self> {
         let (done_tx, done) = mpsc::channel();
+        let current = Arc::new(AtomicU32::new(0));
         let mut jobs = Vec::new();
         for _ in 0..threads.max(1) {
             let mut sink = make_sink()?;
@@ -228,8 +234,12 @@ impl Pool {
             let done_tx = done_tx.clone();
             let names = channel_names.clone();
             let project = project.to_owned();
+            let current = current.clone();
             std::thread::spawn(move || {
                 for job in rx {
+                    if job.phase != current.load(Ordering::Relaxed) {
+                        continue;
+                    }
                     let sent = unix_us();
                     let body = payload(job.phase, job.index, job.chan, job.seq, sent, job.pad);
                     let t = Instant::now();
@@ -240,6 +250,7 @@ impl Pool {
                         Err(e) => (0, Some(format!("{e:#}"))),
                     };
                     let done = Done {
+                        phase: job.phase,
                         chan: job.chan,
                         seq: job.seq,
                         sent,
@@ -254,7 +265,16 @@ impl Pool {
             });
             jobs.push(tx);
         }
-        Ok(Self { jobs, done })
+        Ok(Self {
+            jobs,
+            done,
+            current,
+        })
+    }
+
+    /// Only jobs of this phase are published from now on.
+    pub fn set_phase(&self, phase: u32) {
+        self.current.store(phase, Ordering::Relaxed);
     }
 
     pub fn submit(&self, job: Job) -> anyhow::Result<()> {

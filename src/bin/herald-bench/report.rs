@@ -143,13 +143,15 @@ fn num(v: &Value) -> Option<f64> {
 /// 1234567 -> "1.23M".
 pub(crate) fn si(x: f64) -> String {
     let a = x.abs();
-    if a >= 1e9 {
+    if a == 0.0 {
+        "0".into()
+    } else if a >= 1e9 {
         format!("{:.2}G", x / 1e9)
     } else if a >= 1e6 {
         format!("{:.2}M", x / 1e6)
     } else if a >= 1e4 {
         format!("{:.1}k", x / 1e3)
-    } else if a >= 100.0 {
+    } else if a >= 100.0 || (a >= 1.0 && x.fract() == 0.0) {
         format!("{x:.0}")
     } else if a >= 1.0 {
         format!("{x:.1}")
@@ -583,13 +585,23 @@ fn array_f64(v: &Value) -> Vec<f64> {
         .unwrap_or_default()
 }
 
-/// Rate per second from a cumulative counter.
+/// Rate per second from a cumulative counter, over a sliding window of about a second (the
+/// counters are reported every 200 ms and sampled every 250 ms; shorter windows alias).
 fn rate_of(t: &[f64], counter: &[f64]) -> Vec<(f64, f64)> {
-    t.windows(2)
-        .zip(counter.windows(2))
-        .filter(|(tw, _)| tw[1] > tw[0])
-        .map(|(tw, cw)| (tw[1], ((cw[1] - cw[0]) / (tw[1] - tw[0])).max(0.0)))
-        .collect()
+    const WINDOW: f64 = 1.0;
+    let n = t.len().min(counter.len());
+    let mut out = Vec::new();
+    let mut j = 0;
+    for i in 1..n {
+        while j + 1 < i && t[i] - t[j + 1] >= WINDOW {
+            j += 1;
+        }
+        let dt = t[i] - t[j];
+        if dt >= 0.5 * WINDOW {
+            out.push((t[i], ((counter[i] - counter[j]) / dt).max(0.0)));
+        }
+    }
+    out
 }
 
 fn cell(v: &Value) -> String {
@@ -971,6 +983,12 @@ mod tests {
         assert_eq!(si(1_234_567.0), "1.23M");
         assert_eq!(si(12_345.0), "12.3k");
         assert_eq!(si(0.5), "0.500");
+        assert_eq!(si(0.0), "0");
+        assert_eq!(si(10.0), "10");
+        let t: Vec<f64> = (0..9).map(|i| f64::from(i) * 0.25).collect();
+        let c: Vec<f64> = (0..9).map(|i| f64::from(i) * 100.0).collect();
+        let r = rate_of(&t, &c);
+        assert!(r.iter().all(|&(_, v)| (v - 400.0).abs() < 1e-6), "{r:?}");
     }
 
     #[test]
