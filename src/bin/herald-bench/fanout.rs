@@ -40,6 +40,7 @@ const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// Phases whose expected count is known end as soon as it arrived; this only bounds the wait
 /// when something is missing.
 const QUIET: Duration = Duration::from_secs(10);
+const CHURN_QUIET: Duration = Duration::from_secs(2);
 /// Per-event figures kept per phase (time to first and last subscriber).
 const MAX_EVENTS_REPORTED: usize = 20_000;
 /// Percentiles of the latency curves in the report.
@@ -440,7 +441,7 @@ impl Coordinator<'_> {
             self.status = "closing".into();
             self.send_all(&json!({"cmd": "close"}))?;
             self.wait_all("closed", Duration::from_secs(30))?;
-            self.hold(args.settle.max(Duration::from_secs(2)))?;
+            self.hold(args.settle.max(Duration::from_millis(500)))?;
             memory["server_after_close"] = sample_json(self.settled_server_sample());
         }
         for p in &self.phases {
@@ -871,7 +872,7 @@ impl Coordinator<'_> {
             if now != last {
                 last = now;
                 quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= Duration::from_secs(1) {
+            } else if quiet_since.elapsed() >= Duration::from_millis(500) {
                 return Ok(());
             }
         }
@@ -1091,6 +1092,13 @@ impl Coordinator<'_> {
         };
         self.status = format!("phase {id} ({label}): draining");
         let drain_deadline = Instant::now() + args.drain_timeout;
+        // Churn has no exact count to wait for: its deliveries end with the events, since no
+        // batch is large there.
+        let quiet = if kind == Kind::Churn {
+            CHURN_QUIET
+        } else {
+            QUIET
+        };
         let mut last_count = self.totals().phase_delivered;
         let mut quiet_since = Instant::now();
         loop {
@@ -1101,7 +1109,7 @@ impl Coordinator<'_> {
             if now != last_count {
                 last_count = now;
                 quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= QUIET {
+            } else if quiet_since.elapsed() >= quiet {
                 break;
             }
             self.pump(Instant::now() + Duration::from_millis(50))?;

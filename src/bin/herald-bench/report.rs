@@ -22,6 +22,9 @@ pub(crate) struct CompareArgs {
     /// Append the comparison as one JSON line to this file.
     #[arg(long)]
     append: Option<PathBuf>,
+    /// Leave out the targets (for smoke runs, where ratios mean nothing).
+    #[arg(long)]
+    no_goals: bool,
     /// Result files of `fanout` or `connect` runs, as LABEL=FILE.
     #[arg(required = true)]
     runs: Vec<String>,
@@ -222,7 +225,7 @@ pub(crate) fn compare(args: &CompareArgs) -> anyhow::Result<u8> {
         ratios.insert(label.clone(), Value::Object(r));
     }
     let mut goals = Vec::new();
-    if scenario == "fanout" {
+    if scenario == "fanout" && !args.no_goals {
         for g in &FANOUT_GOALS {
             let ratio = ratios.get(g.baseline).and_then(|r| num(&r[g.metric]));
             let met = ratio.map(|r| {
