@@ -100,6 +100,14 @@ impl EncodedEvent {
                 .any(|c| channels.iter().any(|f| f == &**c))
     }
 
+    /// Whether `other` goes to exactly the same connections with the same `subscriptions`
+    /// lists: same project, channels and roles.
+    pub fn same_route(&self, other: &EncodedEvent) -> bool {
+        self.project == other.project
+            && self.channels == other.channels
+            && self.roles == other.roles
+    }
+
     /// Bytes this event adds to a connection's outbound stream (without its small tail).
     pub fn frame_bytes(&self) -> usize {
         self.prefix.len() + 64

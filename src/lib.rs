@@ -5,6 +5,7 @@
 //! Data plane (one thread per shard, no locks, no tokio):
 //! - [`shard`]: the epoll event loop of one core: accepts, reads, writes, timers.
 //! - [`conn`]: one connection's state machine (upgrade, messages, close); no system calls.
+//! - [`batch`]: one drain's events, staged per subscriber and written with one `writev` each.
 //! - [`outbox`]: outbound frames and the bounded per-connection queue (vectored writes).
 //! - [`registry`]: a shard's index from (project, channel) to its connections.
 //!
@@ -30,6 +31,7 @@
 //! uses them; `shard` drives `conn`; `bus` and `admin` reach shards only through `hub`.
 
 pub mod admin;
+pub mod batch;
 pub mod bus;
 pub mod config;
 pub mod conn;

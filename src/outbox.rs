@@ -184,6 +184,20 @@ impl Outbox {
         Ok(Ok(drained))
     }
 
+    /// Queues frames a direct write did not finish: `frames[0]` is already on the wire up to
+    /// `offset`. Anything queued before stays in front.
+    pub fn queue_unsent(&mut self, frames: Vec<OutFrame>, offset: usize) {
+        if frames.is_empty() {
+            return;
+        }
+        let q = self.queue.get_or_insert_with(Box::default);
+        if q.frames.is_empty() {
+            q.offset = offset;
+        }
+        q.bytes += frames.iter().map(OutFrame::len).sum::<usize>() - offset;
+        q.frames.extend(frames);
+    }
+
     /// Writes queued frames until done or the socket would block. `Ok(true)` means empty.
     pub fn flush<W: Write>(&mut self, w: &mut W) -> io::Result<bool> {
         let Some(q) = self.queue.as_mut() else {

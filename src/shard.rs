@@ -16,10 +16,11 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
+use crate::batch::{Batch, Written};
 use crate::bus::{ReplayError, ReplayQuery};
 use crate::config::Config;
-use crate::conn::{ConnConfig, Connection, Counters, Env, Incident, Live, Phase, event_frame};
-use crate::event::{EncodedEvent, EventId};
+use crate::conn::{ConnConfig, Connection, Counters, Env, Incident, Live, Phase};
+use crate::event::{EncodedEvent, EventId, write_tail};
 use crate::metrics::Metrics;
 use crate::outbox::OutFrame;
 use crate::registry::Registry;
@@ -202,7 +203,7 @@ pub struct Shard {
     cfg: ConnConfig,
     scratch: Box<[u8]>,
     out: Vec<OutFrame>,
-    pending: Vec<(u32, OutFrame)>,
+    batch: Batch,
     candidates: Vec<u32>,
     counters: Counters,
     epoch: Instant,
@@ -275,7 +276,7 @@ impl Shard {
             cfg: ConnConfig::from_config(config),
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             out: Vec::new(),
-            pending: Vec::new(),
+            batch: Batch::default(),
             candidates: Vec::new(),
             counters: Counters::default(),
             epoch: now,
@@ -617,8 +618,16 @@ impl Shard {
             let Ok(cmd) = self.rx.try_recv() else { break };
             taken += 1;
             match cmd {
-                Command::Event(ev) => self.fan_out(&ev),
-                Command::Shutdown { drain } => self.begin_shutdown(drain),
+                Command::Event(ev) => {
+                    if ev.position.is_some() {
+                        self.position = self.position.max(ev.position);
+                    }
+                    self.batch.push_event(ev);
+                }
+                Command::Shutdown { drain } => {
+                    self.fan_out();
+                    self.begin_shutdown(drain);
+                }
             }
         }
         if taken == COMMAND_BATCH {
@@ -626,7 +635,7 @@ impl Shard {
         }
         if taken > 0 {
             self.m.queue.set(self.rx.len() as i64);
-            self.flush_pending();
+            self.fan_out();
         }
         for _ in 0..ANSWERS_PER_ITERATION {
             let Ok(a) = self.answers.try_recv() else {
@@ -639,12 +648,53 @@ impl Shard {
         }
     }
 
-    /// Matches one event against this shard's index and stages a frame per subscriber: the
-    /// shared prefix by reference, plus the connection's own `subscriptions` tail.
-    fn fan_out(&mut self, ev: &Arc<EncodedEvent>) {
-        if ev.position.is_some() {
-            self.position = self.position.max(ev.position);
+    /// Delivers the batch: stages every subscriber's frames, then writes each connection's
+    /// frames with one vectored write.
+    fn fan_out(&mut self) {
+        if self.batch.is_empty() {
+            return;
         }
+        let mut start = 0;
+        while start < self.batch.len() {
+            let first = self.batch.event(start as u32).clone();
+            let mut end = start + 1;
+            while end < self.batch.len() && first.same_route(self.batch.event(end as u32)) {
+                end += 1;
+            }
+            self.stage(start as u32, end as u32);
+            start = end;
+        }
+        let touched = self.batch.take_touched();
+        for &k in &touched {
+            let Some(slot) = self.slab.get_mut(k as usize) else {
+                continue;
+            };
+            if !slot.conn.receives_events() {
+                continue;
+            }
+            if !slot.conn.outbox.is_empty() {
+                // Behind what is already queued, so it goes through the outbox.
+                self.batch.frames_of(k, &mut self.out);
+                self.settle(k as usize);
+                continue;
+            }
+            match self.batch.write(k, &mut slot.stream) {
+                Ok(Written::All) => {}
+                Ok(Written::Blocked { rest, offset }) => {
+                    slot.conn.outbox.queue_unsent(rest, offset);
+                    self.settle(k as usize);
+                }
+                Err(_) => self.remove(k as usize),
+            }
+        }
+        self.batch.clear(touched);
+    }
+
+    /// Stages batch events `start..end`, which share project, channels and roles (one route),
+    /// for every subscriber, connection by connection: the matching and the tail are worked out
+    /// once per connection and reused by each following event it receives.
+    fn stage(&mut self, start: u32, end: u32) {
+        let ev = self.batch.event(start).clone();
         self.registry
             .collect(&ev.project, &ev.channels, &mut self.candidates);
         let mut staged = 0;
@@ -655,12 +705,31 @@ impl Shard {
             if !slot.conn.receives_events() {
                 continue;
             }
-            let Some(frame) = slot.conn.session.as_ref().and_then(|s| event_frame(s, ev)) else {
-                continue;
-            };
-            if slot.conn.offer_live(ev, self.cfg.max_outbound) == Live::Deliver {
-                self.pending.push((k, frame));
-                staged += 1;
+            for i in start..end {
+                let ev = self.batch.event(i);
+                if i > start && self.batch.extends(k, i) {
+                    if slot.conn.offer_live(ev, self.cfg.max_outbound) == Live::Deliver {
+                        self.batch.extend(k, i);
+                        staged += 1;
+                    }
+                    continue;
+                }
+                let matched = slot
+                    .conn
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.matching(ev).next().is_some());
+                if !matched {
+                    // The same route matches the same way for every event of the group.
+                    break;
+                }
+                if slot.conn.offer_live(ev, self.cfg.max_outbound) == Live::Deliver
+                    && let Some(session) = slot.conn.session.as_ref()
+                {
+                    self.batch
+                        .stage(k, i, |buf, ev| write_tail(buf, session.matching(ev)));
+                    staged += 1;
+                }
             }
         }
         self.m.delivered.inc_by(staged);
@@ -714,36 +783,6 @@ impl Shard {
             }
         }
         self.replays = keys;
-    }
-
-    /// Writes every staged frame, all frames of one connection in one vectored write.
-    fn flush_pending(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let mut pending = std::mem::take(&mut self.pending);
-        // Stable: frames of one connection stay in publish order.
-        pending.sort_by_key(|(k, _)| *k);
-        let mut current: Option<u32> = None;
-        for (k, frame) in pending.drain(..) {
-            if current.is_some_and(|c| c != k) {
-                self.flush_staged(current);
-            }
-            current = Some(k);
-            self.out.push(frame);
-        }
-        self.flush_staged(current);
-        self.pending = pending;
-    }
-
-    fn flush_staged(&mut self, key: Option<u32>) {
-        let Some(k) = key else { return };
-        let k = k as usize;
-        if self.slab.get(k).is_some_and(|s| s.conn.receives_events()) {
-            self.settle(k);
-        } else {
-            self.out.clear();
-        }
     }
 
     fn tick(&mut self) {

@@ -1,0 +1,494 @@
+//! A shard's fan-out batch: the events taken from its queue in one drain, and for every
+//! subscriber the frames it is owed, staged without copying bodies or touching reference counts.
+//!
+//! Owns the staging (per connection, in publish order, with no sort) and the vectored write of one
+//! connection's frames. Consecutive events that a connection receives with the same
+//! `subscriptions` tail share one staged entry (a run), so a burst on one channel costs one entry
+//! per subscriber, not one per frame. At write time the small per-connection pieces (a frame's
+//! tail and the next frame's header) are packed together, so `k` frames take `2k + 1` iovecs and
+//! every event body is the shared encoded prefix, referenced in place. Frames a socket does not
+//! take are handed back as [`OutFrame`]s for the connection's outbox.
+//!
+//! Must not decide who receives what (the shard and `conn.rs` do) and must not touch
+//! connections or the event loop.
+
+use std::io::{self, IoSlice, Write};
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+use crate::event::EncodedEvent;
+use crate::outbox::OutFrame;
+use crate::ws::frame::{Opcode, ServerHeader};
+
+const NONE: u32 = u32::MAX;
+/// Frames per `writev`: two iovecs each plus one, under Linux's limit of 1024.
+const FRAMES_PER_WRITE: usize = 500;
+/// Staging memory kept between batches; a spike above it is given back once batches are small.
+const KEEP_ENTRIES: usize = 16 * 1024;
+const KEEP_TAIL_BYTES: usize = 256 * 1024;
+
+/// Frames for one connection: batch events `first..=last`, all with the same tail.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    first: u32,
+    last: u32,
+    tail_start: u32,
+    tail_len: u32,
+    /// The connection's next run, or `NONE`.
+    next: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct List {
+    first: u32,
+    last: u32,
+}
+
+const EMPTY: List = List {
+    first: NONE,
+    last: NONE,
+};
+
+/// The outcome of writing one connection's frames.
+#[derive(Debug)]
+pub enum Written {
+    /// Every frame went to the socket.
+    All,
+    /// The socket stopped taking bytes: `rest` is what is left, the first frame from `offset`.
+    Blocked { rest: Vec<OutFrame>, offset: usize },
+}
+
+/// One frame to write: a batch event and its tail in `tails`.
+#[derive(Debug, Clone, Copy)]
+struct Frame {
+    event: u32,
+    tail_start: u32,
+    tail_len: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Batch {
+    events: Vec<Arc<EncodedEvent>>,
+    runs: Vec<Run>,
+    /// Per slab key: that connection's runs. Grown on demand; `EMPTY` when untouched.
+    lists: Vec<List>,
+    /// Keys with at least one run, in first-staged order.
+    touched: Vec<u32>,
+    /// Every run's tail (`["id",...]}}`), back to back.
+    tails: Vec<u8>,
+    /// Write scratch: the frames of the connection being written and its packed small pieces.
+    frames: Vec<Frame>,
+    glue: Vec<u8>,
+    cuts: Vec<u32>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Adds an event; returns its index in the batch.
+    pub fn push_event(&mut self, event: Arc<EncodedEvent>) -> u32 {
+        self.events.push(event);
+        (self.events.len() - 1) as u32
+    }
+
+    pub fn event(&self, index: u32) -> &Arc<EncodedEvent> {
+        &self.events[index as usize]
+    }
+
+    /// Frames staged so far (each event of a run counts).
+    pub fn frame_count(&self) -> usize {
+        self.runs
+            .iter()
+            .map(|r| (r.last - r.first + 1) as usize)
+            .sum()
+    }
+
+    /// Whether `key`'s frame for event `index` can reuse the tail of its frame for the event just
+    /// before: true when it got that event. The caller knows whether both have the same route.
+    pub fn extends(&self, key: u32, index: u32) -> bool {
+        let Some(list) = self.lists.get(key as usize) else {
+            return false;
+        };
+        list.last != NONE && index > 0 && self.runs[list.last as usize].last == index - 1
+    }
+
+    /// Stages event `index` for `key` with the tail of its previous frame (see [`Self::extends`]).
+    pub fn extend(&mut self, key: u32, index: u32) {
+        let last = self.lists[key as usize].last as usize;
+        self.runs[last].last = index;
+    }
+
+    /// Stages event `index` for `key` with a new tail, written by `tail`.
+    pub fn stage(&mut self, key: u32, index: u32, tail: impl FnOnce(&mut Vec<u8>, &EncodedEvent)) {
+        let tail_start = self.tails.len();
+        tail(&mut self.tails, &self.events[index as usize]);
+        let run = self.runs.len() as u32;
+        self.runs.push(Run {
+            first: index,
+            last: index,
+            tail_start: tail_start as u32,
+            tail_len: (self.tails.len() - tail_start) as u32,
+            next: NONE,
+        });
+        let k = key as usize;
+        if k >= self.lists.len() {
+            self.lists.resize(k + 1, EMPTY);
+        }
+        let list = &mut self.lists[k];
+        if list.last == NONE {
+            list.first = run;
+            self.touched.push(key);
+        } else {
+            self.runs[list.last as usize].next = run;
+        }
+        list.last = run;
+    }
+
+    /// Keys with frames staged, in first-staged order. Take it, and hand it back with
+    /// [`Self::clear`].
+    pub fn take_touched(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// `key`'s frames as owned frames, for a connection whose outbox already holds data.
+    pub fn frames_of(&self, key: u32, out: &mut Vec<OutFrame>) {
+        let Some(list) = self.lists.get(key as usize) else {
+            return;
+        };
+        let mut r = list.first;
+        while r != NONE {
+            let run = self.runs[r as usize];
+            for e in run.first..=run.last {
+                out.push(self.owned(Frame {
+                    event: e,
+                    tail_start: run.tail_start,
+                    tail_len: run.tail_len,
+                }));
+            }
+            r = run.next;
+        }
+    }
+
+    fn owned(&self, f: Frame) -> OutFrame {
+        let tail = &self.tails[f.tail_start as usize..(f.tail_start + f.tail_len) as usize];
+        OutFrame::new(
+            Opcode::Text,
+            self.events[f.event as usize].prefix.clone(),
+            SmallVec::from_slice(tail),
+        )
+    }
+
+    /// Writes `key`'s frames to `w` (whose outbound queue must be empty) with as few `writev`
+    /// calls as the socket allows.
+    pub fn write<W: Write>(&mut self, key: u32, w: &mut W) -> io::Result<Written> {
+        self.frames.clear();
+        if let Some(list) = self.lists.get(key as usize) {
+            let mut r = list.first;
+            while r != NONE {
+                let run = self.runs[r as usize];
+                self.frames
+                    .extend((run.first..=run.last).map(|event| Frame {
+                        event,
+                        tail_start: run.tail_start,
+                        tail_len: run.tail_len,
+                    }));
+                r = run.next;
+            }
+        }
+        let mut done = 0;
+        while done < self.frames.len() {
+            let end = (done + FRAMES_PER_WRITE).min(self.frames.len());
+            let (written, total) = self.write_chunk(done, end, w)?;
+            if written == total {
+                done = end;
+                continue;
+            }
+            // A short write means the send buffer is full: the rest waits for writability.
+            let mut left = written;
+            let mut i = done;
+            loop {
+                let len = self.frame_len(self.frames[i]);
+                if left < len {
+                    break;
+                }
+                left -= len;
+                i += 1;
+            }
+            let rest = self.frames[i..].iter().map(|&f| self.owned(f)).collect();
+            return Ok(Written::Blocked { rest, offset: left });
+        }
+        Ok(Written::All)
+    }
+
+    fn frame_len(&self, f: Frame) -> usize {
+        let payload = self.events[f.event as usize].prefix.len() + f.tail_len as usize;
+        ServerHeader::new(Opcode::Text, payload).as_bytes().len() + payload
+    }
+
+    /// One `writev` of frames `start..end`; returns bytes written (0 if it would block) and the
+    /// bytes offered.
+    fn write_chunk<W: Write>(
+        &mut self,
+        start: usize,
+        end: usize,
+        w: &mut W,
+    ) -> io::Result<(usize, usize)> {
+        // glue = head0 | tail0 head1 | tail1 head2 | ... | tail(n-1); cuts mark the pieces.
+        self.glue.clear();
+        self.cuts.clear();
+        self.cuts.push(0);
+        let mut bodies = 0;
+        for (i, f) in self.frames[start..end].iter().enumerate() {
+            if i > 0 {
+                let prev = self.frames[start + i - 1];
+                self.glue.extend_from_slice(
+                    &self.tails
+                        [prev.tail_start as usize..(prev.tail_start + prev.tail_len) as usize],
+                );
+            }
+            let body = &self.events[f.event as usize].prefix;
+            bodies += body.len();
+            let head = ServerHeader::new(Opcode::Text, body.len() + f.tail_len as usize);
+            self.glue.extend_from_slice(head.as_bytes());
+            self.cuts.push(self.glue.len() as u32);
+        }
+        let last = self.frames[end - 1];
+        self.glue.extend_from_slice(
+            &self.tails[last.tail_start as usize..(last.tail_start + last.tail_len) as usize],
+        );
+        self.cuts.push(self.glue.len() as u32);
+        let total = self.glue.len() + bodies;
+
+        let mut slices: SmallVec<[IoSlice<'_>; 64]> = SmallVec::new();
+        for (i, f) in self.frames[start..end].iter().enumerate() {
+            slices.push(IoSlice::new(
+                &self.glue[self.cuts[i] as usize..self.cuts[i + 1] as usize],
+            ));
+            slices.push(IoSlice::new(&self.events[f.event as usize].prefix));
+        }
+        let n = end - start;
+        slices.push(IoSlice::new(
+            &self.glue[self.cuts[n] as usize..self.cuts[n + 1] as usize],
+        ));
+        loop {
+            match w.write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => return Ok((written, total)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((0, total)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Empties the batch for the next drain, keeping (bounded) capacity. `touched` is the vector
+    /// from [`Self::take_touched`].
+    pub fn clear(&mut self, mut touched: Vec<u32>) {
+        for &k in &touched {
+            if let Some(l) = self.lists.get_mut(k as usize) {
+                *l = EMPTY;
+            }
+        }
+        touched.clear();
+        self.touched = touched;
+        let (runs, tails) = (self.runs.len(), self.tails.len());
+        self.events.clear();
+        self.runs.clear();
+        self.tails.clear();
+        // A burst's staging is released once batches are small again, so a spike does not
+        // stay resident.
+        if self.runs.capacity() > KEEP_ENTRIES && runs <= KEEP_ENTRIES / 4 {
+            self.runs.shrink_to(KEEP_ENTRIES);
+        }
+        if self.tails.capacity() > KEEP_TAIL_BYTES && tails <= KEEP_TAIL_BYTES / 4 {
+            self.tails.shrink_to(KEEP_TAIL_BYTES);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, write_tail};
+
+    fn event(id: &str, payload: &str) -> Arc<EncodedEvent> {
+        EncodedEvent::encode(&Event {
+            id: id.into(),
+            project: "p".into(),
+            channels: vec!["c".into()],
+            events: vec!["e".into()],
+            roles: vec![],
+            timestamp: "t".into(),
+            payload: serde_json::json!({ "x": payload }),
+        })
+    }
+
+    /// Accepts `budget` bytes, then would block.
+    struct Throttled {
+        out: Vec<u8>,
+        budget: usize,
+        calls: usize,
+    }
+
+    impl Write for Throttled {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.budget == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.budget);
+            self.out.extend_from_slice(&buf[..n]);
+            self.budget -= n;
+            Ok(n)
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.budget == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.budget - n);
+                self.out.extend_from_slice(&b[..take]);
+                n += take;
+                if n == self.budget {
+                    break;
+                }
+            }
+            self.budget -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn expected(frames: &[OutFrame]) -> Vec<u8> {
+        let mut w = Throttled {
+            out: Vec::new(),
+            budget: usize::MAX,
+            calls: 0,
+        };
+        let mut ob = crate::outbox::Outbox::default();
+        let mut frames = frames.to_vec();
+        ob.send(&mut w, &mut frames, usize::MAX).unwrap().unwrap();
+        w.out
+    }
+
+    fn tail(id: &str) -> impl FnOnce(&mut Vec<u8>, &EncodedEvent) + '_ {
+        move |buf, _| write_tail(buf, std::iter::once(id))
+    }
+
+    #[test]
+    fn runs_keep_publish_order_per_connection() {
+        let mut b = Batch::default();
+        let e0 = b.push_event(event("0", "a"));
+        let e1 = b.push_event(event("1", &"b".repeat(200)));
+        let e2 = b.push_event(event("2", "c"));
+        // Connection 7 gets 0, 1, 2 (one run); connection 3 gets 0 and 2 with different tails.
+        b.stage(7, e0, tail("s7"));
+        b.stage(3, e0, tail("s3"));
+        assert!(b.extends(7, e1));
+        // Connection 3 got event 0, so it could extend, but event 1 is not for it.
+        assert!(b.extends(3, e1));
+        b.extend(7, e1);
+        assert!(b.extends(7, e2));
+        b.extend(7, e2);
+        assert!(!b.extends(3, e2));
+        b.stage(3, e2, tail("t3"));
+        assert_eq!(b.frame_count(), 5);
+        let touched = b.take_touched();
+        assert_eq!(touched, vec![7, 3]);
+
+        for (key, want) in [
+            (7u32, vec![(0, "s7"), (1, "s7"), (2, "s7")]),
+            (3, vec![(0, "s3"), (2, "t3")]),
+        ] {
+            let frames: Vec<OutFrame> = want
+                .iter()
+                .map(|&(e, id)| {
+                    let mut t = SmallVec::new();
+                    write_tail(&mut t, std::iter::once(id));
+                    OutFrame::new(Opcode::Text, b.event(e).prefix.clone(), t)
+                })
+                .collect();
+            let mut w = Throttled {
+                out: Vec::new(),
+                budget: usize::MAX,
+                calls: 0,
+            };
+            assert!(matches!(b.write(key, &mut w).unwrap(), Written::All));
+            assert_eq!(w.calls, 1, "one writev per connection");
+            assert_eq!(w.out, expected(&frames));
+            let mut owned = Vec::new();
+            b.frames_of(key, &mut owned);
+            assert_eq!(expected(&owned), w.out);
+        }
+        b.clear(touched);
+        assert!(b.is_empty());
+        assert!(!b.extends(7, 1));
+    }
+
+    #[test]
+    fn blocked_writes_hand_back_the_exact_rest() {
+        for budget in [0, 1, 3, 40, 250, 320, 1000] {
+            let mut b = Batch::default();
+            for i in 0..4 {
+                let e = b.push_event(event(&i.to_string(), &"z".repeat(50 * i)));
+                if i == 0 {
+                    b.stage(0, e, tail("abc"));
+                } else {
+                    b.extend(0, e);
+                }
+            }
+            let mut all = Vec::new();
+            b.frames_of(0, &mut all);
+            let whole = expected(&all);
+            let mut w = Throttled {
+                out: Vec::new(),
+                budget,
+                calls: 0,
+            };
+            match b.write(0, &mut w).unwrap() {
+                Written::All => assert!(budget >= whole.len()),
+                Written::Blocked { rest, offset } => {
+                    let mut ob = crate::outbox::Outbox::default();
+                    ob.queue_unsent(rest, offset);
+                    w.budget = usize::MAX;
+                    assert!(ob.flush(&mut w).unwrap());
+                }
+            }
+            assert_eq!(w.out, whole, "budget {budget}");
+        }
+    }
+
+    #[test]
+    fn long_batches_take_several_writes() {
+        let mut b = Batch::default();
+        for i in 0..(FRAMES_PER_WRITE as u32 + 20) {
+            let e = b.push_event(event(&i.to_string(), "p"));
+            if i == 0 {
+                b.stage(1, e, tail("x"));
+            } else {
+                b.extend(1, e);
+            }
+        }
+        let mut all = Vec::new();
+        b.frames_of(1, &mut all);
+        let mut w = Throttled {
+            out: Vec::new(),
+            budget: usize::MAX,
+            calls: 0,
+        };
+        assert!(matches!(b.write(1, &mut w).unwrap(), Written::All));
+        assert_eq!(w.calls, 2);
+        assert_eq!(w.out, expected(&all));
+    }
+}
