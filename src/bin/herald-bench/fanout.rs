@@ -9,9 +9,10 @@
 //! its connections against the send times of every event, and merges their answers.
 //!
 //! Phases: `--rates` (fixed), `--find-max` (doubling, then bisection, for the highest rate
-//! that every subscriber keeps up with), `--burst` (events back to back), `--single` (one at a
-//! time: time from publish to the last subscriber), `--churn` (connections closing and
-//! reopening while events flow), then `--settle` and `--close-at-end` (server memory after).
+//! that every subscriber keeps up with; a failed rate is run once more, `--ramp-retries`),
+//! `--burst` (events back to back), `--single` (one at a time: time from publish to the last
+//! subscriber), `--churn` (connections closing and reopening while events flow), then
+//! `--settle` and `--close-at-end` (server memory after).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
@@ -106,6 +107,10 @@ pub(crate) struct FanoutArgs {
     ramp_precision: f64,
     #[arg(long, default_value_t = 14)]
     ramp_max_phases: usize,
+    /// Run a rate that failed again this many times before taking it as failed: on a shared
+    /// machine one noisy phase should not end the search (every server gets the same chance).
+    #[arg(long, default_value_t = 1)]
+    ramp_retries: usize,
     #[arg(long, default_value_t = 100_000.0)]
     max_rate: f64,
     /// Length of each rate phase.
@@ -1345,7 +1350,18 @@ impl Coordinator<'_> {
         let mut fail_rate: Option<f64> = None;
         for _ in 0..args.ramp_max_phases {
             let events = (rate * args.phase_time.as_secs_f64()).ceil().max(1.0) as u64;
-            let r = self.phase(Kind::Rate { rate, search: true }, events)?;
+            let mut r = self.phase(Kind::Rate { rate, search: true }, events)?;
+            for _ in 0..args.ramp_retries {
+                if r["sustained"] == true {
+                    break;
+                }
+                eprintln!(
+                    "   herald-bench [{}] {} events/s failed: trying it again",
+                    args.label,
+                    fmt_rate(rate)
+                );
+                r = self.phase(Kind::Rate { rate, search: true }, events)?;
+            }
             if r["sustained"] == true {
                 best_rate = rate;
                 best = Some(r);
