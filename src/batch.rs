@@ -317,6 +317,7 @@ impl Batch {
 mod tests {
     use super::*;
     use crate::event::{Event, write_tail};
+    use crate::outbox::testing::Throttled;
 
     fn event(id: &str, payload: &str) -> Arc<EncodedEvent> {
         EncodedEvent::encode(&Event {
@@ -330,52 +331,8 @@ mod tests {
         })
     }
 
-    /// Accepts `budget` bytes, then would block.
-    struct Throttled {
-        out: Vec<u8>,
-        budget: usize,
-        calls: usize,
-    }
-
-    impl Write for Throttled {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.calls += 1;
-            if self.budget == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let n = buf.len().min(self.budget);
-            self.out.extend_from_slice(&buf[..n]);
-            self.budget -= n;
-            Ok(n)
-        }
-        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-            self.calls += 1;
-            if self.budget == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let mut n = 0;
-            for b in bufs {
-                let take = b.len().min(self.budget - n);
-                self.out.extend_from_slice(&b[..take]);
-                n += take;
-                if n == self.budget {
-                    break;
-                }
-            }
-            self.budget -= n;
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
     fn expected(frames: &[OutFrame]) -> Vec<u8> {
-        let mut w = Throttled {
-            out: Vec::new(),
-            budget: usize::MAX,
-            calls: 0,
-        };
+        let mut w = Throttled::new(usize::MAX);
         let mut ob = crate::outbox::Outbox::default();
         let mut frames = frames.to_vec();
         ob.send(&mut w, &mut frames, usize::MAX).unwrap().unwrap();
@@ -384,6 +341,20 @@ mod tests {
 
     fn tail(id: &str) -> impl FnOnce(&mut Vec<u8>, &EncodedEvent) + '_ {
         move |buf, _| write_tail(buf, std::iter::once(id))
+    }
+
+    /// A batch of `events` for connection `key`, all in one run.
+    fn one_run(key: u32, events: impl IntoIterator<Item = Arc<EncodedEvent>>) -> Batch {
+        let mut b = Batch::default();
+        for ev in events {
+            let e = b.push_event(ev);
+            if e == 0 {
+                b.stage(key, e, tail("abc"));
+            } else {
+                b.extend(key, e);
+            }
+        }
+        b
     }
 
     #[test]
@@ -419,11 +390,7 @@ mod tests {
                     OutFrame::new(Opcode::Text, b.event(e).prefix.clone(), t)
                 })
                 .collect();
-            let mut w = Throttled {
-                out: Vec::new(),
-                budget: usize::MAX,
-                calls: 0,
-            };
+            let mut w = Throttled::new(usize::MAX);
             assert!(matches!(b.write(key, &mut w).unwrap(), Written::All));
             assert_eq!(w.calls, 1, "one writev per connection");
             assert_eq!(w.out, expected(&frames));
@@ -439,23 +406,14 @@ mod tests {
     #[test]
     fn blocked_writes_hand_back_the_exact_rest() {
         for budget in [0, 1, 3, 40, 250, 320, 1000] {
-            let mut b = Batch::default();
-            for i in 0..4 {
-                let e = b.push_event(event(&i.to_string(), &"z".repeat(50 * i)));
-                if i == 0 {
-                    b.stage(0, e, tail("abc"));
-                } else {
-                    b.extend(0, e);
-                }
-            }
+            let mut b = one_run(
+                0,
+                (0..4).map(|i| event(&i.to_string(), &"z".repeat(50 * i))),
+            );
             let mut all = Vec::new();
             b.frames_of(0, &mut all);
             let whole = expected(&all);
-            let mut w = Throttled {
-                out: Vec::new(),
-                budget,
-                calls: 0,
-            };
+            let mut w = Throttled::new(budget);
             match b.write(0, &mut w).unwrap() {
                 Written::All => assert!(budget >= whole.len()),
                 Written::Blocked { rest, offset } => {
@@ -471,22 +429,13 @@ mod tests {
 
     #[test]
     fn long_batches_take_several_writes() {
-        let mut b = Batch::default();
-        for i in 0..(FRAMES_PER_WRITE as u32 + 20) {
-            let e = b.push_event(event(&i.to_string(), "p"));
-            if i == 0 {
-                b.stage(1, e, tail("x"));
-            } else {
-                b.extend(1, e);
-            }
-        }
+        let mut b = one_run(
+            1,
+            (0..FRAMES_PER_WRITE + 20).map(|i| event(&i.to_string(), "p")),
+        );
         let mut all = Vec::new();
         b.frames_of(1, &mut all);
-        let mut w = Throttled {
-            out: Vec::new(),
-            budget: usize::MAX,
-            calls: 0,
-        };
+        let mut w = Throttled::new(usize::MAX);
         assert!(matches!(b.write(1, &mut w).unwrap(), Written::All));
         assert_eq!(w.calls, 2);
         assert_eq!(w.out, expected(&all));

@@ -228,23 +228,46 @@ impl Outbox {
     }
 }
 
+/// A writer for tests that stands in for a socket with a send budget.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use std::io::{self, IoSlice, Write};
 
-    /// A writer that accepts `budget` bytes, then would block.
-    struct Throttled {
-        out: Vec<u8>,
-        budget: usize,
+    /// Accepts `budget` bytes, then would block; counts calls.
+    pub(crate) struct Throttled {
+        pub out: Vec<u8>,
+        pub budget: usize,
+        pub calls: usize,
+    }
+
+    impl Throttled {
+        pub fn new(budget: usize) -> Self {
+            Self {
+                out: Vec::new(),
+                budget,
+                calls: 0,
+            }
+        }
     }
 
     impl Write for Throttled {
         fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.write_vectored(&[IoSlice::new(buf)])
+        }
+        fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+            self.calls += 1;
             if self.budget == 0 {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
-            let n = buf.len().min(self.budget);
-            self.out.extend_from_slice(&buf[..n]);
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.budget - n);
+                self.out.extend_from_slice(&b[..take]);
+                n += take;
+                if n == self.budget {
+                    break;
+                }
+            }
             self.budget -= n;
             Ok(n)
         }
@@ -252,6 +275,12 @@ mod tests {
             Ok(())
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Throttled;
+    use super::*;
 
     fn frame(body: &'static [u8], tail: &[u8]) -> OutFrame {
         OutFrame::new(
@@ -277,10 +306,7 @@ mod tests {
                 v
             })
             .collect();
-        let mut w = Throttled {
-            out: Vec::new(),
-            budget: 4,
-        };
+        let mut w = Throttled::new(4);
         let mut ob = Outbox::default();
         let mut frames = frames;
         assert_eq!(ob.send(&mut w, &mut frames, 1 << 20).unwrap(), Ok(false));
@@ -294,10 +320,7 @@ mod tests {
 
     #[test]
     fn overflow_and_discard_keep_the_stream_valid() {
-        let mut w = Throttled {
-            out: Vec::new(),
-            budget: 3,
-        };
+        let mut w = Throttled::new(3);
         let mut ob = Outbox::default();
         let mut frames = vec![frame(b"0123456789", b""), frame(b"abcdefghij", b"")];
         let r = ob.send(&mut w, &mut frames, 10).unwrap();

@@ -407,7 +407,10 @@ fn a_reader_that_stalls_mid_burst_gets_every_event_intact_and_in_order() {
     // Large and small events mixed, about 8 MB in all: more than the kernel's socket buffers
     // (herald's send buffer grows to 4 MB by default), so writes stop inside frames.
     const EVENTS: usize = 120;
-    let pad = |n: usize| "y".repeat(if n % 3 == 0 { 200_000 } else { 500 + n });
+    let pad = |n: usize| {
+        let len = if n.is_multiple_of(3) { 200_000 } else { 500 + n };
+        "y".repeat(len)
+    };
     let mut published = Vec::new();
     for n in 0..EVENTS {
         let channel = if n % 2 == 0 { "a" } else { "b" };
