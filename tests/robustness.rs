@@ -408,7 +408,11 @@ fn a_reader_that_stalls_mid_burst_gets_every_event_intact_and_in_order() {
     // (herald's send buffer grows to 4 MB by default), so writes stop inside frames.
     const EVENTS: usize = 120;
     let pad = |n: usize| {
-        let len = if n.is_multiple_of(3) { 200_000 } else { 500 + n };
+        let len = if n.is_multiple_of(3) {
+            200_000
+        } else {
+            500 + n
+        };
         "y".repeat(len)
     };
     let mut published = Vec::new();
