@@ -931,9 +931,6 @@ impl Coordinator<'_> {
             ),
             Kind::Burst => "burst".into(),
         };
-        let mut times: Vec<Vec<u64>> = vec![Vec::new(); args.channels];
-        // Deliveries owed so far (subscribers of each published event's channel).
-        let mut owed = 0u64;
         let mut abandoned: Option<String> = None;
         let max_lag = match kind {
             Kind::Rate { rate, .. } => {
@@ -953,13 +950,9 @@ impl Coordinator<'_> {
             _ => None,
         };
         let mut channel_of: Vec<u16> = Vec::with_capacity(events as usize);
-        let mut publish_hist: Histogram<u64> = new_hist();
-        let mut retries = 0u64;
-        let mut error: Option<String> = None;
         let publish_start = Instant::now();
         let first_sent = unix_us();
-        let mut last_sent = first_sent;
-        let mut last_done = publish_start;
+        let mut book = Published::new(args.channels, first_sent, publish_start);
         // How long one event may take to publish: a busy server answers slowly.
         let per_event = match kind {
             Kind::Single => args.single_gap + Duration::from_secs(10),
@@ -969,7 +962,6 @@ impl Coordinator<'_> {
         let phase_deadline =
             publish_start + per_event.mul_f64(events as f64) + Duration::from_secs(30);
         let mut submitted = 0u64;
-        let mut completed = 0u64;
         self.pool.set_phase(id);
         for k in 0..events {
             if kind == Kind::Single {
@@ -977,21 +969,12 @@ impl Coordinator<'_> {
                 // (at most 10 s), after a pause in which the server has nothing to do.
                 let wait_until = Instant::now() + Duration::from_secs(10);
                 while k > 0
-                    && (completed < submitted || self.totals().phase_delivered < owed)
+                    && (book.completed < submitted || self.totals().phase_delivered < book.owed)
                     && Instant::now() < wait_until
-                    && error.is_none()
+                    && book.error.is_none()
                 {
                     self.pump(Instant::now() + Duration::from_millis(2))?;
-                    self.collect_published(
-                        &mut times,
-                        &mut owed,
-                        &mut completed,
-                        &mut retries,
-                        &mut publish_hist,
-                        &mut error,
-                        &mut last_sent,
-                        &mut last_done,
-                    );
+                    self.collect_published(&mut book);
                 }
                 self.pump(Instant::now() + args.single_gap)?;
             } else {
@@ -1002,24 +985,18 @@ impl Coordinator<'_> {
                     self.pump(Instant::now())?;
                 }
             }
-            self.collect_published(
-                &mut times,
-                &mut owed,
-                &mut completed,
-                &mut retries,
-                &mut publish_hist,
-                &mut error,
-                &mut last_sent,
-                &mut last_done,
-            );
-            if error.is_some() {
+            self.collect_published(&mut book);
+            if book.error.is_some() {
                 break;
             }
             if k % 16 == 0 {
-                self.status = format!("phase {id} ({label}): published {completed}/{events}");
+                self.status = format!(
+                    "phase {id} ({label}): published {}/{events}",
+                    book.completed
+                );
             }
             if let Some(limit) = max_lag {
-                let behind = owed.saturating_sub(self.totals().phase_delivered);
+                let behind = book.owed.saturating_sub(self.totals().phase_delivered);
                 if behind > limit {
                     let msg = format!(
                         "abandoned after {k} events: {behind} deliveries behind (more than {:?} of the offered load)",
@@ -1041,9 +1018,9 @@ impl Coordinator<'_> {
             } else {
                 args.pad[(self.rng.next() % args.pad.len() as u64) as usize]
             };
-            let seq = times[chan].len() as u64;
+            let seq = book.times[chan].len() as u64;
             // Filled in with the send time when the publisher thread is done with it.
-            times[chan].push(u64::MAX);
+            book.times[chan].push(u64::MAX);
             channel_of.push(chan as u16);
             self.pool.submit(Job {
                 phase: id,
@@ -1056,31 +1033,24 @@ impl Coordinator<'_> {
             submitted += 1;
         }
         // Every submitted event is published (or failed) before the phase goes on.
-        while completed < submitted && Instant::now() < phase_deadline + Duration::from_secs(10) {
+        while book.completed < submitted
+            && Instant::now() < phase_deadline + Duration::from_secs(10)
+        {
             self.pump(Instant::now() + Duration::from_millis(5))?;
-            self.collect_published(
-                &mut times,
-                &mut owed,
-                &mut completed,
-                &mut retries,
-                &mut publish_hist,
-                &mut error,
-                &mut last_sent,
-                &mut last_done,
-            );
+            self.collect_published(&mut book);
         }
         // Whatever is still queued is dropped unpublished.
         self.pool.set_phase(0);
-        if completed < submitted {
-            error.get_or_insert_with(|| {
+        if book.completed < submitted {
+            book.error.get_or_insert_with(|| {
                 format!(
                     "{} events were never confirmed by the publisher",
-                    submitted - completed
+                    submitted - book.completed
                 )
             });
         }
-        let published = completed;
-        let publish_secs = last_done.duration_since(publish_start).as_secs_f64();
+        let published = book.completed;
+        let publish_secs = book.last_done.duration_since(publish_start).as_secs_f64();
         if kind == Kind::Churn {
             self.send_all(&json!({"cmd": "churn", "frac": 0}))?;
         }
@@ -1089,7 +1059,7 @@ impl Coordinator<'_> {
         let expected: u64 = if kind == Kind::Churn {
             u64::MAX
         } else {
-            times
+            book.times
                 .iter()
                 .zip(&self.subscribers)
                 .map(|(t, s)| t.len() as u64 * s)
@@ -1123,7 +1093,7 @@ impl Coordinator<'_> {
         let closed_by_us = self.totals().closed_by_us - closed_at_start;
         self.status = format!("phase {id} ({label}): judging");
         self.send_all(&json!({
-            "cmd": "end", "id": id, "times": times,
+            "cmd": "end", "id": id, "times": book.times,
             "grace_us": 2_000_000, "max_events": MAX_EVENTS_REPORTED,
         }))?;
         let results = self.wait_all("result", Duration::from_secs(60))?;
@@ -1209,7 +1179,7 @@ impl Coordinator<'_> {
         };
         let deliver_secs = (last_recv.saturating_sub(first_sent)) as f64 / 1e6;
         let drain_s = if last_recv > 0 {
-            (last_recv as f64 - last_sent as f64) / 1e6
+            (last_recv as f64 - book.last_sent as f64) / 1e6
         } else {
             0.0
         };
@@ -1218,7 +1188,8 @@ impl Coordinator<'_> {
         } else {
             0.0
         };
-        let clean = missing == 0 && dups == 0 && misrouted == 0 && lost == 0 && error.is_none();
+        let clean =
+            missing == 0 && dups == 0 && misrouted == 0 && lost == 0 && book.error.is_none();
         let kept_schedule = match kind {
             Kind::Rate { rate, .. } => published == events && achieved >= 0.95 * rate,
             _ => published == events,
@@ -1244,9 +1215,9 @@ impl Coordinator<'_> {
             "published": published,
             "publish_secs": publish_secs,
             "achieved_rate": achieved,
-            "busy_retries": retries,
-            "publish_latency_ms": percentiles_ms(&publish_hist),
-            "error": error,
+            "busy_retries": book.retries,
+            "publish_latency_ms": percentiles_ms(&book.hist),
+            "error": book.error,
             "abandoned": abandoned,
             "connections_at_start": open_at_start,
             "closed_by_us": closed_by_us,
@@ -1304,40 +1275,29 @@ impl Coordinator<'_> {
     }
 
     /// Books the publisher threads' answers: send times, latency, retries, errors.
-    #[allow(clippy::too_many_arguments)]
-    fn collect_published(
-        &mut self,
-        times: &mut [Vec<u64>],
-        owed: &mut u64,
-        completed: &mut u64,
-        retries: &mut u64,
-        hist: &mut Histogram<u64>,
-        error: &mut Option<String>,
-        last_sent: &mut u64,
-        last_done: &mut Instant,
-    ) {
+    fn collect_published(&mut self, book: &mut Published) {
         while let Some(d) = self.pool.try_done() {
             if d.phase != self.next_phase - 1 {
                 // Published for a phase that already ended.
                 continue;
             }
-            *completed += 1;
-            *last_done = Instant::now();
+            book.completed += 1;
+            book.last_done = Instant::now();
             if let Some(e) = d.error {
-                if error.is_none() {
+                if book.error.is_none() {
                     eprintln!(
                         "herald-bench [{}]: {e}; ending the phase early",
                         self.args.label
                     );
                 }
-                error.get_or_insert(e);
+                book.error.get_or_insert(e);
                 continue;
             }
-            times[d.chan][d.seq as usize] = d.sent;
-            *owed += self.subscribers[d.chan];
-            *retries += d.retries;
-            let _ = hist.record(d.latency_us);
-            *last_sent = (*last_sent).max(d.sent);
+            book.times[d.chan][d.seq as usize] = d.sent;
+            book.owed += self.subscribers[d.chan];
+            book.retries += d.retries;
+            let _ = book.hist.record(d.latency_us);
+            book.last_sent = book.last_sent.max(d.sent);
         }
     }
 
@@ -1393,6 +1353,36 @@ impl Coordinator<'_> {
             }
             None => json!({"rate": null, "first_failing_rate": fail_rate}),
         })
+    }
+}
+
+/// What the publisher threads reported during one phase.
+struct Published {
+    /// Per channel, each event's send time (`u64::MAX` until the publisher is done with it).
+    times: Vec<Vec<u64>>,
+    /// Deliveries owed so far (subscribers of each published event's channel).
+    owed: u64,
+    /// Events the publisher is done with (published or failed).
+    completed: u64,
+    retries: u64,
+    hist: Histogram<u64>,
+    error: Option<String>,
+    last_sent: u64,
+    last_done: Instant,
+}
+
+impl Published {
+    fn new(channels: usize, first_sent: u64, start: Instant) -> Self {
+        Self {
+            times: vec![Vec::new(); channels],
+            owed: 0,
+            completed: 0,
+            retries: 0,
+            hist: new_hist(),
+            error: None,
+            last_sent: first_sent,
+            last_done: start,
+        }
     }
 }
 
