@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use crossbeam_channel::{Receiver, Sender};
+use herald::event::EventIdGenerator;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use serde::{Deserialize, Serialize};
@@ -171,7 +172,7 @@ fn main() -> anyhow::Result<()> {
     let handles = Arc::new(handles);
     let publisher = Arc::new(Publisher {
         shards: handles.clone(),
-        ids: Mutex::new(IdClock::default()),
+        ids: Mutex::new(EventIdGenerator::default()),
         subscription,
     });
     std::thread::Builder::new()
@@ -618,33 +619,10 @@ fn upgrade_response(head: &[u8]) -> Upgrade {
 // ---------------------------------------------------------------------------------------------
 // Admin: blocking HTTP/1.1, one thread per connection.
 
-/// `<ms>-<seq>` ids, increasing even when the clock steps back.
-#[derive(Default)]
-struct IdClock {
-    last_ms: u64,
-    seq: u64,
-}
-
-impl IdClock {
-    fn next(&mut self) -> String {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
-        if now > self.last_ms {
-            self.last_ms = now;
-            self.seq = 0;
-        } else {
-            self.seq += 1;
-        }
-        format!("{}-{}", self.last_ms, self.seq)
-    }
-}
-
 struct Publisher {
     shards: Arc<Vec<ShardHandle>>,
     /// Held while an event goes to the shards, so ids and delivery order agree.
-    ids: Mutex<IdClock>,
+    ids: Mutex<EventIdGenerator>,
     subscription: String,
 }
 
@@ -694,7 +672,7 @@ impl Publisher {
             return bad("payload must be a JSON object".into());
         }
         let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
-        let id = ids.next();
+        let id = ids.next_id().to_string();
         let timestamp = chrono::Utc::now()
             .format("%Y-%m-%dT%H:%M:%S%.3f+00:00")
             .to_string();

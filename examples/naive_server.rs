@@ -33,6 +33,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
+use herald::event::EventIdGenerator;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
@@ -129,33 +130,10 @@ struct PublishBody {
     payload: Value,
 }
 
-/// `<ms>-<seq>` ids, increasing even when the clock steps back.
-#[derive(Default)]
-struct IdClock {
-    last_ms: u64,
-    seq: u64,
-}
-
-impl IdClock {
-    fn next(&mut self) -> String {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
-        if now > self.last_ms {
-            self.last_ms = now;
-            self.seq = 0;
-        } else {
-            self.seq += 1;
-        }
-        format!("{}-{}", self.last_ms, self.seq)
-    }
-}
-
 struct Shared {
     events: broadcast::Sender<Arc<Published>>,
     /// Held while an event is sent, so ids and delivery order agree.
-    ids: Mutex<IdClock>,
+    ids: Mutex<EventIdGenerator>,
     default_project: String,
     shutdown: watch::Receiver<bool>,
     open: AtomicUsize,
@@ -192,7 +170,7 @@ async fn serve(cli: Cli, threads: usize, capacity: u64) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         events,
-        ids: Mutex::new(IdClock::default()),
+        ids: Mutex::new(EventIdGenerator::default()),
         default_project: cli.default_project.clone(),
         shutdown: stop_rx,
         open: AtomicUsize::new(0),
@@ -291,7 +269,7 @@ async fn publish(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> 
         return bad("payload must be a JSON object".into());
     }
     let mut ids = shared.ids.lock().unwrap_or_else(|e| e.into_inner());
-    let id = ids.next();
+    let id = ids.next_id().to_string();
     let event = Published {
         id: id.clone(),
         project: body
