@@ -7,115 +7,48 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use common::{connect, expect_close, next_json, send};
+use common::{Server, connect, expect_close, next_json, send};
 
-struct Baseline {
-    child: Child,
-    ws: SocketAddr,
-    admin: SocketAddr,
-    startup_line: String,
-}
-
-impl Baseline {
-    fn start(name: &str) -> Self {
-        let path: PathBuf = std::path::Path::new(env!("CARGO_BIN_EXE_herald"))
-            .parent()
-            .expect("target directory")
-            .join("examples")
-            .join(name);
-        assert!(
-            path.exists(),
-            "{} is missing: `cargo test` builds the examples (a run filtered with --test does \
+/// Starts a baseline example on ephemeral loopback ports, one shard.
+fn start_baseline(name: &str) -> Server {
+    let path: PathBuf = std::path::Path::new(env!("CARGO_BIN_EXE_herald"))
+        .parent()
+        .expect("target directory")
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: `cargo test` builds the examples (a run filtered with --test does \
              not; run `cargo build --examples` first, with the same profile)",
-            path.display()
-        );
-        let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("examples")
-            .join(format!("{name}.rs"));
-        let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        assert!(
-            modified(&source) <= modified(&path),
-            "{} is older than {}: run `cargo test` without --test (it builds the examples), or \
+        path.display()
+    );
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(format!("{name}.rs"));
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    assert!(
+        modified(&source) <= modified(&path),
+        "{} is older than {}: run `cargo test` without --test (it builds the examples), or \
              `cargo build --examples` with the same profile",
-            path.display(),
-            source.display()
-        );
-        let mut child = Command::new(&path)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin",
-                "127.0.0.1:0",
-                "--shards",
-                "1",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", path.display()));
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("startup line");
-        let grab = |marker: &str| -> SocketAddr {
-            let start = line
-                .find(marker)
-                .unwrap_or_else(|| panic!("no {marker} in {line:?}"))
-                + marker.len();
-            let rest = &line[start..];
-            let end = rest
-                .find(|c: char| c == '/' || c.is_whitespace())
-                .unwrap_or(rest.len());
-            rest[..end].parse().expect("address")
-        };
-        let ws = grab("ws://");
-        let admin = grab("admin on http://");
-        Self {
-            child,
-            ws,
-            admin,
-            startup_line: line,
-        }
-    }
-
-    fn post(&self, body: &str) -> (u16, Value) {
-        let mut resp = ureq::post(&format!("http://{}/v1/events", self.admin))
-            .config()
-            .http_status_as_error(false)
-            .build()
-            .header("content-type", "application/json")
-            .send(body)
-            .expect("admin reachable");
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().expect("body");
-        (status, serde_json::from_str(&text).expect("JSON reply"))
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "no exit within {timeout:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Baseline {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        path.display(),
+        source.display()
+    );
+    let mut cmd = Command::new(&path);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+    ]);
+    Server::spawn(cmd)
 }
 
 fn is_event_id(id: &str) -> bool {
@@ -129,7 +62,7 @@ fn is_event_id(id: &str) -> bool {
 
 /// Connect, publish one event, check it arrives intact, stop with SIGTERM.
 async fn round_trip(name: &str) {
-    let mut server = Baseline::start(name);
+    let mut server = start_baseline(name);
     assert!(
         server.startup_line.starts_with(&format!(
             "{name} listening on ws://{}/v1/realtime (",
@@ -170,7 +103,7 @@ async fn round_trip(name: &str) {
     );
 
     let payload = json!({"$id": "f1", "name": "report.pdf", "size": 1234});
-    let (status, reply) = server.post(
+    let (status, reply) = server.publish_raw(
         &json!({"project": "p", "channels": ["files"], "events": ["buckets.b.files.f1.create"],
                 "payload": payload})
         .to_string(),
@@ -199,15 +132,17 @@ async fn round_trip(name: &str) {
     );
 
     // A second event gets a later id.
-    let (status, reply) = server.post(r#"{"project":"p","channels":["files"],"payload":{}}"#);
+    let (status, reply) =
+        server.publish_raw(r#"{"project":"p","channels":["files"],"payload":{}}"#);
     assert_eq!(status, 200, "{reply}");
     let second = reply["id"].as_str().expect("id").to_owned();
     assert_ne!(second, id);
     let event = next_json(&mut ws).await;
     assert_eq!(event["data"]["id"], second.as_str(), "{event}");
 
-    let (status, _) = server.post(r#"{"project":"p","channels":[],"payload":{}}"#);
+    let (status, reply) = server.publish_raw(r#"{"project":"p","channels":[],"payload":{}}"#);
     assert_eq!(status, 400);
+    assert!(reply.is_object(), "a JSON error reply: {reply}");
 
     if name == "naive_server" {
         send(&mut ws, r#"{"type":"ping"}"#).await;
@@ -216,7 +151,7 @@ async fn round_trip(name: &str) {
 
     // SIGTERM: close 1001, then a clean exit.
     let term = std::thread::spawn({
-        let pid = server.child.id();
+        let pid = server.pid();
         move || {
             Command::new("kill")
                 .args(["-TERM", &pid.to_string()])
@@ -227,7 +162,9 @@ async fn round_trip(name: &str) {
     assert_eq!(expect_close(&mut ws, Duration::from_secs(3)).await, 1001);
     drop(ws);
     assert!(term.join().expect("kill thread").success());
-    let status = server.wait_exit(Duration::from_secs(3));
+    let status = server
+        .wait_exit(Duration::from_secs(3))
+        .expect("exit within 3 s");
     assert!(status.success(), "{name} exited with {status}");
 }
 

@@ -37,11 +37,19 @@ impl Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
             .args(extra)
-            .env("HERALD_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .env("HERALD_LOG", "warn");
         tweak(&mut cmd);
-        let mut child = cmd.spawn().expect("spawn herald");
+        Self::spawn(cmd)
+    }
+
+    /// Starts `cmd` (herald or a baseline that prints the same startup line) and reads its
+    /// addresses from that line.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         BufReader::new(stdout)
