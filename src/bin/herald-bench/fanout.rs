@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use crate::client::{hist_merge_json, new_hist, percentiles_ms};
-use crate::publish::{Job, Pool, Sink};
+use crate::publish::{Job, Pool, Sink, SinkArgs};
 use crate::worker::{WorkerSpec, zipf_cdf};
 use crate::{
     Target, bump_n, check_source_ips, fd_capacity, parse_source_ips, probe, proc_cpu_seconds,
@@ -55,14 +55,8 @@ pub(crate) struct FanoutArgs {
     /// ws://127.0.0.1:9505/v1/realtime?project=p. Repeatable: connections alternate.
     #[arg(long, required = true)]
     target: Vec<String>,
-    /// The server's admin listener for publishing, e.g. http://127.0.0.1:9506.
-    #[arg(long, required_unless_present = "redis")]
-    admin: Option<String>,
-    /// Publish with XADD on this Redis instead (herald started with --redis).
-    #[arg(long, conflicts_with = "admin")]
-    redis: Option<String>,
-    #[arg(long, default_value = "herald:events")]
-    stream: String,
+    #[command(flatten)]
+    sink: SinkArgs,
     /// Project of the published events (must match the targets' project).
     #[arg(long, default_value = "p")]
     project: String,
@@ -317,11 +311,7 @@ pub(crate) fn run(args: &FanoutArgs) -> anyhow::Result<u8> {
         ensure!(!t.tcp, "{url}: fanout needs a ws:// target");
         probe(&t, sources.first().copied())?;
     }
-    let mut sink = match (&args.redis, &args.admin) {
-        (Some(url), _) => Sink::redis(url, &args.stream)?,
-        (None, Some(admin)) => Sink::http(admin)?,
-        (None, None) => bail!("give --admin URL (HTTP publish API) or --redis URL"),
-    };
+    let mut sink = args.sink.connect()?;
     // A publish nobody subscribes to: checks the publish path before any connection opens.
     sink.publish_retrying(
         &args.project,
@@ -332,11 +322,7 @@ pub(crate) fn run(args: &FanoutArgs) -> anyhow::Result<u8> {
     .context("the publish probe failed")?;
 
     let names = Arc::new(channel_names.clone());
-    let make_sink = || match (&args.redis, &args.admin) {
-        (Some(url), _) => Sink::redis(url, &args.stream),
-        (None, Some(admin)) => Sink::http(admin),
-        (None, None) => bail!("give --admin URL (HTTP publish API) or --redis URL"),
-    };
+    let make_sink = || args.sink.connect();
     let pool = Pool::new(args.publishers, &make_sink, &args.project, names)?;
     let capacity = fd_capacity()?.saturating_sub(16).max(1);
     let needed = args.connections.div_ceil(capacity);

@@ -17,17 +17,35 @@ use crate::unix_us;
 /// Characters of an error body quoted.
 const MAX_QUOTE: usize = 300;
 
+/// Where events are published: the server's HTTP publish API, or a Redis stream it reads.
 #[derive(clap::Args)]
-pub(crate) struct PublishArgs {
+pub(crate) struct SinkArgs {
     /// The admin listener of the server, e.g. http://127.0.0.1:9506 (events go to /v1/events).
     #[arg(long, required_unless_present = "redis")]
     admin: Option<String>,
-    /// Publish with XADD on this Redis instead, e.g. redis://127.0.0.1:6379.
+    /// Publish with XADD on this Redis instead, e.g. redis://127.0.0.1:6379 (herald started
+    /// with --redis).
     #[arg(long, conflicts_with = "admin")]
     redis: Option<String>,
     /// The Redis stream herald reads.
     #[arg(long, default_value = "herald:events")]
     stream: String,
+}
+
+impl SinkArgs {
+    pub fn connect(&self) -> anyhow::Result<Sink> {
+        match (&self.redis, &self.admin) {
+            (Some(url), _) => Sink::redis(url, &self.stream),
+            (None, Some(admin)) => Sink::http(admin),
+            (None, None) => bail!("give --admin URL (HTTP publish API) or --redis URL"),
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct PublishArgs {
+    #[command(flatten)]
+    sink: SinkArgs,
     #[arg(long, default_value = "p")]
     project: String,
     #[arg(long, default_value = "bench")]
@@ -310,11 +328,7 @@ pub(crate) fn payload(
 
 pub(crate) fn run(args: &PublishArgs) -> anyhow::Result<u8> {
     ensure!(args.rate >= 0.0, "--rate must not be negative");
-    let mut sink = match (&args.redis, &args.admin) {
-        (Some(url), _) => Sink::redis(url, &args.stream)?,
-        (None, Some(admin)) => Sink::http(admin)?,
-        (None, None) => bail!("give --admin URL or --redis URL"),
-    };
+    let mut sink = args.sink.connect()?;
     let stop = crate::stop_flag()?;
     let mut latency: Histogram<u64> = new_hist();
     let start = Instant::now();
