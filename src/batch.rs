@@ -102,8 +102,20 @@ impl Batch {
         &self.events[index as usize]
     }
 
+    /// The end of the group of events from `start` that share its route (project, channels,
+    /// roles): they reach the same connections with the same tails.
+    pub fn route_end(&self, start: u32) -> u32 {
+        let first = &self.events[start as usize];
+        let same = self.events[start as usize + 1..]
+            .iter()
+            .take_while(|e| first.same_route(e))
+            .count();
+        start + 1 + same as u32
+    }
+
     /// Frames staged so far (each event of a run counts).
-    pub fn frame_count(&self) -> usize {
+    #[cfg(test)]
+    fn frame_count(&self) -> usize {
         self.runs
             .iter()
             .map(|r| (r.last - r.first + 1) as usize)
@@ -375,6 +387,7 @@ mod tests {
         assert!(!b.extends(3, e2));
         b.stage(3, e2, tail("t3"));
         assert_eq!(b.frame_count(), 5);
+        assert_eq!(b.route_end(0), 3, "one project, channel and role set: one group");
         let touched = b.take_touched();
         assert_eq!(touched, vec![7, 3]);
 

@@ -655,13 +655,9 @@ impl Shard {
             return;
         }
         let mut start = 0;
-        while start < self.batch.len() {
-            let first = self.batch.event(start as u32).clone();
-            let mut end = start + 1;
-            while end < self.batch.len() && first.same_route(self.batch.event(end as u32)) {
-                end += 1;
-            }
-            self.stage(start as u32, end as u32);
+        while (start as usize) < self.batch.len() {
+            let end = self.batch.route_end(start);
+            self.stage(start, end);
             start = end;
         }
         let touched = self.batch.take_touched();
@@ -694,7 +690,7 @@ impl Shard {
     /// for every subscriber, connection by connection: the matching and the tail are worked out
     /// once per connection and reused by each following event it receives.
     fn stage(&mut self, start: u32, end: u32) {
-        let ev = self.batch.event(start).clone();
+        let ev = self.batch.event(start);
         self.registry
             .collect(&ev.project, &ev.channels, &mut self.candidates);
         let mut staged = 0;
