@@ -387,7 +387,11 @@ mod tests {
         assert!(!b.extends(3, e2));
         b.stage(3, e2, tail("t3"));
         assert_eq!(b.frame_count(), 5);
-        assert_eq!(b.route_end(0), 3, "one project, channel and role set: one group");
+        assert_eq!(
+            b.route_end(0),
+            3,
+            "one project, channel and role set: one group"
+        );
         let touched = b.take_touched();
         assert_eq!(touched, vec![7, 3]);
 
