@@ -240,6 +240,7 @@ fn sizes() {
     struct Slot {
         stream: mio::net::TcpStream,
         conn: herald::conn::Connection,
+        wants_write: bool,
     }
     #[allow(dead_code)]
     enum Entry<T> {

@@ -9,14 +9,16 @@
 //! every event body is the shared encoded prefix, referenced in place. Frames a socket does not
 //! take are handed back as [`OutFrame`]s for the connection's outbox.
 //!
-//! Must not decide who receives what (the shard and `conn.rs` do) and must not touch
-//! connections or the event loop.
+//! Must not decide who receives what: [`Batch::offer`] asks the connection (`conn.rs`) and
+//! stages what it answers. Must not touch sockets other than the writer it is handed, nor the
+//! event loop.
 
 use std::io::{self, IoSlice, Write};
 use std::sync::Arc;
 
 use smallvec::SmallVec;
 
+use crate::conn::Verdict;
 use crate::event::EncodedEvent;
 use crate::outbox::OutFrame;
 use crate::ws::frame::{Opcode, ServerHeader};
@@ -137,10 +139,36 @@ impl Batch {
         self.runs[last].last = index;
     }
 
+    /// Offers event `index` to connection `key` through `decide` and stages what it answers.
+    /// `decide` gets the event, whether the connection got the previous event of the route group
+    /// that starts at `group_start` (see [`Self::extends`]), and the buffer for a new tail.
+    pub fn offer(
+        &mut self,
+        key: u32,
+        index: u32,
+        group_start: u32,
+        decide: impl FnOnce(&Arc<EncodedEvent>, bool, &mut Vec<u8>) -> Verdict,
+    ) -> Verdict {
+        let continues = index > group_start && self.extends(key, index);
+        let tail_start = self.tails.len();
+        let verdict = decide(&self.events[index as usize], continues, &mut self.tails);
+        match verdict {
+            Verdict::Deliver => self.push_run(key, index, tail_start),
+            Verdict::Extend if continues => self.extend(key, index),
+            _ => self.tails.truncate(tail_start),
+        }
+        verdict
+    }
+
     /// Stages event `index` for `key` with a new tail, written by `tail`.
     pub fn stage(&mut self, key: u32, index: u32, tail: impl FnOnce(&mut Vec<u8>, &EncodedEvent)) {
         let tail_start = self.tails.len();
         tail(&mut self.tails, &self.events[index as usize]);
+        self.push_run(key, index, tail_start);
+    }
+
+    /// Stages event `index` for `key` with the tail at `tails[tail_start..]`.
+    fn push_run(&mut self, key: u32, index: u32, tail_start: usize) {
         let run = self.runs.len() as u32;
         self.runs.push(Run {
             first: index,

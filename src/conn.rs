@@ -1,23 +1,51 @@
 //! One client connection's state machine: upgrade, open WebSocket, close handshake.
 //!
 //! Owns what happens to a connection's bytes: the upgrade request, WebSocket messages, the
-//! realtime protocol reply, rate limits, idle pings, and the close sequence. It does no system
-//! calls: the shard's I/O driver reads into a scratch buffer, calls in here, and writes whatever
-//! lands in `Env::out` and the [`Outbox`]. That boundary is what lets an io_uring driver reuse it.
+//! realtime protocol reply, rate limits, idle pings, the close sequence, and the decision of
+//! which live events it receives and with which `subscriptions` tail. It does no system calls
+//! and knows no sockets or event loop: its driver (the shard) feeds it bytes, time and events,
+//! and hands [`Connection::transmit`] a writer. That boundary is what lets an io_uring driver
+//! reuse it, and what its unit tests drive without a socket.
+//!
+//! # Driver contract
+//!
+//! The driver owns one [`Shared`] per shard and, per connection, a `Connection` and a socket.
+//! Every call that takes a [`Context`] (made by [`Shared::context`] with the connection's key)
+//! may leave frames in [`Shared::out`]; the driver must call [`Connection::transmit`] for that
+//! same connection before it makes a context for another one, and act on what it answers:
+//!
+//! 1. On accept: [`Connection::new`]. Register for readability only.
+//! 2. Bytes read: [`Connection::on_read`]; end of stream or a read error: remove.
+//! 3. Once a second: [`Connection::on_tick`] (deadlines, idle pings, the idle timeout).
+//! 4. Shutdown: [`Connection::on_shutdown`].
+//! 5. Fan-out: [`Connection::offer`] per live event, which answers with a [`Verdict`]; the
+//!    driver stages and writes delivered frames itself (the batch), unless the connection
+//!    [`is_backlogged`](Connection::is_backlogged), in which case it appends them to
+//!    [`Shared::out`] and transmits. Frames a socket did not take go back through
+//!    [`Connection::queue_unsent`], followed by `transmit`.
+//! 6. Resumes: after any call, the keys in [`Shared::resumes`] started one; the driver sends
+//!    [`Connection::replay_query`] to the control plane and hands the answer to
+//!    [`Connection::on_replay_answer`] (which ignores answers for an earlier connection of the
+//!    same key: compare [`Connection::serial`]).
+//! 7. After `transmit`: [`Next::Blocked`] means wait for writability (register for it),
+//!    [`Next::Idle`] means stop waiting for it, [`Next::HalfClose`] means shut the socket's
+//!    write side, [`Next::Drop`] means remove the connection now. A write error also removes it.
+//! 8. Before removing: [`Connection::unindex`].
 //!
 //! Memory: an idle open connection holds no buffers, only this struct and its session.
 
 use std::collections::VecDeque;
+use std::io::{self, Write};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use smallvec::SmallVec;
 
-use crate::bus::ReplayError;
 use crate::config::Config;
 use crate::event::{EncodedEvent, EventId, write_tail};
-use crate::outbox::{OutFrame, Outbox};
+use crate::mailbox::{ReplayError, ReplayQuery};
+use crate::outbox::{OutFrame, Outbox, Overflow};
 use crate::protocol::{self, Session, SessionLimits};
 use crate::registry::Registry;
 use crate::ws::decoder::{Decoder, Message};
@@ -44,6 +72,8 @@ pub struct ConnConfig {
     pub echo_path: Option<String>,
     pub limits: SessionLimits,
     pub guest_roles: Arc<[Box<str>]>,
+    pub replay_max_events: usize,
+    pub replay_max_bytes: usize,
 }
 
 fn secs(d: std::time::Duration) -> u32 {
@@ -69,12 +99,14 @@ impl ConnConfig {
                 ..SessionLimits::default()
             },
             guest_roles: Arc::from(vec![Box::<str>::from("guests")]),
+            replay_max_events: c.replay_max_events,
+            replay_max_bytes: c.replay_max_bytes,
         }
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+enum Phase {
     /// Reading the HTTP upgrade request.
     Handshake,
     /// A WebSocket carrying realtime or echo traffic.
@@ -88,6 +120,8 @@ pub enum Phase {
     FlushThenLinger,
     /// Half-closed; discarding input until EOF or the deadline.
     Lingering,
+    /// A deadline passed, or shutdown came before the upgrade: drop now, sending nothing.
+    Done,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,26 +130,69 @@ enum Kind {
     Echo,
 }
 
-/// Per-shard counters a connection bumps.
+/// Per-shard counters a connection bumps; the driver turns them into metrics.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Counters {
     pub rate_limited: u64,
     pub idle_closed: u64,
 }
 
-/// What a connection needs from its shard while handling bytes or timers.
-pub struct Env<'a> {
-    pub cfg: &'a ConnConfig,
-    pub registry: &'a mut Registry,
-    pub key: u32,
+/// What a shard's connections share: settings, the channel index, the clock, and the scratch
+/// space calls leave their results in. Owned by the driver, lent to one connection at a time
+/// through [`Shared::context`].
+#[derive(Debug)]
+pub struct Shared {
+    pub cfg: ConnConfig,
+    pub registry: Registry,
+    /// Seconds since the shard started.
     pub now: u32,
-    /// Frames to send, in order; the driver appends them to the outbox.
-    pub out: &'a mut Vec<OutFrame>,
-    pub counters: &'a mut Counters,
-    /// Connections that started a resume; the shard asks the control plane for their history.
-    pub replays: &'a mut Vec<u32>,
     /// The last event this shard has processed: a resume starting now replays up to it.
     pub position: Option<EventId>,
+    pub counters: Counters,
+    /// Frames the last call produced, for [`Connection::transmit`].
+    pub out: Vec<OutFrame>,
+    /// Keys of connections that started a resume; the driver takes them (contract, step 6).
+    pub resumes: Vec<u32>,
+}
+
+impl Shared {
+    pub fn new(cfg: ConnConfig) -> Self {
+        Self {
+            cfg,
+            registry: Registry::default(),
+            now: 0,
+            position: None,
+            counters: Counters::default(),
+            out: Vec::new(),
+            resumes: Vec::new(),
+        }
+    }
+
+    /// What the connection with slab key `key` may touch during one call.
+    pub fn context(&mut self, key: u32) -> Context<'_> {
+        Context {
+            cfg: &self.cfg,
+            registry: &mut self.registry,
+            key,
+            now: self.now,
+            out: &mut self.out,
+            counters: &mut self.counters,
+            resumes: &mut self.resumes,
+            position: self.position,
+        }
+    }
+}
+
+/// One connection's borrowed view of its shard's [`Shared`] state.
+pub struct Context<'a> {
+    cfg: &'a ConnConfig,
+    registry: &'a mut Registry,
+    key: u32,
+    now: u32,
+    out: &'a mut Vec<OutFrame>,
+    counters: &'a mut Counters,
+    resumes: &'a mut Vec<u32>,
+    position: Option<EventId>,
 }
 
 /// Error code for a `lastEventId` that is not an event id (README: Resume).
@@ -124,11 +201,11 @@ pub const INVALID_LAST_EVENT_ID: u16 = 4011;
 /// A resume in progress. While the history is being fetched, live events for the connection
 /// wait here, so replayed and live events join without a gap or a duplicate.
 #[derive(Debug)]
-pub struct Replay {
-    pub after: EventId,
+struct Replay {
+    after: EventId,
     /// The shard's position when the resume began: history covers `(after, upto]`, live
     /// delivery everything later.
-    pub upto: Option<EventId>,
+    upto: Option<EventId>,
     /// The history answer is outstanding. Once it arrived the state only remains while this
     /// shard has not yet passed `after`, to skip live events the client already has.
     waiting: bool,
@@ -137,18 +214,44 @@ pub struct Replay {
     overflowed: bool,
 }
 
-/// What to do with a live event for a connection that matched it.
+/// What a connection does with a live event offered to it ([`Connection::offer`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Live {
+pub enum Verdict {
+    /// Send it; its `subscriptions` tail has been appended to the caller's buffer.
     Deliver,
-    /// Held until the replay finishes.
-    Held,
-    /// The client already has it (or lost it to an overflow it will be told about).
+    /// Send it with the same tail as the previous event (only when the offer said it continues).
+    Extend,
+    /// Held by the connection until its replay finishes.
+    Hold,
+    /// Not sent: the client already has it (or lost it to an overflow it will be told about).
     Skip,
+    /// Not for this connection, nor any other event with the same project, channels and roles.
+    NotSubscribed,
+}
+
+/// What the driver must do after [`Connection::transmit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Everything is written.
+    Idle,
+    /// Output waits for the socket to become writable.
+    Blocked,
+    /// Everything is written: shut the socket's write side and wait for the peer to hang up.
+    HalfClose,
+    /// Remove the connection now.
+    Drop,
+}
+
+/// The answer of [`Connection::transmit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    pub next: Next,
+    /// The outbound bound was exceeded: the connection is being closed as a slow consumer.
+    pub slow_consumer: bool,
 }
 
 /// The frame of `event` for `session`: the shared prefix plus this connection's matching ids.
-pub fn event_frame(session: &Session, event: &EncodedEvent) -> Option<OutFrame> {
+fn event_frame(session: &Session, event: &EncodedEvent) -> Option<OutFrame> {
     let mut ids = session.matching(event).peekable();
     ids.peek()?;
     let mut tail = SmallVec::new();
@@ -166,24 +269,22 @@ pub enum Incident {
 #[derive(Debug)]
 pub struct Connection {
     /// Tells this connection apart from a later one reusing its slab slot.
-    pub serial: u32,
-    pub phase: Phase,
+    serial: u32,
+    phase: Phase,
     kind: Kind,
-    pub ping_outstanding: bool,
-    /// The driver registered interest in writability (the outbox is non-empty).
-    pub wants_write: bool,
+    ping_outstanding: bool,
     rate_count: u16,
     rate_window_start: u32,
-    pub last_read: u32,
-    pub deadline: u32,
+    last_read: u32,
+    deadline: u32,
     /// A request head split across reads. Boxed so the common case (no split) costs one
     /// pointer in every connection instead of a 24-byte `Vec`.
     #[allow(clippy::box_collection)]
     handshake: Option<Box<Vec<u8>>>,
     decoder: Decoder,
-    pub outbox: Outbox,
-    pub session: Option<Session>,
-    pub replay: Option<Box<Replay>>,
+    outbox: Outbox,
+    session: Option<Session>,
+    replay: Option<Box<Replay>>,
 }
 
 impl Connection {
@@ -193,7 +294,6 @@ impl Connection {
             phase: Phase::Handshake,
             kind: Kind::Realtime,
             ping_outstanding: false,
-            wants_write: false,
             rate_count: 0,
             rate_window_start: now,
             last_read: now,
@@ -206,8 +306,12 @@ impl Connection {
         }
     }
 
+    pub fn serial(&self) -> u32 {
+        self.serial
+    }
+
     /// The outbound bound for this connection (the echo endpoint must hold whole echoed messages).
-    pub fn outbound_limit(&self, cfg: &ConnConfig) -> usize {
+    fn outbound_limit(&self, cfg: &ConnConfig) -> usize {
         match self.kind {
             Kind::Realtime => cfg.max_outbound,
             Kind::Echo => cfg.max_outbound.max(cfg.echo_max_message.saturating_mul(2)),
@@ -215,21 +319,26 @@ impl Connection {
     }
 
     /// True for an open realtime connection, the only kind events go to.
-    pub fn receives_events(&self) -> bool {
+    fn receives_events(&self) -> bool {
         self.phase == Phase::Open && self.kind == Kind::Realtime
     }
 
-    /// Handles bytes just read from the socket. `data` is the shard's scratch buffer.
-    pub fn on_data(&mut self, data: &mut [u8], env: &mut Env<'_>) -> Option<Incident> {
-        self.last_read = env.now;
-        match self.phase {
-            Phase::Handshake => self.on_handshake_bytes(data, env),
-            Phase::Open | Phase::Closing => self.on_ws_bytes(data, env),
-            Phase::FlushThenDrop | Phase::FlushThenLinger | Phase::Lingering => None,
-        }
+    /// Output is queued: new frames must go behind it, through [`Shared::out`] and transmit.
+    pub fn is_backlogged(&self) -> bool {
+        !self.outbox.is_empty()
     }
 
-    fn on_handshake_bytes(&mut self, data: &mut [u8], env: &mut Env<'_>) -> Option<Incident> {
+    /// Handles bytes just read from the socket. `data` is the driver's scratch buffer; it may
+    /// be changed (unmasked in place).
+    pub fn on_read(&mut self, data: &mut [u8], cx: &mut Context<'_>) -> Option<Incident> {
+        self.last_read = cx.now;
+        match self.phase {
+            Phase::Handshake => self.on_handshake_bytes(data, cx),
+            Phase::Open | Phase::Closing => self.on_ws_bytes(data, cx),
+            Phase::FlushThenDrop | Phase::FlushThenLinger | Phase::Lingering | Phase::Done => None,
+        }
+    }
+    fn on_handshake_bytes(&mut self, data: &mut [u8], cx: &mut Context<'_>) -> Option<Incident> {
         let mut held = self.handshake.take();
         let buf: &mut [u8] = match held.as_mut() {
             Some(h) => {
@@ -238,8 +347,8 @@ impl Connection {
             }
             None => data,
         };
-        match handshake::parse_request(buf, env.cfg.max_handshake) {
-            Err(e) => self.reject(e.status(), &e.to_string(), env, "malformed"),
+        match handshake::parse_request(buf, cx.cfg.max_handshake) {
+            Err(e) => self.reject(e.status(), &e.to_string(), cx, "malformed"),
             Ok(None) => {
                 let kept = match held {
                     Some(h) => h,
@@ -249,9 +358,9 @@ impl Connection {
                 None
             }
             Ok(Some((req, len))) => {
-                let incident = self.upgrade(&req, env);
+                let incident = self.upgrade(&req, cx);
                 if self.phase == Phase::Open && buf.len() > len {
-                    return self.on_ws_bytes(&mut buf[len..], env).or(incident);
+                    return self.on_ws_bytes(&mut buf[len..], cx).or(incident);
                 }
                 incident
             }
@@ -262,33 +371,33 @@ impl Connection {
         &mut self,
         status: u16,
         message: &str,
-        env: &mut Env<'_>,
+        cx: &mut Context<'_>,
         reason: &'static str,
     ) -> Option<Incident> {
-        env.out
+        cx.out
             .push(OutFrame::raw(Bytes::from(handshake::error_response(
                 status, message,
             ))));
-        self.enter(Phase::FlushThenLinger, env.now);
+        self.enter(Phase::FlushThenLinger, cx.now);
         Some(Incident::Rejected(reason))
     }
 
-    fn upgrade(&mut self, req: &Request, env: &mut Env<'_>) -> Option<Incident> {
+    fn upgrade(&mut self, req: &Request, cx: &mut Context<'_>) -> Option<Incident> {
         let realtime = req.path == "/v1/realtime" || req.path.starts_with("/v1/realtime/");
-        let echo = env.cfg.echo_path.as_deref() == Some(req.path.as_str());
+        let echo = cx.cfg.echo_path.as_deref() == Some(req.path.as_str());
         if !realtime && !echo {
             return self.reject(
                 404,
                 "Not found: realtime clients connect to /v1/realtime",
-                env,
+                cx,
                 "not_found",
             );
         }
         let key = match req.websocket_key() {
             Ok(k) => k,
-            Err(r) => return self.reject(r.status, r.message, env, "not_websocket"),
+            Err(r) => return self.reject(r.status, r.message, cx, "not_websocket"),
         };
-        env.out
+        cx.out
             .push(OutFrame::raw(Bytes::from(handshake::accept_response(key))));
         self.phase = Phase::Open;
         if echo && !realtime {
@@ -300,8 +409,8 @@ impl Connection {
             .project
             .as_deref()
             .or(q.project.as_deref())
-            .unwrap_or(&env.cfg.default_project);
-        let limits = env.cfg.limits;
+            .unwrap_or(&cx.cfg.default_project);
+        let limits = cx.cfg.limits;
         if q.channels.len() > limits.max_channels
             || q.channels.iter().any(|c| c.len() > limits.max_channel_len)
         {
@@ -309,33 +418,30 @@ impl Connection {
                 "Too many or too long channels: at most {} channels of at most {} bytes",
                 limits.max_channels, limits.max_channel_len
             );
-            env.out.push(OutFrame::text(protocol::error_message(
+            cx.out.push(OutFrame::text(protocol::error_message(
                 close_code::POLICY,
                 &msg,
             )));
-            self.close(close_code::POLICY, "invalid channels", env);
+            self.close(close_code::POLICY, "invalid channels", cx);
             return Some(Incident::Rejected("invalid_channels"));
         }
-        let project = env.registry.intern(project);
-        let registry = &mut *env.registry;
-        let session = Session::new(
-            project,
-            env.cfg.guest_roles.clone(),
-            &q.channels,
-            &mut |c| registry.intern(c),
-        );
-        env.out.push(OutFrame::text(session.connected_message()));
-        env.registry
-            .update(&session.project, env.key, &[], &session.channels());
+        let project = cx.registry.intern(project);
+        let registry = &mut *cx.registry;
+        let session = Session::new(project, cx.cfg.guest_roles.clone(), &q.channels, &mut |c| {
+            registry.intern(c)
+        });
+        cx.out.push(OutFrame::text(session.connected_message()));
+        cx.registry
+            .update(&session.project, cx.key, &[], &session.channels());
         self.session = Some(session);
         if let Some(after) = q.last_event_id {
-            self.start_replay(&after, env);
+            self.start_replay(&after, cx);
         }
         None
     }
 
     /// Begins a resume after `raw` (a client-supplied `lastEventId`).
-    fn start_replay(&mut self, raw: &str, env: &mut Env<'_>) {
+    fn start_replay(&mut self, raw: &str, cx: &mut Context<'_>) {
         let message = match raw.parse::<EventId>() {
             Err(e) => format!("Invalid lastEventId {raw:?}: {e}"),
             Ok(_) if self.replay.as_ref().is_some_and(|r| r.waiting) => {
@@ -344,116 +450,37 @@ impl Connection {
             Ok(after) => {
                 self.replay = Some(Box::new(Replay {
                     after,
-                    upto: env.position,
+                    upto: cx.position,
                     waiting: true,
                     buffered: VecDeque::new(),
                     buffered_bytes: 0,
                     overflowed: false,
                 }));
-                env.replays.push(env.key);
+                cx.resumes.push(cx.key);
                 return;
             }
         };
-        env.out.push(OutFrame::text(protocol::error_message(
+        cx.out.push(OutFrame::text(protocol::error_message(
             INVALID_LAST_EVENT_ID,
             &message,
         )));
     }
 
-    /// Decides what happens to a live event this connection's session matched.
-    pub fn offer_live(&mut self, event: &Arc<EncodedEvent>, max_held: usize) -> Live {
-        let Some(r) = self.replay.as_mut() else {
-            return Live::Deliver;
-        };
-        if r.waiting {
-            if r.overflowed {
-                return Live::Skip;
-            }
-            r.buffered_bytes += event.frame_bytes();
-            if r.buffered_bytes > max_held {
-                r.overflowed = true;
-                r.buffered = VecDeque::new();
-                return Live::Skip;
-            }
-            r.buffered.push_back(event.clone());
-            return Live::Held;
-        }
-        match event.position {
-            Some(p) if p <= r.after => Live::Skip,
-            Some(_) => {
-                self.replay = None;
-                Live::Deliver
-            }
-            None => Live::Deliver,
-        }
-    }
-
-    /// The history for a resume arrived: sends it, then the live events held meanwhile.
-    /// `shard_position` is the last event this shard has processed.
-    pub fn finish_replay(
-        &mut self,
-        outcome: Result<Vec<Arc<EncodedEvent>>, ReplayError>,
-        shard_position: Option<EventId>,
-        env: &mut Env<'_>,
-    ) {
-        let Some(mut r) = self.replay.take() else {
-            return;
-        };
-        let Some(session) = self.session.as_ref() else {
-            return;
-        };
-        let keep_skipping = match &outcome {
-            Ok(events) => {
-                env.out
-                    .extend(events.iter().filter_map(|e| event_frame(session, e)));
-                true
-            }
-            Err(e) => {
-                env.out.push(OutFrame::text(protocol::error_message(
-                    e.code(),
-                    &e.to_string(),
-                )));
-                // After "ahead" the client's id means nothing here: skip nothing.
-                !matches!(e, ReplayError::Ahead(_))
-            }
-        };
-        if r.overflowed {
-            let e = ReplayError::Truncated(format!(
-                "more than {} bytes of live events arrived during the replay",
-                env.cfg.max_outbound
-            ));
-            env.out.push(OutFrame::text(protocol::error_message(
-                e.code(),
-                &e.to_string(),
-            )));
-        }
-        env.out.extend(
-            r.buffered
-                .drain(..)
-                .filter_map(|e| event_frame(session, &e)),
-        );
-        if keep_skipping && shard_position.is_none_or(|h| h < r.after) {
-            r.waiting = false;
-            r.buffered = VecDeque::new();
-            self.replay = Some(r);
-        }
-    }
-
-    fn on_ws_bytes(&mut self, data: &mut [u8], env: &mut Env<'_>) -> Option<Incident> {
+    fn on_ws_bytes(&mut self, data: &mut [u8], cx: &mut Context<'_>) -> Option<Incident> {
         let max = match self.kind {
-            Kind::Realtime => env.cfg.max_message,
-            Kind::Echo => env.cfg.echo_max_message,
+            Kind::Realtime => cx.cfg.max_message,
+            Kind::Echo => cx.cfg.echo_max_message,
         };
         let mut decoder = std::mem::take(&mut self.decoder);
-        let result = decoder.feed(data, max, |m| self.on_message(m, env));
+        let result = decoder.feed(data, max, |m| self.on_message(m, cx));
         self.decoder = decoder;
         match result {
             Ok(()) => None,
-            Err(e) => Some(self.fail(&e, env)),
+            Err(e) => Some(self.fail(&e, cx)),
         }
     }
 
-    fn fail(&mut self, e: &ProtocolError, env: &mut Env<'_>) -> Incident {
+    fn fail(&mut self, e: &ProtocolError, cx: &mut Context<'_>) -> Incident {
         // Nothing more will be decoded, so the partial state can go now.
         self.decoder = Decoder::default();
         let code = e.close_code();
@@ -463,22 +490,22 @@ impl Connection {
             // close frame was malformed would never send another, so waiting (Closing) only held
             // the socket until the timeout. The half-close after the flush keeps the close frame
             // from being destroyed by a reset.
-            env.out.push(OutFrame::new(
+            cx.out.push(OutFrame::new(
                 Opcode::Close,
                 Bytes::from(close_payload(code, &e.to_string())),
                 SmallVec::new(),
             ));
-            self.enter(Phase::FlushThenLinger, env.now);
+            self.enter(Phase::FlushThenLinger, cx.now);
         } else {
-            self.enter(Phase::FlushThenDrop, env.now);
+            self.enter(Phase::FlushThenDrop, cx.now);
         }
         Incident::ProtocolError(code)
     }
 
-    fn on_message(&mut self, m: Message<'_>, env: &mut Env<'_>) -> ControlFlow<()> {
+    fn on_message(&mut self, m: Message<'_>, cx: &mut Context<'_>) -> ControlFlow<()> {
         let open = self.phase == Phase::Open;
         match m {
-            Message::Ping(p) if open => env.out.push(OutFrame::new(
+            Message::Ping(p) if open => cx.out.push(OutFrame::new(
                 Opcode::Pong,
                 Bytes::copy_from_slice(p),
                 SmallVec::new(),
@@ -491,31 +518,31 @@ impl Connection {
                         .code
                         .map(|code| close_payload(code, ""))
                         .unwrap_or_default();
-                    env.out.push(OutFrame::new(
+                    cx.out.push(OutFrame::new(
                         Opcode::Close,
                         Bytes::from(payload),
                         SmallVec::new(),
                     ));
                 }
                 self.decoder = Decoder::default();
-                self.enter(Phase::FlushThenDrop, env.now);
+                self.enter(Phase::FlushThenDrop, cx.now);
                 return ControlFlow::Break(());
             }
             Message::Text(t) if open => match self.kind {
-                Kind::Echo => env.out.push(OutFrame::new(
+                Kind::Echo => cx.out.push(OutFrame::new(
                     Opcode::Text,
                     Bytes::copy_from_slice(t.as_bytes()),
                     SmallVec::new(),
                 )),
-                Kind::Realtime => return self.on_text(t, env),
+                Kind::Realtime => return self.on_text(t, cx),
             },
             Message::Binary(b) if open => match self.kind {
-                Kind::Echo => env.out.push(OutFrame::new(
+                Kind::Echo => cx.out.push(OutFrame::new(
                     Opcode::Binary,
                     Bytes::copy_from_slice(b),
                     SmallVec::new(),
                 )),
-                Kind::Realtime => env.out.push(OutFrame::text(protocol::error_message(
+                Kind::Realtime => cx.out.push(OutFrame::text(protocol::error_message(
                     close_code::UNSUPPORTED_DATA,
                     protocol::errors::BINARY,
                 ))),
@@ -526,16 +553,16 @@ impl Connection {
         ControlFlow::Continue(())
     }
 
-    fn on_text(&mut self, text: &str, env: &mut Env<'_>) -> ControlFlow<()> {
-        if env.cfg.message_rate > 0 {
-            if env.now.saturating_sub(self.rate_window_start) >= env.cfg.message_rate_window_secs {
-                self.rate_window_start = env.now;
+    fn on_text(&mut self, text: &str, cx: &mut Context<'_>) -> ControlFlow<()> {
+        if cx.cfg.message_rate > 0 {
+            if cx.now.saturating_sub(self.rate_window_start) >= cx.cfg.message_rate_window_secs {
+                self.rate_window_start = cx.now;
                 self.rate_count = 0;
             }
             self.rate_count = self.rate_count.saturating_add(1);
-            if u32::from(self.rate_count) > env.cfg.message_rate {
-                env.counters.rate_limited += 1;
-                env.out.push(OutFrame::text(protocol::error_message(
+            if u32::from(self.rate_count) > cx.cfg.message_rate {
+                cx.counters.rate_limited += 1;
+                cx.out.push(OutFrame::text(protocol::error_message(
                     close_code::TRY_AGAIN_LATER,
                     protocol::errors::TOO_MANY_MESSAGES,
                 )));
@@ -546,33 +573,33 @@ impl Connection {
             return ControlFlow::Continue(());
         };
         let before = session.channels();
-        let registry = &mut *env.registry;
-        let reply = session.handle_text(text, &env.cfg.limits, &mut |c| registry.intern(c));
+        let registry = &mut *cx.registry;
+        let reply = session.handle_text(text, &cx.cfg.limits, &mut |c| registry.intern(c));
         if reply.subscriptions_changed {
-            env.registry
-                .update(&session.project, env.key, &before, &session.channels());
+            cx.registry
+                .update(&session.project, cx.key, &before, &session.channels());
         }
         if let Some(frame) = reply.frame {
-            env.out.push(OutFrame::text(frame));
+            cx.out.push(OutFrame::text(frame));
         }
         if let Some(after) = reply.resume_after {
-            self.start_replay(&after, env);
+            self.start_replay(&after, cx);
         }
         if let Some(code) = reply.close {
-            self.close(code, "", env);
+            self.close(code, "", cx);
             return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
     }
 
     /// Starts the close handshake: sends a close frame and waits for the peer's.
-    pub fn close(&mut self, code: u16, reason: &str, env: &mut Env<'_>) {
-        env.out.push(OutFrame::new(
+    fn close(&mut self, code: u16, reason: &str, cx: &mut Context<'_>) {
+        cx.out.push(OutFrame::new(
             Opcode::Close,
             Bytes::from(close_payload(code, reason)),
             SmallVec::new(),
         ));
-        self.enter(Phase::Closing, env.now);
+        self.enter(Phase::Closing, cx.now);
     }
 
     fn enter(&mut self, phase: Phase, now: u32) {
@@ -583,64 +610,222 @@ impl Connection {
         }
     }
 
-    /// Called when the outbox is empty, to move a finishing connection along. Returns true when
-    /// the connection should be dropped now, and sets `Lingering` when it should half-close.
-    pub fn after_flush(&mut self, now: u32) -> bool {
-        match self.phase {
-            Phase::FlushThenDrop => true,
-            Phase::FlushThenLinger => {
-                self.enter(Phase::Lingering, now);
-                false
+    /// Decides what happens to live `event` (contract, step 5). `continues`: this connection
+    /// got the previous event of the batch, which has the same project, channels and roles, so
+    /// it matches and its tail is the same. `tails` receives the tail of a [`Verdict::Deliver`].
+    pub fn offer(
+        &mut self,
+        event: &Arc<EncodedEvent>,
+        continues: bool,
+        tails: &mut Vec<u8>,
+        cfg: &ConnConfig,
+    ) -> Verdict {
+        if !self.receives_events() {
+            return Verdict::NotSubscribed;
+        }
+        let Some(session) = self.session.as_ref() else {
+            return Verdict::NotSubscribed;
+        };
+        if !continues && session.matching(event).next().is_none() {
+            return Verdict::NotSubscribed;
+        }
+        match self.replay_verdict(event, cfg.max_outbound) {
+            Some(v) => v,
+            None if continues => Verdict::Extend,
+            None => {
+                if let Some(session) = self.session.as_ref() {
+                    write_tail(tails, session.matching(event));
+                }
+                Verdict::Deliver
             }
-            _ => false,
         }
     }
 
-    /// Periodic check: handshake and close deadlines, idle pings and the idle timeout. Returns
-    /// true when the connection should be dropped now.
-    pub fn on_tick(&mut self, env: &mut Env<'_>) -> bool {
+    /// What a resume in progress does with a matched live event; `None`: deliver it.
+    fn replay_verdict(&mut self, event: &Arc<EncodedEvent>, max_held: usize) -> Option<Verdict> {
+        let r = self.replay.as_mut()?;
+        if r.waiting {
+            if r.overflowed {
+                return Some(Verdict::Skip);
+            }
+            r.buffered_bytes += event.frame_bytes();
+            if r.buffered_bytes > max_held {
+                r.overflowed = true;
+                r.buffered = VecDeque::new();
+                return Some(Verdict::Skip);
+            }
+            r.buffered.push_back(event.clone());
+            return Some(Verdict::Hold);
+        }
+        match event.position {
+            Some(p) if p <= r.after => Some(Verdict::Skip),
+            Some(_) => {
+                self.replay = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The history the resume this connection started needs (contract, step 6).
+    pub fn replay_query(&self, cfg: &ConnConfig) -> Option<ReplayQuery> {
+        let (session, replay) = (self.session.as_ref()?, self.replay.as_ref()?);
+        replay.waiting.then(|| ReplayQuery {
+            after: replay.after,
+            upto: replay.upto,
+            project: session.project.to_string(),
+            channels: session.channels().iter().map(|c| c.to_string()).collect(),
+            roles: session.roles.to_vec(),
+            max_events: cfg.replay_max_events,
+            max_bytes: cfg.replay_max_bytes,
+        })
+    }
+
+    /// The history for a resume arrived: sends it, then the live events held meanwhile. An
+    /// answer for another `serial` (an earlier connection in this slot) is ignored.
+    pub fn on_replay_answer(
+        &mut self,
+        serial: u32,
+        outcome: Result<Vec<Arc<EncodedEvent>>, ReplayError>,
+        cx: &mut Context<'_>,
+    ) {
+        if serial != self.serial || !self.receives_events() {
+            return;
+        }
+        let Some(mut r) = self.replay.take() else {
+            return;
+        };
+        let Some(session) = self.session.as_ref() else {
+            return;
+        };
+        let keep_skipping = match &outcome {
+            Ok(events) => {
+                cx.out
+                    .extend(events.iter().filter_map(|e| event_frame(session, e)));
+                true
+            }
+            Err(e) => {
+                cx.out.push(OutFrame::text(protocol::error_message(
+                    e.code(),
+                    &e.to_string(),
+                )));
+                // After "ahead" the client's id means nothing here: skip nothing.
+                !matches!(e, ReplayError::Ahead(_))
+            }
+        };
+        if r.overflowed {
+            let e = ReplayError::Truncated(format!(
+                "more than {} bytes of live events arrived during the replay",
+                cx.cfg.max_outbound
+            ));
+            cx.out.push(OutFrame::text(protocol::error_message(
+                e.code(),
+                &e.to_string(),
+            )));
+        }
+        cx.out.extend(
+            r.buffered
+                .drain(..)
+                .filter_map(|e| event_frame(session, &e)),
+        );
+        if keep_skipping && cx.position.is_none_or(|h| h < r.after) {
+            r.waiting = false;
+            r.buffered = VecDeque::new();
+            self.replay = Some(r);
+        }
+    }
+
+    /// Periodic check: handshake and close deadlines, idle pings and the idle timeout.
+    pub fn on_tick(&mut self, cx: &mut Context<'_>) -> Option<Incident> {
         match self.phase {
             Phase::Open => {
-                let idle = env.now.saturating_sub(self.last_read);
-                let cfg = env.cfg;
+                let idle = cx.now.saturating_sub(self.last_read);
+                let cfg = cx.cfg;
                 if cfg.idle_timeout_secs > 0 && idle >= cfg.idle_timeout_secs {
-                    env.counters.idle_closed += 1;
-                    self.close(close_code::GOING_AWAY, "idle timeout", env);
+                    cx.counters.idle_closed += 1;
+                    self.close(close_code::GOING_AWAY, "idle timeout", cx);
                 } else if cfg.ping_interval_secs > 0
                     && idle >= cfg.ping_interval_secs
                     && !self.ping_outstanding
                 {
                     self.ping_outstanding = true;
-                    env.out
+                    cx.out
                         .push(OutFrame::new(Opcode::Ping, Bytes::new(), SmallVec::new()));
                 }
-                false
+                None
             }
-            _ => env.now >= self.deadline,
+            Phase::Done => None,
+            phase if cx.now >= self.deadline => {
+                self.phase = Phase::Done;
+                (phase == Phase::Handshake).then_some(Incident::Rejected("timeout"))
+            }
+            _ => None,
         }
     }
 
-    /// Starts a graceful close for shutdown. Returns true when the connection should simply be
-    /// dropped (it never became a WebSocket).
-    pub fn shutdown(&mut self, env: &mut Env<'_>) -> bool {
+    /// Starts a graceful close for shutdown: 1001 for a WebSocket; a connection that never
+    /// became one is simply dropped.
+    pub fn on_shutdown(&mut self, cx: &mut Context<'_>) {
         match self.phase {
-            Phase::Handshake => true,
-            Phase::Open => {
-                self.close(close_code::GOING_AWAY, "server shutting down", env);
-                false
-            }
-            _ => false,
+            Phase::Handshake => self.phase = Phase::Done,
+            Phase::Open => self.close(close_code::GOING_AWAY, "server shutting down", cx),
+            _ => {}
         }
     }
 
-    /// The outbox overflowed: drop what the peer has not started to receive and tell it why.
-    pub fn slow_consumer(&mut self, env: &mut Env<'_>) {
-        self.outbox.discard_unstarted();
-        self.close(
-            close_code::TRY_AGAIN_LATER,
-            "slow consumer: outbound queue full",
-            env,
-        );
+    /// Queues frames a direct write did not finish: `frames[0]` is on the wire up to `offset`.
+    /// The driver calls [`Self::transmit`] next, which applies the outbound bound.
+    pub fn queue_unsent(&mut self, frames: Vec<OutFrame>, offset: usize) {
+        self.outbox.queue_unsent(frames, offset);
+    }
+
+    /// Writes [`Shared::out`] and the queued output to `w` as far as it takes them, applies the
+    /// slow-consumer rule and moves the close sequence along (contract, step 7). On an error
+    /// the driver removes the connection.
+    pub fn transmit<W: Write>(&mut self, w: &mut W, cx: &mut Context<'_>) -> io::Result<Transmit> {
+        let result = self.write_out(w, cx);
+        if result.is_err() {
+            cx.out.clear();
+        }
+        result
+    }
+
+    fn write_out<W: Write>(&mut self, w: &mut W, cx: &mut Context<'_>) -> io::Result<Transmit> {
+        let mut t = Transmit {
+            next: Next::Idle,
+            slow_consumer: false,
+        };
+        if self.phase == Phase::Done {
+            cx.out.clear();
+            t.next = Next::Drop;
+            return Ok(t);
+        }
+        let limit = self.outbound_limit(cx.cfg);
+        if let Err(Overflow) = self.outbox.send(w, cx.out, limit)? {
+            t.slow_consumer = true;
+            // Drop what the peer has not started to receive and tell it why.
+            self.outbox.discard_unstarted();
+            self.close(
+                close_code::TRY_AGAIN_LATER,
+                "slow consumer: outbound queue full",
+                cx,
+            );
+            let _ = self.outbox.send(w, cx.out, usize::MAX)?;
+        }
+        t.next = if self.is_backlogged() {
+            Next::Blocked
+        } else {
+            match self.phase {
+                Phase::FlushThenDrop => Next::Drop,
+                Phase::FlushThenLinger => {
+                    // The peer hangs up after reading everything; a reset would destroy the tail.
+                    self.enter(Phase::Lingering, cx.now);
+                    Next::HalfClose
+                }
+                _ => Next::Idle,
+            }
+        };
+        Ok(t)
     }
 
     /// Removes this connection from the shard's channel index (before its slot is reused).
@@ -648,5 +833,475 @@ impl Connection {
         if let Some(s) = &self.session {
             registry.update(&s.project, key, &s.channels(), &[]);
         }
+    }
+}
+
+/// The connection driven by a fake driver: bytes in, bytes out through a throttled writer, time
+/// and events handed in by hand; no socket anywhere.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::{Batch, Written};
+    use crate::event::Event;
+    use crate::outbox::testing::Throttled;
+    use crate::ws::decoder::encode_client_frame;
+
+    const KEY: u32 = 7;
+    const SERIAL: u32 = 41;
+    const TEXT: u8 = 0x1;
+    const CLOSE: u8 = 0x8;
+    const PING: u8 = 0x9;
+
+    /// What the shard does for one connection, reduced to the contract in the module header.
+    struct Driver {
+        shared: Shared,
+        conn: Connection,
+        /// What the peer would read; its budget plays the socket's send buffer.
+        wire: Throttled,
+        /// Bytes of `wire.out` already parsed by [`Self::frames`].
+        seen: usize,
+        next: Next,
+        slow: bool,
+    }
+
+    impl Driver {
+        fn new(cfg: ConnConfig) -> Self {
+            let conn = Connection::new(SERIAL, 0, &cfg);
+            Self {
+                shared: Shared::new(cfg),
+                conn,
+                wire: Throttled::new(usize::MAX),
+                seen: 0,
+                next: Next::Idle,
+                slow: false,
+            }
+        }
+
+        fn defaults() -> Self {
+            Self::new(ConnConfig::from_config(&Config::for_tests()))
+        }
+
+        /// A realtime connection past its upgrade, subscribed to `channels` of project `p`.
+        fn open(query: &str) -> Self {
+            let mut d = Self::defaults();
+            d.read(&upgrade(&format!("/v1/realtime?project=p&{query}")));
+            assert!(d.http_head().starts_with("HTTP/1.1 101"));
+            assert_eq!(json(&d.text())["type"], "connected");
+            d
+        }
+
+        fn transmit(&mut self) -> Transmit {
+            let mut cx = self.shared.context(KEY);
+            let t = self.conn.transmit(&mut self.wire, &mut cx).unwrap();
+            self.next = t.next;
+            self.slow |= t.slow_consumer;
+            t
+        }
+
+        fn read(&mut self, bytes: &[u8]) -> Option<Incident> {
+            let mut data = bytes.to_vec();
+            let mut cx = self.shared.context(KEY);
+            let incident = self.conn.on_read(&mut data, &mut cx);
+            self.transmit();
+            incident
+        }
+
+        fn send(&mut self, opcode: u8, payload: &[u8]) -> Option<Incident> {
+            self.read(&encode_client_frame(true, opcode, payload, [1, 2, 3, 4]))
+        }
+
+        fn tick(&mut self, now: u32) -> Option<Incident> {
+            self.shared.now = now;
+            let mut cx = self.shared.context(KEY);
+            let incident = self.conn.on_tick(&mut cx);
+            self.transmit();
+            incident
+        }
+
+        /// One fan-out of `events`, staged and written the way the shard does it.
+        fn deliver(&mut self, events: &[Arc<EncodedEvent>]) -> Vec<Verdict> {
+            let mut batch = Batch::default();
+            for e in events {
+                batch.push_event(e.clone());
+            }
+            let mut verdicts = Vec::new();
+            let cfg = self.shared.cfg.clone();
+            let mut start = 0;
+            while (start as usize) < batch.len() {
+                let end = batch.route_end(start);
+                for i in start..end {
+                    verdicts.push(batch.offer(KEY, i, start, |ev, continues, tails| {
+                        self.conn.offer(ev, continues, tails, &cfg)
+                    }));
+                }
+                start = end;
+            }
+            let touched = batch.take_touched();
+            if !touched.is_empty() {
+                if self.conn.is_backlogged() {
+                    batch.frames_of(KEY, &mut self.shared.out);
+                    self.transmit();
+                } else if let Written::Blocked { rest, offset } =
+                    batch.write(KEY, &mut self.wire).unwrap()
+                {
+                    self.conn.queue_unsent(rest, offset);
+                    self.transmit();
+                }
+            }
+            batch.clear(touched);
+            verdicts
+        }
+
+        /// The HTTP response head at the start of the wire.
+        fn http_head(&mut self) -> String {
+            let out = &self.wire.out[self.seen..];
+            let end = out
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .expect("a complete response head")
+                + 4;
+            self.seen += end;
+            String::from_utf8(out[..end].to_vec()).unwrap()
+        }
+
+        /// Every complete server frame written since the last call: (opcode, payload).
+        fn frames(&mut self) -> Vec<(u8, Vec<u8>)> {
+            let mut frames = Vec::new();
+            loop {
+                let buf = &self.wire.out[self.seen..];
+                if buf.len() < 2 {
+                    return frames;
+                }
+                assert_eq!(buf[1] & 0x80, 0, "server frames are never masked");
+                let (len, head) = match buf[1] & 0x7f {
+                    126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+                    127 if buf.len() >= 10 => {
+                        let b: [u8; 8] = buf[2..10].try_into().unwrap();
+                        (u64::from_be_bytes(b) as usize, 10)
+                    }
+                    126 | 127 => return frames,
+                    n => (usize::from(n), 2),
+                };
+                if buf.len() < head + len {
+                    return frames;
+                }
+                assert_eq!(buf[0] & 0x80, 0x80, "herald sends no fragments");
+                frames.push((buf[0] & 0x0f, buf[head..head + len].to_vec()));
+                self.seen += head + len;
+            }
+        }
+
+        /// The one text frame written since the last call.
+        fn text(&mut self) -> String {
+            let frames = self.frames();
+            assert_eq!(frames.len(), 1, "{frames:?}");
+            assert_eq!(frames[0].0, TEXT);
+            String::from_utf8(frames[0].1.clone()).unwrap()
+        }
+
+        fn subscribers(&mut self, channel: &str) -> Vec<u32> {
+            let mut out = Vec::new();
+            self.shared.registry.collect("p", &[channel], &mut out);
+            out
+        }
+    }
+
+    fn upgrade(target: &str) -> Vec<u8> {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: herald\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    fn event(id: &str, channel: &str) -> Arc<EncodedEvent> {
+        EncodedEvent::encode(&Event {
+            id: id.into(),
+            project: "p".into(),
+            channels: vec![channel.into()],
+            events: vec!["e".into()],
+            roles: vec![],
+            timestamp: "t".into(),
+            payload: serde_json::json!({ "id": id }),
+        })
+    }
+
+    fn close_code_of(payload: &[u8]) -> u16 {
+        u16::from_be_bytes([payload[0], payload[1]])
+    }
+
+    fn json(text: &str) -> serde_json::Value {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn upgrade_split_across_reads_answers_101_then_connected_and_indexes_the_channels() {
+        let mut d = Driver::defaults();
+        let request = upgrade("/v1/realtime?project=p&channels[]=a&channels[]=b");
+        assert_eq!(d.read(&request[..20]), None);
+        assert!(
+            d.wire.out.is_empty(),
+            "nothing is answered before the head is complete"
+        );
+        assert_eq!(d.read(&request[20..]), None);
+        let head = d.http_head();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+        let connected = json(&d.text());
+        assert_eq!(connected["type"], "connected");
+        assert_eq!(connected["data"]["channels"], serde_json::json!(["a", "b"]));
+        assert_eq!(d.subscribers("a"), vec![KEY]);
+        assert_eq!(d.subscribers("b"), vec![KEY]);
+        assert_eq!(d.next, Next::Idle);
+
+        d.conn.unindex(&mut d.shared.registry, KEY);
+        assert!(d.subscribers("a").is_empty());
+    }
+
+    #[test]
+    fn an_unknown_path_gets_404_then_a_half_close() {
+        let mut d = Driver::defaults();
+        assert_eq!(
+            d.read(&upgrade("/elsewhere")),
+            Some(Incident::Rejected("not_found"))
+        );
+        assert!(d.http_head().starts_with("HTTP/1.1 404"));
+        assert_eq!(d.next, Next::HalfClose);
+        // Lingering: input is discarded until the peer hangs up or the deadline passes.
+        assert_eq!(d.send(TEXT, b"late"), None);
+        assert_eq!(d.next, Next::Idle);
+        assert_eq!(d.tick(CLOSE_TIMEOUT_SECS), None);
+        assert_eq!(d.next, Next::Drop);
+    }
+
+    #[test]
+    fn messages_are_answered_and_the_subscription_index_follows_them() {
+        let mut d = Driver::open("channels[]=a");
+        d.send(TEXT, br#"{"type":"ping"}"#);
+        assert_eq!(d.text(), r#"{"type":"pong"}"#);
+        d.send(TEXT, b"not json");
+        assert_eq!(json(&d.text())["data"]["code"], 1003);
+        d.send(
+            TEXT,
+            br#"{"type":"subscribe","data":[{"subscriptionId":"s1","channels":["b"]}]}"#,
+        );
+        let reply = d.text();
+        assert!(reply.contains("s1"), "{reply}");
+        assert_eq!(d.subscribers("b"), vec![KEY]);
+        d.send(PING, b"hi");
+        assert_eq!(d.frames(), vec![(0xA, b"hi".to_vec())]);
+    }
+
+    #[test]
+    fn a_client_close_is_echoed_then_dropped() {
+        let mut d = Driver::open("channels[]=a");
+        d.send(CLOSE, &close_payload(1000, "bye"));
+        let frames = d.frames();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(frames[0].0, CLOSE);
+        assert_eq!(close_code_of(&frames[0].1), 1000);
+        assert_eq!(d.next, Next::Drop);
+    }
+
+    #[test]
+    fn a_protocol_error_fails_the_connection_with_a_close_frame_and_half_close() {
+        let mut d = Driver::open("channels[]=a");
+        // Unmasked client frame.
+        assert_eq!(
+            d.read(&[0x81, 0x02, b'h', b'i']),
+            Some(Incident::ProtocolError(close_code::PROTOCOL_ERROR))
+        );
+        let frames = d.frames();
+        assert_eq!(frames.len(), 1);
+        assert_eq!(close_code_of(&frames[0].1), close_code::PROTOCOL_ERROR);
+        assert_eq!(d.next, Next::HalfClose);
+    }
+
+    #[test]
+    fn events_reach_matching_subscriptions_with_their_ids_and_runs_share_a_tail() {
+        let mut d = Driver::open("channels[]=a");
+        let connected = d.subscribers("a");
+        assert_eq!(connected, vec![KEY]);
+        let verdicts = d.deliver(&[event("1-0", "a"), event("2-0", "a"), event("3-0", "z")]);
+        assert_eq!(
+            verdicts,
+            vec![Verdict::Deliver, Verdict::Extend, Verdict::NotSubscribed]
+        );
+        let frames = d.frames();
+        assert_eq!(frames.len(), 2);
+        for (frame, id) in frames.iter().zip(["1-0", "2-0"]) {
+            let v: serde_json::Value = serde_json::from_slice(&frame.1).unwrap();
+            assert_eq!(v["type"], "event");
+            assert_eq!(v["data"]["id"], id);
+            assert_eq!(v["data"]["subscriptions"].as_array().unwrap().len(), 1);
+        }
+    }
+
+    #[test]
+    fn a_reader_that_stops_is_closed_as_a_slow_consumer_with_whole_frames_then_1013() {
+        let mut cfg = ConnConfig::from_config(&Config::for_tests());
+        cfg.max_outbound = 4096;
+        let mut d = Driver::new(cfg);
+        d.read(&upgrade("/v1/realtime?project=p&channels[]=a"));
+        d.http_head();
+        d.text();
+        d.wire.budget = 700;
+        let mut sent = 0;
+        while !d.slow {
+            assert!(sent < 1000, "the bound never closed the connection");
+            d.deliver(&[event(&format!("{sent}-0"), "a")]);
+            sent += 1;
+        }
+        assert_eq!(d.next, Next::Blocked);
+        // Nothing is offered to a closing connection.
+        assert_eq!(
+            d.deliver(&[event("9999-0", "a")]),
+            vec![Verdict::NotSubscribed]
+        );
+        d.wire.budget = usize::MAX;
+        d.transmit();
+        let frames = d.frames();
+        let (last, events) = frames.split_last().unwrap();
+        assert_eq!(last.0, CLOSE);
+        assert_eq!(close_code_of(&last.1), close_code::TRY_AGAIN_LATER);
+        assert!(!events.is_empty() && events.len() < sent);
+        for (n, (op, payload)) in events.iter().enumerate() {
+            assert_eq!(*op, TEXT);
+            let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+            assert_eq!(v["data"]["id"], format!("{n}-0"), "a prefix, in order");
+        }
+        assert_eq!(
+            d.seen,
+            d.wire.out.len(),
+            "no partial frame before the close"
+        );
+        assert_eq!(d.next, Next::Idle, "waits for the peer's close frame");
+    }
+
+    #[test]
+    fn a_resume_holds_live_events_until_the_history_then_sends_both_in_order() {
+        let mut d = Driver::open("channels[]=a&lastEventId=1-0");
+        assert_eq!(d.shared.resumes, vec![KEY]);
+        let query = d.conn.replay_query(&d.shared.cfg).unwrap();
+        assert_eq!(query.after, "1-0".parse().unwrap());
+        assert_eq!(query.channels, vec!["a".to_owned()]);
+        assert_eq!(query.project, "p");
+
+        assert_eq!(d.deliver(&[event("4-0", "a")]), vec![Verdict::Hold]);
+        assert!(d.frames().is_empty());
+
+        let mut cx = d.shared.context(KEY);
+        // An answer meant for an earlier connection in this slot changes nothing.
+        d.conn
+            .on_replay_answer(SERIAL + 1, Ok(vec![event("2-0", "a")]), &mut cx);
+        d.conn.on_replay_answer(
+            SERIAL,
+            Ok(vec![event("2-0", "a"), event("3-0", "a")]),
+            &mut cx,
+        );
+        d.transmit();
+        let ids: Vec<String> = d
+            .frames()
+            .iter()
+            .map(|(_, p)| {
+                let v: serde_json::Value = serde_json::from_slice(p).unwrap();
+                v["data"]["id"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(ids, ["2-0", "3-0", "4-0"]);
+        assert!(d.conn.replay_query(&d.shared.cfg).is_none());
+
+        // The shard had not passed the client's id: what it already has is skipped once.
+        assert_eq!(d.deliver(&[event("1-0", "a")]), vec![Verdict::Skip]);
+        assert_eq!(d.deliver(&[event("5-0", "a")]), vec![Verdict::Deliver]);
+        assert_eq!(d.frames().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_replay_tells_the_client_then_sends_what_was_held() {
+        let mut d = Driver::open("channels[]=a&lastEventId=1-0");
+        d.deliver(&[event("4-0", "a")]);
+        let mut cx = d.shared.context(KEY);
+        let gone = ReplayError::Unavailable("the control plane is gone".into());
+        d.conn.on_replay_answer(SERIAL, Err(gone), &mut cx);
+        d.transmit();
+        let frames = d.frames();
+        assert_eq!(frames.len(), 2);
+        let error: serde_json::Value = serde_json::from_slice(&frames[0].1).unwrap();
+        assert_eq!(error["data"]["code"], 4010);
+        let live: serde_json::Value = serde_json::from_slice(&frames[1].1).unwrap();
+        assert_eq!(live["data"]["id"], "4-0");
+    }
+
+    #[test]
+    fn an_idle_connection_is_pinged_once_then_closed_with_1001_then_dropped() {
+        let mut cfg = ConnConfig::from_config(&Config::for_tests());
+        cfg.ping_interval_secs = 2;
+        cfg.idle_timeout_secs = 5;
+        let mut d = Driver::new(cfg);
+        d.read(&upgrade("/v1/realtime?project=p&channels[]=a"));
+        d.http_head();
+        d.text();
+        d.tick(1);
+        assert!(d.frames().is_empty());
+        d.tick(2);
+        assert_eq!(d.frames(), vec![(PING, Vec::new())]);
+        d.tick(3);
+        assert!(d.frames().is_empty(), "one ping until the peer answers");
+        d.tick(5);
+        let frames = d.frames();
+        assert_eq!(frames[0].0, CLOSE);
+        assert_eq!(close_code_of(&frames[0].1), close_code::GOING_AWAY);
+        assert_eq!(d.shared.counters.idle_closed, 1);
+        assert_eq!(d.next, Next::Idle);
+        d.tick(5 + CLOSE_TIMEOUT_SECS);
+        assert_eq!(d.next, Next::Drop);
+    }
+
+    #[test]
+    fn reading_keeps_a_connection_alive_and_a_pong_allows_the_next_ping() {
+        let mut cfg = ConnConfig::from_config(&Config::for_tests());
+        cfg.ping_interval_secs = 2;
+        cfg.idle_timeout_secs = 5;
+        let mut d = Driver::new(cfg);
+        d.read(&upgrade("/v1/realtime?project=p&channels[]=a"));
+        d.http_head();
+        d.text();
+        d.tick(2);
+        assert_eq!(d.frames().len(), 1);
+        d.shared.now = 4;
+        d.send(0xA, b"");
+        d.tick(6);
+        assert_eq!(d.frames(), vec![(PING, Vec::new())]);
+        assert_eq!(d.next, Next::Idle);
+    }
+
+    #[test]
+    fn a_handshake_that_never_completes_times_out() {
+        let mut d = Driver::defaults();
+        d.read(b"GET /v1/realtime HTTP/1.1\r\n");
+        let timeout = d.shared.cfg.handshake_timeout_secs;
+        assert_eq!(d.tick(timeout - 1), None);
+        assert_eq!(d.next, Next::Idle);
+        assert_eq!(d.tick(timeout), Some(Incident::Rejected("timeout")));
+        assert_eq!(d.next, Next::Drop);
+        assert!(d.wire.out.is_empty());
+    }
+
+    #[test]
+    fn shutdown_closes_websockets_with_1001_and_drops_half_open_handshakes() {
+        let mut d = Driver::open("channels[]=a");
+        let mut cx = d.shared.context(KEY);
+        d.conn.on_shutdown(&mut cx);
+        d.transmit();
+        let frames = d.frames();
+        assert_eq!(close_code_of(&frames[0].1), close_code::GOING_AWAY);
+        assert_eq!(d.next, Next::Idle);
+
+        let mut h = Driver::defaults();
+        let mut cx = h.shared.context(KEY);
+        h.conn.on_shutdown(&mut cx);
+        h.transmit();
+        assert_eq!(h.next, Next::Drop);
     }
 }

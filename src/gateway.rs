@@ -18,7 +18,9 @@ use crate::bus::redis::{RedisBus, RedisSettings};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::limits::{self, FdLimit};
+use crate::mailbox::replay_channel;
 use crate::metrics::Metrics;
+use crate::replay::ReplayBell;
 use crate::shard::{ConnectionLimit, Shard};
 
 #[derive(Debug, Error)]
@@ -130,7 +132,8 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
             "--appwrite-pubsub needs --redis (Appwrite's pub/sub lives in Redis)".into(),
         ));
     }
-    let (replay_tx, replay_rx) = tokio::sync::mpsc::unbounded_channel();
+    let bell = Arc::new(ReplayBell::default());
+    let (replay_tx, replay_rx) = replay_channel(bell.clone());
     let mut handles = Vec::with_capacity(shard_count);
     let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(shard_count);
     for (id, listener) in listeners.into_iter().enumerate() {
@@ -220,7 +223,13 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
         if let Some(r) = &redis {
             r.spawn_workers();
         }
-        tokio::spawn(crate::replay::serve(replay_rx, bus, hub.clone(), metrics));
+        tokio::spawn(crate::replay::serve(
+            replay_rx,
+            bell,
+            bus,
+            hub.clone(),
+            metrics,
+        ));
         let server = axum::serve(admin_listener, router(state));
         let signal = async move {
             wait_for_signal().await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::event::EncodedEvent;
-use crate::shard::{AnswerRefused, Command, ReplayAnswer, ShardHandle};
+use crate::mailbox::{AnswerRefused, Command, ReplayAnswer, ShardHandle};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum HubError {

@@ -40,6 +40,7 @@ pub mod gateway;
 pub mod history;
 pub mod hub;
 pub mod limits;
+pub mod mailbox;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;

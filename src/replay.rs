@@ -8,13 +8,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::{Notify, Semaphore};
 
-use crate::bus::{Bus, ReplayError, ReplayQuery};
+use crate::bus::Bus;
 use crate::hub::Hub;
+use crate::mailbox::{
+    AnswerRefused, Doorbell, Received, ReplayAnswer, ReplayError, ReplayReceiver, ReplayRequest,
+};
 use crate::metrics::Metrics;
-use crate::shard::{AnswerRefused, ReplayAnswer};
 
 /// History fetches in flight at once: enough to serve a mass reconnect quickly without
 /// flooding Redis.
@@ -22,54 +23,69 @@ const CONCURRENCY: usize = 64;
 /// Pause before offering an answer again to a shard whose answer queue is full.
 const RETRY: Duration = Duration::from_millis(2);
 
-/// A shard's request to replay history to one of its connections.
-#[derive(Debug)]
-pub struct ReplayRequest {
-    pub shard: usize,
-    pub key: u32,
-    pub serial: u32,
-    pub query: ReplayQuery,
+/// Wakes [`serve`] when a shard queued a request. A ring while nobody waits is kept (one
+/// permit), so a request is never left unseen.
+#[derive(Debug, Default)]
+pub struct ReplayBell(Notify);
+
+impl Doorbell for ReplayBell {
+    fn ring(&self) {
+        self.0.notify_one();
+    }
 }
 
 /// Runs until every shard has dropped its sender.
 pub async fn serve(
-    mut requests: UnboundedReceiver<ReplayRequest>,
+    requests: ReplayReceiver,
+    bell: Arc<ReplayBell>,
     bus: Arc<dyn Bus>,
     hub: Arc<Hub>,
     metrics: Metrics,
 ) {
     let permits = Arc::new(Semaphore::new(CONCURRENCY));
-    while let Some(req) = requests.recv().await {
+    loop {
+        let req = match requests.try_recv() {
+            Received::Request(r) => r,
+            Received::Empty => {
+                bell.0.notified().await;
+                continue;
+            }
+            Received::Closed => return,
+        };
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let (bus, hub, metrics) = (bus.clone(), hub.clone(), metrics.clone());
         tokio::spawn(async move {
-            let outcome = bus.replay(req.query).await;
-            let label = match &outcome {
-                Ok(_) => "ok",
-                Err(ReplayError::Truncated(_)) => "truncated",
-                Err(ReplayError::Ahead(_)) => "ahead",
-                Err(ReplayError::Unavailable(_)) => "unavailable",
-            };
-            metrics.replays.with_label_values(&[label]).inc();
-            let mut answer = ReplayAnswer {
-                key: req.key,
-                serial: req.serial,
-                outcome,
-            };
-            // A full answer queue is the shard pacing replays behind live traffic: wait, never
-            // drop (the connection would wait forever for its history).
-            loop {
-                match hub.send_answer(req.shard, answer) {
-                    Ok(()) | Err(AnswerRefused::Gone) => break,
-                    Err(AnswerRefused::Full(back)) => {
-                        answer = back;
-                        tokio::time::sleep(RETRY).await;
-                    }
-                }
-            }
+            answer(req, &*bus, &hub, &metrics).await;
             drop(permit);
         });
+    }
+}
+
+async fn answer(req: ReplayRequest, bus: &dyn Bus, hub: &Hub, metrics: &Metrics) {
+    let outcome = bus.replay(req.query).await;
+    let label = match &outcome {
+        Ok(_) => "ok",
+        Err(ReplayError::Truncated(_)) => "truncated",
+        Err(ReplayError::Ahead(_)) => "ahead",
+        Err(ReplayError::Unavailable(_)) => "unavailable",
+    };
+    metrics.replays.with_label_values(&[label]).inc();
+    let mut answer = ReplayAnswer {
+        key: req.key,
+        serial: req.serial,
+        outcome,
+    };
+    // A full answer queue is the shard pacing replays behind live traffic: wait, never drop
+    // (the connection would wait forever for its history).
+    loop {
+        match hub.send_answer(req.shard, answer) {
+            Ok(()) | Err(AnswerRefused::Gone) => break,
+            Err(AnswerRefused::Full(back)) => {
+                answer = back;
+                tokio::time::sleep(RETRY).await;
+            }
+        }
     }
 }

@@ -2,45 +2,30 @@
 //!
 //! Owns its `SO_REUSEPORT` listener, its connections (in a slab), its channel index and its
 //! scratch buffers, and is the only thread that touches them: no locks on the hot path. It
-//! receives events and shutdown through a bounded crossbeam channel plus a mio waker. It must
-//! not know about HTTP, Redis or the bus; everything protocol-level is delegated to `conn.rs`.
+//! receives events, shutdown and replay answers through its [`ShardInbox`] (crossbeam channels
+//! plus a mio waker) and asks for replays through a [`ReplaySender`]. It is the I/O driver of
+//! `conn.rs` (see the contract there): it does the system calls and keeps epoll interest, and
+//! makes no protocol decision (who receives an event, with what tail, when to close). It must
+//! not know about HTTP, Redis or the bus.
 
 use std::io::{self, Read};
 use std::net::Shutdown;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::batch::{Batch, Written};
-use crate::bus::{ReplayError, ReplayQuery};
 use crate::config::Config;
-use crate::conn::{ConnConfig, Connection, Counters, Env, Incident, Live, Phase};
-use crate::event::{EncodedEvent, EventId, write_tail};
+use crate::conn::{ConnConfig, Connection, Context, Incident, Next, Shared, Verdict};
+use crate::mailbox::{
+    Command, ReplayAnswer, ReplayError, ReplayRequest, ReplaySender, ShardHandle, ShardInbox,
+    shard_mailbox,
+};
 use crate::metrics::Metrics;
-use crate::outbox::OutFrame;
-use crate::registry::Registry;
-use crate::replay::ReplayRequest;
-
-/// What a connection may touch, borrowed field by field so the slab entry can stay borrowed.
-macro_rules! conn_env {
-    ($shard:ident, $key:expr) => {
-        Env {
-            cfg: &$shard.cfg,
-            registry: &mut $shard.registry,
-            key: $key as u32,
-            now: $shard.now,
-            out: &mut $shard.out,
-            counters: &mut $shard.counters,
-            replays: &mut $shard.replays,
-            position: $shard.position,
-        }
-    };
-}
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -51,10 +36,6 @@ const ACCEPT_BATCH: usize = 512;
 /// Socket reads per readable event: enough for normal traffic, bounded against floods.
 const READS_PER_EVENT: usize = 16;
 const SCRATCH_BYTES: usize = 64 * 1024;
-/// Inbound queue capacity per shard, in events.
-pub const QUEUE_CAPACITY: usize = 65_536;
-/// Replay answers waiting per shard; the control plane holds the rest back.
-const ANSWER_CAPACITY: usize = 1024;
 /// Replay answers written per loop iteration, after live events.
 const ANSWERS_PER_ITERATION: usize = 16;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -64,85 +45,6 @@ enum AcceptRefusal {
     ConnectionLimit,
     FdLimit,
     Other(io::Error),
-}
-
-/// What the control plane sends a shard.
-#[derive(Debug)]
-pub enum Command {
-    Event(Arc<EncodedEvent>),
-    /// Stop accepting, close every connection with 1001, exit once drained or at the deadline.
-    Shutdown {
-        drain: Duration,
-    },
-}
-
-/// The history a resuming connection asked for. Answers travel in their own queue, served after
-/// live events and a few per loop iteration, so a mass reconnect never delays live delivery.
-#[derive(Debug)]
-pub struct ReplayAnswer {
-    pub key: u32,
-    pub serial: u32,
-    pub outcome: Result<Vec<Arc<EncodedEvent>>, ReplayError>,
-}
-
-/// Why a replay answer could not be queued.
-#[derive(Debug)]
-pub enum AnswerRefused {
-    /// The shard's answer queue is full: try again shortly.
-    Full(ReplayAnswer),
-    /// The shard has stopped.
-    Gone,
-}
-
-/// The control plane's end of a shard.
-#[derive(Clone)]
-pub struct ShardHandle {
-    tx: Sender<Command>,
-    answers: Sender<ReplayAnswer>,
-    waker: Arc<Waker>,
-    wake_pending: Arc<AtomicBool>,
-}
-
-impl ShardHandle {
-    /// Queues a command without blocking and wakes the shard; gives it back when the queue is
-    /// full.
-    pub fn try_send(&self, cmd: Command) -> Result<(), Command> {
-        self.try_send_quiet(cmd)?;
-        self.wake();
-        Ok(())
-    }
-
-    /// Queues a command without waking the shard: for batches, followed by one [`Self::wake`].
-    pub fn try_send_quiet(&self, cmd: Command) -> Result<(), Command> {
-        self.tx
-            .try_send(cmd)
-            .map_err(|(TrySendError::Full(c) | TrySendError::Disconnected(c))| c)
-    }
-
-    /// Queues a replay answer and wakes the shard.
-    pub fn try_send_answer(&self, answer: ReplayAnswer) -> Result<(), AnswerRefused> {
-        match self.answers.try_send(answer) {
-            Ok(()) => {
-                self.wake();
-                Ok(())
-            }
-            Err(TrySendError::Full(a)) => Err(AnswerRefused::Full(a)),
-            Err(TrySendError::Disconnected(_)) => Err(AnswerRefused::Gone),
-        }
-    }
-
-    /// Free slots in the inbound queue.
-    pub fn room(&self) -> usize {
-        QUEUE_CAPACITY.saturating_sub(self.tx.len())
-    }
-
-    /// Wakes the loop, at most once per batch: a wake already pending covers this send.
-    pub fn wake(&self) {
-        if !self.wake_pending.swap(true, Ordering::AcqRel) {
-            // A failed wake means the shard is gone; its queue is then drained by nobody.
-            let _ = self.waker.wake();
-        }
-    }
 }
 
 /// The process-wide connection cap, shared by all shards. Touched once per accept and once per
@@ -177,6 +79,8 @@ impl ConnectionLimit {
 struct Slot {
     stream: TcpStream,
     conn: Connection,
+    /// Registered for writability (the connection's output is blocked).
+    wants_write: bool,
 }
 
 /// Per-shard metric handles, taken once so the loop only touches atomics.
@@ -191,23 +95,49 @@ struct ShardMetrics {
     queue: prometheus::IntGauge,
 }
 
+impl ShardMetrics {
+    fn new(id: usize, metrics: Metrics) -> Self {
+        let label = id.to_string();
+        Self {
+            connections: metrics.connections.with_label_values(&[&label]),
+            accepted: metrics.accepted.with_label_values(&[&label]),
+            delivered: metrics.events_delivered.with_label_values(&[&label]),
+            slow: metrics.slow_consumers.with_label_values(&[&label]),
+            rate_limited: metrics.rate_limited.with_label_values(&[&label]),
+            idle_closed: metrics.idle_closed.with_label_values(&[&label]),
+            queue: metrics.shard_queue.with_label_values(&[&label]),
+            metrics,
+        }
+    }
+
+    fn record(&self, incident: Incident) {
+        match incident {
+            Incident::Rejected(reason) => self
+                .metrics
+                .handshake_rejected
+                .with_label_values(&[reason])
+                .inc(),
+            Incident::ProtocolError(code) => self
+                .metrics
+                .protocol_errors
+                .with_label_values(&[&code.to_string()])
+                .inc(),
+        }
+    }
+}
+
 pub struct Shard {
     id: usize,
     poll: Poll,
     listener: Option<TcpListener>,
     slab: Slab<Slot>,
-    registry: Registry,
-    rx: Receiver<Command>,
-    answers: Receiver<ReplayAnswer>,
-    wake_pending: Arc<AtomicBool>,
-    cfg: ConnConfig,
+    /// What connections share: settings, channel index, clock, scratch output.
+    shared: Shared,
+    inbox: ShardInbox,
     scratch: Box<[u8]>,
-    out: Vec<OutFrame>,
     batch: Batch,
     candidates: Vec<u32>,
-    counters: Counters,
     epoch: Instant,
-    now: u32,
     next_tick: Instant,
     accept_paused_until: Option<Instant>,
     accept_more: bool,
@@ -216,16 +146,11 @@ pub struct Shard {
     last_fd_warning: Option<Instant>,
     limit: Arc<ConnectionLimit>,
     next_serial: u32,
-    /// The last event processed, as a history position.
-    position: Option<EventId>,
-    replays: Vec<u32>,
     /// Scratch list of occupied slab keys for the once-a-second sweep.
     sweep_keys: Vec<usize>,
     /// Connections whose socket still held data after their share of reads.
     unfinished_reads: Vec<usize>,
-    replay_tx: tokio::sync::mpsc::UnboundedSender<ReplayRequest>,
-    replay_max_events: usize,
-    replay_max_bytes: usize,
+    replay_tx: ReplaySender,
     m: ShardMetrics,
 }
 
@@ -237,27 +162,13 @@ impl Shard {
         config: &Config,
         metrics: Metrics,
         limit: Arc<ConnectionLimit>,
-        replay_tx: tokio::sync::mpsc::UnboundedSender<ReplayRequest>,
+        replay_tx: ReplaySender,
     ) -> io::Result<(Self, ShardHandle)> {
         let poll = Poll::new()?;
         let mut listener = TcpListener::from_std(listener);
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
-        let (answers_tx, answers) = crossbeam_channel::bounded(ANSWER_CAPACITY);
-        let wake_pending = Arc::new(AtomicBool::new(false));
-        let label = id.to_string();
-        let m = ShardMetrics {
-            connections: metrics.connections.with_label_values(&[&label]),
-            accepted: metrics.accepted.with_label_values(&[&label]),
-            delivered: metrics.events_delivered.with_label_values(&[&label]),
-            slow: metrics.slow_consumers.with_label_values(&[&label]),
-            rate_limited: metrics.rate_limited.with_label_values(&[&label]),
-            idle_closed: metrics.idle_closed.with_label_values(&[&label]),
-            queue: metrics.shard_queue.with_label_values(&[&label]),
-            metrics,
-        };
+        let (handle, inbox) = shard_mailbox(Waker::new(poll.registry(), WAKER)?);
         let now = Instant::now();
         let shard = Self {
             id,
@@ -269,18 +180,12 @@ impl Shard {
             slab: Slab::with_capacity(
                 ((limit.max / config.shard_count().max(1)).saturating_mul(5) / 4).min(1 << 20),
             ),
-            registry: Registry::default(),
-            rx,
-            answers,
-            wake_pending: wake_pending.clone(),
-            cfg: ConnConfig::from_config(config),
+            shared: Shared::new(ConnConfig::from_config(config)),
+            inbox,
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
-            out: Vec::new(),
             batch: Batch::default(),
             candidates: Vec::new(),
-            counters: Counters::default(),
             epoch: now,
-            now: 0,
             next_tick: now + TICK,
             accept_paused_until: None,
             accept_more: false,
@@ -289,20 +194,10 @@ impl Shard {
             last_fd_warning: None,
             limit,
             next_serial: 0,
-            position: None,
-            replays: Vec::new(),
             unfinished_reads: Vec::new(),
             sweep_keys: Vec::new(),
             replay_tx,
-            replay_max_events: config.replay_max_events,
-            replay_max_bytes: config.replay_max_bytes,
-            m,
-        };
-        let handle = ShardHandle {
-            tx,
-            answers: answers_tx,
-            waker,
-            wake_pending,
+            m: ShardMetrics::new(id, metrics),
         };
         Ok((shard, handle))
     }
@@ -319,7 +214,7 @@ impl Shard {
                 tracing::error!(shard = self.id, error = %e, "epoll failed; shard stops");
                 return;
             }
-            self.now = u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX);
+            self.shared.now = u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX);
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -334,7 +229,7 @@ impl Shard {
                 self.on_socket_event(k, true, false);
             }
             self.drain_commands();
-            if !self.replays.is_empty() {
+            if !self.shared.resumes.is_empty() {
                 self.request_replays();
             }
             let now = Instant::now();
@@ -404,7 +299,8 @@ impl Shard {
                     self.next_serial = self.next_serial.wrapping_add(1);
                     entry.insert(Slot {
                         stream,
-                        conn: Connection::new(self.next_serial, self.now, &self.cfg),
+                        conn: Connection::new(self.next_serial, self.shared.now, &self.shared.cfg),
+                        wants_write: false,
                     });
                     self.m.accepted.inc();
                     self.m.connections.inc();
@@ -496,10 +392,9 @@ impl Shard {
                     return;
                 }
                 Ok(n) => {
-                    let mut env = conn_env!(self, k);
-                    let incident = slot.conn.on_data(&mut self.scratch[..n], &mut env);
-                    if let Some(i) = incident {
-                        self.record(i);
+                    let mut cx = self.shared.context(k as u32);
+                    if let Some(i) = slot.conn.on_read(&mut self.scratch[..n], &mut cx) {
+                        self.m.record(i);
                     }
                     if !self.settle(k) {
                         return;
@@ -518,70 +413,36 @@ impl Shard {
         self.unfinished_reads.push(k);
     }
 
-    fn record(&self, incident: Incident) {
-        match incident {
-            Incident::Rejected(reason) => self
-                .m
-                .metrics
-                .handshake_rejected
-                .with_label_values(&[reason])
-                .inc(),
-            Incident::ProtocolError(code) => self
-                .m
-                .metrics
-                .protocol_errors
-                .with_label_values(&[&code.to_string()])
-                .inc(),
-        }
-    }
-
-    /// Writes `self.out` and the outbox of connection `k`, applies the slow-consumer rule and
-    /// the close sequence, and keeps epoll interest in sync. Returns false if `k` was dropped.
+    /// Transmits connection `k`'s output and does what it answers: half-close, drop, or keep
+    /// epoll's write interest in sync. Returns false if `k` was dropped.
     fn settle(&mut self, k: usize) -> bool {
         let Some(slot) = self.slab.get_mut(k) else {
-            self.out.clear();
+            self.shared.out.clear();
             return false;
         };
-        let limit = slot.conn.outbound_limit(&self.cfg);
-        match slot
-            .conn
-            .outbox
-            .send(&mut slot.stream, &mut self.out, limit)
-        {
+        let mut cx = self.shared.context(k as u32);
+        let t = match slot.conn.transmit(&mut slot.stream, &mut cx) {
+            Ok(t) => t,
             Err(_) => {
-                self.out.clear();
                 self.remove(k);
                 return false;
             }
-            Ok(Err(_overflow)) => {
-                self.m.slow.inc();
-                let mut env = conn_env!(self, k);
-                slot.conn.slow_consumer(&mut env);
-                if slot
-                    .conn
-                    .outbox
-                    .send(&mut slot.stream, &mut self.out, usize::MAX)
-                    .is_err()
-                {
-                    self.out.clear();
-                    self.remove(k);
-                    return false;
-                }
-            }
-            Ok(Ok(_)) => {}
+        };
+        if t.slow_consumer {
+            self.m.slow.inc();
         }
-        if slot.conn.outbox.is_empty() {
-            if slot.conn.after_flush(self.now) {
+        match t.next {
+            Next::Drop => {
                 self.remove(k);
                 return false;
             }
-            if slot.conn.phase == Phase::Lingering {
-                // The peer hangs up after reading everything; a reset would destroy the tail.
+            Next::HalfClose => {
                 let _ = slot.stream.shutdown(Shutdown::Write);
             }
+            Next::Idle | Next::Blocked => {}
         }
-        let want_write = !slot.conn.outbox.is_empty();
-        if want_write != slot.conn.wants_write {
+        let want_write = t.next == Next::Blocked;
+        if want_write != slot.wants_write {
             let interest = if want_write {
                 Interest::READABLE | Interest::WRITABLE
             } else {
@@ -596,14 +457,14 @@ impl Shard {
                 self.remove(k);
                 return false;
             }
-            slot.conn.wants_write = want_write;
+            slot.wants_write = want_write;
         }
         true
     }
 
     fn remove(&mut self, k: usize) {
         if let Some(mut slot) = self.slab.try_remove(k) {
-            slot.conn.unindex(&mut self.registry, k as u32);
+            slot.conn.unindex(&mut self.shared.registry, k as u32);
             let _ = self.poll.registry().deregister(&mut slot.stream);
             self.m.connections.dec();
             self.limit.release();
@@ -611,16 +472,18 @@ impl Shard {
     }
 
     fn drain_commands(&mut self) {
-        self.wake_pending.store(false, Ordering::Release);
+        self.inbox.rearm();
         self.commands_more = false;
         let mut taken = 0;
         while taken < COMMAND_BATCH {
-            let Ok(cmd) = self.rx.try_recv() else { break };
+            let Some(cmd) = self.inbox.try_command() else {
+                break;
+            };
             taken += 1;
             match cmd {
                 Command::Event(ev) => {
                     if ev.position.is_some() {
-                        self.position = self.position.max(ev.position);
+                        self.shared.position = self.shared.position.max(ev.position);
                     }
                     self.batch.push_event(ev);
                 }
@@ -634,16 +497,16 @@ impl Shard {
             self.commands_more = true;
         }
         if taken > 0 {
-            self.m.queue.set(self.rx.len() as i64);
+            self.m.queue.set(self.inbox.pending_commands() as i64);
             self.fan_out();
         }
         for _ in 0..ANSWERS_PER_ITERATION {
-            let Ok(a) = self.answers.try_recv() else {
+            let Some(a) = self.inbox.try_answer() else {
                 return;
             };
-            self.finish_replay(a.key as usize, a.serial, a.outcome);
+            self.finish_replay(a);
         }
-        if !self.answers.is_empty() {
+        if self.inbox.has_answers() {
             self.commands_more = true;
         }
     }
@@ -665,19 +528,16 @@ impl Shard {
             let Some(slot) = self.slab.get_mut(k as usize) else {
                 continue;
             };
-            if !slot.conn.receives_events() {
-                continue;
-            }
-            if !slot.conn.outbox.is_empty() {
-                // Behind what is already queued, so it goes through the outbox.
-                self.batch.frames_of(k, &mut self.out);
+            if slot.conn.is_backlogged() {
+                // Behind what is already queued, so it goes through the connection's output.
+                self.batch.frames_of(k, &mut self.shared.out);
                 self.settle(k as usize);
                 continue;
             }
             match self.batch.write(k, &mut slot.stream) {
                 Ok(Written::All) => {}
                 Ok(Written::Blocked { rest, offset }) => {
-                    slot.conn.outbox.queue_unsent(rest, offset);
+                    slot.conn.queue_unsent(rest, offset);
                     self.settle(k as usize);
                 }
                 Err(_) => self.remove(k as usize),
@@ -687,126 +547,99 @@ impl Shard {
     }
 
     /// Stages batch events `start..end`, which share project, channels and roles (one route),
-    /// for every subscriber, connection by connection: the matching and the tail are worked out
-    /// once per connection and reused by each following event it receives.
+    /// for every subscriber, connection by connection: each connection decides, and a
+    /// connection that got the previous event reuses its tail.
     fn stage(&mut self, start: u32, end: u32) {
         let ev = self.batch.event(start);
-        self.registry
+        self.shared
+            .registry
             .collect(&ev.project, &ev.channels, &mut self.candidates);
+        let cfg = &self.shared.cfg;
         let mut staged = 0;
         for &k in &self.candidates {
             let Some(slot) = self.slab.get_mut(k as usize) else {
                 continue;
             };
-            if !slot.conn.receives_events() {
-                continue;
-            }
             for i in start..end {
-                let ev = self.batch.event(i);
-                if i > start && self.batch.extends(k, i) {
-                    if slot.conn.offer_live(ev, self.cfg.max_outbound) == Live::Deliver {
-                        self.batch.extend(k, i);
-                        staged += 1;
-                    }
-                    continue;
-                }
-                let matched = slot
-                    .conn
-                    .session
-                    .as_ref()
-                    .is_some_and(|s| s.matching(ev).next().is_some());
-                if !matched {
+                let verdict = self.batch.offer(k, i, start, |ev, continues, tails| {
+                    slot.conn.offer(ev, continues, tails, cfg)
+                });
+                match verdict {
+                    Verdict::Deliver | Verdict::Extend => staged += 1,
+                    Verdict::Hold | Verdict::Skip => {}
                     // The same route matches the same way for every event of the group.
-                    break;
-                }
-                if slot.conn.offer_live(ev, self.cfg.max_outbound) == Live::Deliver
-                    && let Some(session) = slot.conn.session.as_ref()
-                {
-                    self.batch
-                        .stage(k, i, |buf, ev| write_tail(buf, session.matching(ev)));
-                    staged += 1;
+                    Verdict::NotSubscribed => break,
                 }
             }
         }
         self.m.delivered.inc_by(staged);
     }
 
-    fn finish_replay(
-        &mut self,
-        k: usize,
-        serial: u32,
-        outcome: Result<Vec<Arc<EncodedEvent>>, ReplayError>,
-    ) {
+    fn finish_replay(&mut self, answer: ReplayAnswer) {
+        let k = answer.key as usize;
         let Some(slot) = self.slab.get_mut(k) else {
             return;
         };
-        if slot.conn.serial != serial || !slot.conn.receives_events() {
-            return;
-        }
-        let mut env = conn_env!(self, k);
-        slot.conn.finish_replay(outcome, self.position, &mut env);
+        let mut cx = self.shared.context(answer.key);
+        slot.conn
+            .on_replay_answer(answer.serial, answer.outcome, &mut cx);
         self.settle(k);
     }
 
     /// Hands the resumes started in this iteration to the control plane.
     fn request_replays(&mut self) {
-        let mut keys = std::mem::take(&mut self.replays);
-        for k in keys.drain(..) {
-            let Some(slot) = self.slab.get(k as usize) else {
+        let mut keys = std::mem::take(&mut self.shared.resumes);
+        for key in keys.drain(..) {
+            let Some(slot) = self.slab.get(key as usize) else {
                 continue;
             };
-            let (Some(session), Some(replay)) = (&slot.conn.session, &slot.conn.replay) else {
+            let Some(query) = slot.conn.replay_query(&self.shared.cfg) else {
                 continue;
             };
+            let serial = slot.conn.serial();
             let request = ReplayRequest {
                 shard: self.id,
-                key: k,
-                serial: slot.conn.serial,
-                query: ReplayQuery {
-                    after: replay.after,
-                    upto: replay.upto,
-                    project: session.project.to_string(),
-                    channels: session.channels().iter().map(|c| c.to_string()).collect(),
-                    roles: session.roles.to_vec(),
-                    max_events: self.replay_max_events,
-                    max_bytes: self.replay_max_bytes,
-                },
+                key,
+                serial,
+                query,
             };
-            if self.replay_tx.send(request).is_err() {
-                let serial = slot.conn.serial;
-                let outcome = Err(ReplayError::Unavailable("the control plane is gone".into()));
-                self.finish_replay(k as usize, serial, outcome);
+            if let Err(gone) = self.replay_tx.send(request) {
+                let outcome = Err(ReplayError::Unavailable(gone.to_string()));
+                self.finish_replay(ReplayAnswer {
+                    key,
+                    serial,
+                    outcome,
+                });
             }
         }
-        self.replays = keys;
+        self.shared.resumes = keys;
     }
 
     fn tick(&mut self) {
+        self.for_each_connection(Connection::on_tick);
+        let c = std::mem::take(&mut self.shared.counters);
+        self.m.rate_limited.inc_by(c.rate_limited);
+        self.m.idle_closed.inc_by(c.idle_closed);
+        self.shared.registry.collect_garbage();
+    }
+
+    /// Calls `visit` for every connection, then transmits what it produced.
+    fn for_each_connection(
+        &mut self,
+        mut visit: impl FnMut(&mut Connection, &mut Context<'_>) -> Option<Incident>,
+    ) {
         let keys = self.take_occupied_keys();
         for &k in &keys {
             let Some(slot) = self.slab.get_mut(k) else {
                 continue;
             };
-            let mut env = conn_env!(self, k);
-            if slot.conn.on_tick(&mut env) {
-                if slot.conn.phase == Phase::Handshake {
-                    self.m
-                        .metrics
-                        .handshake_rejected
-                        .with_label_values(&["timeout"])
-                        .inc();
-                }
-                self.out.clear();
-                self.remove(k);
-            } else if !self.out.is_empty() {
-                self.settle(k);
+            let mut cx = self.shared.context(k as u32);
+            if let Some(i) = visit(&mut slot.conn, &mut cx) {
+                self.m.record(i);
             }
+            self.settle(k);
         }
         self.sweep_keys = keys;
-        let c = std::mem::take(&mut self.counters);
-        self.m.rate_limited.inc_by(c.rate_limited);
-        self.m.idle_closed.inc_by(c.idle_closed);
-        self.registry.collect_garbage();
     }
 
     /// The keys of every connection, in a reused buffer (hand it back with `sweep_keys`). The
@@ -828,19 +661,9 @@ impl Shard {
         }
         self.accept_more = false;
         self.accept_paused_until = None;
-        let keys = self.take_occupied_keys();
-        for &k in &keys {
-            let Some(slot) = self.slab.get_mut(k) else {
-                continue;
-            };
-            let mut env = conn_env!(self, k);
-            if slot.conn.shutdown(&mut env) {
-                self.out.clear();
-                self.remove(k);
-            } else {
-                self.settle(k);
-            }
-        }
-        self.sweep_keys = keys;
+        self.for_each_connection(|conn, cx| {
+            conn.on_shutdown(cx);
+            None
+        });
     }
 }

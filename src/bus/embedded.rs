@@ -6,10 +6,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{BoxFuture, Bus, BusError, NewEvent, ReplayError, ReplayQuery, select_replay};
+use super::{BoxFuture, Bus, BusError, NewEvent, select_replay};
 use crate::event::{EncodedEvent, Event, EventId, EventIdGenerator, timestamp_now};
 use crate::history::History;
 use crate::hub::Hub;
+use crate::mailbox::{ReplayError, ReplayQuery};
 use crate::metrics::Metrics;
 
 pub struct EmbeddedBus {

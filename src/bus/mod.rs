@@ -12,7 +12,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::event::{EncodedEvent, EventId};
+use crate::event::EncodedEvent;
+use crate::mailbox::{ReplayError, ReplayQuery};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -83,42 +84,6 @@ impl PublishRequest {
             roles,
             payload: self.payload,
         })
-    }
-}
-
-/// What a reconnecting connection asks to be replayed: events after `after`, up to `upto` (the
-/// last event its shard has already processed; later ones reach it live), filtered like live
-/// delivery and bounded.
-#[derive(Debug, Clone)]
-pub struct ReplayQuery {
-    pub after: EventId,
-    /// `None`: the shard has processed no event yet, so replay up to where the bus started.
-    pub upto: Option<EventId>,
-    pub project: String,
-    pub channels: Vec<String>,
-    pub roles: Vec<Box<str>>,
-    pub max_events: usize,
-    pub max_bytes: usize,
-}
-
-/// Why a replay cannot be served; the client gets the message and then live events.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
-pub enum ReplayError {
-    #[error("history truncated: {0}; resync, then live events follow")]
-    Truncated(String),
-    #[error("lastEventId {0} is newer than the newest event; live events follow")]
-    Ahead(EventId),
-    #[error("history unavailable: {0}; resync, then live events follow")]
-    Unavailable(String),
-}
-
-impl ReplayError {
-    /// The `error` code clients see (documented in the README).
-    pub fn code(&self) -> u16 {
-        match self {
-            Self::Truncated(_) | Self::Unavailable(_) => 4010,
-            Self::Ahead(_) => 4012,
-        }
     }
 }
 

@@ -23,12 +23,13 @@ use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, RedisResult};
 use serde_json::Value;
 
-use super::{BoxFuture, Bus, BusError, NewEvent, ReplayError, ReplayQuery, select_replay};
+use super::{BoxFuture, Bus, BusError, NewEvent, select_replay};
 use crate::event::{
     EncodedEvent, Event, EventId, EventIdGenerator, timestamp_from_ms, timestamp_now,
 };
 use crate::history::History;
 use crate::hub::Hub;
+use crate::mailbox::{ReplayError, ReplayQuery};
 use crate::metrics::Metrics;
 
 /// Entries per XREAD / XRANGE call.
