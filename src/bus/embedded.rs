@@ -6,20 +6,19 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{BoxFuture, Bus, BusError, NewEvent, select_replay};
-use crate::event::{EncodedEvent, Event, EventId, EventIdGenerator, timestamp_now};
+use super::{BoxFuture, Bus, BusError, NewEvent, Outlet, select_replay};
+use crate::event::{EncodedEvent, EventId, EventIdGenerator, timestamp_now};
 use crate::history::History;
 use crate::hub::Hub;
 use crate::mailbox::{ReplayError, ReplayQuery};
 use crate::metrics::Metrics;
 
 pub struct EmbeddedBus {
-    hub: Arc<Hub>,
+    outlet: Outlet,
     /// Held while an id is assigned, the event recorded and handed to the shards, so ids,
     /// history and delivery order agree on every shard.
     state: Mutex<State>,
     start: EventId,
-    metrics: Metrics,
 }
 
 struct State {
@@ -41,33 +40,22 @@ impl EmbeddedBus {
             seq: u64::MAX,
         };
         Self {
-            hub,
+            outlet: Outlet::new(hub, metrics),
             state: Mutex::new(State {
                 ids: EventIdGenerator::default(),
                 history: History::new(start, history_events, history_bytes),
             }),
             start,
-            metrics,
         }
     }
 
     fn publish_now(&self, ev: NewEvent) -> Result<String, BusError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let id = state.ids.next_id().to_string();
-        let encoded = EncodedEvent::encode(&Event {
-            id: id.clone(),
-            project: ev.project,
-            channels: ev.channels,
-            events: ev.events,
-            roles: ev.roles,
-            timestamp: timestamp_now(),
-            payload: ev.payload,
-        });
-        self.hub
-            .broadcast(encoded.clone())
+        let encoded = EncodedEvent::encode(&ev.into_event(id.clone(), timestamp_now()));
+        self.outlet
+            .deliver(&mut state.history, &[encoded])
             .map_err(|_| BusError::Overloaded)?;
-        state.history.push(encoded);
-        self.metrics.events_published.inc();
         Ok(id)
     }
 

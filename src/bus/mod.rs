@@ -1,8 +1,9 @@
 //! Buses: where events come from. The embedded bus is in-process; others (Redis Streams) plug in
 //! behind the same trait.
 //!
-//! Owns the publish request format and its validation, and the [`Bus`] trait. A bus assigns ids,
-//! encodes each event once and hands it to the [`Hub`](crate::hub::Hub); it must never touch
+//! Owns the publish request format and the one validation every source's events pass (the API,
+//! stream entries, Appwrite's pub/sub), the [`Bus`] trait, and the [`Outlet`] every bus hands
+//! its events to. A bus assigns ids and encodes each event once; it must never touch
 //! connections or shards directly.
 
 pub mod embedded;
@@ -12,8 +13,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::event::EncodedEvent;
+use crate::event::{EncodedEvent, Event};
+use crate::history::History;
+use crate::hub::{Hub, HubError};
 use crate::mailbox::{ReplayError, ReplayQuery};
+use crate::metrics::Metrics;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -54,6 +58,8 @@ pub struct NewEvent {
 }
 
 impl PublishRequest {
+    /// Checks an event from any source and resolves its project and default roles; the one
+    /// place that says what a valid event is, so every source refuses with the same words.
     pub fn validate(self, default_project: &str) -> Result<NewEvent, BusError> {
         let invalid = |m: &str| Err(BusError::Invalid(m.to_owned()));
         if self.channels.is_empty() {
@@ -84,6 +90,50 @@ impl PublishRequest {
             roles,
             payload: self.payload,
         })
+    }
+}
+
+impl NewEvent {
+    /// The event with the id and timestamp its bus assigned.
+    pub fn into_event(self, id: String, timestamp: String) -> Event {
+        Event {
+            id,
+            project: self.project,
+            channels: self.channels,
+            events: self.events,
+            roles: self.roles,
+            timestamp,
+            payload: self.payload,
+        }
+    }
+}
+
+/// Where every bus hands its encoded events: all shards (through the hub), the node's history
+/// and the published-events metric, together, so an event is never delivered without being
+/// replayable or the other way round.
+pub struct Outlet {
+    hub: Arc<Hub>,
+    metrics: Metrics,
+}
+
+impl Outlet {
+    pub fn new(hub: Arc<Hub>, metrics: Metrics) -> Self {
+        Self { hub, metrics }
+    }
+
+    /// Hands `events` to every shard and records them in `history`, or, when a shard queue is
+    /// full, does neither.
+    pub fn deliver(
+        &self,
+        history: &mut History,
+        events: &[Arc<EncodedEvent>],
+    ) -> Result<(), HubError> {
+        self.hub.broadcast_many(events)?;
+        for e in events {
+            history.push(e.clone());
+        }
+        self.metrics.events_published.inc_by(events.len() as u64);
+        Ok(())
     }
 }
 

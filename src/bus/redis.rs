@@ -23,7 +23,7 @@ use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, RedisResult};
 use serde_json::Value;
 
-use super::{BoxFuture, Bus, BusError, NewEvent, select_replay};
+use super::{BoxFuture, Bus, BusError, NewEvent, Outlet, PublishRequest, select_replay};
 use crate::event::{
     EncodedEvent, Event, EventId, EventIdGenerator, timestamp_from_ms, timestamp_now,
 };
@@ -52,7 +52,7 @@ pub struct RedisSettings {
 pub struct RedisBus {
     client: redis::Client,
     settings: RedisSettings,
-    hub: Arc<Hub>,
+    outlet: Outlet,
     metrics: Metrics,
     /// Connection for commands that answer at once (XADD, XRANGE, XINFO).
     commands: tokio::sync::Mutex<Option<MultiplexedConnection>>,
@@ -92,35 +92,20 @@ pub fn parse_entry(entry: &StreamId, default_project: &str) -> Result<Event, Bad
                 }),
         }
     };
-    let channels = list("channels")?.ok_or_else(|| BadEntry("missing field channels".into()))?;
-    if channels.is_empty() || channels.iter().any(String::is_empty) {
-        return Err(BadEntry(
-            "channels must hold at least one non-empty name".into(),
-        ));
-    }
-    let payload_text = text("payload")?.ok_or_else(|| BadEntry("missing field payload".into()))?;
-    let payload: Value = serde_json::from_str(&payload_text)
-        .map_err(|e| BadEntry(format!("payload is not JSON: {e}")))?;
-    if !payload.is_object() {
-        return Err(BadEntry("payload must be a JSON object".into()));
-    }
-    let roles = list("roles")?.unwrap_or_else(|| vec![crate::event::ANY_ROLE.to_owned()]);
-    if roles.is_empty() {
-        return Err(BadEntry("roles, when given, must not be empty".into()));
-    }
-    let project = text("project")?
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| default_project.to_owned());
-    Ok(Event {
-        id: entry.id.clone(),
-        project,
-        channels,
+    let payload = text("payload")?.ok_or_else(|| BadEntry("missing field payload".into()))?;
+    let request = PublishRequest {
+        project: text("project")?,
+        channels: list("channels")?.ok_or_else(|| BadEntry("missing field channels".into()))?,
         events: list("events")?.unwrap_or_default(),
-        roles,
-        // The entry id carries the time of the XADD, so every node stamps the same time.
-        timestamp: timestamp_from_ms(id.ms),
-        payload,
-    })
+        roles: list("roles")?,
+        payload: serde_json::from_str(&payload)
+            .map_err(|e| BadEntry(format!("payload is not JSON: {e}")))?,
+    };
+    let event = request
+        .validate(default_project)
+        .map_err(|e| BadEntry(e.to_string()))?;
+    // The entry id carries the time of the XADD, so every node stamps the same time.
+    Ok(event.into_event(entry.id.clone(), timestamp_from_ms(id.ms)))
 }
 
 impl RedisBus {
@@ -138,7 +123,7 @@ impl RedisBus {
         Ok(Arc::new(Self {
             client,
             settings,
-            hub,
+            outlet: Outlet::new(hub, metrics.clone()),
             metrics,
             commands: tokio::sync::Mutex::new(None),
             history: Mutex::new(history),
@@ -277,13 +262,15 @@ impl RedisBus {
         if events.is_empty() {
             return;
         }
-        while self.hub.broadcast_many(&events).is_err() {
+        loop {
+            let handed = self
+                .outlet
+                .deliver(&mut self.lock_history(), &events)
+                .is_ok();
+            if handed {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        self.metrics.events_published.inc_by(events.len() as u64);
-        let mut history = self.lock_history();
-        for e in events {
-            history.push(e);
         }
     }
 
@@ -456,48 +443,38 @@ fn info_field(info: &redis::Value, name: &str) -> Option<String> {
 /// Maps one of Appwrite's `PUBLISH realtime` messages onto an event (id assigned by the caller).
 pub fn parse_appwrite(bytes: &[u8], default_project: &str) -> Result<Event, BadEntry> {
     let v: Value = serde_json::from_slice(bytes).map_err(|e| BadEntry(format!("not JSON: {e}")))?;
-    let strings = |v: &Value| -> Option<Vec<String>> {
-        v.as_array()?
-            .iter()
-            .map(|s| s.as_str().map(str::to_owned))
-            .collect()
+    let strings = |field: &str, v: Option<&Value>| -> Result<Option<Vec<String>>, BadEntry> {
+        let Some(v) = v else { return Ok(None) };
+        let list = v.as_array().and_then(|a| {
+            a.iter()
+                .map(|s| s.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+        });
+        list.map(Some)
+            .ok_or_else(|| BadEntry(format!("{field} must be an array of strings")))
     };
     let data = v
         .get("data")
         .ok_or_else(|| BadEntry("missing data".into()))?;
-    let channels = data
-        .get("channels")
-        .and_then(strings)
-        .filter(|c| !c.is_empty())
-        .ok_or_else(|| BadEntry("data.channels must be a non-empty array of strings".into()))?;
-    let payload = data
-        .get("payload")
-        .filter(|p| p.is_object())
-        .cloned()
-        .ok_or_else(|| BadEntry("data.payload must be an object".into()))?;
-    let roles = v
-        .get("roles")
-        .and_then(strings)
-        .filter(|r| !r.is_empty())
-        .ok_or_else(|| BadEntry("roles must be a non-empty array of strings".into()))?;
-    let project = v
-        .get("project")
+    // Appwrite always names the roles; without them an event must not become public.
+    let roles =
+        strings("roles", v.get("roles"))?.ok_or_else(|| BadEntry("missing field roles".into()))?;
+    let request = PublishRequest {
+        project: v.get("project").and_then(Value::as_str).map(str::to_owned),
+        channels: strings("data.channels", data.get("channels"))?.unwrap_or_default(),
+        events: strings("data.events", data.get("events"))?.unwrap_or_default(),
+        roles: Some(roles),
+        payload: data.get("payload").cloned().unwrap_or(Value::Null),
+    };
+    let timestamp = data
+        .get("timestamp")
         .and_then(Value::as_str)
-        .filter(|p| !p.is_empty())
-        .unwrap_or(default_project)
-        .to_owned();
-    Ok(Event {
-        id: String::new(),
-        project,
-        channels,
-        events: data.get("events").and_then(strings).unwrap_or_default(),
-        roles,
-        timestamp: data
-            .get("timestamp")
-            .and_then(Value::as_str)
-            .map_or_else(timestamp_now, str::to_owned),
-        payload,
-    })
+        .map_or_else(timestamp_now, str::to_owned);
+    let event = request
+        .validate(default_project)
+        .map_err(|e| BadEntry(e.to_string()))?;
+    // The caller assigns the id.
+    Ok(event.into_event(String::new(), timestamp))
 }
 
 impl Bus for RedisBus {
@@ -598,5 +575,43 @@ mod tests {
         assert_eq!(ev.channels, vec!["documents"]);
         assert_eq!(ev.timestamp, "2026-08-21T12:00:00.123+00:00");
         assert!(parse_appwrite(br#"{"data":{"channels":["a"],"payload":{}}}"#, "c").is_err());
+    }
+
+    #[test]
+    fn every_source_refuses_the_same_event_with_the_same_words() {
+        let api = |json: &str| {
+            serde_json::from_str::<PublishRequest>(json)
+                .unwrap()
+                .validate("c")
+                .unwrap_err()
+                .to_string()
+        };
+        let stream = |fields: &[(&str, &str)]| parse_entry(&entry(fields), "c").unwrap_err().0;
+        let appwrite = |json: &str| parse_appwrite(json.as_bytes(), "c").unwrap_err().0;
+        let cases = [
+            (
+                api(r#"{"channels":[],"payload":{}}"#),
+                stream(&[("channels", "[]"), ("payload", "{}")]),
+                appwrite(r#"{"roles":["any"],"data":{"channels":[],"payload":{}}}"#),
+            ),
+            (
+                api(r#"{"channels":["a"],"payload":[1]}"#),
+                stream(&[("channels", r#"["a"]"#), ("payload", "[1]")]),
+                appwrite(r#"{"roles":["any"],"data":{"channels":["a"],"payload":[1]}}"#),
+            ),
+            (
+                api(r#"{"channels":["a"],"payload":{},"roles":[""]}"#),
+                stream(&[
+                    ("channels", r#"["a"]"#),
+                    ("payload", "{}"),
+                    ("roles", r#"[""]"#),
+                ]),
+                appwrite(r#"{"roles":[""],"data":{"channels":["a"],"payload":{}}}"#),
+            ),
+        ];
+        for (api, stream, appwrite) in cases {
+            assert_eq!(api, stream);
+            assert_eq!(api, appwrite);
+        }
     }
 }
