@@ -18,7 +18,6 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use crate::conn::Verdict;
 use crate::event::EncodedEvent;
 use crate::outbox::OutFrame;
 use crate::ws::frame::{Opcode, ServerHeader};
@@ -51,6 +50,21 @@ const EMPTY: List = List {
     first: NONE,
     last: NONE,
 };
+
+/// What a connection does with a live event offered to it (`Connection::offer` in `conn.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send it; its `subscriptions` tail has been appended to the caller's buffer.
+    Deliver,
+    /// Send it with the same tail as the previous event (only when the offer said it continues).
+    Extend,
+    /// Held by the connection until its replay finishes.
+    Hold,
+    /// Not sent: the client already has it (or lost it to an overflow it will be told about).
+    Skip,
+    /// Not for this connection, nor any other event with the same project, channels and roles.
+    NotSubscribed,
+}
 
 /// The outcome of writing one connection's frames.
 #[derive(Debug)]

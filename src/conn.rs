@@ -42,6 +42,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use smallvec::SmallVec;
 
+use crate::batch::Verdict;
 use crate::config::Config;
 use crate::event::{EncodedEvent, EventId, write_tail};
 use crate::mailbox::{ReplayError, ReplayQuery};
@@ -212,21 +213,6 @@ struct Replay {
     buffered: VecDeque<Arc<EncodedEvent>>,
     buffered_bytes: usize,
     overflowed: bool,
-}
-
-/// What a connection does with a live event offered to it ([`Connection::offer`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Send it; its `subscriptions` tail has been appended to the caller's buffer.
-    Deliver,
-    /// Send it with the same tail as the previous event (only when the offer said it continues).
-    Extend,
-    /// Held by the connection until its replay finishes.
-    Hold,
-    /// Not sent: the client already has it (or lost it to an overflow it will be told about).
-    Skip,
-    /// Not for this connection, nor any other event with the same project, channels and roles.
-    NotSubscribed,
 }
 
 /// What the driver must do after [`Connection::transmit`].

@@ -3,11 +3,20 @@
 //! # Layout
 //!
 //! Data plane (one thread per shard, no locks, no tokio):
-//! - [`shard`]: the epoll event loop of one core: accepts, reads, writes, timers.
-//! - [`conn`]: one connection's state machine (upgrade, messages, close); no system calls.
-//! - [`batch`]: one drain's events, staged per subscriber and written with one `writev` each.
+//! - [`shard`]: the epoll event loop of one core and the I/O driver of its connections:
+//!   accepts, reads, writes, epoll interest, timers. No protocol decisions.
+//! - [`conn`]: one connection's state machine (upgrade, messages, which events it receives and
+//!   with what tail, close); no system calls. Its module header is the driver contract: what
+//!   the driver calls, in which order, and what it must do with each answer.
+//! - [`batch`]: one drain's events, offered to each subscriber ([`batch::Verdict`]), staged and
+//!   written with one `writev` per connection.
 //! - [`outbox`]: outbound frames and the bounded per-connection queue (vectored writes).
 //! - [`registry`]: a shard's index from (project, channel) to its connections.
+//!
+//! Between the planes:
+//! - [`mailbox`]: every message that crosses between the control plane and the shards
+//!   (commands, replay requests, answers and errors), both ends of a shard's queues, and their
+//!   capacities. Both planes import it; neither imports the other.
 //!
 //! Pure protocol code (bytes in, bytes out; testable without sockets):
 //! - [`ws`]: RFC 6455: [`ws::handshake`], [`ws::frame`], [`ws::decoder`].
@@ -17,7 +26,8 @@
 //!
 //! Control plane (tokio, its own thread):
 //! - [`hub`]: hands each encoded event to every shard.
-//! - [`bus`]: event sources behind the [`bus::Bus`] trait ([`bus::embedded`] by default).
+//! - [`bus`]: event sources behind the [`bus::Bus`] trait ([`bus::embedded`] by default), the
+//!   one validation of events, and the [`bus::Outlet`] every bus delivers through.
 //! - [`bus::redis`]: Redis Streams, for many nodes and replay after restarts.
 //! - [`history`]: recent events in memory, for replay to reconnecting clients.
 //! - [`replay`]: serves shards' replay requests from the bus, off the data plane.
@@ -27,8 +37,11 @@
 //! Wiring: [`gateway`] starts everything in order; [`config`] holds every setting;
 //! [`limits`] raises the open-file limit.
 //!
-//! Dependencies point one way: `ws`, `protocol`, `query`, `event` know nothing else; `conn`
-//! uses them; `shard` drives `conn`; `bus` and `admin` reach shards only through `hub`.
+//! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `event` know
+//! nothing else; `protocol` knows `event`; `mailbox` knows `event`; `conn` uses those, `batch`,
+//! `outbox` and `registry`; `shard` drives `conn` and `batch` and talks to the control plane
+//! only through `mailbox`; `hub` and `replay` reach shards only through `mailbox`; buses reach
+//! shards only through `hub`; `gateway` wires it all.
 
 pub mod admin;
 pub mod batch;

@@ -18,9 +18,9 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::batch::{Batch, Written};
+use crate::batch::{Batch, Verdict, Written};
 use crate::config::Config;
-use crate::conn::{ConnConfig, Connection, Context, Incident, Next, Shared, Verdict};
+use crate::conn::{ConnConfig, Connection, Context, Incident, Next, Shared};
 use crate::mailbox::{
     Command, ReplayAnswer, ReplayError, ReplayRequest, ReplaySender, ShardHandle, ShardInbox,
     shard_mailbox,
