@@ -18,7 +18,7 @@ use crate::bus::redis::{RedisBus, RedisSettings};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::limits::{self, FdLimit};
-use crate::mailbox::replay_channel;
+use crate::mailbox::{ReplaySender, ShardHandle, replay_channel};
 use crate::metrics::Metrics;
 use crate::replay::ReplayBell;
 use crate::shard::{ConnectionLimit, Shard};
@@ -79,112 +79,22 @@ impl std::fmt::Display for StartupInfo {
 /// Runs a gateway until SIGTERM/SIGINT and a graceful drain. `on_start` is called once
 /// everything listens.
 pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), GatewayError> {
-    let fd_limit = match limits::raise_nofile() {
-        Ok(l) => Some(l),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read or raise RLIMIT_NOFILE");
-            None
-        }
-    };
-    let metrics = Metrics::new();
-    if let Some(l) = fd_limit {
-        metrics
-            .fd_limit
-            .set(i64::try_from(l.soft).unwrap_or(i64::MAX));
-    }
-
-    let fd_capacity = fd_limit.map(|l| usize::try_from(l.capacity()).unwrap_or(usize::MAX));
-    let capacity = match (config.max_connections, fd_capacity) {
-        (Some(max), Some(fds)) if max > fds => {
-            tracing::warn!(
-                max_connections = max,
-                fd_capacity = fds,
-                "--max-connections exceeds what the open-file limit allows; accepts will fail with EMFILE before it is reached"
-            );
-            max
-        }
-        (Some(max), _) => max,
-        (None, Some(fds)) => fds,
-        (None, None) => usize::MAX,
-    };
-    let limiter = Arc::new(ConnectionLimit::new(capacity));
-
-    let shard_count = config.shard_count();
-    let first = bind_reuseport(config.listen).map_err(|source| GatewayError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-    // With port 0 the kernel picks a port; the other shards must join that same port.
-    let listen = first.local_addr().map_err(|source| GatewayError::Bind {
-        addr: config.listen,
-        source,
-    })?;
-    let mut listeners = vec![first];
-    for _ in 1..shard_count {
-        listeners.push(bind_reuseport(listen).map_err(|source| GatewayError::Bind {
-            addr: listen,
-            source,
-        })?);
-    }
-
     if config.appwrite_pubsub && config.redis.is_none() {
         return Err(GatewayError::Redis(
             "--appwrite-pubsub needs --redis (Appwrite's pub/sub lives in Redis)".into(),
         ));
     }
+    let metrics = Metrics::new();
+    let fd_limit = raise_fd_limit(&metrics);
+    let capacity = capacity(config.max_connections, fd_limit);
+    let (listen, listeners) = bind_listeners(config.listen, config.shard_count())?;
+
     let bell = Arc::new(ReplayBell::default());
     let (replay_tx, replay_rx) = replay_channel(bell.clone());
-    let mut handles = Vec::with_capacity(shard_count);
-    let mut threads: Vec<JoinHandle<()>> = Vec::with_capacity(shard_count);
-    for (id, listener) in listeners.into_iter().enumerate() {
-        let (shard, handle) = Shard::new(
-            id,
-            listener,
-            &config,
-            metrics.clone(),
-            limiter.clone(),
-            replay_tx.clone(),
-        )
-        .map_err(|source| GatewayError::Shard { shard: id, source })?;
-        handles.push(handle);
-        let t = std::thread::Builder::new()
-            .name(format!("herald-shard-{id}"))
-            .spawn(move || shard.run())
-            .map_err(|source| GatewayError::Shard { shard: id, source })?;
-        threads.push(t);
-    }
-    drop(replay_tx);
+    let limiter = Arc::new(ConnectionLimit::new(capacity));
+    let (handles, threads) = start_shards(listeners, &config, &metrics, &limiter, replay_tx)?;
     let hub = Arc::new(Hub::new(handles));
-    let redis = match &config.redis {
-        Some(url) => Some(
-            RedisBus::new(
-                RedisSettings {
-                    url: url.clone(),
-                    stream: config.stream.clone(),
-                    maxlen: config.stream_maxlen,
-                    default_project: config.default_project.clone(),
-                    appwrite_channel: config
-                        .appwrite_pubsub
-                        .then(|| config.appwrite_channel.clone()),
-                    history_events: config.history_events,
-                    history_bytes: config.history_bytes,
-                },
-                hub.clone(),
-                metrics.clone(),
-            )
-            .map_err(|e| GatewayError::Redis(e.to_string()))?,
-        ),
-        None => None,
-    };
-    let bus: Arc<dyn Bus> = match &redis {
-        Some(r) => r.clone(),
-        None => Arc::new(EmbeddedBus::new(
-            hub.clone(),
-            metrics.clone(),
-            config.history_events,
-            config.history_bytes,
-        )),
-    };
+    let ChosenBus { bus, redis } = choose_bus(&config, &hub, &metrics)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -200,16 +110,14 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
     let admin = admin_listener
         .local_addr()
         .map_err(GatewayError::ControlPlane)?;
-
-    let info = StartupInfo {
+    on_start(&StartupInfo {
         listen,
         admin,
-        shards: shard_count,
+        shards: threads.len(),
         fd_limit,
         capacity,
         bus: bus.name(),
-    };
-    on_start(&info);
+    });
 
     let state = AdminState {
         bus: bus.clone(),
@@ -218,7 +126,6 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
         max_publish_bytes: config.max_publish_bytes,
     };
     let drain = config.drain_timeout;
-    let shutdown_hub = hub.clone();
     runtime.block_on(async move {
         if let Some(r) = &redis {
             r.spawn_workers();
@@ -230,27 +137,162 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
             hub.clone(),
             metrics,
         ));
-        let server = axum::serve(admin_listener, router(state));
-        let signal = async move {
-            wait_for_signal().await;
-            tracing::info!(?drain, "shutting down: closing connections with 1001");
-            shutdown_hub.shutdown(drain);
-        };
-        // The admin listener stops with the shards: /healthz fails once we drain.
-        tokio::select! {
-            r = server.into_future() => {
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "admin listener failed");
-                }
-            }
-            () = signal => {}
-        }
+        serve_until_signal(admin_listener, state, &hub, drain).await;
     });
     for t in threads {
         let _ = t.join();
     }
     tracing::info!("herald stopped");
     Ok(())
+}
+
+fn raise_fd_limit(metrics: &Metrics) -> Option<FdLimit> {
+    match limits::raise_nofile() {
+        Ok(l) => {
+            metrics
+                .fd_limit
+                .set(i64::try_from(l.soft).unwrap_or(i64::MAX));
+            Some(l)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise RLIMIT_NOFILE");
+            None
+        }
+    }
+}
+
+/// Connections this process holds before it stops accepting.
+fn capacity(max_connections: Option<usize>, fd_limit: Option<FdLimit>) -> usize {
+    let fd_capacity = fd_limit.map(|l| usize::try_from(l.capacity()).unwrap_or(usize::MAX));
+    match (max_connections, fd_capacity) {
+        (Some(max), Some(fds)) if max > fds => {
+            tracing::warn!(
+                max_connections = max,
+                fd_capacity = fds,
+                "--max-connections exceeds what the open-file limit allows; accepts will fail with EMFILE before it is reached"
+            );
+            max
+        }
+        (Some(max), _) => max,
+        (None, Some(fds)) => fds,
+        (None, None) => usize::MAX,
+    }
+}
+
+/// One `SO_REUSEPORT` listener per shard, all on the same address; returns that address.
+fn bind_listeners(
+    addr: SocketAddr,
+    shards: usize,
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), GatewayError> {
+    let bind_error = |addr| move |source| GatewayError::Bind { addr, source };
+    let first = bind_reuseport(addr).map_err(bind_error(addr))?;
+    // With port 0 the kernel picks a port; the other shards must join that same port.
+    let listen = first.local_addr().map_err(bind_error(addr))?;
+    let mut listeners = vec![first];
+    for _ in 1..shards {
+        listeners.push(bind_reuseport(listen).map_err(bind_error(listen))?);
+    }
+    Ok((listen, listeners))
+}
+
+type Shards = (Vec<ShardHandle>, Vec<JoinHandle<()>>);
+
+/// Starts one shard thread per listener; returns their handles and threads.
+fn start_shards(
+    listeners: Vec<std::net::TcpListener>,
+    config: &Config,
+    metrics: &Metrics,
+    limiter: &Arc<ConnectionLimit>,
+    replay_tx: ReplaySender,
+) -> Result<Shards, GatewayError> {
+    let mut handles = Vec::with_capacity(listeners.len());
+    let mut threads = Vec::with_capacity(listeners.len());
+    for (id, listener) in listeners.into_iter().enumerate() {
+        let (shard, handle) = Shard::new(
+            id,
+            listener,
+            config,
+            metrics.clone(),
+            limiter.clone(),
+            replay_tx.clone(),
+        )
+        .map_err(|source| GatewayError::Shard { shard: id, source })?;
+        handles.push(handle);
+        let t = std::thread::Builder::new()
+            .name(format!("herald-shard-{id}"))
+            .spawn(move || shard.run())
+            .map_err(|source| GatewayError::Shard { shard: id, source })?;
+        threads.push(t);
+    }
+    Ok((handles, threads))
+}
+
+/// The bus every source publishes through, and the Redis bus again by its own type when it is
+/// the one (its workers start on the runtime).
+struct ChosenBus {
+    bus: Arc<dyn Bus>,
+    redis: Option<Arc<RedisBus>>,
+}
+
+/// The Redis bus when `--redis` is set, the embedded bus otherwise.
+fn choose_bus(
+    config: &Config,
+    hub: &Arc<Hub>,
+    metrics: &Metrics,
+) -> Result<ChosenBus, GatewayError> {
+    let Some(url) = &config.redis else {
+        let embedded = EmbeddedBus::new(
+            hub.clone(),
+            metrics.clone(),
+            config.history_events,
+            config.history_bytes,
+        );
+        return Ok(ChosenBus {
+            bus: Arc::new(embedded),
+            redis: None,
+        });
+    };
+    let settings = RedisSettings {
+        url: url.clone(),
+        stream: config.stream.clone(),
+        maxlen: config.stream_maxlen,
+        default_project: config.default_project.clone(),
+        appwrite_channel: config
+            .appwrite_pubsub
+            .then(|| config.appwrite_channel.clone()),
+        history_events: config.history_events,
+        history_bytes: config.history_bytes,
+    };
+    let redis = RedisBus::new(settings, hub.clone(), metrics.clone())
+        .map_err(|e| GatewayError::Redis(e.to_string()))?;
+    Ok(ChosenBus {
+        bus: redis.clone(),
+        redis: Some(redis),
+    })
+}
+
+/// Serves the admin API until SIGTERM/SIGINT, then asks every shard to drain.
+async fn serve_until_signal(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    hub: &Hub,
+    drain: std::time::Duration,
+) {
+    let server = axum::serve(listener, router(state));
+    let signal = async move {
+        wait_for_signal().await;
+        tracing::info!(?drain, "shutting down: closing connections with 1001");
+        hub.shutdown(drain);
+    };
+    // The admin listener stops with the shards: /healthz fails once we drain.
+    tokio::select! {
+        r = server.into_future() => {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        }
+        () = signal => {}
+    }
 }
 
 async fn wait_for_signal() {
