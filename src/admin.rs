@@ -1,7 +1,9 @@
 //! The admin HTTP listener on the control plane: publish API, health, readiness, metrics.
 //!
-//! Owns HTTP routes and their JSON errors. Publishing goes through the [`Bus`]; this module
-//! must not reach into shards. Bind it to a private address: it has no authentication.
+//! Owns HTTP routes, their JSON errors and their guards: publishing needs
+//! `Content-Type: application/json` (so a web page cannot publish with a CORS "simple
+//! request"), and with a token configured, publishing and metrics need it as a bearer token.
+//! Publishing goes through the [`Bus`]; this module must not reach into shards.
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use axum::routing::{get, post};
 use serde_json::json;
 
 use crate::bus::{Bus, BusError, PublishRequest};
+use crate::config::Secret;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -22,6 +25,8 @@ pub struct AdminState {
     pub metrics: Metrics,
     pub default_project: String,
     pub max_publish_bytes: usize,
+    /// Required as `Authorization: Bearer` on publishing and metrics when set.
+    pub token: Option<Arc<Secret>>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -51,7 +56,60 @@ fn error(status: StatusCode, message: &str) -> Response {
     json_response(status, json!({"code": status.as_u16(), "message": message}))
 }
 
+/// Whether `headers` carry the configured token (always true without one).
+fn authorized(st: &AdminState, headers: &HeaderMap) -> bool {
+    let Some(token) = &st.token else {
+        return true;
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    constant_time_eq(given.as_bytes(), token.expose().as_bytes())
+}
+
+/// Compares without returning early, so the time taken does not tell how much of a guess was
+/// right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for (i, &x) in a.iter().enumerate() {
+        diff |= usize::from(x ^ b.get(i).copied().unwrap_or(!x));
+    }
+    diff == 0
+}
+
+fn unauthorized() -> Response {
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "this admin API needs Authorization: Bearer <admin token>",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    r
+}
+
+/// Whether the request declares a JSON body (`application/json`, parameters allowed).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+}
+
 async fn publish(State(st): State<AdminState>, headers: HeaderMap, body: Body) -> Response {
+    if !authorized(&st, &headers) {
+        return unauthorized();
+    }
+    if !is_json(&headers) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the event as Content-Type: application/json",
+        );
+    }
     let too_big = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -102,11 +160,28 @@ async fn readyz(State(st): State<AdminState>) -> Response {
     }
 }
 
-async fn metrics(State(st): State<AdminState>) -> Response {
+async fn metrics(State(st): State<AdminState>, headers: HeaderMap) -> Response {
+    if !authorized(&st, &headers) {
+        return unauthorized();
+    }
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         st.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!constant_time_eq(b"0123456789abcdeX", b"0123456789abcdef"));
+        assert!(!constant_time_eq(b"0123456789abcde", b"0123456789abcdef"));
+        assert!(!constant_time_eq(b"0123456789abcdef0", b"0123456789abcdef"));
+        assert!(!constant_time_eq(b"", b"0123456789abcdef"));
+    }
 }

@@ -11,6 +11,34 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
+/// A setting that must never appear in logs or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = &'static str;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Short tokens are guessable over a network; 16 characters is the least to accept.
+        if s.len() < 16 {
+            return Err("a token must be at least 16 characters");
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
     /// TOML file of settings, keyed like the flags with underscores (`max_message_bytes = 64000`,
@@ -22,9 +50,16 @@ pub struct Config {
     #[arg(long, env = "HERALD_LISTEN", default_value = "0.0.0.0:9505")]
     pub listen: SocketAddr,
 
-    /// Address of the admin HTTP listener (publish API, health, metrics). Keep it private.
+    /// Address of the admin HTTP listener (publish API, health, metrics). Keep it private: a
+    /// non-loopback address needs --admin-token.
     #[arg(long, env = "HERALD_ADMIN", default_value = "127.0.0.1:9506")]
     pub admin: SocketAddr,
+
+    /// Bearer token the admin API requires on `POST /v1/events` and `/metrics`
+    /// (`Authorization: Bearer TOKEN`); `/healthz` and `/readyz` stay open. Required when
+    /// --admin binds a non-loopback address.
+    #[arg(long, env = "HERALD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
 
     /// Number of shards (event-loop threads). Default: one per CPU core.
     #[arg(long, env = "HERALD_SHARDS")]

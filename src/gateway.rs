@@ -39,6 +39,11 @@ pub enum GatewayError {
     ControlPlane(std::io::Error),
     #[error("invalid Redis settings: {0}")]
     Redis(String),
+    #[error(
+        "--admin {0} is not a loopback address: anyone who reaches it could publish; set \
+         --admin-token (HERALD_ADMIN_TOKEN) or bind 127.0.0.1"
+    )]
+    AdminUnprotected(SocketAddr),
 }
 
 /// Listen backlog per shard; the kernel caps it at net.core.somaxconn (see sysctl/herald.conf).
@@ -84,6 +89,9 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
             "--appwrite-pubsub needs --redis (Appwrite's pub/sub lives in Redis)".into(),
         ));
     }
+    if !config.admin.ip().is_loopback() && config.admin_token.is_none() {
+        return Err(GatewayError::AdminUnprotected(config.admin));
+    }
     let metrics = Metrics::new();
     let fd_limit = raise_fd_limit(&metrics);
     let capacity = capacity(config.max_connections, fd_limit);
@@ -124,6 +132,7 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
         metrics: metrics.clone(),
         default_project: config.default_project.clone(),
         max_publish_bytes: config.max_publish_bytes,
+        token: config.admin_token.clone().map(Arc::new),
     };
     let drain = config.drain_timeout;
     runtime.block_on(async move {

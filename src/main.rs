@@ -33,6 +33,9 @@ struct PublishArgs {
     /// Admin address of the gateway.
     #[arg(long, env = "HERALD_ADMIN", default_value = "127.0.0.1:9506")]
     admin: String,
+    /// The gateway's admin token, when it has one.
+    #[arg(long, env = "HERALD_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<herald::config::Secret>,
     /// Project (default: the gateway's default project).
     #[arg(long)]
     project: Option<String>,
@@ -100,10 +103,14 @@ fn publish(args: PublishArgs) -> anyhow::Result<()> {
         payload,
     };
     let url = format!("http://{}/v1/events", args.admin);
-    let mut resp = ureq::post(&url)
+    let mut post = ureq::post(&url)
         .config()
         .http_status_as_error(false)
-        .build()
+        .build();
+    if let Some(token) = &args.admin_token {
+        post = post.header("authorization", format!("Bearer {}", token.expose()));
+    }
+    let mut resp = post
         .send_json(&req)
         .with_context(|| format!("cannot reach herald's admin API at {url}"))?;
     let status = resp.status();

@@ -57,6 +57,21 @@ pub struct NewEvent {
     pub payload: Value,
 }
 
+/// Most channels, roles or event names one event may carry (each subscriber's match walks them).
+pub const MAX_EVENT_NAMES: usize = 100;
+/// Longest channel, role or event name.
+pub const MAX_EVENT_NAME_BYTES: usize = 256;
+
+fn over_limits(field: &str, names: &[String]) -> Option<String> {
+    if names.len() > MAX_EVENT_NAMES {
+        return Some(format!("{field} must list at most {MAX_EVENT_NAMES} names"));
+    }
+    names
+        .iter()
+        .any(|n| n.len() > MAX_EVENT_NAME_BYTES)
+        .then(|| format!("{field} must be at most {MAX_EVENT_NAME_BYTES} bytes each"))
+}
+
 impl PublishRequest {
     /// Checks an event from any source and resolves its project and default roles; the one
     /// place that says what a valid event is, so every source refuses with the same words.
@@ -67,6 +82,15 @@ impl PublishRequest {
         }
         if self.channels.iter().any(|c| c.is_empty()) {
             return invalid("channels must not contain empty names");
+        }
+        if let Some(m) = over_limits("channels", &self.channels) {
+            return Err(BusError::Invalid(m));
+        }
+        if let Some(m) = self.roles.as_deref().and_then(|r| over_limits("roles", r)) {
+            return Err(BusError::Invalid(m));
+        }
+        if let Some(m) = over_limits("events", &self.events) {
+            return Err(BusError::Invalid(m));
         }
         if !self.payload.is_object() {
             return invalid("payload must be a JSON object");
