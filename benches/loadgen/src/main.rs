@@ -26,17 +26,11 @@
 // The phase summaries are large `json!` literals.
 #![recursion_limit = "256"]
 
-#[path = "herald-bench/client.rs"]
 mod client;
-#[path = "herald-bench/connect.rs"]
 mod connect;
-#[path = "herald-bench/fanout.rs"]
 mod fanout;
-#[path = "herald-bench/publish.rs"]
 mod publish;
-#[path = "herald-bench/report.rs"]
 mod report;
-#[path = "herald-bench/worker.rs"]
 mod worker;
 
 use std::collections::BTreeMap;
