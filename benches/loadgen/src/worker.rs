@@ -1,21 +1,26 @@
 //! A subscriber process under a `fanout` coordinator.
 //!
 //! Owns its share of the connections (every `workers`-th global connection index from
-//! `index`) and talks to the coordinator in JSON lines: commands on stdin (`begin`, `end`,
-//! `churn`, `refill`, `close`, `quit`), reports on stdout (`ready`, `p` progress every 200 ms,
-//! `result`, `refilled`, `closed`, `final`). It stops by itself when stdin closes, so a
-//! coordinator that dies never leaves workers behind.
+//! `index`) and talks to the coordinator in JSON lines ([`crate::messages`]): commands on stdin
+//! ([`WorkerCommand`]: `begin`, `end`, `churn`, `refill`, `rate`, `close`, `quit`), reports on
+//! stdout ([`WorkerReport`]: `ready`, `p` progress every 200 ms, `result`, `refilled`,
+//! `closed`, `final`). It stops by itself when stdin closes, so a coordinator that dies never
+//! leaves workers behind. Must not judge the run: it reports, the coordinator merges.
 
 use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::client::{self, Engine, EngineOptions, Slot};
-use crate::{Target, fd_capacity, parse_source_ips, rss_bytes};
+use crate::messages::{
+    Final, PhaseReport, Progress, Ready, WorkerCommand, WorkerReport, WorkerSpec,
+};
+use crate::system::{fd_capacity, rss_bytes};
+use crate::target::{Target, parse_source_ips};
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 const CHURN_TICK: Duration = Duration::from_millis(100);
@@ -26,22 +31,6 @@ pub(crate) struct WorkerArgs {
     /// The worker's share of the run, as JSON (written by the coordinator).
     #[arg(long)]
     spec: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct WorkerSpec {
-    pub index: usize,
-    pub workers: usize,
-    pub total: usize,
-    pub targets: Vec<String>,
-    pub channels: Vec<String>,
-    pub zipf: f64,
-    /// Gen C: subscribe with a message after `connected` instead of URL channels.
-    pub subscribe_message: bool,
-    pub rate: f64,
-    pub max_inflight: usize,
-    pub handshake_timeout_ms: u64,
-    pub sources: Vec<String>,
 }
 
 /// The channel of global connection `i` of `total`: quantiles of a Zipf distribution (exact
@@ -93,9 +82,13 @@ pub(crate) fn subscribe_messages(channels: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn emit(v: &Value) {
+fn emit(report: &WorkerReport) {
     let mut out = std::io::stdout().lock();
-    if writeln!(out, "{v}").and_then(|()| out.flush()).is_err() {
+    let written = serde_json::to_writer(&mut out, report)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(out))
+        .and_then(|()| out.flush());
+    if written.is_err() {
         // The coordinator is gone.
         std::process::exit(3);
     }
@@ -103,184 +96,250 @@ fn emit(v: &Value) {
 
 pub(crate) fn run(args: &WorkerArgs) -> anyhow::Result<u8> {
     let spec: WorkerSpec = serde_json::from_str(&args.spec).context("invalid --spec")?;
-    let slots = worker_slots(&spec);
-    let capacity = fd_capacity()?;
-    if slots.len() > capacity {
-        bail!(
-            "worker {} must hold {} connections but may open only {capacity} sockets",
-            spec.index,
-            slots.len()
-        );
-    }
-    let targets = spec
-        .targets
-        .iter()
-        .map(|url| {
-            if spec.subscribe_message {
-                Target::parse(url)
-            } else {
-                Target::with_channels(url, &spec.channels)
-            }
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let sources = if spec.sources.is_empty() {
-        Vec::new()
-    } else {
-        parse_source_ips(&spec.sources.join(","))?
-    };
-    let mut engine = Engine::new(
-        targets,
-        sources,
-        slots,
-        EngineOptions {
-            rate: spec.rate,
-            max_inflight: spec.max_inflight,
-            handshake_timeout: Duration::from_millis(spec.handshake_timeout_ms),
-            subscribe: spec
-                .subscribe_message
-                .then(|| subscribe_messages(&spec.channels)),
-            track_events: true,
-            close_on_open: false,
-        },
-    )?;
-    let waker = engine.waker()?;
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let stdin = std::io::stdin();
-        for line in stdin.lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                return;
-            }
-            let _ = waker.wake();
-        }
-        let _ = tx.send(r#"{"cmd":"quit"}"#.to_owned());
-        let _ = waker.wake();
-    });
-
-    engine.queue_all();
-    let requested = engine.slots().len();
-    let channels = spec.channels.len().max(1);
-    let rss_before = rss_bytes();
-    let mut ready_sent = false;
-    let mut refilling = false;
-    let mut churn_per_tick = 0.0f64;
-    let mut churn_carry = 0.0f64;
-    let mut next_progress = Instant::now() + PROGRESS_EVERY;
-    let mut next_churn = Instant::now() + CHURN_TICK;
-    let mut next_expire = Instant::now() + EXPIRE_EVERY;
+    let mut worker = Worker::new(&spec)?;
+    let commands = worker.read_commands()?;
+    worker.engine.queue_all();
     loop {
-        let now = Instant::now();
-        engine.start_due(now);
-        if engine.settled() && !ready_sent {
-            ready_sent = true;
-            let s = &engine.stats;
-            emit(&json!({
-                "k": "ready",
-                "requested": requested,
-                "connected": s.connected,
-                "failed": s.failed,
-                "failures": s.failures,
-                "handshake_hist": client::hist_to_json(&s.handshake_us),
-                "first_open_unix": s.first_open_unix,
-                "last_connected_unix": s.last_connected_unix,
-                "subscribers": client::subscribers_per_channel(&engine, channels),
-                "rss_before": rss_before,
-                "rss": rss_bytes(),
-            }));
+        worker.step()?;
+        while let Ok(line) = commands.try_recv() {
+            let cmd: WorkerCommand = serde_json::from_str(&line)
+                .with_context(|| format!("invalid command from the coordinator: {line}"))?;
+            if worker.handle(cmd).is_break() {
+                return Ok(0);
+            }
         }
-        if refilling && engine.settled() {
-            refilling = false;
-            emit(
-                &json!({"k": "refilled", "open": engine.stats.open, "failed": engine.stats.failed,
-                "failures": engine.stats.failures}),
+        worker.on_timers();
+    }
+}
+
+/// The engine and what the command loop keeps between turns.
+struct Worker {
+    engine: Engine,
+    requested: usize,
+    channels: usize,
+    rss_before: u64,
+    ready_sent: bool,
+    refilling: bool,
+    churn_per_tick: f64,
+    churn_carry: f64,
+    next_progress: Instant,
+    next_churn: Instant,
+    next_expire: Instant,
+}
+
+impl Worker {
+    fn new(spec: &WorkerSpec) -> anyhow::Result<Self> {
+        let slots = worker_slots(spec);
+        let capacity = fd_capacity()?;
+        if slots.len() > capacity {
+            bail!(
+                "worker {} must hold {} connections but may open only {capacity} sockets",
+                spec.index,
+                slots.len()
             );
         }
-        let mut wake_at = next_progress.min(next_expire);
-        if churn_per_tick > 0.0 {
-            wake_at = wake_at.min(next_churn);
+        let targets = spec
+            .targets
+            .iter()
+            .map(|url| {
+                if spec.subscribe_message {
+                    Target::parse(url)
+                } else {
+                    Target::with_channels(url, &spec.channels)
+                }
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let sources = if spec.sources.is_empty() {
+            Vec::new()
+        } else {
+            parse_source_ips(&spec.sources.join(","))?
+        };
+        let engine = Engine::new(
+            targets,
+            sources,
+            slots,
+            EngineOptions {
+                rate: spec.rate,
+                max_inflight: spec.max_inflight,
+                handshake_timeout: Duration::from_millis(spec.handshake_timeout_ms),
+                subscribe: spec
+                    .subscribe_message
+                    .then(|| subscribe_messages(&spec.channels)),
+                track_events: true,
+                close_on_open: false,
+            },
+        )?;
+        let now = Instant::now();
+        Ok(Self {
+            requested: engine.slots().len(),
+            engine,
+            channels: spec.channels.len().max(1),
+            rss_before: rss_bytes(),
+            ready_sent: false,
+            refilling: false,
+            churn_per_tick: 0.0,
+            churn_carry: 0.0,
+            next_progress: now + PROGRESS_EVERY,
+            next_churn: now + CHURN_TICK,
+            next_expire: now + EXPIRE_EVERY,
+        })
+    }
+
+    /// Command lines from stdin, read on a thread that wakes the engine's poll; a `quit` follows
+    /// the last line, so a coordinator that dies stops this process too.
+    fn read_commands(&self) -> anyhow::Result<mpsc::Receiver<String>> {
+        let waker = self.engine.waker()?;
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            let stdin = std::io::stdin();
+            for line in stdin.lock().lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    return;
+                }
+                let _ = waker.wake();
+            }
+            if let Ok(quit) = serde_json::to_string(&WorkerCommand::Quit) {
+                let _ = tx.send(quit);
+            }
+            let _ = waker.wake();
+        });
+        Ok(rx)
+    }
+
+    /// Starts due connections, reports `ready` and `refilled` once they apply, and waits for
+    /// sockets until the next timer (or a command).
+    fn step(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        self.engine.start_due(now);
+        if self.engine.settled() && !self.ready_sent {
+            self.ready_sent = true;
+            emit(&WorkerReport::Ready(self.ready()));
         }
-        if engine.has_pending() {
+        if self.refilling && self.engine.settled() {
+            self.refilling = false;
+            let s = &self.engine.stats;
+            emit(&WorkerReport::Refilled {
+                open: s.open as u64,
+                failed: s.failed as u64,
+                failures: s.failures.clone(),
+            });
+        }
+        let mut wake_at = self.next_progress.min(self.next_expire);
+        if self.churn_per_tick > 0.0 {
+            wake_at = wake_at.min(self.next_churn);
+        }
+        if self.engine.has_pending() {
             wake_at = wake_at.min(now + Duration::from_millis(2));
         }
-        engine.poll(wake_at.saturating_duration_since(now))?;
-        while let Ok(line) = rx.try_recv() {
-            let cmd: Value = serde_json::from_str(&line)
-                .with_context(|| format!("invalid command from the coordinator: {line}"))?;
-            match cmd["cmd"].as_str().unwrap_or("") {
-                "begin" => {
-                    engine.begin_phase(cmd["id"].as_u64().unwrap_or(0) as u32);
-                    churn_per_tick = cmd["churn"].as_f64().unwrap_or(0.0)
-                        * requested as f64
-                        * CHURN_TICK.as_secs_f64();
-                    churn_carry = 0.0;
-                    next_churn = Instant::now() + CHURN_TICK;
-                }
-                "churn" => churn_per_tick = 0.0,
-                "end" => {
-                    churn_per_tick = 0.0;
-                    let times: Vec<Vec<u64>> =
-                        serde_json::from_value(cmd["times"].clone()).unwrap_or_default();
-                    let grace = cmd["grace_us"].as_u64().unwrap_or(2_000_000);
-                    let max_events = cmd["max_events"].as_u64().unwrap_or(100_000) as usize;
-                    let mut result = engine.end_phase(&times, grace, max_events);
-                    result["k"] = json!("result");
-                    emit(&result);
-                }
-                "refill" => {
-                    engine.refill();
-                    refilling = true;
-                }
-                "rate" => engine.set_rate(cmd["rate"].as_f64().unwrap_or(1000.0)),
-                "close" => {
-                    engine.close_all();
-                    emit(&json!({"k": "closed"}));
-                }
-                "quit" => {
-                    let s = &engine.stats;
-                    emit(&json!({
-                        "k": "final",
-                        "rss": rss_bytes(),
-                        "rss_before": rss_before,
-                        "pings_answered": s.pings_answered,
-                        "messages": s.messages,
-                        "other_messages": s.other_messages,
-                        "lost": s.lost,
-                        "failures": s.failures,
-                        "closed_by_us": s.closed_by_us,
-                        "stray": s.stray,
-                    }));
-                    return Ok(0);
-                }
-                other => bail!("unknown command {other:?} from the coordinator"),
+        self.engine.poll(wake_at.saturating_duration_since(now))
+    }
+
+    fn ready(&self) -> Ready {
+        let s = &self.engine.stats;
+        Ready {
+            requested: self.requested as u64,
+            connected: s.connected as u64,
+            failed: s.failed as u64,
+            failures: s.failures.clone(),
+            handshake_hist: client::hist_counts(&s.handshake_us),
+            first_open_unix: s.first_open_unix,
+            last_connected_unix: s.last_connected_unix,
+            subscribers: client::subscribers_per_channel(&self.engine, self.channels),
+            rss_before: self.rss_before,
+            rss: rss_bytes(),
+        }
+    }
+
+    /// Carries out one command; `Break` after `quit`.
+    fn handle(&mut self, cmd: WorkerCommand) -> ControlFlow<()> {
+        match cmd {
+            WorkerCommand::Begin { id, churn } => {
+                self.engine.begin_phase(id);
+                self.churn_per_tick = churn * self.requested as f64 * CHURN_TICK.as_secs_f64();
+                self.churn_carry = 0.0;
+                self.next_churn = Instant::now() + CHURN_TICK;
+            }
+            WorkerCommand::Churn => self.churn_per_tick = 0.0,
+            WorkerCommand::End {
+                times,
+                grace_us,
+                max_events,
+                ..
+            } => {
+                self.churn_per_tick = 0.0;
+                let result = self
+                    .engine
+                    .end_phase(&times, grace_us, max_events)
+                    .unwrap_or_else(|| PhaseReport {
+                        error: Some("no phase is running".into()),
+                        ..PhaseReport::default()
+                    });
+                emit(&WorkerReport::Result(result));
+            }
+            WorkerCommand::Refill => {
+                self.engine.refill();
+                self.refilling = true;
+            }
+            WorkerCommand::Rate { rate } => self.engine.set_rate(rate),
+            WorkerCommand::Close => {
+                self.engine.close_all();
+                emit(&WorkerReport::Closed);
+            }
+            WorkerCommand::Quit => {
+                emit(&WorkerReport::Final(self.final_figures()));
+                return ControlFlow::Break(());
             }
         }
+        ControlFlow::Continue(())
+    }
+
+    fn final_figures(&self) -> Final {
+        let s = &self.engine.stats;
+        Final {
+            rss: rss_bytes(),
+            rss_before: self.rss_before,
+            pings_answered: s.pings_answered,
+            messages: s.messages,
+            other_messages: s.other_messages.clone(),
+            lost: s.lost.clone(),
+            failures: s.failures.clone(),
+            closed_by_us: s.closed_by_us,
+            stray: s.stray,
+        }
+    }
+
+    /// Churn, handshake expiry and progress reports, each when its time has come.
+    fn on_timers(&mut self) {
         let now = Instant::now();
-        if churn_per_tick > 0.0 && now >= next_churn {
-            next_churn += CHURN_TICK;
-            churn_carry += churn_per_tick;
-            let n = churn_carry.floor();
-            churn_carry -= n;
-            engine.churn(n as usize);
+        if self.churn_per_tick > 0.0 && now >= self.next_churn {
+            self.next_churn += CHURN_TICK;
+            self.churn_carry += self.churn_per_tick;
+            let n = self.churn_carry.floor();
+            self.churn_carry -= n;
+            self.engine.churn(n as usize);
         }
-        if now >= next_expire {
-            next_expire = now + EXPIRE_EVERY;
-            engine.expire();
+        if now >= self.next_expire {
+            self.next_expire = now + EXPIRE_EVERY;
+            self.engine.expire();
         }
-        if now >= next_progress {
-            next_progress = now + PROGRESS_EVERY;
-            let s = &engine.stats;
-            emit(&json!({
-                "k": "p",
-                "open": s.open,
-                "inflight": s.inflight,
-                "failed": s.failed,
-                "lost": s.lost.values().sum::<u64>(),
-                "pd": engine.acc.as_ref().map_or(0, |a| a.delivered),
-                "rx": s.messages,
-                "ev": s.events,
-                "closed_by_us": s.closed_by_us,
-            }));
+        if now >= self.next_progress {
+            self.next_progress = now + PROGRESS_EVERY;
+            emit(&WorkerReport::Progress(self.progress()));
+        }
+    }
+
+    fn progress(&self) -> Progress {
+        let s = &self.engine.stats;
+        Progress {
+            open: s.open as u64,
+            inflight: s.inflight as u64,
+            failed: s.failed as u64,
+            lost: s.lost.values().sum(),
+            phase_delivered: self.engine.acc.as_ref().map_or(0, |a| a.delivered),
+            received: s.messages,
+            events: s.events,
+            closed_by_us: s.closed_by_us,
         }
     }
 }
