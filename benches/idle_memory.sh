@@ -36,7 +36,7 @@ if [[ -n ${BIN_DIR:-} ]]; then
     BIN=$BIN_DIR
 else
     echo "== building (release)" >&2
-    cargo build --release --bins >&2
+    cargo build --release --workspace --bins >&2
     BIN="${CARGO_TARGET_DIR:-target}/release"
 fi
 [[ -x $BIN/herald && -x $BIN/herald-bench ]] || { echo "no herald or herald-bench in $BIN" >&2; exit 2; }

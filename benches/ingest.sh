@@ -14,7 +14,7 @@ COUNT=${COUNT:-200000}
 PAYLOAD_BYTES=${PAYLOAD_BYTES:-200}
 SUBSCRIBERS=${SUBSCRIBERS:-1000}
 cd "$(dirname "$0")/.."
-cargo build --release --bins --example stream_tool >&2
+cargo build --release --workspace --bins --example stream_tool >&2
 BIN=${CARGO_TARGET_DIR:-target}/release
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 

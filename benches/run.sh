@@ -7,8 +7,8 @@
 # $OUT/results.jsonl; raw results and HTML reports go to $OUT, reports/bench by default):
 #   idle      19,000 idle subscribed connections on one herald: user-space and kernel bytes per
 #             connection (benches/idle_memory.sh).
-#   fanout    one channel, 19,000 subscribers, on herald, examples/kernel_fanout (the kernel's
-#             ceiling: one pre-encoded frame written to every socket) and examples/naive_server
+#   fanout    one channel, 19,000 subscribers, on herald, kernel_fanout (the kernel's
+#             ceiling: one pre-encoded frame written to every socket) and naive_server
 #             (tokio + tokio-tungstenite, a task per connection, tokio broadcast), one after the
 #             other: the highest publish rate every subscriber keeps up with (delivered msg/s),
 #             a burst, and single events (time from publish to the last subscriber). Ratios:
@@ -32,8 +32,8 @@
 # CONNECT_RATE (5000/s), PHASE_TIME (6s), SINGLE (100 single events, so that their p99 is not
 # simply the slowest one), BURST (200 events), CHURN_TIME (20s), CONNECT_TIME (5s), QUICK=1
 # (fixed low rates instead of the search: a smoke test), STRICT=1 (exit non-zero when any run
-# loses events or connections), BIN_DIR (prebuilt herald, herald-bench and the examples;
-# otherwise built with cargo).
+# loses events or connections), BIN_DIR (prebuilt herald, herald-bench and the baselines
+# kernel_fanout and naive_server, there or under BIN_DIR/examples/; otherwise built with cargo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,16 +67,20 @@ RESULTS=$OUT/results.jsonl
 
 if [[ -n ${BIN_DIR:-} ]]; then
     BIN=$BIN_DIR
-    EX=$BIN_DIR/examples
 else
-    echo "== building (release: bins and examples)" >&2
-    cargo build --release --bins --examples >&2
+    echo "== building (release: the workspace's binaries)" >&2
+    cargo build --release --workspace --bins >&2
     BIN="${CARGO_TARGET_DIR:-target}/release"
+fi
+# The baselines are binaries of the load generator's package, next to herald-bench; a tree built
+# before they moved there has them under examples/.
+EX=$BIN
+if [[ ! -x $EX/kernel_fanout && -x $BIN/examples/kernel_fanout ]]; then
     EX=$BIN/examples
 fi
 BENCH=$BIN/herald-bench
 for f in "$BIN/herald" "$BENCH" "$EX/naive_server" "$EX/kernel_fanout"; do
-    [[ -x $f ]] || { echo "missing $f (cargo build --release --bins --examples)" >&2; exit 2; }
+    [[ -x $f ]] || { echo "missing $f (cargo build --release --workspace --bins)" >&2; exit 2; }
 done
 
 WORK=$(mktemp -d)

@@ -7,7 +7,7 @@
 //! requested size, RSS, and the sizes of the structs every connection embeds. Children are
 //! stopped by PID; it ends by itself.
 //!
-//! Run: `cargo build --release --bins --examples && target/release/examples/idle_alloc [SMALL LARGE]`
+//! Run: `cargo build --release --workspace --bins --examples && target/release/examples/idle_alloc [SMALL LARGE]`
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::io::{BufRead, BufReader};
@@ -299,7 +299,7 @@ fn main() -> anyhow::Result<()> {
                 .map(|dir| dir.join("herald-bench"))
                 .find(|p| p.exists())
         })
-        .context("herald-bench not found (cargo build --release --bins, or set HERALD_BENCH)")?;
+        .context("herald-bench not found (cargo build --release --workspace --bins, or set HERALD_BENCH)")?;
     let bench = bench.to_string_lossy().into_owned();
 
     let mut config = herald::config::Config::for_tests();

@@ -12,7 +12,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use crate::client::{new_hist, percentiles_ms};
-use crate::unix_us;
+use crate::system::{stop_flag, unix_us};
 
 /// Characters of an error body quoted.
 const MAX_QUOTE: usize = 300;
@@ -329,7 +329,7 @@ pub(crate) fn payload(
 pub(crate) fn run(args: &PublishArgs) -> anyhow::Result<u8> {
     ensure!(args.rate >= 0.0, "--rate must not be negative");
     let mut sink = args.sink.connect()?;
-    let stop = crate::stop_flag()?;
+    let stop = stop_flag()?;
     let mut latency: Histogram<u64> = new_hist();
     let start = Instant::now();
     let first_unix = unix_us();

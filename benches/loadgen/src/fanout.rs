@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,15 +25,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use hdrhistogram::Histogram;
-use serde_json::{Value, json};
 
-use crate::client::{hist_merge_json, new_hist, percentiles_ms};
-use crate::publish::{Job, Pool, Sink, SinkArgs};
-use crate::worker::{WorkerSpec, zipf_cdf};
-use crate::{
-    Target, bump_n, check_source_ips, fd_capacity, parse_source_ips, probe, proc_cpu_seconds,
-    proc_rss_bytes, unix_us,
+use crate::client::{hist_merge, new_hist, percentiles_ms};
+use crate::messages::{
+    BenchFigures, BurstSummary, ConnectMerged, FanoutSummary, Final, MaxSustained, PhaseReport,
+    PhaseResult, PhaseServer, Progress, Ready, ServerSample, SingleSummary, Timeline,
+    WorkerCommand, WorkerReport, WorkerSpec,
 };
+use crate::publish::{Job, Pool, Sink, SinkArgs};
+use crate::reasons::bump_n;
+use crate::report::Run;
+use crate::system::{fd_capacity, machine, proc_cpu_seconds, proc_rss_bytes, stop_flag, unix_us};
+use crate::target::{Target, check_source_ips, parse_source_ips, probe};
+use crate::worker::zipf_cdf;
 
 const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 const STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -202,36 +207,20 @@ struct Worker {
     stdin: ChildStdin,
 }
 
-/// The latest progress report of a worker.
-#[derive(Default, Clone, Copy)]
-struct Progress {
-    open: u64,
-    inflight: u64,
-    failed: u64,
-    lost: u64,
-    phase_delivered: u64,
-    received: u64,
-    /// Bench events over all phases.
-    events: u64,
-    closed_by_us: u64,
-}
-
-/// Samples over the whole run, for the report's charts.
-#[derive(Default)]
-struct Timeline {
-    t: Vec<f64>,
-    open: Vec<u64>,
-    /// Events delivered (all phases, cumulative).
-    delivered: Vec<u64>,
-    server_rss: Vec<u64>,
-    server_cpu: Vec<f64>,
+/// What a worker's stdout reader passes on.
+enum FromWorker {
+    Report(WorkerReport),
+    /// A line that is no report (kept, never awaited).
+    Garbage,
+    /// Its stdout closed: the worker is gone.
+    Eof,
 }
 
 struct Coordinator<'a> {
     args: &'a FanoutArgs,
     workers: Vec<Worker>,
-    rx: mpsc::Receiver<(usize, Value)>,
-    inbox: VecDeque<(usize, Value)>,
+    rx: mpsc::Receiver<(usize, FromWorker)>,
+    inbox: VecDeque<(usize, FromWorker)>,
     progress: Vec<Progress>,
     timeline: Timeline,
     start: Instant,
@@ -245,7 +234,7 @@ struct Coordinator<'a> {
     sink: Sink,
     pool: Pool,
     stop: Arc<AtomicBool>,
-    phases: Vec<Value>,
+    phases: Vec<PhaseResult>,
     next_phase: u32,
     status: String,
     rng: SplitMix,
@@ -268,27 +257,8 @@ impl SplitMix {
     }
 }
 
-/// Server figures at one moment.
-#[derive(Clone, Copy, Default)]
-struct ServerSample {
-    rss: u64,
-    cpu: f64,
-}
-
 pub(crate) fn run(args: &FanoutArgs) -> anyhow::Result<u8> {
-    ensure!(args.connections > 0, "--connections must be at least 1");
-    ensure!(args.connect_rate > 0.0, "--connect-rate must be positive");
-    ensure!(args.channels >= 1, "--channels must be at least 1");
-    ensure!(
-        args.channels <= usize::from(u16::MAX),
-        "--channels must be at most {}",
-        u16::MAX
-    );
-    ensure!(args.target.len() <= 1000, "too many --target URLs");
-    ensure!(
-        args.rates.iter().all(|r| *r > 0.0),
-        "--rates must be positive"
-    );
+    validate(args)?;
     let channel_names: Vec<String> = if args.channels == 1 {
         vec![args.channel_name.clone()]
     } else {
@@ -296,21 +266,7 @@ pub(crate) fn run(args: &FanoutArgs) -> anyhow::Result<u8> {
             .map(|i| format!("{}-{i}", args.channel_name))
             .collect()
     };
-    // Fail early and plainly: bad targets, bad sources, unreachable or refusing servers.
-    let sources = match &args.source_ips {
-        Some(spec) => parse_source_ips(spec)?,
-        None => Vec::new(),
-    };
-    check_source_ips(&sources)?;
-    for url in &args.target {
-        let t = if args.subscribe_message {
-            Target::parse(url)?
-        } else {
-            Target::with_channels(url, &channel_names[..1])?
-        };
-        ensure!(!t.tcp, "{url}: fanout needs a ws:// target");
-        probe(&t, sources.first().copied())?;
-    }
+    let sources = preflight(args, &channel_names)?;
     let mut sink = args.sink.connect()?;
     // A publish nobody subscribes to: checks the publish path before any connection opens.
     sink.publish_retrying(
@@ -333,7 +289,7 @@ pub(crate) fn run(args: &FanoutArgs) -> anyhow::Result<u8> {
          open-file hard limit (ulimit -Hn)",
         args.connections
     );
-    let stop = crate::stop_flag()?;
+    let stop = stop_flag()?;
     let start = Instant::now();
     let mut c = Coordinator {
         args,
@@ -360,180 +316,314 @@ pub(crate) fn run(args: &FanoutArgs) -> anyhow::Result<u8> {
     let result = c.run_all(workers, &sources);
     c.shutdown();
     let summary = result?;
-    println!("{summary}");
+    println!("{}", serde_json::to_string(&summary)?);
+    let ok = summary.connect.connected == summary.connect.requested as u64
+        && summary.checks_failed.is_empty();
     if let Some(path) = &args.html {
-        let html = crate::report::html(&[(args.label.clone(), summary.clone())], None);
+        let html = crate::report::html(
+            &[(args.label.clone(), Run::Fanout(Box::new(summary)))],
+            None,
+        );
         std::fs::write(path, html).with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("herald-bench: report written to {}", path.display());
     }
-    let ok = summary["connect"]["connected"] == summary["connect"]["requested"]
-        && summary["checks_failed"]
-            .as_array()
-            .is_some_and(Vec::is_empty);
     Ok(u8::from(!ok))
 }
 
+fn validate(args: &FanoutArgs) -> anyhow::Result<()> {
+    ensure!(args.connections > 0, "--connections must be at least 1");
+    ensure!(args.connect_rate > 0.0, "--connect-rate must be positive");
+    ensure!(args.channels >= 1, "--channels must be at least 1");
+    ensure!(
+        args.channels <= usize::from(u16::MAX),
+        "--channels must be at most {}",
+        u16::MAX
+    );
+    ensure!(args.target.len() <= 1000, "too many --target URLs");
+    ensure!(
+        args.rates.iter().all(|r| *r > 0.0),
+        "--rates must be positive"
+    );
+    Ok(())
+}
+
+/// Fails early and plainly: bad targets, bad sources, unreachable or refusing servers.
+fn preflight(args: &FanoutArgs, channel_names: &[String]) -> anyhow::Result<Vec<Ipv4Addr>> {
+    let sources = match &args.source_ips {
+        Some(spec) => parse_source_ips(spec)?,
+        None => Vec::new(),
+    };
+    check_source_ips(&sources)?;
+    for url in &args.target {
+        let t = if args.subscribe_message {
+            Target::parse(url)?
+        } else {
+            Target::with_channels(url, &channel_names[..1])?
+        };
+        ensure!(!t.tcp, "{url}: fanout needs a ws:// target");
+        probe(&t, sources.first().copied())?;
+    }
+    Ok(sources)
+}
+
+/// How a phase began: what it is compared with at its end.
+struct PhaseStart {
+    open: u64,
+    closed_by_us: u64,
+    server: Option<ServerSample>,
+}
+
+/// How a phase publishes: pace, description, and when to give up.
+struct PhasePlan {
+    /// Events per second offered (infinite: paced by deliveries or back to back).
+    rate: f64,
+    gap: Duration,
+    label: String,
+    /// Deliveries the subscribers may fall behind the schedule before the phase is abandoned.
+    max_lag: Option<u64>,
+    /// How long one event may take to publish: a busy server answers slowly.
+    per_event: Duration,
+}
+
+/// The publishing part of a phase, as it went.
+struct Publishing {
+    book: Published,
+    /// The channel of every event, in publish order.
+    channel_of: Vec<u16>,
+    start: Instant,
+    first_sent: u64,
+    deadline: Instant,
+    submitted: u64,
+    abandoned: Option<String>,
+}
+
+/// The workers' verdicts on a phase, added up.
+#[derive(Default)]
+struct Merged {
+    expected: u64,
+    unique: u64,
+    missing: u64,
+    duplicates: u64,
+    misrouted: u64,
+    lost: u64,
+    with_loss: u64,
+    judged: u64,
+    stray: u64,
+    last_recv: u64,
+    latency: Option<Histogram<u64>>,
+    examples: Vec<String>,
+    /// Per event: subscribers that got it, the first and the last latency.
+    per_event: Vec<(u64, u64, u64)>,
+}
+
+impl Merged {
+    fn of(results: &[PhaseReport]) -> Self {
+        let mut m = Merged::default();
+        let mut latency = new_hist();
+        for r in results {
+            m.expected += r.expected;
+            m.unique += r.unique;
+            m.missing += r.missing;
+            m.duplicates += r.duplicates;
+            m.misrouted += r.misrouted;
+            m.lost += r.lost_connections;
+            m.with_loss += r.connections_with_loss;
+            m.judged += r.connections_judged;
+            m.stray += r.stray;
+            m.last_recv = m.last_recv.max(r.last_recv_unix);
+            hist_merge(&mut latency, &r.latency_hist);
+            m.examples.extend(r.loss_examples.iter().take(3).cloned());
+            for (g, &(count, lo, hi)) in r.events.iter().enumerate() {
+                if m.per_event.len() <= g {
+                    m.per_event.resize(g + 1, (0, u64::MAX, 0));
+                }
+                if count > 0 {
+                    let p = &mut m.per_event[g];
+                    p.0 += u64::from(count);
+                    p.1 = p.1.min(u64::from(lo));
+                    p.2 = p.2.max(u64::from(hi));
+                }
+            }
+        }
+        m.latency = Some(latency);
+        m
+    }
+}
+
+/// Time to the first and the last subscriber, over events every subscriber got.
+struct Spread {
+    ttl: Histogram<u64>,
+    ttf: Histogram<u64>,
+    incomplete: u64,
+    /// Medians of the time to the last subscriber in the second and the last quarter.
+    ttl_q2: Option<u64>,
+    ttl_q4: Option<u64>,
+}
+
 impl Coordinator<'_> {
-    fn run_all(&mut self, workers: usize, sources: &[std::net::Ipv4Addr]) -> anyhow::Result<Value> {
+    fn run_all(&mut self, workers: usize, sources: &[Ipv4Addr]) -> anyhow::Result<FanoutSummary> {
         let args = self.args;
         let server_start = self.server_sample();
         self.spawn(workers, sources)?;
         self.status = "connecting".into();
-        let ready = self.wait_all("ready", self.connect_timeout())?;
+        let ready = self.wait_all("ready", self.connect_timeout(), |r| match r {
+            WorkerReport::Ready(r) => Some(r),
+            _ => None,
+        })?;
         let connect = self.merge_connect(&ready);
         let after_connect = self.settled_server_sample();
 
         let mut checks_failed: Vec<String> = Vec::new();
-        let connected = connect["connected"].as_u64().unwrap_or(0);
-        if connected < args.connections as u64 {
+        if connect.connected < args.connections as u64 {
             checks_failed.push(format!(
-                "connect: {connected} of {} connections opened",
-                args.connections
+                "connect: {} of {} connections opened",
+                connect.connected, args.connections
             ));
         }
-        let mut search: Option<Value> = None;
-        // The lightest phases first: the search ends above what the server keeps up with.
-        if connected > 0 {
-            if args.single > 0 {
-                self.phase(Kind::Single, args.single as u64)?;
-            }
-            if args.burst > 0 {
-                self.phase(Kind::Burst, args.burst as u64)?;
-            }
-            for &rate in &args.rates {
-                self.phase(
-                    Kind::Rate {
-                        rate,
-                        search: false,
-                    },
-                    (rate * args.phase_time.as_secs_f64()).ceil() as u64,
-                )?;
-            }
-            if args.find_max {
-                search = Some(self.find_max()?);
-            }
-        }
-        let mut memory = json!({
-            "server_at_start": sample_json(server_start),
-            "server_connected": sample_json(after_connect),
+        let connected = connect.connected > 0;
+        let search = if connected { self.run_phases()? } else { None };
+        let mut memory = BTreeMap::from([
+            ("server_at_start".to_owned(), server_start),
+            ("server_connected".to_owned(), after_connect),
+        ]);
+        self.churn_settle_close(connected, &mut memory)?;
+        checks_failed.extend(self.failed_checks());
+        self.status = "finishing".into();
+        self.send_all(&WorkerCommand::Quit)?;
+        let finals = self.wait_all("final", Duration::from_secs(30), |r| match r {
+            WorkerReport::Final(f) => Some(f),
+            _ => None,
+        })?;
+        // No search: the best fixed rate every subscriber kept up with.
+        let max_sustained = search.or_else(|| {
+            self.phases
+                .iter()
+                .filter(|p| p.kind == "rate" && p.sustained)
+                .max_by(|a, b| a.rate.unwrap_or(0.0).total_cmp(&b.rate.unwrap_or(0.0)))
+                .map(sustained)
         });
-        if connected > 0 && args.churn > 0.0 {
-            memory["server_before_churn"] = sample_json(self.settled_server_sample());
+        Ok(FanoutSummary {
+            label: args.label.clone(),
+            date_unix: unix_us() / 1_000_000,
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            machine: machine(),
+            targets: args.target.clone(),
+            publisher: self.sink.describe(),
+            connections: args.connections,
+            channels: args.channels,
+            zipf: args.zipf,
+            subscribe_message: args.subscribe_message,
+            pad: args.pad.clone(),
+            workers,
+            subscribers_per_channel_top: self.subscribers.iter().take(10).copied().collect(),
+            connect,
+            max_sustained,
+            single: self.single_summary(),
+            burst: self.burst_summary(),
+            phases: self.phases.clone(),
+            memory,
+            bench: bench_figures(&finals, args.connections),
+            timeline: std::mem::take(&mut self.timeline),
+            duration_s: self.start.elapsed().as_secs_f64(),
+            checks_failed,
+        })
+    }
+
+    /// The event phases, lightest first: the search ends above what the server keeps up with.
+    fn run_phases(&mut self) -> anyhow::Result<Option<MaxSustained>> {
+        let args = self.args;
+        if args.single > 0 {
+            self.phase(Kind::Single, args.single as u64)?;
+        }
+        if args.burst > 0 {
+            self.phase(Kind::Burst, args.burst as u64)?;
+        }
+        for &rate in &args.rates {
+            self.phase(
+                Kind::Rate {
+                    rate,
+                    search: false,
+                },
+                (rate * args.phase_time.as_secs_f64()).ceil() as u64,
+            )?;
+        }
+        if args.find_max {
+            return Ok(Some(self.find_max()?));
+        }
+        Ok(None)
+    }
+
+    /// Churn (then settle), or just settle, then close everything: server figures after each.
+    fn churn_settle_close(
+        &mut self,
+        connected: bool,
+        memory: &mut BTreeMap<String, Option<ServerSample>>,
+    ) -> anyhow::Result<()> {
+        let args = self.args;
+        if connected && args.churn > 0.0 {
+            memory.insert("server_before_churn".into(), self.settled_server_sample());
             let events = (args.churn_rate * args.churn_time.as_secs_f64()).ceil() as u64;
             self.phase(Kind::Churn, events)?;
             self.refill()?;
             self.hold(args.settle)?;
-            memory["server_after_churn"] = sample_json(self.settled_server_sample());
+            memory.insert("server_after_churn".into(), self.settled_server_sample());
         } else if !args.settle.is_zero() {
             self.hold(args.settle)?;
-            memory["server_settled"] = sample_json(self.settled_server_sample());
+            memory.insert("server_settled".into(), self.settled_server_sample());
         }
         if args.close_at_end {
             self.status = "closing".into();
-            self.send_all(&json!({"cmd": "close"}))?;
-            self.wait_all("closed", Duration::from_secs(30))?;
+            self.send_all(&WorkerCommand::Close)?;
+            self.wait_all("closed", Duration::from_secs(30), |r| match r {
+                WorkerReport::Closed => Some(()),
+                _ => None,
+            })?;
             self.hold(args.settle.max(Duration::from_millis(500)))?;
-            memory["server_after_close"] = sample_json(self.settled_server_sample());
+            memory.insert("server_after_close".into(), self.settled_server_sample());
         }
-        for p in &self.phases {
-            if p["checked"] == true && p["clean"] != true {
-                checks_failed.push(format!(
+        Ok(())
+    }
+
+    /// Checked phases that lost, duplicated or misrouted anything.
+    fn failed_checks(&self) -> Vec<String> {
+        self.phases
+            .iter()
+            .filter(|p| p.checked && !p.clean)
+            .map(|p| {
+                format!(
                     "{} phase {}: {} missing, {} duplicates, {} misrouted, {} connections lost{}",
-                    p["kind"].as_str().unwrap_or("?"),
-                    p["id"],
-                    p["missing"],
-                    p["duplicates"],
-                    p["misrouted"],
-                    p["lost_connections"],
-                    p["error"]
-                        .as_str()
+                    p.kind,
+                    p.id,
+                    p.missing,
+                    p.duplicates,
+                    p.misrouted,
+                    p.lost_connections,
+                    p.error
+                        .as_deref()
                         .map_or(String::new(), |e| format!(", {e}"))
-                ));
-            }
-        }
-        self.status = "finishing".into();
-        self.send_all(&json!({"cmd": "quit"}))?;
-        let finals = self.wait_all("final", Duration::from_secs(30))?;
-        let bench_rss: u64 = finals.iter().map(|f| f["rss"].as_u64().unwrap_or(0)).sum();
-        let mut other = BTreeMap::new();
-        let mut lost = BTreeMap::new();
-        for f in &finals {
-            for (map, key) in [(&mut other, "other_messages"), (&mut lost, "lost")] {
-                for (k, v) in f[key].as_object().into_iter().flatten() {
-                    bump_n(map, k.clone(), v.as_u64().unwrap_or(0));
-                }
-            }
-        }
-        if search.is_none() {
-            // No search: the best fixed rate every subscriber kept up with.
-            search = self
-                .phases
-                .iter()
-                .filter(|p| p["kind"] == "rate" && p["sustained"] == true)
-                .max_by(|a, b| {
-                    let r = |p: &Value| p["rate"].as_f64().unwrap_or(0.0);
-                    r(a).total_cmp(&r(b))
-                })
-                .map(sustained_json);
-        }
-        let single = self
-            .phases
-            .iter()
-            .rev()
-            .find(|p| p["kind"] == "single")
-            .map(|p| {
-                json!({
-                    "time_to_last_subscriber_ms": p["time_to_last_subscriber_ms"],
-                    "time_to_first_subscriber_ms": p["time_to_first_subscriber_ms"],
-                    "events": p["published"],
-                    "incomplete_events": p["incomplete_events"],
-                })
-            });
-        let burst = self
-            .phases
-            .iter()
-            .rev()
-            .find(|p| p["kind"] == "burst")
-            .map(|p| {
-                json!({"events": p["published"], "delivered_per_s": p["delivered_per_s"],
-                "latency_ms": p["latency_ms"], "clean": p["clean"]})
-            });
-        Ok(json!({
-            "label": args.label,
-            "date_unix": unix_us() / 1_000_000,
-            "command": std::env::args().collect::<Vec<_>>().join(" "),
-            "machine": machine(),
-            "targets": args.target,
-            "publisher": self.sink.describe(),
-            "connections": args.connections,
-            "channels": args.channels,
-            "zipf": args.zipf,
-            "subscribe_message": args.subscribe_message,
-            "pad": args.pad,
-            "workers": workers,
-            "subscribers_per_channel_top": self.subscribers.iter().take(10).collect::<Vec<_>>(),
-            "connect": connect,
-            "phases": self.phases,
-            "max_sustained": search,
-            "single": single,
-            "burst": burst,
-            "memory": memory,
-            "bench": {
-                "rss_total": bench_rss,
-                "rss_per_connection": bench_rss as f64 / args.connections as f64,
-                "other_messages": other,
-                "lost_connections": lost,
-            },
-            "timeline": {
-                "t": self.timeline.t,
-                "open": self.timeline.open,
-                "delivered": self.timeline.delivered,
-                "server_rss": self.timeline.server_rss,
-                "server_cpu": self.timeline.server_cpu,
-            },
-            "duration_s": self.start.elapsed().as_secs_f64(),
-            "checks_failed": checks_failed,
-        }))
+                )
+            })
+            .collect()
+    }
+
+    fn single_summary(&self) -> Option<SingleSummary> {
+        let p = self.phases.iter().rev().find(|p| p.kind == "single")?;
+        Some(SingleSummary {
+            time_to_last_subscriber_ms: p.time_to_last_subscriber_ms.clone(),
+            time_to_first_subscriber_ms: p.time_to_first_subscriber_ms.clone(),
+            events: p.published,
+            incomplete_events: p.incomplete_events,
+        })
+    }
+
+    fn burst_summary(&self) -> Option<BurstSummary> {
+        let p = self.phases.iter().rev().find(|p| p.kind == "burst")?;
+        Some(BurstSummary {
+            events: p.published,
+            delivered_per_s: p.delivered_per_s,
+            latency_ms: p.latency_ms.clone(),
+            clean: p.clean,
+        })
     }
 
     fn connect_timeout(&self) -> Duration {
@@ -543,7 +633,7 @@ impl Coordinator<'_> {
             + Duration::from_secs(30)
     }
 
-    fn spawn(&mut self, workers: usize, sources: &[std::net::Ipv4Addr]) -> anyhow::Result<()> {
+    fn spawn(&mut self, workers: usize, sources: &[Ipv4Addr]) -> anyhow::Result<()> {
         let args = self.args;
         let exe = std::env::current_exe().context("cannot find herald-bench's own executable")?;
         let (tx, rx) = mpsc::channel();
@@ -586,13 +676,13 @@ impl Coordinator<'_> {
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
-                    let v = serde_json::from_str(&line)
-                        .unwrap_or_else(|_| json!({"k": "garbage", "line": line}));
-                    if tx.send((index, v)).is_err() {
+                    let msg =
+                        serde_json::from_str(&line).map_or(FromWorker::Garbage, FromWorker::Report);
+                    if tx.send((index, msg)).is_err() {
                         return;
                     }
                 }
-                let _ = tx.send((index, json!({"k": "eof"})));
+                let _ = tx.send((index, FromWorker::Eof));
             });
             self.workers.push(Worker { child, stdin });
         }
@@ -601,8 +691,9 @@ impl Coordinator<'_> {
 
     /// Stops every worker: they exit on `quit` or when their stdin closes; killed after 5 s.
     fn shutdown(&mut self) {
+        let quit = serde_json::to_string(&WorkerCommand::Quit).unwrap_or_default();
         for w in &mut self.workers {
-            let _ = writeln!(w.stdin, r#"{{"cmd":"quit"}}"#);
+            let _ = writeln!(w.stdin, "{quit}");
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         for w in &mut self.workers {
@@ -620,8 +711,8 @@ impl Coordinator<'_> {
         }
     }
 
-    fn send_all(&mut self, cmd: &Value) -> anyhow::Result<()> {
-        let line = cmd.to_string();
+    fn send_all(&mut self, cmd: &WorkerCommand) -> anyhow::Result<()> {
+        let line = serde_json::to_string(cmd)?;
         for (i, w) in self.workers.iter_mut().enumerate() {
             writeln!(w.stdin, "{line}")
                 .and_then(|()| w.stdin.flush())
@@ -638,8 +729,8 @@ impl Coordinator<'_> {
             }
             // Whatever arrived, even when the caller is already late (a publisher behind its
             // schedule must still see current progress).
-            while let Ok((i, v)) = self.rx.try_recv() {
-                self.handle(i, v);
+            while let Ok((i, msg)) = self.rx.try_recv() {
+                self.handle(i, msg);
             }
             let now = Instant::now();
             if now >= self.deadline {
@@ -662,7 +753,7 @@ impl Coordinator<'_> {
                 .min(self.next_status)
                 .saturating_duration_since(now);
             match self.rx.recv_timeout(wait) {
-                Ok((i, v)) => self.handle(i, v),
+                Ok((i, msg)) => self.handle(i, msg),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 // Every worker is gone; their last words are in the inbox.
                 Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
@@ -671,49 +762,49 @@ impl Coordinator<'_> {
     }
 
     /// Books one worker message: progress is kept, everything else waits in the inbox.
-    fn handle(&mut self, i: usize, v: Value) {
-        if v["k"] == "p" {
-            let u = |k: &str| v[k].as_u64().unwrap_or(0);
-            self.progress[i] = Progress {
-                open: u("open"),
-                inflight: u("inflight"),
-                failed: u("failed"),
-                lost: u("lost"),
-                phase_delivered: u("pd"),
-                received: u("rx"),
-                events: u("ev"),
-                closed_by_us: u("closed_by_us"),
-            };
+    fn handle(&mut self, i: usize, msg: FromWorker) {
+        if let FromWorker::Report(WorkerReport::Progress(p)) = msg {
+            self.progress[i] = p;
         } else {
-            self.inbox.push_back((i, v));
+            self.inbox.push_back((i, msg));
         }
     }
 
-    /// Waits for a message of kind `k` from every worker.
-    fn wait_all(&mut self, k: &str, timeout: Duration) -> anyhow::Result<Vec<Value>> {
+    /// Waits for a report of kind `kind` from every worker; `pick` takes the contents out of a
+    /// report of that kind.
+    fn wait_all<T>(
+        &mut self,
+        kind: &str,
+        timeout: Duration,
+        pick: impl Fn(WorkerReport) -> Option<T>,
+    ) -> anyhow::Result<Vec<T>> {
         let deadline = Instant::now() + timeout;
-        let mut got: Vec<Option<Value>> = vec![None; self.workers.len()];
+        let mut got: Vec<Option<T>> = (0..self.workers.len()).map(|_| None).collect();
         loop {
-            while let Some(pos) = self.inbox.iter().position(|(_, v)| v["k"] == k) {
-                let (i, v) = self.inbox.remove(pos).expect("position is valid");
-                got[i] = Some(v);
+            let mut kept = VecDeque::with_capacity(self.inbox.len());
+            for (i, msg) in std::mem::take(&mut self.inbox) {
+                match msg {
+                    FromWorker::Report(r) if r.kind() == kind => got[i] = pick(r),
+                    other => kept.push_back((i, other)),
+                }
             }
+            self.inbox = kept;
             if got.iter().all(Option::is_some) {
                 return Ok(got.into_iter().flatten().collect());
             }
             if let Some(&(i, _)) = self
                 .inbox
                 .iter()
-                .find(|(i, v)| v["k"] == "eof" && got[*i].is_none())
+                .find(|(i, msg)| matches!(msg, FromWorker::Eof) && got[*i].is_none())
             {
                 let status = self.workers[i].child.try_wait().ok().flatten();
                 bail!(
-                    "worker {i} stopped unexpectedly ({status:?}) while {k:?} was awaited; see its error above"
+                    "worker {i} stopped unexpectedly ({status:?}) while {kind:?} was awaited; see its error above"
                 );
             }
             if Instant::now() >= deadline {
                 let missing: Vec<usize> = (0..got.len()).filter(|&i| got[i].is_none()).collect();
-                bail!("workers {missing:?} did not report {k:?} within {timeout:?}");
+                bail!("workers {missing:?} did not report {kind:?} within {timeout:?}");
             }
             self.pump((Instant::now() + Duration::from_millis(50)).min(deadline))?;
         }
@@ -760,16 +851,7 @@ impl Coordinator<'_> {
     fn totals(&self) -> Progress {
         self.progress
             .iter()
-            .fold(Progress::default(), |a, p| Progress {
-                open: a.open + p.open,
-                inflight: a.inflight + p.inflight,
-                failed: a.failed + p.failed,
-                lost: a.lost + p.lost,
-                phase_delivered: a.phase_delivered + p.phase_delivered,
-                received: a.received + p.received,
-                events: a.events + p.events,
-                closed_by_us: a.closed_by_us + p.closed_by_us,
-            })
+            .fold(Progress::default(), |a, &p| a.plus(p))
     }
 
     fn sample(&mut self) {
@@ -805,7 +887,7 @@ impl Coordinator<'_> {
         );
     }
 
-    fn merge_connect(&mut self, ready: &[Value]) -> Value {
+    fn merge_connect(&mut self, ready: &[Ready]) -> ConnectMerged {
         let mut hist = new_hist();
         let mut failures = BTreeMap::new();
         let (mut connected, mut failed) = (0u64, 0u64);
@@ -813,42 +895,39 @@ impl Coordinator<'_> {
         let mut bench_rss = 0;
         self.subscribers = vec![0; self.args.channels];
         for r in ready {
-            connected += r["connected"].as_u64().unwrap_or(0);
-            failed += r["failed"].as_u64().unwrap_or(0);
-            hist_merge_json(&mut hist, &r["handshake_hist"]);
-            for (k, v) in r["failures"].as_object().into_iter().flatten() {
-                bump_n(&mut failures, k.clone(), v.as_u64().unwrap_or(0));
+            connected += r.connected;
+            failed += r.failed;
+            hist_merge(&mut hist, &r.handshake_hist);
+            for (k, &v) in &r.failures {
+                bump_n(&mut failures, k.clone(), v);
             }
-            if let Some(f) = r["first_open_unix"].as_u64().filter(|&f| f > 0) {
-                first = first.min(f);
+            if r.first_open_unix > 0 {
+                first = first.min(r.first_open_unix);
             }
-            last = last.max(r["last_connected_unix"].as_u64().unwrap_or(0));
-            bench_rss += r["rss"].as_u64().unwrap_or(0);
-            for (i, n) in r["subscribers"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .enumerate()
-            {
-                if let Some(s) = self.subscribers.get_mut(i) {
-                    *s += n.as_u64().unwrap_or(0);
-                }
+            last = last.max(r.last_connected_unix);
+            bench_rss += r.rss;
+            for (s, n) in self.subscribers.iter_mut().zip(&r.subscribers) {
+                *s += n;
             }
         }
         let secs = (last.saturating_sub(first)) as f64 / 1e6;
         if !failures.is_empty() {
             eprintln!("herald-bench: connection failures: {failures:?}");
         }
-        json!({
-            "requested": self.args.connections,
-            "connected": connected,
-            "failed": failed,
-            "failures": failures,
-            "duration_s": secs,
-            "rate_per_s": if secs > 0.0 { connected as f64 / secs } else { 0.0 },
-            "handshake_ms": percentiles_ms(&hist),
-            "bench_rss": bench_rss,
-        })
+        ConnectMerged {
+            requested: self.args.connections,
+            connected,
+            failed,
+            failures,
+            duration_s: secs,
+            rate_per_s: if secs > 0.0 {
+                connected as f64 / secs
+            } else {
+                0.0
+            },
+            handshake_ms: percentiles_ms(&hist),
+            bench_rss,
+        }
     }
 
     /// Waits until no worker receives anything for a while (deliveries of an earlier phase),
@@ -877,27 +956,81 @@ impl Coordinator<'_> {
             return Ok(());
         }
         self.status = "reopening lost connections".into();
-        self.send_all(&json!({"cmd": "refill"}))?;
-        self.wait_all("refilled", self.connect_timeout())?;
+        self.send_all(&WorkerCommand::Refill)?;
+        self.wait_all("refilled", self.connect_timeout(), |r| match r {
+            r @ WorkerReport::Refilled { .. } => Some(r),
+            _ => None,
+        })?;
         Ok(())
     }
 
     /// Runs one phase of `events` events and records its merged result.
-    fn phase(&mut self, kind: Kind, events: u64) -> anyhow::Result<Value> {
-        let args = self.args;
+    fn phase(&mut self, kind: Kind, events: u64) -> anyhow::Result<PhaseResult> {
         let id = self.next_phase;
         self.next_phase += 1;
+        let start = self.start_phase(id, kind)?;
+        let plan = self.plan(kind);
+        let mut run = self.publish_all(id, kind, events, &plan)?;
+        self.await_publisher(&mut run)?;
+        if kind == Kind::Churn {
+            self.send_all(&WorkerCommand::Churn)?;
+        }
+        self.drain(id, kind, &plan.label, &run.book)?;
+        let after = self.server_sample();
+        let closed_by_us = self.totals().closed_by_us - start.closed_by_us;
+        self.status = format!("phase {id} ({}): judging", plan.label);
+        self.send_all(&WorkerCommand::End {
+            id,
+            times: run.book.times.clone(),
+            grace_us: 2_000_000,
+            max_events: MAX_EVENTS_REPORTED,
+        })?;
+        let results = self.wait_all("result", Duration::from_secs(60), |r| match r {
+            WorkerReport::Result(r) => Some(r),
+            _ => None,
+        })?;
+        let merged = Merged::of(&results);
+        let spread = self.spread(kind, &run.channel_of, &merged.per_event);
+        let result = self.verdict(
+            id,
+            kind,
+            events,
+            &plan,
+            &run,
+            &start,
+            after,
+            closed_by_us,
+            merged,
+            spread,
+        );
+        print_phase_line(&self.args.label, kind, &result);
+        self.phases.push(result.clone());
+        Ok(result)
+    }
+
+    /// Settles, restores lost connections and tells the workers a phase begins.
+    fn start_phase(&mut self, id: u32, kind: Kind) -> anyhow::Result<PhaseStart> {
         self.status = format!("phase {id} ({}): settling", kind.name());
         self.quiesce()?;
         self.refill()?;
-        let open_at_start = self.totals().open;
-        let closed_at_start = self.totals().closed_by_us;
-        let before = self.server_sample();
-        let churn = if kind == Kind::Churn { args.churn } else { 0.0 };
-        self.send_all(&json!({"cmd": "begin", "id": id, "churn": churn}))?;
+        let start = PhaseStart {
+            open: self.totals().open,
+            closed_by_us: self.totals().closed_by_us,
+            server: self.server_sample(),
+        };
+        let churn = if kind == Kind::Churn {
+            self.args.churn
+        } else {
+            0.0
+        };
+        self.send_all(&WorkerCommand::Begin { id, churn })?;
         // Let every worker start the phase before its first event can arrive.
         self.pump(Instant::now() + Duration::from_millis(100))?;
+        Ok(start)
+    }
 
+    fn plan(&self, kind: Kind) -> PhasePlan {
+        let args = self.args;
         let (rate, gap) = match kind {
             Kind::Rate { rate, .. } => (rate, Duration::from_secs_f64(1.0 / rate)),
             Kind::Churn => (
@@ -917,7 +1050,6 @@ impl Coordinator<'_> {
             ),
             Kind::Burst => "burst".into(),
         };
-        let mut abandoned: Option<String> = None;
         let max_lag = match kind {
             Kind::Rate { rate, .. } => {
                 // Subscribers per event on average: events pick channels by the same Zipf law.
@@ -935,113 +1067,155 @@ impl Coordinator<'_> {
             }
             _ => None,
         };
-        let mut channel_of: Vec<u16> = Vec::with_capacity(events as usize);
-        let publish_start = Instant::now();
-        let first_sent = unix_us();
-        let mut book = Published::new(args.channels, first_sent, publish_start);
-        // How long one event may take to publish: a busy server answers slowly.
         let per_event = match kind {
             Kind::Single => args.single_gap + Duration::from_secs(10),
             Kind::Burst => Duration::from_millis(500),
             _ => gap,
         };
-        let phase_deadline =
-            publish_start + per_event.mul_f64(events as f64) + Duration::from_secs(30);
-        let mut submitted = 0u64;
+        PhasePlan {
+            rate,
+            gap,
+            label,
+            max_lag,
+            per_event,
+        }
+    }
+
+    /// Hands the phase's events to the publisher threads on their schedule (or, for single
+    /// events, each once the previous one reached every subscriber).
+    fn publish_all(
+        &mut self,
+        id: u32,
+        kind: Kind,
+        events: u64,
+        plan: &PhasePlan,
+    ) -> anyhow::Result<Publishing> {
+        let args = self.args;
+        let start = Instant::now();
+        let first_sent = unix_us();
+        let mut run = Publishing {
+            book: Published::new(args.channels, first_sent, start),
+            channel_of: Vec::with_capacity(events as usize),
+            start,
+            first_sent,
+            deadline: start + plan.per_event.mul_f64(events as f64) + Duration::from_secs(30),
+            submitted: 0,
+            abandoned: None,
+        };
         self.pool.set_phase(id);
         for k in 0..events {
-            if kind == Kind::Single {
-                // One event at a time: the next once every subscriber has the previous one
-                // (at most 10 s), after a pause in which the server has nothing to do.
-                let wait_until = Instant::now() + Duration::from_secs(10);
-                while k > 0
-                    && (book.completed < submitted || self.totals().phase_delivered < book.owed)
-                    && Instant::now() < wait_until
-                    && book.error.is_none()
-                {
-                    self.pump(Instant::now() + Duration::from_millis(2))?;
-                    self.collect_published(&mut book);
-                }
-                self.pump(Instant::now() + args.single_gap)?;
-            } else {
-                let due = publish_start + gap.mul_f64(k as f64);
-                if due > Instant::now() {
-                    self.pump(due)?;
-                } else if k % 64 == 0 {
-                    self.pump(Instant::now())?;
-                }
-            }
-            self.collect_published(&mut book);
-            if book.error.is_some() {
+            self.wait_turn(kind, k, plan, &mut run)?;
+            self.collect_published(&mut run.book);
+            if run.book.error.is_some() {
                 break;
             }
-            if k % 16 == 0 {
+            if k.is_multiple_of(16) {
                 self.status = format!(
-                    "phase {id} ({label}): published {}/{events}",
-                    book.completed
+                    "phase {id} ({}): published {}/{events}",
+                    plan.label, run.book.completed
                 );
             }
-            if let Some(limit) = max_lag {
-                let behind = book.owed.saturating_sub(self.totals().phase_delivered);
+            if let Some(limit) = plan.max_lag {
+                let behind = run.book.owed.saturating_sub(self.totals().phase_delivered);
                 if behind > limit {
                     let msg = format!(
                         "abandoned after {k} events: {behind} deliveries behind (more than {:?} of the offered load)",
                         args.max_lag
                     );
                     eprintln!("herald-bench [{}] phase {id}: {msg}", args.label);
-                    abandoned = Some(msg);
+                    run.abandoned = Some(msg);
                     break;
                 }
             }
-            let chan = if args.channels == 1 {
-                0
-            } else {
-                let u = self.rng.unit();
-                self.cdf.partition_point(|&c| c < u).min(args.channels - 1)
-            };
-            let pad = if args.pad.len() == 1 {
-                args.pad[0]
-            } else {
-                args.pad[(self.rng.next() % args.pad.len() as u64) as usize]
-            };
-            let seq = book.times[chan].len() as u64;
-            // Filled in with the send time when the publisher thread is done with it.
-            book.times[chan].push(u64::MAX);
-            channel_of.push(chan as u16);
-            self.pool.submit(Job {
-                phase: id,
-                index: k,
-                chan,
-                seq,
-                pad,
-                deadline: phase_deadline,
-            })?;
-            submitted += 1;
+            self.submit(id, k, &mut run)?;
         }
-        // Every submitted event is published (or failed) before the phase goes on.
-        while book.completed < submitted
-            && Instant::now() < phase_deadline + Duration::from_secs(10)
+        Ok(run)
+    }
+
+    /// Waits until event `k` is due.
+    fn wait_turn(
+        &mut self,
+        kind: Kind,
+        k: u64,
+        plan: &PhasePlan,
+        run: &mut Publishing,
+    ) -> anyhow::Result<()> {
+        if kind == Kind::Single {
+            // One event at a time: the next once every subscriber has the previous one
+            // (at most 10 s), after a pause in which the server has nothing to do.
+            let wait_until = Instant::now() + Duration::from_secs(10);
+            while k > 0
+                && (run.book.completed < run.submitted
+                    || self.totals().phase_delivered < run.book.owed)
+                && Instant::now() < wait_until
+                && run.book.error.is_none()
+            {
+                self.pump(Instant::now() + Duration::from_millis(2))?;
+                self.collect_published(&mut run.book);
+            }
+            self.pump(Instant::now() + self.args.single_gap)?;
+        } else {
+            let due = run.start + plan.gap.mul_f64(k as f64);
+            if due > Instant::now() {
+                self.pump(due)?;
+            } else if k.is_multiple_of(64) {
+                self.pump(Instant::now())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Picks event `k`'s channel and padding and hands it to the publisher threads.
+    fn submit(&mut self, id: u32, k: u64, run: &mut Publishing) -> anyhow::Result<()> {
+        let args = self.args;
+        let chan = if args.channels == 1 {
+            0
+        } else {
+            let u = self.rng.unit();
+            self.cdf.partition_point(|&c| c < u).min(args.channels - 1)
+        };
+        let pad = if args.pad.len() == 1 {
+            args.pad[0]
+        } else {
+            args.pad[(self.rng.next() % args.pad.len() as u64) as usize]
+        };
+        let seq = run.book.times[chan].len() as u64;
+        // Filled in with the send time when the publisher thread is done with it.
+        run.book.times[chan].push(u64::MAX);
+        run.channel_of.push(chan as u16);
+        self.pool.submit(Job {
+            phase: id,
+            index: k,
+            chan,
+            seq,
+            pad,
+            deadline: run.deadline,
+        })?;
+        run.submitted += 1;
+        Ok(())
+    }
+
+    /// Every submitted event is published (or failed) before the phase goes on; whatever is
+    /// still queued after the deadline is dropped unpublished.
+    fn await_publisher(&mut self, run: &mut Publishing) -> anyhow::Result<()> {
+        while run.book.completed < run.submitted
+            && Instant::now() < run.deadline + Duration::from_secs(10)
         {
             self.pump(Instant::now() + Duration::from_millis(5))?;
-            self.collect_published(&mut book);
+            self.collect_published(&mut run.book);
         }
-        // Whatever is still queued is dropped unpublished.
         self.pool.set_phase(0);
-        if book.completed < submitted {
-            book.error.get_or_insert_with(|| {
-                format!(
-                    "{} events were never confirmed by the publisher",
-                    submitted - book.completed
-                )
+        if run.book.completed < run.submitted {
+            let never = run.submitted - run.book.completed;
+            run.book.error.get_or_insert_with(|| {
+                format!("{never} events were never confirmed by the publisher")
             });
         }
-        let published = book.completed;
-        let publish_secs = book.last_done.duration_since(publish_start).as_secs_f64();
-        if kind == Kind::Churn {
-            self.send_all(&json!({"cmd": "churn", "frac": 0}))?;
-        }
+        Ok(())
+    }
 
-        // Deliveries: until all expected arrived, none for a second, or the drain timeout.
+    /// Deliveries: until all expected arrived, none for a while, or the drain timeout.
+    fn drain(&mut self, id: u32, kind: Kind, label: &str, book: &Published) -> anyhow::Result<()> {
         let expected: u64 = if kind == Kind::Churn {
             u64::MAX
         } else {
@@ -1052,7 +1226,7 @@ impl Coordinator<'_> {
                 .sum()
         };
         self.status = format!("phase {id} ({label}): draining");
-        let drain_deadline = Instant::now() + args.drain_timeout;
+        let drain_deadline = Instant::now() + self.args.drain_timeout;
         // Churn has no exact count to wait for: its deliveries end with the events, since no
         // batch is large there.
         let quiet = if kind == Kind::Churn {
@@ -1065,80 +1239,20 @@ impl Coordinator<'_> {
         loop {
             let now = self.totals().phase_delivered;
             if now >= expected || Instant::now() >= drain_deadline {
-                break;
+                return Ok(());
             }
             if now != last_count {
                 last_count = now;
                 quiet_since = Instant::now();
             } else if quiet_since.elapsed() >= quiet {
-                break;
+                return Ok(());
             }
             self.pump(Instant::now() + Duration::from_millis(50))?;
         }
-        let after = self.server_sample();
-        let closed_by_us = self.totals().closed_by_us - closed_at_start;
-        self.status = format!("phase {id} ({label}): judging");
-        self.send_all(&json!({
-            "cmd": "end", "id": id, "times": book.times,
-            "grace_us": 2_000_000, "max_events": MAX_EVENTS_REPORTED,
-        }))?;
-        let results = self.wait_all("result", Duration::from_secs(60))?;
+    }
 
-        // Merge.
-        let sum = |k: &str| {
-            results
-                .iter()
-                .map(|r| r[k].as_u64().unwrap_or(0))
-                .sum::<u64>()
-        };
-        let (exp, unique, missing, dups) = (
-            sum("expected"),
-            sum("unique"),
-            sum("missing"),
-            sum("duplicates"),
-        );
-        let (misrouted, lost, with_loss, judged) = (
-            sum("misrouted"),
-            sum("lost_connections"),
-            sum("connections_with_loss"),
-            sum("connections_judged"),
-        );
-        let last_recv = results
-            .iter()
-            .map(|r| r["last_recv_unix"].as_u64().unwrap_or(0))
-            .max()
-            .unwrap_or(0);
-        let mut latency = new_hist();
-        let mut examples = Vec::new();
-        let mut per_event: Vec<(u64, u64, u64)> = Vec::new();
-        for r in &results {
-            hist_merge_json(&mut latency, &r["latency_hist"]);
-            examples.extend(
-                r["loss_examples"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .take(3)
-                    .cloned(),
-            );
-            for (g, e) in r["events"].as_array().into_iter().flatten().enumerate() {
-                if per_event.len() <= g {
-                    per_event.resize(g + 1, (0, u64::MAX, 0));
-                }
-                let (count, lo, hi) = (
-                    e[0].as_u64().unwrap_or(0),
-                    e[1].as_u64().unwrap_or(0),
-                    e[2].as_u64().unwrap_or(0),
-                );
-                if count > 0 {
-                    let p = &mut per_event[g];
-                    p.0 += count;
-                    p.1 = p.1.min(lo);
-                    p.2 = p.2.max(hi);
-                }
-            }
-        }
-        // Time to the first and the last subscriber, over events every subscriber got.
+    /// Time to the first and the last subscriber of each event (in publish order).
+    fn spread(&self, kind: Kind, channel_of: &[u16], per_event: &[(u64, u64, u64)]) -> Spread {
         let mut ttl = new_hist();
         let mut ttf = new_hist();
         let mut incomplete = 0u64;
@@ -1159,13 +1273,40 @@ impl Coordinator<'_> {
             }
         }
         let (ttl_q2, ttl_q4) = quarter_medians(&ttl_seq);
-        let backlog_grew = match (ttl_q2, ttl_q4) {
+        Spread {
+            ttl,
+            ttf,
+            incomplete,
+            ttl_q2,
+            ttl_q4,
+        }
+    }
+
+    /// The phase's merged result and whether it kept up.
+    #[allow(clippy::too_many_arguments)]
+    fn verdict(
+        &self,
+        id: u32,
+        kind: Kind,
+        events: u64,
+        plan: &PhasePlan,
+        run: &Publishing,
+        start: &PhaseStart,
+        after: Option<ServerSample>,
+        closed_by_us: u64,
+        merged: Merged,
+        spread: Spread,
+    ) -> PhaseResult {
+        let book = &run.book;
+        let published = book.completed;
+        let publish_secs = book.last_done.duration_since(run.start).as_secs_f64();
+        let backlog_grew = match (spread.ttl_q2, spread.ttl_q4) {
             (Some(q2), Some(q4)) => q4 as f64 > 1.25 * q2 as f64 + 50_000.0,
             _ => false,
         };
-        let deliver_secs = (last_recv.saturating_sub(first_sent)) as f64 / 1e6;
-        let drain_s = if last_recv > 0 {
-            (last_recv as f64 - book.last_sent as f64) / 1e6
+        let deliver_secs = (merged.last_recv.saturating_sub(run.first_sent)) as f64 / 1e6;
+        let drain_s = if merged.last_recv > 0 {
+            (merged.last_recv as f64 - book.last_sent as f64) / 1e6
         } else {
             0.0
         };
@@ -1174,90 +1315,76 @@ impl Coordinator<'_> {
         } else {
             0.0
         };
-        let clean =
-            missing == 0 && dups == 0 && misrouted == 0 && lost == 0 && book.error.is_none();
+        let clean = merged.missing == 0
+            && merged.duplicates == 0
+            && merged.misrouted == 0
+            && merged.lost == 0
+            && book.error.is_none();
         let kept_schedule = match kind {
             Kind::Rate { rate, .. } => published == events && achieved >= 0.95 * rate,
             _ => published == events,
-        } && abandoned.is_none();
+        } && run.abandoned.is_none();
         let sustained =
-            clean && kept_schedule && !backlog_grew && drain_s <= args.max_drain.as_secs_f64();
-        let cpu = match (before, after) {
+            clean && kept_schedule && !backlog_grew && drain_s <= self.args.max_drain.as_secs_f64();
+        let cpu = match (start.server, after) {
             (Some(b), Some(a)) => Some(a.cpu - b.cpu),
             _ => None,
         };
+        let unique = merged.unique;
         let delivered_per_s = if deliver_secs > 0.0 {
             unique as f64 / deliver_secs
         } else {
             0.0
         };
-        let result = json!({
-            "id": id,
-            "kind": kind.name(),
-            "label": label,
-            "checked": !matches!(kind, Kind::Rate { search: true, .. }),
-            "rate": if rate.is_finite() { json!(rate) } else { Value::Null },
-            "requested_events": events,
-            "published": published,
-            "publish_secs": publish_secs,
-            "achieved_rate": achieved,
-            "busy_retries": book.retries,
-            "publish_latency_ms": percentiles_ms(&book.hist),
-            "error": book.error,
-            "abandoned": abandoned,
-            "connections_at_start": open_at_start,
-            "closed_by_us": closed_by_us,
-            "connections_judged": judged,
-            "expected": exp,
-            "delivered": unique,
-            "missing": missing,
-            "duplicates": dups,
-            "misrouted": misrouted,
-            "lost_connections": lost,
-            "connections_with_loss": with_loss,
-            "loss_examples": examples,
-            "delivered_per_s": delivered_per_s,
-            "drain_s": drain_s,
-            "latency_ms": percentiles_ms(&latency),
-            "latency_curve": curve(&latency),
-            "time_to_last_subscriber_ms": percentiles_ms(&ttl),
-            "time_to_first_subscriber_ms": percentiles_ms(&ttf),
-            "incomplete_events": incomplete,
-            "ttl_median_ms_q2_q4": [ttl_q2.map(|v| v as f64 / 1000.0), ttl_q4.map(|v| v as f64 / 1000.0)],
-            "backlog_grew": backlog_grew,
-            "stray": sum("stray"),
-            "clean": clean,
-            "sustained": sustained,
-            "start_s": publish_start.duration_since(self.start).as_secs_f64(),
-            "server": {
-                "rss_start": before.map(|s| s.rss),
-                "rss_end": after.map(|s| s.rss),
-                "cpu_s": cpu,
-                "cpu_s_per_million_delivered": cpu.filter(|_| unique > 0).map(|c| c * 1e6 / unique as f64),
-            },
-        });
-        eprintln!(
-            "herald-bench [{}] phase {id} {label}: published {published} ({achieved:.1}/s), delivered {unique}/{exp} ({missing} missing, {dups} dup, {lost} conns lost), {:.0} msg/s, drain {:.3}s, latency p50 {} p99 {} ms, last subscriber p50 {} ms (2nd/4th quarter {}/{}){}",
-            args.label,
+        let latency = merged.latency.unwrap_or_else(new_hist);
+        let ms = |us: Option<u64>| us.map(|v| v as f64 / 1000.0);
+        PhaseResult {
+            id,
+            kind: kind.name().into(),
+            label: plan.label.clone(),
+            checked: !matches!(kind, Kind::Rate { search: true, .. }),
+            rate: plan.rate.is_finite().then_some(plan.rate),
+            requested_events: events,
+            published,
+            publish_secs,
+            achieved_rate: achieved,
+            busy_retries: book.retries,
+            publish_latency_ms: percentiles_ms(&book.hist),
+            error: book.error.clone(),
+            abandoned: run.abandoned.clone(),
+            connections_at_start: start.open,
+            closed_by_us,
+            connections_judged: merged.judged,
+            expected: merged.expected,
+            delivered: unique,
+            missing: merged.missing,
+            duplicates: merged.duplicates,
+            misrouted: merged.misrouted,
+            lost_connections: merged.lost,
+            connections_with_loss: merged.with_loss,
+            loss_examples: merged.examples,
             delivered_per_s,
             drain_s,
-            fmt_ms(&result["latency_ms"]["p50"]),
-            fmt_ms(&result["latency_ms"]["p99"]),
-            fmt_ms(&result["time_to_last_subscriber_ms"]["p50"]),
-            fmt_ms(&result["ttl_median_ms_q2_q4"][0]),
-            fmt_ms(&result["ttl_median_ms_q2_q4"][1]),
-            if matches!(kind, Kind::Rate { .. }) {
-                if sustained {
-                    " -> kept up"
-                } else {
-                    " -> did not keep up"
-                }
-            } else {
-                ""
-            }
-        );
-        self.phases.push(result.clone());
-        Ok(result)
+            latency_ms: percentiles_ms(&latency),
+            latency_curve: curve(&latency),
+            time_to_last_subscriber_ms: percentiles_ms(&spread.ttl),
+            time_to_first_subscriber_ms: percentiles_ms(&spread.ttf),
+            incomplete_events: spread.incomplete,
+            ttl_median_ms_q2_q4: (ms(spread.ttl_q2), ms(spread.ttl_q4)),
+            backlog_grew,
+            stray: merged.stray,
+            clean,
+            sustained,
+            start_s: run.start.duration_since(self.start).as_secs_f64(),
+            server: PhaseServer {
+                rss_start: start.server.map(|s| s.rss),
+                rss_end: after.map(|s| s.rss),
+                cpu_s: cpu,
+                cpu_s_per_million_delivered: cpu
+                    .filter(|_| unique > 0)
+                    .map(|c| c * 1e6 / unique as f64),
+            },
+        }
     }
 
     /// Books the publisher threads' answers: send times, latency, retries, errors.
@@ -1288,17 +1415,17 @@ impl Coordinator<'_> {
     }
 
     /// Doubles the rate until a phase does not keep up, then bisects.
-    fn find_max(&mut self) -> anyhow::Result<Value> {
+    fn find_max(&mut self) -> anyhow::Result<MaxSustained> {
         let args = self.args;
         let mut rate = args.ramp_start;
-        let mut best: Option<Value> = None;
+        let mut best: Option<PhaseResult> = None;
         let mut best_rate = 0.0;
         let mut fail_rate: Option<f64> = None;
         for _ in 0..args.ramp_max_phases {
             let events = (rate * args.phase_time.as_secs_f64()).ceil().max(1.0) as u64;
             let mut r = self.phase(Kind::Rate { rate, search: true }, events)?;
             for _ in 0..args.ramp_retries {
-                if r["sustained"] == true {
+                if r.sustained {
                     break;
                 }
                 eprintln!(
@@ -1308,7 +1435,7 @@ impl Coordinator<'_> {
                 );
                 r = self.phase(Kind::Rate { rate, search: true }, events)?;
             }
-            if r["sustained"] == true {
+            if r.sustained {
                 best_rate = rate;
                 best = Some(r);
                 rate = match fail_rate {
@@ -1332,14 +1459,65 @@ impl Coordinator<'_> {
             }
         }
         Ok(match best {
-            Some(r) => {
-                let mut v = sustained_json(&r);
-                v["first_failing_rate"] = json!(fail_rate);
-                v
-            }
-            None => json!({"rate": null, "first_failing_rate": fail_rate}),
+            Some(r) => MaxSustained {
+                first_failing_rate: fail_rate,
+                ..sustained(&r)
+            },
+            None => MaxSustained {
+                first_failing_rate: fail_rate,
+                ..MaxSustained::default()
+            },
         })
     }
+}
+
+/// herald-bench's own memory and what its connections saw besides events, over all workers.
+fn bench_figures(finals: &[Final], connections: usize) -> BenchFigures {
+    let rss_total: u64 = finals.iter().map(|f| f.rss).sum();
+    let mut other_messages = BTreeMap::new();
+    let mut lost_connections = BTreeMap::new();
+    for f in finals {
+        for (k, &v) in &f.other_messages {
+            bump_n(&mut other_messages, k.clone(), v);
+        }
+        for (k, &v) in &f.lost {
+            bump_n(&mut lost_connections, k.clone(), v);
+        }
+    }
+    BenchFigures {
+        rss_total,
+        rss_per_connection: rss_total as f64 / connections as f64,
+        other_messages,
+        lost_connections,
+    }
+}
+
+/// The one line per phase on stderr.
+fn print_phase_line(run_label: &str, kind: Kind, r: &PhaseResult) {
+    let verdict = match kind {
+        Kind::Rate { .. } if r.sustained => " -> kept up",
+        Kind::Rate { .. } => " -> did not keep up",
+        _ => "",
+    };
+    eprintln!(
+        "herald-bench [{run_label}] phase {} {}: published {} ({:.1}/s), delivered {}/{} ({} missing, {} dup, {} conns lost), {:.0} msg/s, drain {:.3}s, latency p50 {} p99 {} ms, last subscriber p50 {} ms (2nd/4th quarter {}/{}){verdict}",
+        r.id,
+        r.label,
+        r.published,
+        r.achieved_rate,
+        r.delivered,
+        r.expected,
+        r.missing,
+        r.duplicates,
+        r.lost_connections,
+        r.delivered_per_s,
+        r.drain_s,
+        fmt_ms(r.latency_ms.p50),
+        fmt_ms(r.latency_ms.p99),
+        fmt_ms(r.time_to_last_subscriber_ms.p50),
+        fmt_ms(r.ttl_median_ms_q2_q4.0),
+        fmt_ms(r.ttl_median_ms_q2_q4.1),
+    );
 }
 
 /// What the publisher threads reported during one phase.
@@ -1387,16 +1565,16 @@ fn quarter_medians(seq: &[Option<u64>]) -> (Option<u64>, Option<u64>) {
 }
 
 /// The figures of the phase at the highest rate kept up with.
-fn sustained_json(r: &Value) -> Value {
-    json!({
-        "rate": r["rate"],
-        "first_failing_rate": null,
-        "phase": r["id"],
-        "delivered_per_s": r["delivered_per_s"],
-        "latency_ms": r["latency_ms"],
-        "time_to_last_subscriber_ms": r["time_to_last_subscriber_ms"],
-        "cpu_s_per_million_delivered": r["server"]["cpu_s_per_million_delivered"],
-    })
+fn sustained(r: &PhaseResult) -> MaxSustained {
+    MaxSustained {
+        rate: r.rate,
+        first_failing_rate: None,
+        phase: Some(r.id),
+        delivered_per_s: Some(r.delivered_per_s),
+        latency_ms: Some(r.latency_ms.clone()),
+        time_to_last_subscriber_ms: Some(r.time_to_last_subscriber_ms.clone()),
+        cpu_s_per_million_delivered: r.server.cpu_s_per_million_delivered,
+    }
 }
 
 fn fmt_rate(r: f64) -> String {
@@ -1407,48 +1585,19 @@ fn fmt_rate(r: f64) -> String {
     }
 }
 
-fn fmt_ms(v: &Value) -> String {
-    v.as_f64().map_or("-".into(), |x| format!("{x:.2}"))
-}
-
-fn sample_json(s: Option<ServerSample>) -> Value {
-    s.map_or(Value::Null, |s| json!({"rss": s.rss, "cpu_s": s.cpu}))
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |x| format!("{x:.2}"))
 }
 
 /// The latency distribution as `[[percentile, ms], ...]`.
-fn curve(h: &Histogram<u64>) -> Value {
+fn curve(h: &Histogram<u64>) -> Vec<(f64, f64)> {
     if h.is_empty() {
-        return json!([]);
+        return Vec::new();
     }
-    Value::Array(
-        CURVE
-            .iter()
-            .map(|&q| json!([q * 100.0, h.value_at_quantile(q) as f64 / 1000.0]))
-            .collect(),
-    )
-}
-
-/// What the run ran on.
-pub(crate) fn machine() -> Value {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("model name"))
-            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
-    });
-    let mem = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .map(|l| l.trim().to_owned())
-    });
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .ok()
-        .map(|s| s.trim().to_owned());
-    json!({
-        "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-        "cpu": cpu,
-        "memory": mem,
-        "kernel": kernel,
-    })
+    CURVE
+        .iter()
+        .map(|&q| (q * 100.0, h.value_at_quantile(q) as f64 / 1000.0))
+        .collect()
 }
 
 #[cfg(test)]

@@ -25,7 +25,10 @@
 //! SIGTERM/SIGINT: each shard sends close 1001 to every connection, waits up to 2 s for the
 //! clients to hang up, and the process exits 0.
 //!
-//! Run: `cargo build --release --examples && target/release/examples/kernel_fanout --listen
+//! The `connected` message and the event JSON come from herald's library (`Session`,
+//! `EncodedEvent`, `write_tail`), so the bytes a client gets cannot drift from herald's.
+//!
+//! Run: `cargo build --release -p herald-loadgen && target/release/kernel_fanout --listen
 //! 127.0.0.1:0 --admin 127.0.0.1:0 --shards 2`. A leading `serve` argument is accepted and
 //! ignored, so scripts written for `herald serve` work unchanged.
 
@@ -37,10 +40,11 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use crossbeam_channel::{Receiver, Sender};
-use herald::event::EventIdGenerator;
+use herald::event::{ANY_ROLE, EncodedEvent, Event, EventIdGenerator, timestamp_now, write_tail};
+use herald::protocol::{Session, mint_id};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use slab::Slab;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -135,15 +139,19 @@ fn main() -> anyhow::Result<()> {
     let admin = StdTcpListener::bind(cli.admin)?;
     let admin_addr = admin.local_addr()?;
 
-    let subscription = mint_id();
-    // Fields in Appwrite's order (serde_json's `json!` would sort them).
-    let connected = text_frame(
-        format!(
-            r#"{{"type":"connected","data":{{"channels":{},"subscriptions":["{subscription}"],"user":null}}}}"#,
-            serde_json::to_string(&cli.channels)?
-        )
-        .as_bytes(),
+    // herald's own `connected` message for a guest on these channels, so the two cannot differ.
+    let session = Session::new(
+        Arc::from("console"),
+        Arc::from([Box::from(ANY_ROLE)]),
+        &cli.channels,
+        &mut |c| Arc::from(c),
     );
+    let subscription = session
+        .subscriptions
+        .first()
+        .map_or_else(mint_id, |s| s.id.clone())
+        .to_string();
+    let connected = text_frame(session.connected_message().as_bytes());
     let counters = Arc::new(Counters::default());
     let mut handles = Vec::new();
     let mut threads = Vec::new();
@@ -219,19 +227,6 @@ fn bind_reuseport(addr: SocketAddr) -> io::Result<StdTcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
-}
-
-/// A 20-hex-character id like the SDK's `ID.unique()`.
-fn mint_id() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!(
-        "{:08x}{:05x}{:07x}",
-        now.as_secs() as u32,
-        now.subsec_micros() & 0xF_FFFF,
-        rand::random::<u32>() & 0x0FFF_FFFF
-    )
 }
 
 /// A server-to-client frame (final, unmasked) with opcode `op`.
@@ -626,24 +621,6 @@ struct Publisher {
     subscription: String,
 }
 
-/// `{"type":"event","data":{...}}`, fields in Appwrite's order.
-#[derive(Serialize)]
-struct EventMessage<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    data: EventData<'a>,
-}
-
-#[derive(Serialize)]
-struct EventData<'a> {
-    events: &'a [String],
-    channels: &'a [String],
-    timestamp: &'a str,
-    payload: &'a Value,
-    id: &'a str,
-    subscriptions: [&'a str; 1],
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishBody {
@@ -673,26 +650,19 @@ impl Publisher {
         }
         let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
         let id = ids.next_id().to_string();
-        let timestamp = chrono::Utc::now()
-            .format("%Y-%m-%dT%H:%M:%S%.3f+00:00")
-            .to_string();
-        let message = EventMessage {
-            kind: "event",
-            data: EventData {
-                events: &body.events,
-                channels: &body.channels,
-                timestamp: &timestamp,
-                payload: &body.payload,
-                id: &id,
-                subscriptions: [&self.subscription],
-            },
+        // herald's encoder: the shared prefix plus this server's one subscription id.
+        let event = Event {
+            id: id.clone(),
+            project: String::new(),
+            channels: body.channels,
+            events: body.events,
+            roles: Vec::new(),
+            timestamp: timestamp_now(),
+            payload: body.payload,
         };
-        let Ok(message) = serde_json::to_vec(&message) else {
-            return (
-                500,
-                json!({"code": 500, "message": "cannot encode the event"}),
-            );
-        };
+        let encoded = EncodedEvent::encode(&event);
+        let mut message = encoded.prefix.to_vec();
+        write_tail(&mut message, std::iter::once(self.subscription.as_str()));
         let frame = text_frame(&message);
         for shard in self.shards.iter() {
             let _ = shard.tx.send(Command::Frame(frame.clone()));

@@ -7,8 +7,9 @@
 //! - tokio multi-thread runtime (`--shards N` worker threads), one task per connection;
 //! - tokio-tungstenite `accept_hdr_async` with the default WebSocket config;
 //! - one `tokio::sync::broadcast` channel for the whole server carrying every published event;
-//!   each connection task filters by its URL's project and channels and serializes the event
-//!   JSON itself, with its own subscription id (per-subscriber serialization);
+//!   each connection task filters by its URL's project and channels and encodes the event JSON
+//!   itself, with its own subscription id (per-subscriber serialization, through herald's own
+//!   encoder so the bytes match herald's; `connected` likewise comes from herald's `Session`);
 //! - `{"type":"ping"}` answered with `{"type":"pong"}`; WebSocket pings by tungstenite;
 //! - an axum admin listener: `POST /v1/events` (reply `{"id":"<ms>-<seq>"}`), `GET /healthz`.
 //!
@@ -17,7 +18,7 @@
 //! at exit, so a benchmark can report them. SIGTERM/SIGINT: stop accepting, send close 1001 to
 //! every client, wait up to `--drain-timeout` for them to go, exit 0.
 //!
-//! Run: `cargo build --release --examples && target/release/examples/naive_server --listen
+//! Run: `cargo build --release -p herald-loadgen && target/release/naive_server --listen
 //! 127.0.0.1:0 --admin 127.0.0.1:0`. A leading `serve` argument is accepted and ignored, so
 //! scripts written for `herald serve` work unchanged.
 
@@ -33,8 +34,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use herald::event::EventIdGenerator;
-use serde::{Deserialize, Serialize};
+use herald::event::{ANY_ROLE, EncodedEvent, Event, EventIdGenerator, timestamp_now, write_tail};
+use herald::protocol::Session;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, watch};
@@ -74,51 +76,6 @@ struct Cli {
     drain_timeout: Duration,
 }
 
-/// One published event, shared by every connection task.
-struct Published {
-    id: String,
-    project: String,
-    channels: Vec<String>,
-    events: Vec<String>,
-    roles: Vec<String>,
-    timestamp: String,
-    payload: Value,
-}
-
-/// `{"type":"connected","data":{...}}`, fields in Appwrite's order.
-#[derive(Serialize)]
-struct Connected<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    data: ConnectedData<'a>,
-}
-
-#[derive(Serialize)]
-struct ConnectedData<'a> {
-    channels: &'a [String],
-    subscriptions: &'a [&'a str],
-    /// Always `null`: every connection is a guest.
-    user: Option<()>,
-}
-
-/// `{"type":"event","data":{...}}`, fields in Appwrite's order.
-#[derive(Serialize)]
-struct EventMessage<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    data: EventData<'a>,
-}
-
-#[derive(Serialize)]
-struct EventData<'a> {
-    events: &'a [String],
-    channels: &'a [String],
-    timestamp: &'a str,
-    payload: &'a Value,
-    id: &'a str,
-    subscriptions: [&'a str; 1],
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PublishBody {
@@ -131,7 +88,7 @@ struct PublishBody {
 }
 
 struct Shared {
-    events: broadcast::Sender<Arc<Published>>,
+    events: broadcast::Sender<Arc<Event>>,
     /// Held while an event is sent, so ids and delivery order agree.
     ids: Mutex<EventIdGenerator>,
     default_project: String,
@@ -270,17 +227,15 @@ async fn publish(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> 
     }
     let mut ids = shared.ids.lock().unwrap_or_else(|e| e.into_inner());
     let id = ids.next_id().to_string();
-    let event = Published {
+    let event = Event {
         id: id.clone(),
         project: body
             .project
             .unwrap_or_else(|| shared.default_project.clone()),
         channels: body.channels,
         events: body.events,
-        roles: body.roles.unwrap_or_else(|| vec!["any".into()]),
-        timestamp: chrono::Utc::now()
-            .format("%Y-%m-%dT%H:%M:%S%.3f+00:00")
-            .to_string(),
+        roles: body.roles.unwrap_or_else(|| vec![ANY_ROLE.into()]),
+        timestamp: timestamp_now(),
         payload: body.payload,
     };
     // No subscriber at all is not an error.
@@ -314,19 +269,6 @@ fn subscription_of(req: &Request, default_project: &str) -> (String, Vec<String>
     (
         project.unwrap_or_else(|| default_project.to_owned()),
         channels,
-    )
-}
-
-/// A 20-hex-character id like the SDK's `ID.unique()`.
-fn mint_id() -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!(
-        "{:08x}{:05x}{:07x}",
-        now.as_secs() as u32,
-        now.subsec_micros() & 0xF_FFFF,
-        rand::random::<u32>() & 0x0FFF_FFFF
     )
 }
 
@@ -364,21 +306,18 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
     // Subscribe before `connected`, so an event published after it is never missed.
     let mut events = shared.events.subscribe();
     let mut shutdown = shared.shutdown.clone();
-    let subscription = mint_id();
-    let subscriptions: Vec<&str> = if channels.is_empty() {
-        vec![]
-    } else {
-        vec![&subscription]
-    };
-    let connected = Connected {
-        kind: "connected",
-        data: ConnectedData {
-            channels: &channels,
-            subscriptions: &subscriptions,
-            user: None,
-        },
-    };
-    let connected = serde_json::to_string(&connected).unwrap_or_default();
+    // herald's own session and `connected` message for a guest on the URL's channels.
+    let session = Session::new(
+        Arc::from(project.as_str()),
+        Arc::from([Box::from(ANY_ROLE)]),
+        &channels,
+        &mut |c| Arc::from(c),
+    );
+    let subscription = session
+        .subscriptions
+        .first()
+        .map_or_else(String::new, |s| s.id.to_string());
+    let connected = session.connected_message();
     if ws.send(Message::text(connected)).await.is_err() {
         return;
     }
@@ -403,19 +342,12 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
                     if !wanted {
                         continue;
                     }
-                    // Serialized again for every subscriber: only `subscriptions` differs.
-                    let message = EventMessage {
-                        kind: "event",
-                        data: EventData {
-                            events: &event.events,
-                            channels: &event.channels,
-                            timestamp: &event.timestamp,
-                            payload: &event.payload,
-                            id: &event.id,
-                            subscriptions: [&subscription],
-                        },
-                    };
-                    let Ok(message) = serde_json::to_string(&message) else {
+                    // Encoded again for every subscriber (only `subscriptions` differs): what
+                    // makes this server naive. The encoder is herald's, so the bytes are too.
+                    let encoded = EncodedEvent::encode(&event);
+                    let mut message = encoded.prefix.to_vec();
+                    write_tail(&mut message, std::iter::once(subscription.as_str()));
+                    let Ok(message) = String::from_utf8(message) else {
                         continue;
                     };
                     if ws.send(Message::text(message)).await.is_err() {

@@ -11,12 +11,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use serde_json::json;
 
 use crate::client::{Engine, EngineOptions, Slot, percentiles_ms};
-use crate::{
-    Target, check_source_ips, fd_capacity, parse_source_ips, probe, proc_cpu_seconds, stop_flag,
-};
+use crate::messages::{ConnectServer, ConnectSummary, ConnectTimeline};
+use crate::system::{fd_capacity, machine, proc_cpu_seconds, stop_flag, unix_us};
+use crate::target::{Target, check_source_ips, parse_source_ips, probe};
 
 #[derive(clap::Args)]
 pub(crate) struct ConnectArgs {
@@ -102,7 +101,7 @@ pub(crate) fn run(args: &ConnectArgs) -> anyhow::Result<u8> {
     let end = start + args.duration;
     let mut next_sample = start;
     let mut next_status = start + Duration::from_secs(1);
-    let (mut t, mut completed) = (Vec::new(), Vec::new());
+    let (mut t, mut completed_samples) = (Vec::new(), Vec::<u64>::new());
     while Instant::now() < end
         && engine.stats.connected < args.max_connections
         && !stop.load(Ordering::Relaxed)
@@ -114,7 +113,7 @@ pub(crate) fn run(args: &ConnectArgs) -> anyhow::Result<u8> {
         if now >= next_sample {
             next_sample += Duration::from_millis(250);
             t.push(now.duration_since(start).as_secs_f64());
-            completed.push(engine.stats.connected);
+            completed_samples.push(engine.stats.connected as u64);
         }
         if now >= next_status {
             next_status += Duration::from_secs(1);
@@ -146,29 +145,33 @@ pub(crate) fn run(args: &ConnectArgs) -> anyhow::Result<u8> {
         "herald-bench connect [{}]: {} handshakes in {secs:.1}s = {rate:.0}/s, {} failed",
         args.label, s.connected, s.failed
     );
-    println!(
-        "{}",
-        json!({
-            "kind": "connect",
-            "label": args.label,
-            "target": url,
-            "max_inflight": args.max_inflight,
-            "duration_s": secs,
-            "completed": s.connected,
-            "failed": s.failed,
-            "failures": s.failures,
-            "rate_per_s": rate,
-            "handshake_ms": percentiles_ms(&s.handshake_us),
-            "server": {
-                "cpu_s": cpu,
-                "cpu_ms_per_1000": cpu.filter(|_| s.connected > 0).map(|c| c * 1e6 / s.connected as f64),
-            },
-            "timeline": {"t": t, "completed": completed},
-            "machine": crate::fanout::machine(),
-            "date_unix": crate::unix_us() / 1_000_000,
-            "command": std::env::args().collect::<Vec<_>>().join(" "),
-        })
-    );
+    let completed = s.connected as u64;
+    let summary = ConnectSummary {
+        kind: "connect".into(),
+        label: args.label.clone(),
+        target: url,
+        max_inflight: args.max_inflight,
+        duration_s: secs,
+        completed,
+        failed: s.failed as u64,
+        failures: s.failures.clone(),
+        rate_per_s: rate,
+        handshake_ms: percentiles_ms(&s.handshake_us),
+        server: ConnectServer {
+            cpu_s: cpu,
+            cpu_ms_per_1000: cpu
+                .filter(|_| completed > 0)
+                .map(|c| c * 1e6 / completed as f64),
+        },
+        timeline: ConnectTimeline {
+            t,
+            completed: completed_samples,
+        },
+        machine: machine(),
+        date_unix: unix_us() / 1_000_000,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    println!("{}", serde_json::to_string(&summary)?);
     Ok(u8::from(s.connected == 0 || s.failed > s.connected / 100))
 }
 

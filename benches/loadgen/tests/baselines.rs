@@ -1,13 +1,12 @@
-//! The benchmark baselines (`examples/naive_server.rs`, `examples/kernel_fanout.rs`) still speak
-//! the protocol subset the benchmarks drive: startup line, `connected`, one published event with
-//! its payload, id and subscription, and a clean stop on SIGTERM.
-//!
-//! Builds nothing itself: `cargo test` builds the examples next to the binaries, under
-//! `target/<profile>/examples/`.
+//! The benchmark baselines (`kernel_fanout`, `naive_server`) still speak the protocol subset the
+//! benchmarks drive: startup line, `connected`, one published event with its payload, id and
+//! subscription, and a clean stop on SIGTERM.
 
+// herald's own harness (tests/common/harness.rs): it names no binary, so both packages' tests
+// start servers and clients through the same code.
+#[path = "../../../tests/common/harness.rs"]
 mod common;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -15,31 +14,15 @@ use serde_json::{Value, json};
 
 use common::{Server, connect, expect_close, next_json, send};
 
-/// Starts a baseline example on ephemeral loopback ports, one shard.
+/// Starts a baseline on ephemeral loopback ports, one shard.
 fn start_baseline(name: &str) -> Server {
-    let path: PathBuf = std::path::Path::new(env!("CARGO_BIN_EXE_herald"))
-        .parent()
-        .expect("target directory")
-        .join("examples")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: `cargo test` builds the examples (a run filtered with --test does \
-             not; run `cargo build --examples` first, with the same profile)",
-        path.display()
-    );
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples")
-        .join(format!("{name}.rs"));
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    assert!(
-        modified(&source) <= modified(&path),
-        "{} is older than {}: run `cargo test` without --test (it builds the examples), or \
-             `cargo build --examples` with the same profile",
-        path.display(),
-        source.display()
-    );
-    let mut cmd = Command::new(&path);
+    // Cargo builds a package's binaries before its integration tests.
+    let path = match name {
+        "kernel_fanout" => env!("CARGO_BIN_EXE_kernel_fanout"),
+        "naive_server" => env!("CARGO_BIN_EXE_naive_server"),
+        other => panic!("no baseline named {other}"),
+    };
+    let mut cmd = Command::new(path);
     cmd.args([
         "--listen",
         "127.0.0.1:0",

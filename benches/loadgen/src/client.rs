@@ -20,17 +20,24 @@ use hdrhistogram::Histogram;
 use memchr::memmem::Finder;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
-use serde_json::{Value, json};
 use slab::Slab;
 
 use herald::ws::decoder::encode_client_frame;
 use herald::ws::frame::{close_payload, parse_close_payload};
 
-use crate::{
+use crate::messages::{HistCounts, Percentiles, PhaseReport};
+use crate::reasons::bump;
+use crate::socket::{connect_done, explain, start_connect, write_some};
+use crate::system::{rss_bytes, unix_us};
+use crate::target::Target;
+use crate::wire::{
     MAX_BODY_QUOTE, Message, OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT,
-    Response, SCRATCH_BYTES, ServerFrame, Target, bump, classify, connect_done, first_message,
-    mask, parse_response, parse_server_frame, refusal_at_eof, start_connect, unix_us, write_some,
+    Response, ServerFrame, classify, first_message, mask, parse_response, parse_server_frame,
+    refusal_at_eof,
 };
+
+/// Shared read buffer: one per process, never per connection.
+const SCRATCH_BYTES: usize = 64 * 1024;
 
 /// "No sequence number yet".
 pub(crate) const NONE: u32 = u32::MAX;
@@ -236,31 +243,32 @@ pub(crate) fn new_hist() -> Histogram<u64> {
 }
 
 /// p50/p90/p99/p99.9/max in milliseconds (nulls when empty).
-pub(crate) fn percentiles_ms(h: &Histogram<u64>) -> Value {
+pub(crate) fn percentiles_ms(h: &Histogram<u64>) -> Percentiles {
     if h.is_empty() {
-        return json!({"p50": null, "p90": null, "p99": null, "p999": null, "max": null, "count": 0});
+        return Percentiles::default();
     }
-    let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
-    json!({
-        "p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999),
-        "max": h.max() as f64 / 1000.0, "mean": h.mean() / 1000.0, "count": h.len(),
-    })
+    let q = |p: f64| Some(h.value_at_quantile(p) as f64 / 1000.0);
+    Percentiles {
+        p50: q(0.5),
+        p90: q(0.9),
+        p99: q(0.99),
+        p999: q(0.999),
+        max: Some(h.max() as f64 / 1000.0),
+        mean: Some(h.mean() / 1000.0),
+        count: h.len(),
+    }
 }
 
 /// A histogram as `[[value_us, count], ...]`, for merging in another process.
-pub(crate) fn hist_to_json(h: &Histogram<u64>) -> Value {
-    Value::Array(
-        h.iter_recorded()
-            .map(|v| json!([v.value_iterated_to(), v.count_at_value()]))
-            .collect(),
-    )
+pub(crate) fn hist_counts(h: &Histogram<u64>) -> HistCounts {
+    h.iter_recorded()
+        .map(|v| (v.value_iterated_to(), v.count_at_value()))
+        .collect()
 }
 
-pub(crate) fn hist_merge_json(h: &mut Histogram<u64>, v: &Value) {
-    for pair in v.as_array().into_iter().flatten() {
-        if let (Some(value), Some(count)) = (pair[0].as_u64(), pair[1].as_u64()) {
-            let _ = h.record_n(value.clamp(1, HIST_MAX_US), count);
-        }
+pub(crate) fn hist_merge(h: &mut Histogram<u64>, counts: &HistCounts) {
+    for &(value, count) in counts {
+        let _ = h.record_n(value.clamp(1, HIST_MAX_US), count);
     }
 }
 
@@ -923,7 +931,7 @@ impl Engine {
                     }
                 }
                 Err(e) => {
-                    return self.finish(k, Step::Fail(crate::explain("connect", &e, None)));
+                    return self.finish(k, Step::Fail(explain("connect", &e, None)));
                 }
             }
         } else if writable && let Err(e) = c.flush() {
@@ -1012,7 +1020,7 @@ impl Engine {
             s.failed,
             s.lost.values().sum::<u64>(),
             s.pings_answered,
-            crate::rss_bytes() as f64 / (1 << 20) as f64,
+            rss_bytes() as f64 / (1 << 20) as f64,
         )
     }
 
@@ -1030,10 +1038,14 @@ impl Engine {
     /// Ends the current phase and judges every connection against what was published: per
     /// channel, the send time of each sequence number. `grace_us`: how long before a churn
     /// close an event must have been sent to be owed to that connection.
-    pub fn end_phase(&mut self, times: &[Vec<u64>], grace_us: u64, max_events: usize) -> Value {
-        let Some(acc) = self.acc.take() else {
-            return json!({"error": "no phase is running"});
-        };
+    /// `None` when no phase is running.
+    pub fn end_phase(
+        &mut self,
+        times: &[Vec<u64>],
+        grace_us: u64,
+        max_events: usize,
+    ) -> Option<PhaseReport> {
+        let acc = self.acc.take()?;
         let empty = Vec::new();
         let times_of = |chan: u16| times.get(usize::from(chan)).unwrap_or(&empty);
         let mut totals = [0u64; 3];
@@ -1072,29 +1084,30 @@ impl Engine {
             add(c.chan, &c.track, c.end);
         }
         self.closed.clear();
-        let events: Vec<Value> = acc
+        let events = acc
             .per_event
             .iter()
             .take(max_events)
-            .map(|e| json!([e.count, e.min_us, e.max_us]))
+            .map(|e| (e.count, e.min_us, e.max_us))
             .collect();
-        json!({
-            "id": acc.id,
-            "connections_judged": judged,
-            "expected": totals[0],
-            "unique": totals[1],
-            "missing": totals[2],
-            "duplicates": dups,
-            "delivered": acc.delivered,
-            "stray": acc.stray,
-            "misrouted": acc.misrouted,
-            "lost_connections": acc.lost,
-            "connections_with_loss": with_loss,
-            "loss_examples": examples,
-            "first_recv_unix": acc.first_recv_unix,
-            "last_recv_unix": acc.last_recv_unix,
-            "latency_hist": hist_to_json(&acc.hist),
-            "events": events,
+        Some(PhaseReport {
+            id: acc.id,
+            connections_judged: judged,
+            expected: totals[0],
+            unique: totals[1],
+            missing: totals[2],
+            duplicates: dups,
+            delivered: acc.delivered,
+            stray: acc.stray,
+            misrouted: acc.misrouted,
+            lost_connections: acc.lost,
+            connections_with_loss: with_loss,
+            loss_examples: examples,
+            first_recv_unix: acc.first_recv_unix,
+            last_recv_unix: acc.last_recv_unix,
+            latency_hist: hist_counts(&acc.hist),
+            events,
+            error: None,
         })
     }
 }
@@ -1185,8 +1198,8 @@ mod tests {
             h.record(v).unwrap();
         }
         let mut m = new_hist();
-        hist_merge_json(&mut m, &hist_to_json(&h));
-        hist_merge_json(&mut m, &hist_to_json(&h));
+        hist_merge(&mut m, &hist_counts(&h));
+        hist_merge(&mut m, &hist_counts(&h));
         assert_eq!(m.len(), 10);
         assert_eq!(m.max(), h.max());
     }
