@@ -32,7 +32,9 @@
 # CONNECT_RATE (5000/s), PHASE_TIME (6s), SINGLE (100 single events, so that their p99 is not
 # simply the slowest one), BURST (200 events), CHURN_TIME (20s), CONNECT_TIME (5s), QUICK=1
 # (fixed low rates instead of the search: a smoke test), STRICT=1 (exit non-zero when any run
-# loses events or connections), BIN_DIR (prebuilt herald, herald-bench and the baselines
+# loses events or connections), BEFORE (another herald binary, e.g. a build of an earlier commit:
+# the idle and fanout scenarios then also measure it, labelled "before", in the same run, and
+# compare reports herald/before), BIN_DIR (prebuilt herald, herald-bench and the baselines
 # kernel_fanout and naive_server, there or under BIN_DIR/examples/; otherwise built with cargo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -117,6 +119,7 @@ start_server() {
     local name=$1 out=$WORK/$1.out err=$WORK/$1.err
     shift
     case $name in
+        before) env "$@" "$BEFORE" serve --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s >"$out" 2>"$err" & ;;
         herald) env "$@" "$BIN/herald" serve --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s >"$out" 2>"$err" & ;;
         naive) env "$@" "$EX/naive_server" --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s >"$out" 2>"$err" & ;;
         kernel) env "$@" "$EX/kernel_fanout" --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 >"$out" 2>"$err" & ;;
@@ -197,14 +200,28 @@ rate_args() {
 }
 
 scenario_idle() {
-    echo "== idle: $N idle subscribed connections on one herald" >&2
+    idle_run herald "$BIN"
+    if [[ -n ${BEFORE:-} ]]; then
+        # idle_memory.sh runs $BIN_DIR/herald: a folder where that is the earlier build.
+        local dir=$WORK/before-bin
+        mkdir -p "$dir"
+        ln -sf "$BEFORE" "$dir/herald"
+        ln -sf "$(cd "$(dirname "$BENCH")" && pwd)/herald-bench" "$dir/herald-bench"
+        idle_run before "$dir"
+    fi
+}
+
+# One idle measurement: LABEL BIN_DIR (holding herald and herald-bench).
+idle_run() {
+    local label=$1 bin_dir=$2
+    echo "== idle ($label): $N idle subscribed connections on one herald" >&2
     local small=$((N / 19)) env_args=()
     ((small >= 50)) || small=50
     local procs=2
     ((N > 2000)) || procs=1
     [[ $QUICK == 1 ]] && env_args=(SETTLE_SECS=1)
     local rc=0
-    env "${env_args[@]}" SMALL=$small LARGE="$N" BENCH_PROCS=$procs BIN_DIR="$BIN" HOLD=120s \
+    env "${env_args[@]}" SMALL=$small LARGE="$N" BENCH_PROCS=$procs BIN_DIR="$bin_dir" HOLD=120s \
         benches/idle_memory.sh >"$WORK/idle.txt" 2>"$WORK/idle.err" || rc=$?
     if [[ $rc -ne 0 ]]; then
         tail -20 "$WORK/idle.err" >&2
@@ -224,10 +241,10 @@ scenario_idle() {
     # A few hundred connections measure fixed costs, not the per-connection cost.
     [[ $QUICK == 1 ]] && verdict="not judged with QUICK=1"
     local line
-    line=$(printf 'idle: herald %s connections (%s failed): %.0f B user space per connection (target <= 256 B: %s); kernel Slab %.0f B per connection (both loopback ends)' \
-        "$connected" "$failed" "$user" "$verdict" "$slab")
+    line=$(printf 'idle: %s %s connections (%s failed): %.0f B user space per connection (target <= 256 B: %s); kernel Slab %.0f B per connection (both loopback ends)' \
+        "$label" "$connected" "$failed" "$user" "$verdict" "$slab")
     echo "$line"
-    printf '{"scenario":"idle","date_unix":%s,"summary":"%s","result":%s}\n' "$(date +%s)" "$line" "$result" >>"$RESULTS"
+    printf '{"scenario":"idle","label":"%s","date_unix":%s,"summary":"%s","result":%s}\n' "$label" "$(date +%s)" "$line" "$result" >>"$RESULTS"
     if [[ $STRICT == 1 && ${failed:-1} != 0 ]]; then fail "idle: $failed connections failed"; fi
 }
 
@@ -249,11 +266,14 @@ fanout_run() {
 scenario_fanout() {
     echo "== fanout: one channel, $N subscribers; kernel_fanout, herald, naive_server" >&2
     # shellcheck disable=SC2046 # word splitting of rate_args is intended
-    for s in kernel herald naive; do
+    local servers=(kernel herald) runs=()
+    [[ -n ${BEFORE:-} ]] && servers+=(before)
+    servers+=(naive)
+    for s in "${servers[@]}"; do
         fanout_run "$s" fanout $(rate_args 20 4) --burst "$BURST" --single "$SINGLE"
+        runs+=("$s=$OUT/fanout-$s.json")
     done
-    compare fanout herald="$OUT/fanout-herald.json" kernel="$OUT/fanout-kernel.json" \
-        naive="$OUT/fanout-naive.json"
+    compare fanout --subject herald "${runs[@]}"
 }
 
 scenario_channels() {
