@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::bus::{Bus, BusError, PublishRequest};
 use crate::config::Secret;
+use crate::hub::Hub;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
@@ -27,6 +28,8 @@ pub struct AdminState {
     pub max_publish_bytes: usize,
     /// Required as `Authorization: Bearer` on publishing and metrics when set.
     pub token: Option<Arc<Secret>>,
+    /// For readiness: every shard must be running.
+    pub hub: Arc<Hub>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -147,6 +150,12 @@ async fn publish(State(st): State<AdminState>, headers: HeaderMap, body: Body) -
 }
 
 async fn readyz(State(st): State<AdminState>) -> Response {
+    if let Some(shard) = st.hub.dead_shard() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("shard {shard} has stopped"),
+        );
+    }
     if st.bus.ready() {
         json_response(
             StatusCode::OK,

@@ -44,8 +44,8 @@ use smallvec::SmallVec;
 
 use crate::batch::Verdict;
 use crate::config::Config;
-use crate::event::{EncodedEvent, EventId, write_tail};
-use crate::mailbox::{ReplayError, ReplayQuery};
+use crate::event::{EncodedEvent, EventId, is_valid_name, write_tail};
+use crate::mailbox::{Cancellation, ReplayError, ReplayQuery};
 use crate::outbox::{OutFrame, Outbox, Overflow};
 use crate::protocol::{self, Session, SessionLimits};
 use crate::registry::Registry;
@@ -196,6 +196,9 @@ pub struct Context<'a> {
     position: Option<EventId>,
 }
 
+/// Longest `lastEventId` quoted back in an error (an event id is at most 41 characters).
+const MAX_LAST_EVENT_ID_BYTES: usize = 64;
+
 /// Error code for a `lastEventId` that is not an event id (README: Resume).
 pub const INVALID_LAST_EVENT_ID: u16 = 4011;
 
@@ -213,6 +216,16 @@ struct Replay {
     buffered: VecDeque<Arc<EncodedEvent>>,
     buffered_bytes: usize,
     overflowed: bool,
+    /// Tells the control plane that nobody waits for the history any more.
+    cancellation: Cancellation,
+}
+
+impl Drop for Replay {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.cancellation.cancel();
+        }
+    }
 }
 
 /// What the driver must do after [`Connection::transmit`].
@@ -390,26 +403,32 @@ impl Connection {
             self.kind = Kind::Echo;
             return None;
         }
-        let q = crate::query::parse(&req.query);
+        self.open_session(req, cx)
+    }
+
+    /// The realtime session of a just-upgraded connection: project, URL channels, a resume.
+    /// Names are checked before anything is interned or indexed.
+    fn open_session(&mut self, req: &Request, cx: &mut Context<'_>) -> Option<Incident> {
+        let limits = cx.cfg.limits;
+        let q = crate::query::parse(&req.query, limits.max_channels);
         let project = req
             .project
             .as_deref()
             .or(q.project.as_deref())
             .unwrap_or(&cx.cfg.default_project);
-        let limits = cx.cfg.limits;
-        if q.channels.len() > limits.max_channels
-            || q.channels.iter().any(|c| c.len() > limits.max_channel_len)
-        {
+        if !crate::event::is_valid_id(project) {
+            let msg = format!("Invalid project: a project id is {}", crate::event::ID_RULE);
+            return Some(self.refuse(&msg, "invalid_project", cx));
+        }
+        let bad_channel = |c: &String| c.len() > limits.max_channel_len || !is_valid_name(c);
+        if q.too_many_channels || q.channels.iter().any(bad_channel) {
             let msg = format!(
-                "Too many or too long channels: at most {} channels of at most {} bytes",
-                limits.max_channels, limits.max_channel_len
+                "Too many or invalid channels: at most {} channels, each {} (at most {} bytes here)",
+                limits.max_channels,
+                crate::event::NAME_RULE,
+                limits.max_channel_len
             );
-            cx.out.push(OutFrame::text(protocol::error_message(
-                close_code::POLICY,
-                &msg,
-            )));
-            self.close(close_code::POLICY, "invalid channels", cx);
-            return Some(Incident::Rejected("invalid_channels"));
+            return Some(self.refuse(&msg, "invalid_channels", cx));
         }
         let project = cx.registry.intern(project);
         let registry = &mut *cx.registry;
@@ -426,9 +445,23 @@ impl Connection {
         None
     }
 
+    /// Tells a just-upgraded client why it cannot stay, then closes with 1008.
+    fn refuse(&mut self, message: &str, reason: &'static str, cx: &mut Context<'_>) -> Incident {
+        cx.out.push(OutFrame::text(protocol::error_message(
+            close_code::POLICY,
+            message,
+        )));
+        self.close(close_code::POLICY, reason, cx);
+        Incident::Rejected(reason)
+    }
+
     /// Begins a resume after `raw` (a client-supplied `lastEventId`).
     fn start_replay(&mut self, raw: &str, cx: &mut Context<'_>) {
         let message = match raw.parse::<EventId>() {
+            // Echoing a long value back would let a client make herald send what it likes.
+            Err(_) if raw.len() > MAX_LAST_EVENT_ID_BYTES => format!(
+                "Invalid lastEventId: an event id is at most {MAX_LAST_EVENT_ID_BYTES} characters"
+            ),
             Err(e) => format!("Invalid lastEventId {raw:?}: {e}"),
             Ok(_) if self.replay.as_ref().is_some_and(|r| r.waiting) => {
                 "Invalid lastEventId: a replay is already in progress on this connection".to_owned()
@@ -441,6 +474,7 @@ impl Connection {
                     buffered: VecDeque::new(),
                     buffered_bytes: 0,
                     overflowed: false,
+                    cancellation: Cancellation::default(),
                 }));
                 cx.resumes.push(cx.key);
                 return;
@@ -653,10 +687,11 @@ impl Connection {
         }
     }
 
-    /// The history the resume this connection started needs (contract, step 6).
-    pub fn replay_query(&self, cfg: &ConnConfig) -> Option<ReplayQuery> {
+    /// The history the resume this connection started needs, and the flag that is set if the
+    /// connection goes away before it arrives (contract, step 6).
+    pub fn replay_query(&self, cfg: &ConnConfig) -> Option<(ReplayQuery, Cancellation)> {
         let (session, replay) = (self.session.as_ref()?, self.replay.as_ref()?);
-        replay.waiting.then(|| ReplayQuery {
+        let query = replay.waiting.then(|| ReplayQuery {
             after: replay.after,
             upto: replay.upto,
             project: session.project.to_string(),
@@ -664,7 +699,8 @@ impl Connection {
             roles: session.roles.to_vec(),
             max_events: cfg.replay_max_events,
             max_bytes: cfg.replay_max_bytes,
-        })
+        })?;
+        Some((query, replay.cancellation.clone()))
     }
 
     /// The history for a resume arrived: sends it, then the live events held meanwhile. An
@@ -681,6 +717,8 @@ impl Connection {
         let Some(mut r) = self.replay.take() else {
             return;
         };
+        // Answered: dropping it now or later cancels nothing.
+        r.waiting = false;
         let Some(session) = self.session.as_ref() else {
             return;
         };
@@ -715,7 +753,6 @@ impl Connection {
                 .filter_map(|e| event_frame(session, &e)),
         );
         if keep_skipping && cx.position.is_none_or(|h| h < r.after) {
-            r.waiting = false;
             r.buffered = VecDeque::new();
             self.replay = Some(r);
         }
@@ -1168,7 +1205,8 @@ mod tests {
     fn a_resume_holds_live_events_until_the_history_then_sends_both_in_order() {
         let mut d = Driver::open("channels[]=a&lastEventId=1-0");
         assert_eq!(d.shared.resumes, vec![KEY]);
-        let query = d.conn.replay_query(&d.shared.cfg).unwrap();
+        let (query, cancellation) = d.conn.replay_query(&d.shared.cfg).unwrap();
+        assert!(!cancellation.is_cancelled());
         assert_eq!(query.after, "1-0".parse().unwrap());
         assert_eq!(query.channels, vec!["a".to_owned()]);
         assert_eq!(query.project, "p");
@@ -1196,11 +1234,20 @@ mod tests {
             .collect();
         assert_eq!(ids, ["2-0", "3-0", "4-0"]);
         assert!(d.conn.replay_query(&d.shared.cfg).is_none());
+        assert!(!cancellation.is_cancelled(), "answered, not cancelled");
 
         // The shard had not passed the client's id: what it already has is skipped once.
         assert_eq!(d.deliver(&[event("1-0", "a")]), vec![Verdict::Skip]);
         assert_eq!(d.deliver(&[event("5-0", "a")]), vec![Verdict::Deliver]);
         assert_eq!(d.frames().len(), 1);
+    }
+
+    #[test]
+    fn a_connection_that_goes_away_cancels_its_pending_replay() {
+        let d = Driver::open("channels[]=a&lastEventId=1-0");
+        let (_, cancellation) = d.conn.replay_query(&d.shared.cfg).unwrap();
+        drop(d);
+        assert!(cancellation.is_cancelled());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
@@ -18,7 +19,7 @@ use crate::bus::redis::{RedisBus, RedisSettings};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::limits::{self, FdLimit};
-use crate::mailbox::{ReplaySender, ShardHandle, replay_channel};
+use crate::mailbox::{REPLAY_QUEUE_CAPACITY, ReplaySender, ShardHandle, replay_channel};
 use crate::metrics::Metrics;
 use crate::replay::ReplayBell;
 use crate::shard::{ConnectionLimit, Shard};
@@ -44,6 +45,12 @@ pub enum GatewayError {
          --admin-token (HERALD_ADMIN_TOKEN) or bind 127.0.0.1"
     )]
     AdminUnprotected(SocketAddr),
+    #[error("shard {0} stopped unexpectedly")]
+    ShardDied(usize),
+    #[error("interrupted by a second signal before connections were closed")]
+    Interrupted,
+    #[error("shard threads did not finish within {0:?} of the shutdown request")]
+    DrainTimedOut(Duration),
 }
 
 /// Listen backlog per shard; the kernel caps it at net.core.somaxconn (see sysctl/herald.conf).
@@ -98,11 +105,13 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
     let (listen, listeners) = bind_listeners(config.listen, config.shard_count())?;
 
     let bell = Arc::new(ReplayBell::default());
-    let (replay_tx, replay_rx) = replay_channel(bell.clone());
+    let (replay_tx, replay_rx) = replay_channel(bell.clone(), REPLAY_QUEUE_CAPACITY);
     let limiter = Arc::new(ConnectionLimit::new(capacity));
     let (handles, threads) = start_shards(listeners, &config, &metrics, &limiter, replay_tx)?;
     let hub = Arc::new(Hub::new(handles));
     let ChosenBus { bus, redis } = choose_bus(&config, &hub, &metrics)?;
+    crate::replay::spawn(replay_rx, bell, bus.clone(), hub.clone(), metrics.clone())
+        .map_err(GatewayError::ControlPlane)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -133,26 +142,48 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
         default_project: config.default_project.clone(),
         max_publish_bytes: config.max_publish_bytes,
         token: config.admin_token.clone().map(Arc::new),
+        hub: hub.clone(),
     };
     let drain = config.drain_timeout;
-    runtime.block_on(async move {
+    let outcome = runtime.block_on(async move {
         if let Some(r) = &redis {
             r.spawn_workers();
         }
-        tokio::spawn(crate::replay::serve(
-            replay_rx,
-            bell,
-            bus,
-            hub.clone(),
-            metrics,
-        ));
-        serve_until_signal(admin_listener, state, &hub, drain).await;
+        let mut signals = StopSignals::new();
+        let stop = serve_until_stop(admin_listener, state, &hub, &mut signals).await;
+        tracing::info!(?drain, "shutting down: closing connections with 1001");
+        hub.shutdown(drain);
+        tokio::select! {
+            () = signals.next() => {
+                tracing::warn!("second signal: exiting without waiting for connections to close");
+                return Err(GatewayError::Interrupted);
+            }
+            ended = wait_for_threads(&threads, drain + SHUTDOWN_GRACE) => {
+                if !ended {
+                    return Err(GatewayError::DrainTimedOut(drain + SHUTDOWN_GRACE));
+                }
+            }
+        }
+        stop
     });
-    for t in threads {
-        let _ = t.join();
-    }
+    outcome?;
     tracing::info!("herald stopped");
     Ok(())
+}
+
+/// Beyond the drain timeout, how long shard threads get to finish before herald exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits until every thread has ended (true) or `limit` has passed (false).
+async fn wait_for_threads(threads: &[JoinHandle<()>], limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !threads.iter().all(JoinHandle::is_finished) {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
 
 fn raise_fd_limit(metrics: &Metrics) -> Option<FdLimit> {
@@ -280,18 +311,22 @@ fn choose_bus(
     })
 }
 
-/// Serves the admin API until SIGTERM/SIGINT, then asks every shard to drain.
-async fn serve_until_signal(
+/// Serves the admin API until SIGTERM/SIGINT (`Ok`) or until a shard thread dies (`Err`: the
+/// process must exit non-zero so that a supervisor restarts it).
+async fn serve_until_stop(
     listener: tokio::net::TcpListener,
     state: AdminState,
     hub: &Hub,
-    drain: std::time::Duration,
-) {
+    signals: &mut StopSignals,
+) -> Result<(), GatewayError> {
     let server = axum::serve(listener, router(state));
-    let signal = async move {
-        wait_for_signal().await;
-        tracing::info!(?drain, "shutting down: closing connections with 1001");
-        hub.shutdown(drain);
+    let dead_shard = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if let Some(id) = hub.dead_shard() {
+                return id;
+            }
+        }
     };
     // The admin listener stops with the shards: /healthz fails once we drain.
     tokio::select! {
@@ -299,23 +334,43 @@ async fn serve_until_signal(
             if let Err(e) = r {
                 tracing::error!(error = %e, "admin listener failed");
             }
+            Ok(())
         }
-        () = signal => {}
+        () = signals.next() => Ok(()),
+        id = dead_shard => {
+            tracing::error!(shard = id, "a shard thread stopped unexpectedly; shutting down");
+            Err(GatewayError::ShardDied(id))
+        }
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process can still be stopped, just not gracefully.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, registered once so that a second one is seen too.
+struct StopSignals {
+    streams: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let streams = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Some((term, int)),
+            _ => None,
+        };
+        Self { streams }
+    }
+
+    async fn next(&mut self) {
+        let Some((term, int)) = self.streams.as_mut() else {
+            // Without signal handlers the process can still be stopped, just not gracefully.
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }

@@ -67,20 +67,15 @@ impl Hub {
         Ok(())
     }
 
-    /// Asks every shard to close its connections with 1001 and stop.
+    /// Asks every shard to close its connections with 1001 and stop; never blocks.
     pub fn shutdown(&self, drain: Duration) {
         for s in &self.shards {
-            let mut cmd = Command::Shutdown { drain };
-            // A full queue still drains within the timeout; keep trying briefly.
-            for _ in 0..100 {
-                match s.try_send(cmd) {
-                    Ok(()) => break,
-                    Err(c) => {
-                        cmd = c;
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-            }
+            s.request_shutdown(drain);
         }
+    }
+
+    /// The first shard whose thread has ended, if any.
+    pub fn dead_shard(&self) -> Option<usize> {
+        self.shards.iter().position(|s| !s.is_alive())
     }
 }

@@ -9,7 +9,7 @@
 //! and the control plane is woken through a [`Doorbell`] it supplies itself.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
@@ -22,15 +22,25 @@ use crate::event::{EncodedEvent, EventId};
 pub const QUEUE_CAPACITY: usize = 65_536;
 /// Replay answers waiting per shard; the control plane holds the rest back.
 pub const ANSWER_CAPACITY: usize = 1024;
+/// Replay requests waiting for the replay thread, all shards together. Beyond it a resuming
+/// client is told to retry (4010) and gets live events meanwhile.
+pub const REPLAY_QUEUE_CAPACITY: usize = 4096;
 
-/// What the control plane sends a shard.
+/// What the control plane queues for a shard. Shutdown is not queued: it is a flag
+/// ([`ShardHandle::request_shutdown`]), so a full queue can never delay it.
 #[derive(Debug)]
 pub enum Command {
     Event(Arc<EncodedEvent>),
-    /// Stop accepting, close every connection with 1001, exit once drained or at the deadline.
-    Shutdown {
-        drain: Duration,
-    },
+}
+
+/// State both ends of a shard see without a queue.
+#[derive(Debug, Default)]
+struct Signals {
+    wake_pending: AtomicBool,
+    /// Drain time in milliseconds plus one once shutdown is requested; 0 before.
+    shutdown: AtomicU64,
+    /// Cleared when the shard's inbox is dropped: the shard thread ended, normally or not.
+    alive: AtomicBool,
 }
 
 /// What a reconnecting connection asks to be replayed: events after `after`, up to `upto` (the
@@ -76,6 +86,23 @@ pub struct ReplayRequest {
     pub key: u32,
     pub serial: u32,
     pub query: ReplayQuery,
+    /// Set once the connection is gone: the fetch is skipped.
+    pub cancellation: Cancellation,
+}
+
+/// Shared between a waiting resume and its request: the connection side cancels, the control
+/// plane checks before it fetches.
+#[derive(Debug, Clone, Default)]
+pub struct Cancellation(Arc<AtomicBool>);
+
+impl Cancellation {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
 }
 
 /// The history a resuming connection asked for. Answers travel in their own queue, served after
@@ -102,33 +129,41 @@ pub struct ShardHandle {
     tx: Sender<Command>,
     answers: Sender<ReplayAnswer>,
     waker: Arc<Waker>,
-    wake_pending: Arc<AtomicBool>,
+    signals: Arc<Signals>,
 }
 
-/// The shard's end of its queues.
+/// The shard's end of its queues. Dropping it (the shard thread ending, by return or panic)
+/// marks the shard dead for [`ShardHandle::is_alive`].
 pub struct ShardInbox {
     rx: Receiver<Command>,
     answers: Receiver<ReplayAnswer>,
-    wake_pending: Arc<AtomicBool>,
+    signals: Arc<Signals>,
 }
 
 /// Both ends of one shard's queues; `waker` wakes that shard's event loop.
 pub fn shard_mailbox(waker: Waker) -> (ShardHandle, ShardInbox) {
     let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
     let (answers_tx, answers) = crossbeam_channel::bounded(ANSWER_CAPACITY);
-    let wake_pending = Arc::new(AtomicBool::new(false));
+    let signals = Arc::new(Signals::default());
+    signals.alive.store(true, Ordering::Release);
     let handle = ShardHandle {
         tx,
         answers: answers_tx,
         waker: Arc::new(waker),
-        wake_pending: wake_pending.clone(),
+        signals: signals.clone(),
     };
     let inbox = ShardInbox {
         rx,
         answers,
-        wake_pending,
+        signals,
     };
     (handle, inbox)
+}
+
+impl Drop for ShardInbox {
+    fn drop(&mut self) {
+        self.signals.alive.store(false, Ordering::Release);
+    }
 }
 
 impl ShardHandle {
@@ -164,9 +199,29 @@ impl ShardHandle {
         QUEUE_CAPACITY.saturating_sub(self.tx.len())
     }
 
+    /// Asks the shard to stop accepting, close every connection with 1001 and exit once they
+    /// are gone or `drain` has passed. Never blocks, whatever its queues hold.
+    pub fn request_shutdown(&self, drain: Duration) {
+        let millis = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX - 1);
+        // Only the first request counts.
+        let _ = self.signals.shutdown.compare_exchange(
+            0,
+            millis.saturating_add(1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        // A pending wake may already have been consumed by a drain that did not see the flag.
+        let _ = self.waker.wake();
+    }
+
+    /// False once the shard thread has ended.
+    pub fn is_alive(&self) -> bool {
+        self.signals.alive.load(Ordering::Acquire)
+    }
+
     /// Wakes the loop, at most once per batch: a wake already pending covers this send.
     pub fn wake(&self) {
-        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+        if !self.signals.wake_pending.swap(true, Ordering::AcqRel) {
             // A failed wake means the shard is gone; its queue is then drained by nobody.
             let _ = self.waker.wake();
         }
@@ -176,7 +231,15 @@ impl ShardHandle {
 impl ShardInbox {
     /// Called before draining: a send after this wakes the shard again.
     pub fn rearm(&self) {
-        self.wake_pending.store(false, Ordering::Release);
+        self.signals.wake_pending.store(false, Ordering::Release);
+    }
+
+    /// The drain time, once shutdown has been requested.
+    pub fn shutdown_requested(&self) -> Option<Duration> {
+        match self.signals.shutdown.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(Duration::from_millis(n - 1)),
+        }
     }
 
     pub fn try_command(&self) -> Option<Command> {
@@ -214,21 +277,29 @@ pub struct ReplayReceiver {
     rx: Receiver<ReplayRequest>,
 }
 
-/// The replay request channel; `bell` is rung after every request.
-pub fn replay_channel(bell: Arc<dyn Doorbell>) -> (ReplaySender, ReplayReceiver) {
-    let (tx, rx) = crossbeam_channel::unbounded();
+/// The replay request channel, holding at most `capacity` requests; `bell` is rung after
+/// every request.
+pub fn replay_channel(bell: Arc<dyn Doorbell>, capacity: usize) -> (ReplaySender, ReplayReceiver) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
     (ReplaySender { tx, bell }, ReplayReceiver { rx })
 }
 
-/// The control plane has stopped taking replay requests.
-#[derive(Debug, Error)]
-#[error("the control plane is gone")]
-pub struct ControlPlaneGone;
+/// Why a replay request was not queued.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ReplayRefused {
+    #[error("too many resumes are waiting for history; reconnect with lastEventId shortly")]
+    Busy,
+    #[error("the control plane is gone")]
+    Gone,
+}
 
 impl ReplaySender {
     /// Queues a request without blocking.
-    pub fn send(&self, request: ReplayRequest) -> Result<(), ControlPlaneGone> {
-        self.tx.send(request).map_err(|_| ControlPlaneGone)?;
+    pub fn send(&self, request: ReplayRequest) -> Result<(), ReplayRefused> {
+        self.tx.try_send(request).map_err(|e| match e {
+            TrySendError::Full(_) => ReplayRefused::Busy,
+            TrySendError::Disconnected(_) => ReplayRefused::Gone,
+        })?;
         self.bell.ring();
         Ok(())
     }
@@ -251,5 +322,45 @@ impl ReplayReceiver {
             Err(TryRecvError::Empty) => Received::Empty,
             Err(TryRecvError::Disconnected) => Received::Closed,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mailbox() -> (ShardHandle, ShardInbox, mio::Poll) {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Waker::new(poll.registry(), mio::Token(0)).unwrap();
+        let (handle, inbox) = shard_mailbox(waker);
+        (handle, inbox, poll)
+    }
+
+    #[test]
+    fn shutdown_is_a_flag_that_a_full_queue_cannot_hold_back() {
+        let (handle, inbox, _poll) = mailbox();
+        let event = crate::event::EncodedEvent::encode(&crate::event::Event {
+            id: "1-0".into(),
+            project: "p".into(),
+            channels: vec!["c".into()],
+            events: vec![],
+            roles: vec![],
+            timestamp: "t".into(),
+            payload: serde_json::json!({}),
+        });
+        while handle.try_send_quiet(Command::Event(event.clone())).is_ok() {}
+        assert_eq!(handle.room(), 0);
+        assert_eq!(inbox.shutdown_requested(), None);
+        handle.request_shutdown(Duration::from_secs(3));
+        handle.request_shutdown(Duration::from_secs(9));
+        assert_eq!(inbox.shutdown_requested(), Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn a_shard_whose_inbox_is_gone_is_not_alive() {
+        let (handle, inbox, _poll) = mailbox();
+        assert!(handle.is_alive());
+        drop(inbox);
+        assert!(!handle.is_alive());
     }
 }

@@ -127,7 +127,7 @@ impl Metrics {
             ),
             replays: counter_vec(
                 "herald_replays_total",
-                "Resumes served to reconnecting clients, by outcome",
+                "Resumes of reconnecting clients, by outcome: ok, truncated, ahead, unavailable, cancelled (the client left first), refused (too many waiting)",
                 &["outcome"],
             ),
             stream_entries_skipped,

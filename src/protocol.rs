@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use compact_str::CompactString;
+use rustc_hash::FxHashSet;
 use serde_json::{Value, json};
 
 use crate::event::EncodedEvent;
@@ -102,15 +103,8 @@ pub fn mint_id() -> SubscriptionId {
 
 /// Appwrite's `CustomId` rule: at most 36 of `[A-Za-z0-9._-]`, not starting with `.`, `-` or `_`.
 pub fn is_valid_subscription_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 36
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        && id.as_bytes()[0].is_ascii_alphanumeric()
+    crate::event::is_valid_id(id)
 }
-
-const ID_RULE: &str = "subscriptionId must be at most 36 characters of a-z, A-Z, 0-9, period, hyphen and underscore, and not start with a special character";
 
 impl Session {
     /// A guest session. `url_channels` (generations A and B) form one subscription with a minted
@@ -146,15 +140,16 @@ impl Session {
         .to_string()
     }
 
-    /// Every distinct channel of every subscription, in first-seen order.
+    /// Every distinct channel of every subscription, in first-seen order (linear: a session may
+    /// hold 100 subscriptions of 100 channels).
     pub fn channels(&self) -> Vec<Arc<str>> {
-        let mut out: Vec<Arc<str>> = Vec::new();
-        for c in self.subscriptions.iter().flat_map(|s| s.channels.iter()) {
-            if !out.iter().any(|o| o == c) {
-                out.push(c.clone());
-            }
-        }
-        out
+        let mut seen = FxHashSet::default();
+        self.subscriptions
+            .iter()
+            .flat_map(|s| s.channels.iter())
+            .filter(|c| seen.insert(&***c))
+            .cloned()
+            .collect()
     }
 
     /// Ids of the subscriptions that listen to any of `channels` (in subscription order), for an
@@ -332,7 +327,7 @@ fn parse_subscribe(data: Value, limits: &SessionLimits) -> Result<Vec<SubscribeR
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s == "unique()" => None,
             Some(Value::String(s)) if is_valid_subscription_id(&s) => Some(SubscriptionId::from(s)),
-            Some(_) => return Err(ID_RULE.into()),
+            Some(_) => return Err(format!("subscriptionId must be {}", crate::event::ID_RULE)),
         };
         let Some(Value::Array(chans)) = row.remove("channels") else {
             return Err("channels must be a list of strings".into());
@@ -344,16 +339,20 @@ fn parse_subscribe(data: Value, limits: &SessionLimits) -> Result<Vec<SubscribeR
             ));
         }
         let mut channels = Vec::with_capacity(chans.len());
+        let mut seen = FxHashSet::default();
         for c in chans {
             match c {
-                Value::String(s) if !s.is_empty() && s.len() <= limits.max_channel_len => {
-                    if !channels.contains(&s) {
+                Value::String(s)
+                    if s.len() <= limits.max_channel_len && crate::event::is_valid_name(&s) =>
+                {
+                    if seen.insert(s.clone()) {
                         channels.push(s);
                     }
                 }
                 _ => {
                     return Err(format!(
-                        "channels must be non-empty strings of at most {} bytes",
+                        "channels must be names of {} (at most {} bytes here)",
+                        crate::event::NAME_RULE,
                         limits.max_channel_len
                     ));
                 }

@@ -1,21 +1,28 @@
 //! PHP-style parsing of the realtime URL query, as Appwrite's server reads it.
 //!
 //! Owns the mapping from `?project=p&channels[]=a&channels%5B%5D=b&channels[0]=c` to a project
-//! and an ordered channel list. Pure string work; it must not validate projects or channels.
+//! and an ordered channel list, in time linear in the query's length. Pure string work; it must
+//! not validate projects or channels beyond counting them.
+
+use rustc_hash::FxHashSet;
 
 /// What the realtime handshake reads from the query string.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RealtimeQuery {
     pub project: Option<String>,
-    /// Channels in the order they appear, duplicates removed.
+    /// Channels in the order they appear, duplicates removed, at most the limit given to
+    /// [`parse`].
     pub channels: Vec<String>,
+    /// More distinct channels than the limit were given (the rest were not kept).
+    pub too_many_channels: bool,
     /// `lastEventId`, for clients resuming after a reconnect.
     pub last_event_id: Option<String>,
 }
 
-/// Parses a raw (still percent-encoded) query string.
-pub fn parse(query: &str) -> RealtimeQuery {
+/// Parses a raw (still percent-encoded) query string, keeping at most `max_channels` channels.
+pub fn parse(query: &str, max_channels: usize) -> RealtimeQuery {
     let mut out = RealtimeQuery::default();
+    let mut seen = FxHashSet::default();
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         let (base, bracket) = match key.find('[') {
             Some(i) => (&key[..i], Some(&key[i..])),
@@ -27,10 +34,12 @@ pub fn parse(query: &str) -> RealtimeQuery {
             ("lastEventId", None) => out.last_event_id = Some(value.into_owned()),
             // `channels[]`, `channels[3]`, and a bare `channels=x` (read as a one-element list
             // rather than failing the way PHP's type error does).
-            ("channels", b)
-                if b.is_none_or(is_list_index)
-                    && !out.channels.iter().any(|c| c == value.as_ref()) =>
-            {
+            ("channels", b) if b.is_none_or(is_list_index) && !seen.contains(value.as_ref()) => {
+                if out.channels.len() == max_channels {
+                    out.too_many_channels = true;
+                    continue;
+                }
+                seen.insert(value.clone().into_owned());
                 out.channels.push(value.into_owned());
             }
             _ => {}
@@ -55,20 +64,32 @@ mod tests {
     fn all_channel_spellings() {
         let q = parse(
             "project=p1&channels[]=a&channels%5B%5D=b&channels[0]=c&channels%5B7%5D=d&channels[]=a",
+            100,
         );
         assert_eq!(q.project.as_deref(), Some("p1"));
         assert_eq!(q.channels, vec!["a", "b", "c", "d"]);
+        assert!(!q.too_many_channels);
     }
 
     #[test]
     fn percent_decoding_and_unknown_keys() {
         let q = parse(
             "channels[]=databases.db.collections.c.documents&documents[0][]=%7B%7D&project=&x=1&lastEventId=1-0",
+            100,
         );
         assert_eq!(q.project, None);
         assert_eq!(q.channels, vec!["databases.db.collections.c.documents"]);
         assert_eq!(q.last_event_id.as_deref(), Some("1-0"));
-        assert_eq!(parse("channels[a]=x").channels, Vec::<String>::new());
-        assert_eq!(parse("channels=solo").channels, vec!["solo"]);
+        assert_eq!(parse("channels[a]=x", 100).channels, Vec::<String>::new());
+        assert_eq!(parse("channels=solo", 100).channels, vec!["solo"]);
+    }
+
+    #[test]
+    fn channels_beyond_the_limit_are_counted_not_kept() {
+        let q = parse("channels[]=a&channels[]=a&channels[]=b&channels[]=c", 2);
+        assert_eq!(q.channels, vec!["a", "b"]);
+        assert!(q.too_many_channels);
+        let q = parse("channels[]=a&channels[]=b&channels[]=a", 2);
+        assert!(!q.too_many_channels, "a repeat is not one more");
     }
 }

@@ -41,9 +41,19 @@ impl Registry {
         self.names.retain(|n| Arc::strong_count(n) > 1);
     }
 
-    /// Moves `conn` from the channels in `before` to those in `after`.
+    /// Moves `conn` from the channels in `before` to those in `after`, in time linear in their
+    /// lengths (a session may hold 10,000 channels).
     pub fn update(&mut self, project: &str, conn: u32, before: &[Arc<str>], after: &[Arc<str>]) {
-        for c in before.iter().filter(|c| !after.contains(c)) {
+        let set = |names: &[Arc<str>]| -> FxHashSet<*const u8> {
+            // Interned names: equal names are the same allocation. Were they not, a name on both
+            // sides would be removed and added back, which ends the same.
+            names.iter().map(|n| n.as_ptr()).collect()
+        };
+        let (in_before, in_after) = match (before.is_empty(), after.is_empty()) {
+            (false, false) => (set(before), set(after)),
+            _ => (FxHashSet::default(), FxHashSet::default()),
+        };
+        for c in before.iter().filter(|c| !in_after.contains(&c.as_ptr())) {
             key_into(&mut self.key_buf, project, c);
             if let Some(set) = self.index.get_mut(self.key_buf.as_str()) {
                 set.remove(&conn);
@@ -52,7 +62,7 @@ impl Registry {
                 }
             }
         }
-        for c in after.iter().filter(|c| !before.contains(c)) {
+        for c in after.iter().filter(|c| !in_before.contains(&c.as_ptr())) {
             key_into(&mut self.key_buf, project, c);
             match self.index.get_mut(self.key_buf.as_str()) {
                 Some(set) => {

@@ -1,9 +1,10 @@
 //! Serving resumes: shards ask, the bus answers, the shard delivers.
 //!
 //! Owns the control-plane side of a resume: it takes replay requests from shards (never blocking
-//! them), fetches the history from the bus with bounded concurrency, and hands the answer back to
-//! the right shard. It must not touch connections; the shard matches the answer to its
-//! connection by key and serial.
+//! them), fetches the history from the bus with bounded concurrency on its own thread and
+//! runtime (so a resume storm never slows publishing or the stream reader), skips requests whose
+//! connection is gone, and hands the answer back to the right shard. It must not touch
+//! connections; the shard matches the answer to its connection by key and serial.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +56,10 @@ pub async fn serve(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
+        if req.cancellation.is_cancelled() {
+            metrics.replays.with_label_values(&["cancelled"]).inc();
+            continue;
+        }
         let (bus, hub, metrics) = (bus.clone(), hub.clone(), metrics.clone());
         tokio::spawn(async move {
             answer(req, &*bus, &hub, &metrics).await;
@@ -63,7 +68,28 @@ pub async fn serve(
     }
 }
 
+/// Runs [`serve`] on a thread of its own with its own runtime.
+pub fn spawn(
+    requests: ReplayReceiver,
+    bell: Arc<ReplayBell>,
+    bus: Arc<dyn Bus>,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("herald-replay".into())
+        .spawn(move || runtime.block_on(serve(requests, bell, bus, hub, metrics)))?;
+    Ok(())
+}
+
 async fn answer(req: ReplayRequest, bus: &dyn Bus, hub: &Hub, metrics: &Metrics) {
+    if req.cancellation.is_cancelled() {
+        metrics.replays.with_label_values(&["cancelled"]).inc();
+        return;
+    }
     let outcome = bus.replay(req.query).await;
     let label = match &outcome {
         Ok(_) => "ok",

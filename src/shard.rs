@@ -487,10 +487,6 @@ impl Shard {
                     }
                     self.batch.push_event(ev);
                 }
-                Command::Shutdown { drain } => {
-                    self.fan_out();
-                    self.begin_shutdown(drain);
-                }
             }
         }
         if taken == COMMAND_BATCH {
@@ -499,6 +495,9 @@ impl Shard {
         if taken > 0 {
             self.m.queue.set(self.inbox.pending_commands() as i64);
             self.fan_out();
+        }
+        if let Some(drain) = self.inbox.shutdown_requested() {
+            self.begin_shutdown(drain);
         }
         for _ in 0..ANSWERS_PER_ITERATION {
             let Some(a) = self.inbox.try_answer() else {
@@ -593,7 +592,7 @@ impl Shard {
             let Some(slot) = self.slab.get(key as usize) else {
                 continue;
             };
-            let Some(query) = slot.conn.replay_query(&self.shared.cfg) else {
+            let Some((query, cancellation)) = slot.conn.replay_query(&self.shared.cfg) else {
                 continue;
             };
             let serial = slot.conn.serial();
@@ -602,9 +601,11 @@ impl Shard {
                 key,
                 serial,
                 query,
+                cancellation,
             };
-            if let Err(gone) = self.replay_tx.send(request) {
-                let outcome = Err(ReplayError::Unavailable(gone.to_string()));
+            if let Err(refused) = self.replay_tx.send(request) {
+                self.m.metrics.replays.with_label_values(&["refused"]).inc();
+                let outcome = Err(ReplayError::Unavailable(refused.to_string()));
                 self.finish_replay(ReplayAnswer {
                     key,
                     serial,

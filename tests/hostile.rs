@@ -4,9 +4,11 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{Server, connect, next_json, next_json_within};
+use common::{
+    Server, Ws, connect, connect_with_header, expect_close, next_json, next_json_within, send,
+};
 use serde_json::{Value, json};
 
 const TOKEN: &str = "s3cret-admin-token-for-tests";
@@ -188,7 +190,15 @@ async fn events_with_too_many_or_too_long_names_are_refused() {
         ),
         (
             json!({"channels": [long], "payload": {}}),
-            "at most 256 bytes",
+            "1 to 256 visible",
+        ),
+        (
+            json!({"channels": ["a b"], "payload": {}}),
+            "1 to 256 visible",
+        ),
+        (
+            json!({"project": "x".repeat(37), "channels": ["c"], "payload": {}}),
+            "at most 36 characters",
         ),
         (
             json!({"channels": ["c"], "roles": many, "payload": {}}),
@@ -204,4 +214,142 @@ async fn events_with_too_many_or_too_long_names_are_refused() {
     let (status, reply): (u16, Value) =
         server.publish_raw(&json!({"channels": ok, "payload": {}}).to_string());
     assert_eq!(status, 200, "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_or_malformed_project_is_refused_before_anything_is_indexed() {
+    let server = Server::start(&["--shards", "1"]);
+    let url = server.url("/v1/realtime?channels[]=c");
+    for project in ["x".repeat(60_000), "has space".into(), "-leading".into()] {
+        let (mut ws, error) = connect_with_header(&url, "x-appwrite-project", &project).await;
+        assert_eq!(error["type"], "error", "{project:.20}");
+        assert_eq!(error["data"]["code"], 1008);
+        let message = error["data"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("at most 36 characters"), "{message}");
+        assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await, 1008);
+    }
+    assert_eq!(
+        server.metric_with("herald_handshake_rejected_total", "invalid_project"),
+        3.0
+    );
+    // The same rule for the query, and a good project still works.
+    let (_, error) = connect_with_header(&server.url("/v1/realtime?project=a%20b"), "x", "y").await;
+    assert_eq!(error["data"]["code"], 1008);
+    let (_, connected) = connect(&server.url("/v1/realtime?project=p.1-x_y&channels[]=c")).await;
+    assert_eq!(connected["data"]["channels"], json!(["c"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_url_channels_or_bad_names_are_refused_with_1008() {
+    let server = Server::start(&[]);
+    // As many as fit in a URL the client library accepts (its limit is 64 KiB).
+    let many: String = (0..3000).map(|i| format!("&channels[]=c{i}")).collect();
+    for query in [many.as_str(), "&channels[]=tab%09here", "&channels[]=a%20b"] {
+        let url = server.url(&format!("/v1/realtime?project=p{query}"));
+        let (mut ws, error) = connect_with_header(&url, "x", "y").await;
+        assert_eq!(error["data"]["code"], 1008, "{error}");
+        let message = error["data"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("Too many or invalid channels"),
+            "{message}"
+        );
+        assert_eq!(expect_close(&mut ws, Duration::from_secs(5)).await, 1008);
+    }
+    // 100 distinct channels (the default limit), some repeated, are fine.
+    let hundred: String = (0..100)
+        .chain(0..10)
+        .map(|i| format!("&channels[]=c{i}"))
+        .collect();
+    let (_, connected) = connect(&server.url(&format!("/v1/realtime?project=p{hundred}"))).await;
+    assert_eq!(
+        connected["data"]["channels"].as_array().map(Vec::len),
+        Some(100)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_last_event_id_is_not_echoed_back() {
+    let server = Server::start(&[]);
+    let junk = "9".repeat(10_000);
+    let url = server.url(&format!(
+        "/v1/realtime?project=p&channels[]=c&lastEventId={junk}"
+    ));
+    let (mut ws, _) = connect(&url).await;
+    let error = next_json(&mut ws).await;
+    assert_eq!(error["data"]["code"], 4011);
+    let message = error["data"]["message"].as_str().unwrap_or_default();
+    assert!(message.len() < 200, "{} bytes", message.len());
+    // The connection stays, live.
+    let id = server.publish(json!({"project": "p", "channels": ["c"], "payload": {}}));
+    assert_eq!(next_json(&mut ws).await["data"]["id"], id);
+}
+
+/// `rows` subscriptions of `per_row` distinct channels each, ids `s{first}`...
+fn subscribe_message(first: usize, rows: usize, per_row: usize) -> String {
+    let rows: Vec<Value> = (first..first + rows)
+        .map(|s| {
+            let channels: Vec<String> = (0..per_row).map(|c| format!("{s}.{c}")).collect();
+            json!({"subscriptionId": format!("s{s}"), "channels": channels})
+        })
+        .collect();
+    json!({"type": "subscribe", "data": rows}).to_string()
+}
+
+/// Sends a ping and returns how long the pong took.
+async fn ping_time(ws: &mut Ws) -> Duration {
+    let start = Instant::now();
+    send(ws, r#"{"type":"ping"}"#).await;
+    assert_eq!(next_json(ws).await["type"], "pong");
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_subscription_set_costs_the_shard_milliseconds_not_seconds() {
+    // One shard: the attacker and the victim share its thread.
+    let server = Server::start(&["--shards", "1", "--message-rate", "0"]);
+    let (mut victim, _) = connect(&server.url("/v1/realtime?project=p&channels[]=v")).await;
+    let (mut attacker, _) = connect(&server.url("/v1/realtime?project=p")).await;
+    // 100 subscriptions of 100 distinct channels: the most the default limits allow.
+    for first in (0..100).step_by(10) {
+        send(&mut attacker, &subscribe_message(first, 10, 100)).await;
+        assert_eq!(next_json(&mut attacker).await["type"], "response");
+    }
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        // A no-op upsert of ten of them: every channel set is recomputed and re-indexed.
+        let start = Instant::now();
+        send(&mut attacker, &subscribe_message(0, 10, 100)).await;
+        let victim_wait = ping_time(&mut victim).await;
+        assert_eq!(next_json(&mut attacker).await["type"], "response");
+        slowest = slowest.max(start.elapsed()).max(victim_wait);
+    }
+    assert!(
+        slowest < Duration::from_millis(250),
+        "a subscribe over 10,000 channels held the shard for {slowest:?}"
+    );
+    let id = server.publish(json!({"project": "p", "channels": ["v", "99.99"], "payload": {}}));
+    assert_eq!(next_json(&mut victim).await["data"]["id"], id);
+    let event = next_json(&mut attacker).await;
+    assert_eq!(event["data"]["subscriptions"], json!(["s99"]));
+}
+
+#[test]
+fn a_second_signal_exits_at_once_even_while_clients_hold_the_drain() {
+    let mut server = Server::start(&["--drain-timeout", "60s"]);
+    // A client that upgrades and then never reads nor answers the close handshake.
+    let _stuck = common::RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=c");
+    std::thread::sleep(Duration::from_millis(200));
+    server.sigterm();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        server.wait_exit(Duration::from_millis(10)).is_none(),
+        "the first signal drains"
+    );
+    let start = Instant::now();
+    server.sigterm();
+    let status = server
+        .wait_exit(Duration::from_secs(3))
+        .expect("a second signal ends the process at once");
+    assert!(!status.success(), "{status:?}");
+    assert!(start.elapsed() < Duration::from_secs(3));
 }

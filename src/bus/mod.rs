@@ -13,7 +13,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::event::{EncodedEvent, Event};
+use crate::event::{EncodedEvent, Event, ID_RULE, NAME_RULE, is_valid_id, is_valid_name};
 use crate::history::History;
 use crate::hub::{Hub, HubError};
 use crate::mailbox::{ReplayError, ReplayQuery};
@@ -59,8 +59,6 @@ pub struct NewEvent {
 
 /// Most channels, roles or event names one event may carry (each subscriber's match walks them).
 pub const MAX_EVENT_NAMES: usize = 100;
-/// Longest channel, role or event name.
-pub const MAX_EVENT_NAME_BYTES: usize = 256;
 
 fn over_limits(field: &str, names: &[String]) -> Option<String> {
     if names.len() > MAX_EVENT_NAMES {
@@ -68,8 +66,8 @@ fn over_limits(field: &str, names: &[String]) -> Option<String> {
     }
     names
         .iter()
-        .any(|n| n.len() > MAX_EVENT_NAME_BYTES)
-        .then(|| format!("{field} must be at most {MAX_EVENT_NAME_BYTES} bytes each"))
+        .any(|n| !is_valid_name(n))
+        .then(|| format!("{field} must be names of {NAME_RULE}"))
 }
 
 impl PublishRequest {
@@ -107,6 +105,11 @@ impl PublishRequest {
             Some(p) if !p.is_empty() => p,
             _ => default_project.to_owned(),
         };
+        if !is_valid_id(&project) {
+            return Err(BusError::Invalid(format!(
+                "project must be a project id: {ID_RULE}"
+            )));
+        }
         Ok(NewEvent {
             project,
             channels: self.channels,

@@ -56,12 +56,17 @@ pub struct RedisBus {
     metrics: Metrics,
     /// Connection for commands that answer at once (XADD, XRANGE, XINFO).
     commands: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    /// Connection for replays (XRANGE, XINFO), made by the replay thread's runtime.
+    replay_commands: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     history: Mutex<History>,
     /// Where the reader started: the stream's last id when this node first connected.
     start: OnceLock<EventId>,
     reader_up: AtomicBool,
     pubsub_up: AtomicBool,
 }
+
+/// The fields a stream entry may have (the module header says what each holds).
+const ENTRY_FIELDS: [&str; 5] = ["channels", "payload", "project", "events", "roles"];
 
 /// An entry that violates the format; it is skipped and counted.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +97,18 @@ pub fn parse_entry(entry: &StreamId, default_project: &str) -> Result<Event, Bad
                 }),
         }
     };
+    // Like unknown fields in the publish API: a typo (`role` for `roles`) must not silently
+    // make an event public.
+    if let Some(unknown) = entry
+        .map
+        .keys()
+        .find(|k| !ENTRY_FIELDS.contains(&k.as_str()))
+    {
+        return Err(BadEntry(format!(
+            "unknown field {unknown:?} (known: {})",
+            ENTRY_FIELDS.join(", ")
+        )));
+    }
     let payload = text("payload")?.ok_or_else(|| BadEntry("missing field payload".into()))?;
     let request = PublishRequest {
         project: text("project")?,
@@ -126,6 +143,7 @@ impl RedisBus {
             outlet: Outlet::new(hub, metrics.clone()),
             metrics,
             commands: tokio::sync::Mutex::new(None),
+            replay_commands: tokio::sync::Mutex::new(None),
             history: Mutex::new(history),
             start: OnceLock::new(),
             reader_up: AtomicBool::new(false),
@@ -157,7 +175,21 @@ impl RedisBus {
 
     /// Runs a command on the shared command connection, reconnecting once if it broke.
     async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> RedisResult<T> {
-        let mut guard = self.commands.lock().await;
+        self.command_on(&self.commands, cmd).await
+    }
+
+    /// Runs a replay's command on its own connection, so that history reads never queue ahead
+    /// of publishing.
+    async fn replay_command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> RedisResult<T> {
+        self.command_on(&self.replay_commands, cmd).await
+    }
+
+    async fn command_on<T: redis::FromRedisValue>(
+        &self,
+        slot: &tokio::sync::Mutex<Option<MultiplexedConnection>>,
+        cmd: &redis::Cmd,
+    ) -> RedisResult<T> {
+        let mut guard = slot.lock().await;
         let conn = match guard.as_mut() {
             Some(c) => c,
             None => guard.insert(self.connect(Some(Duration::from_secs(2))).await?),
@@ -328,7 +360,7 @@ impl RedisBus {
         if q.after > newest {
             // Ahead of this node is fine (another node read further); ahead of the stream is not.
             let last: EventId = self
-                .command::<Option<StreamRangeReply>>(
+                .replay_command::<Option<StreamRangeReply>>(
                     redis::cmd("XREVRANGE")
                         .arg(&self.settings.stream)
                         .arg("+")
@@ -353,7 +385,7 @@ impl RedisBus {
         }
         // Older than memory reaches: read the stream, unless it was trimmed past `after`.
         let info: redis::Value = self
-            .command(redis::cmd("XINFO").arg("STREAM").arg(&self.settings.stream))
+            .replay_command(redis::cmd("XINFO").arg("STREAM").arg(&self.settings.stream))
             .await
             .map_err(unavailable)?;
         if let Some(reason) = trimmed_past(&info, q.after) {
@@ -365,7 +397,7 @@ impl RedisBus {
         let mut from = q.after.next();
         while from <= upto {
             let page: StreamRangeReply = self
-                .command(
+                .replay_command(
                     redis::cmd("XRANGE")
                         .arg(&self.settings.stream)
                         .arg(from.to_string())
@@ -559,6 +591,11 @@ mod tests {
             vec![("channels", r#"["files"]"#)],
             vec![("channels", "[]"), ("payload", "{}")],
             vec![("channels", r#"["a"]"#), ("payload", "{}"), ("roles", "[]")],
+            vec![
+                ("channels", r#"["a"]"#),
+                ("payload", "{}"),
+                ("role", r#"["x"]"#),
+            ],
         ] {
             assert!(parse_entry(&entry(&bad), "console").is_err(), "{bad:?}");
         }
