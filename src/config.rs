@@ -86,6 +86,11 @@ pub struct Config {
     #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub handshake_timeout: Duration,
 
+    /// Time a client has to finish a WebSocket frame or fragmented message once it has begun
+    /// sending it; then the connection is closed with 1008 and what was held is freed.
+    #[arg(long, env = "HERALD_MESSAGE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub message_timeout: Duration,
+
     /// Client messages allowed per window (Appwrite: 32 per minute); 0 disables the limit.
     #[arg(long, env = "HERALD_MESSAGE_RATE", default_value_t = 32)]
     pub message_rate: u32,

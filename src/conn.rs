@@ -64,6 +64,7 @@ pub struct ConnConfig {
     pub echo_max_message: usize,
     pub max_handshake: usize,
     pub handshake_timeout_secs: u32,
+    pub message_timeout_secs: u32,
     pub message_rate: u32,
     pub message_rate_window_secs: u32,
     pub ping_interval_secs: u32,
@@ -88,6 +89,7 @@ impl ConnConfig {
             echo_max_message: c.echo_max_message_bytes,
             max_handshake: c.max_handshake_bytes,
             handshake_timeout_secs: secs(c.handshake_timeout).max(1),
+            message_timeout_secs: secs(c.message_timeout).max(1),
             message_rate: c.message_rate,
             message_rate_window_secs: secs(c.message_rate_window).max(1),
             ping_interval_secs: secs(c.ping_interval),
@@ -330,7 +332,6 @@ impl Connection {
     /// Handles bytes just read from the socket. `data` is the driver's scratch buffer; it may
     /// be changed (unmasked in place).
     pub fn on_read(&mut self, data: &mut [u8], cx: &mut Context<'_>) -> Option<Incident> {
-        self.last_read = cx.now;
         match self.phase {
             Phase::Handshake => self.on_handshake_bytes(data, cx),
             Phase::Open | Phase::Closing => self.on_ws_bytes(data, cx),
@@ -399,6 +400,7 @@ impl Connection {
         cx.out
             .push(OutFrame::raw(Bytes::from(handshake::accept_response(key))));
         self.phase = Phase::Open;
+        self.last_read = cx.now;
         if echo && !realtime {
             self.kind = Kind::Echo;
             return None;
@@ -492,8 +494,13 @@ impl Connection {
             Kind::Echo => cx.cfg.echo_max_message,
         };
         let mut decoder = std::mem::take(&mut self.decoder);
+        let was_idle = decoder.is_idle();
         let result = decoder.feed(data, max, |m| self.on_message(m, cx));
         self.decoder = decoder;
+        if was_idle && !self.decoder.is_idle() && self.phase == Phase::Open {
+            // While open, `deadline` is when the message now begun must be complete.
+            self.deadline = cx.now.saturating_add(cx.cfg.message_timeout_secs);
+        }
         match result {
             Ok(()) => None,
             Err(e) => Some(self.fail(&e, cx)),
@@ -523,6 +530,8 @@ impl Connection {
     }
 
     fn on_message(&mut self, m: Message<'_>, cx: &mut Context<'_>) -> ControlFlow<()> {
+        // Only whole messages are activity: a byte now and then keeps no connection alive.
+        self.last_read = cx.now;
         let open = self.phase == Phase::Open;
         match m {
             Message::Ping(p) if open => cx.out.push(OutFrame::new(
@@ -764,6 +773,12 @@ impl Connection {
             Phase::Open => {
                 let idle = cx.now.saturating_sub(self.last_read);
                 let cfg = cx.cfg;
+                if !self.decoder.is_idle() && cx.now >= self.deadline {
+                    // Whatever was held for the unfinished message goes now.
+                    self.decoder = Decoder::default();
+                    self.close(close_code::POLICY, "message not completed in time", cx);
+                    return Some(Incident::ProtocolError(close_code::POLICY));
+                }
                 if cfg.idle_timeout_secs > 0 && idle >= cfg.idle_timeout_secs {
                     cx.counters.idle_closed += 1;
                     self.close(close_code::GOING_AWAY, "idle timeout", cx);
@@ -904,13 +919,25 @@ mod tests {
             Self::new(ConnConfig::from_config(&Config::for_tests()))
         }
 
-        /// A realtime connection past its upgrade, subscribed to `channels` of project `p`.
+        /// A realtime connection past its upgrade in project `p`, with `query` in its URL.
         fn open(query: &str) -> Self {
-            let mut d = Self::defaults();
+            Self::open_with(ConnConfig::from_config(&Config::for_tests()), query)
+        }
+
+        fn open_with(cfg: ConnConfig, query: &str) -> Self {
+            let mut d = Self::new(cfg);
             d.read(&upgrade(&format!("/v1/realtime?project=p&{query}")));
             assert!(d.http_head().starts_with("HTTP/1.1 101"));
             assert_eq!(json(&d.text())["type"], "connected");
             d
+        }
+
+        /// An open connection pinged after 2 idle seconds and closed after 5.
+        fn pinged_early() -> Self {
+            let mut cfg = ConnConfig::from_config(&Config::for_tests());
+            cfg.ping_interval_secs = 2;
+            cfg.idle_timeout_secs = 5;
+            Self::open_with(cfg, "channels[]=a")
         }
 
         fn transmit(&mut self) -> Transmit {
@@ -1164,10 +1191,7 @@ mod tests {
     fn a_reader_that_stops_is_closed_as_a_slow_consumer_with_whole_frames_then_1013() {
         let mut cfg = ConnConfig::from_config(&Config::for_tests());
         cfg.max_outbound = 4096;
-        let mut d = Driver::new(cfg);
-        d.read(&upgrade("/v1/realtime?project=p&channels[]=a"));
-        d.http_head();
-        d.text();
+        let mut d = Driver::open_with(cfg, "channels[]=a");
         d.wire.budget = 700;
         let mut sent = 0;
         while !d.slow {
@@ -1268,13 +1292,7 @@ mod tests {
 
     #[test]
     fn an_idle_connection_is_pinged_once_then_closed_with_1001_then_dropped() {
-        let mut cfg = ConnConfig::from_config(&Config::for_tests());
-        cfg.ping_interval_secs = 2;
-        cfg.idle_timeout_secs = 5;
-        let mut d = Driver::new(cfg);
-        d.read(&upgrade("/v1/realtime?project=p&channels[]=a"));
-        d.http_head();
-        d.text();
+        let mut d = Driver::pinged_early();
         d.tick(1);
         assert!(d.frames().is_empty());
         d.tick(2);
@@ -1293,13 +1311,7 @@ mod tests {
 
     #[test]
     fn reading_keeps_a_connection_alive_and_a_pong_allows_the_next_ping() {
-        let mut cfg = ConnConfig::from_config(&Config::for_tests());
-        cfg.ping_interval_secs = 2;
-        cfg.idle_timeout_secs = 5;
-        let mut d = Driver::new(cfg);
-        d.read(&upgrade("/v1/realtime?project=p&channels[]=a"));
-        d.http_head();
-        d.text();
+        let mut d = Driver::pinged_early();
         d.tick(2);
         assert_eq!(d.frames().len(), 1);
         d.shared.now = 4;
@@ -1307,6 +1319,36 @@ mod tests {
         d.tick(6);
         assert_eq!(d.frames(), vec![(PING, Vec::new())]);
         assert_eq!(d.next, Next::Idle);
+    }
+
+    #[test]
+    fn a_message_trickled_in_is_closed_with_1008_and_its_bytes_are_no_activity() {
+        let mut cfg = ConnConfig::from_config(&Config::for_tests());
+        cfg.ping_interval_secs = 2;
+        let mut d = Driver::open_with(cfg, "channels[]=a");
+        let timeout = d.shared.cfg.message_timeout_secs;
+        assert!(timeout < d.shared.cfg.idle_timeout_secs);
+        let frame = encode_client_frame(true, TEXT, &[b'x'; 1000], [1, 2, 3, 4]);
+        d.shared.now = 1;
+        d.read(&frame[..10]);
+        d.shared.now = 2;
+        d.read(&frame[10..11]);
+        // Pinged at 2 s of silence: the partial bytes did not count as activity.
+        d.tick(2);
+        assert_eq!(d.frames(), vec![(PING, Vec::new())]);
+        assert_eq!(
+            d.tick(timeout),
+            None,
+            "the deadline runs from the first byte"
+        );
+        assert_eq!(
+            d.tick(1 + timeout),
+            Some(Incident::ProtocolError(close_code::POLICY))
+        );
+        let frames = d.frames();
+        assert_eq!(frames[0].0, CLOSE);
+        assert_eq!(close_code_of(&frames[0].1), close_code::POLICY);
+        assert!(d.conn.decoder.is_idle(), "the partial message was freed");
     }
 
     #[test]

@@ -353,3 +353,56 @@ fn a_second_signal_exits_at_once_even_while_clients_hold_the_drain() {
     assert!(!status.success(), "{status:?}");
     assert!(start.elapsed() < Duration::from_secs(3));
 }
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_that_declare_much_and_send_little_hold_little_and_are_closed_with_1008() {
+    const ATTACKERS: usize = 400;
+    let server = Server::start(&["--message-timeout", "1s"]);
+    let (mut victim, _) = connect(&server.url("/v1/realtime?project=p&channels[]=c")).await;
+    let before = rss_bytes(server.pid());
+    let frame = herald::ws::decoder::encode_client_frame(true, 1, &[b'x'; 64_000], [1, 2, 3, 4]);
+    let mut attackers: Vec<common::RawClient> = (0..ATTACKERS)
+        .map(|_| {
+            let mut c =
+                common::RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=c");
+            assert_eq!(c.read_json()["type"], "connected");
+            c.write(&frame[..20]);
+            c
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let growth = rss_bytes(server.pid()).saturating_sub(before);
+    assert!(
+        growth < (ATTACKERS * 16 * 1024) as u64,
+        "{} bytes per attacker",
+        growth / ATTACKERS as u64
+    );
+    // Meanwhile the victim gets its events.
+    let id = server.publish(json!({"project": "p", "channels": ["c"], "payload": {}}));
+    assert_eq!(next_json(&mut victim).await["data"]["id"], id);
+    // Each attacker is closed with 1008 once the message timeout passed, its event before it.
+    let codes = tokio::task::spawn_blocking(move || {
+        attackers
+            .iter_mut()
+            .map(|a| {
+                a.stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                a.read_close_code()
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(codes.iter().all(|c| *c == Some(1008)), "{codes:?}");
+}

@@ -2,7 +2,8 @@
 //!
 //! Owns reassembly of frames split across reads, fragmented messages, UTF-8 validation of text and
 //! the inbound size limit. It holds memory only while a frame or a fragmented message is actually
-//! incomplete, so an idle connection's decoder is one null pointer. It must not know about
+//! incomplete, and then in proportion to the bytes received (never to a declared length), so an
+//! idle connection's decoder is one null pointer. It must not know about
 //! sockets or the realtime protocol: callers hand it bytes and get borrowed messages back.
 
 use std::ops::ControlFlow;
@@ -105,9 +106,7 @@ impl Decoder {
             }
             input[consumed..].to_vec()
         } else {
-            // Exact, so the buffer never doubles past the frame it is completing.
-            pending.reserve_exact(input.len());
-            pending.extend_from_slice(input);
+            append(&mut pending, input, max_message);
             let (consumed, stopped) =
                 process(&mut pending, &mut message, max_message, &mut on_message)?;
             if stopped {
@@ -123,17 +122,35 @@ impl Decoder {
         };
 
         if !leftover.is_empty() || message.is_some() {
-            let mut pending = leftover;
-            // Reserve for the whole frame now that its length may be known, so a large frame
-            // arriving in many reads is not reallocated again and again (exactly: no more).
-            if let Ok(Some(h)) = FrameHeader::parse(&pending, max_message) {
-                let total = h.header_len + h.payload_len as usize;
-                pending.reserve_exact(total.saturating_sub(pending.len()));
-            }
-            self.partial = Some(Box::new(Partial { pending, message }));
+            // Nothing is reserved for the rest of a frame: what a client declares costs
+            // nothing until it sends it.
+            self.partial = Some(Box::new(Partial {
+                pending: leftover,
+                message,
+            }));
         }
         Ok(())
     }
+}
+
+/// Appends `input` to the incomplete frame in `pending`, growing geometrically (a large frame in
+/// many reads is not copied again and again) but never past that frame's declared end: the
+/// memory held follows the bytes received, at most twice them.
+fn append(pending: &mut Vec<u8>, input: &[u8], max_message: usize) {
+    let need = pending.len() + input.len();
+    if need > pending.capacity() {
+        let frame_end = FrameHeader::parse(pending, max_message)
+            .ok()
+            .flatten()
+            .map(|h| h.header_len + h.payload_len as usize);
+        let doubled = pending.capacity().saturating_mul(2).max(need);
+        let target = match frame_end {
+            Some(end) if end >= need => doubled.min(end),
+            _ => need,
+        };
+        pending.reserve_exact(target - pending.len());
+    }
+    pending.extend_from_slice(input);
 }
 
 /// Decodes every complete frame at the start of `buf`. Returns the bytes consumed and whether the
@@ -317,6 +334,37 @@ mod tests {
         let (m, r) = decode_all(&mut dec, &f[7..], 100);
         assert!(r.is_ok());
         assert_eq!(m, vec![OwnedMessage::Text("hello world".into())]);
+        assert!(dec.is_idle());
+    }
+
+    #[test]
+    fn a_declared_length_costs_nothing_until_the_bytes_arrive() {
+        let payload = vec![b'x'; 64_000];
+        let f = encode_client_frame(true, 1, &payload, [1, 2, 3, 4]);
+        let mut dec = Decoder::default();
+        assert!(decode_all(&mut dec, &f[..20], 64_000).1.is_ok());
+        assert!(
+            dec.held_bytes() < 64,
+            "{} bytes for 20 received",
+            dec.held_bytes()
+        );
+        let mut sent = 20;
+        for step in [1, 100, 1000, 10_000] {
+            assert!(
+                decode_all(&mut dec, &f[sent..sent + step], 64_000)
+                    .1
+                    .is_ok()
+            );
+            sent += step;
+            assert!(
+                dec.held_bytes() <= 2 * sent,
+                "{} held for {sent}",
+                dec.held_bytes()
+            );
+        }
+        let (m, r) = decode_all(&mut dec, &f[sent..], 64_000);
+        assert!(r.is_ok());
+        assert_eq!(m.len(), 1);
         assert!(dec.is_idle());
     }
 
