@@ -91,6 +91,13 @@ pub struct Config {
     #[arg(long, env = "HERALD_MESSAGE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub message_timeout: Duration,
 
+    /// Browser origins allowed to open realtime connections, comma-separated: exact
+    /// (`https://app.example.com`) or any subdomain (`https://*.example.com`). Other origins get
+    /// HTTP 403; requests without an `Origin` header (non-browser clients) are allowed. Default:
+    /// every origin.
+    #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<crate::origin::OriginPattern>,
+
     /// Client messages allowed per window (Appwrite: 32 per minute); 0 disables the limit.
     #[arg(long, env = "HERALD_MESSAGE_RATE", default_value_t = 32)]
     pub message_rate: u32,

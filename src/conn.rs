@@ -46,6 +46,7 @@ use crate::batch::Verdict;
 use crate::config::Config;
 use crate::event::{EncodedEvent, EventId, is_valid_name, write_tail};
 use crate::mailbox::{Cancellation, ReplayError, ReplayQuery};
+use crate::origin::OriginPolicy;
 use crate::outbox::{OutFrame, Outbox, Overflow};
 use crate::protocol::{self, Session, SessionLimits};
 use crate::registry::Registry;
@@ -72,6 +73,7 @@ pub struct ConnConfig {
     pub max_outbound: usize,
     pub default_project: String,
     pub echo_path: Option<String>,
+    pub origins: Arc<OriginPolicy>,
     pub limits: SessionLimits,
     pub guest_roles: Arc<[Box<str>]>,
     pub replay_max_events: usize,
@@ -97,6 +99,7 @@ impl ConnConfig {
             max_outbound: c.max_outbound_bytes,
             default_project: c.default_project.clone(),
             echo_path: c.echo_path.clone(),
+            origins: Arc::new(OriginPolicy::new(c.allowed_origins.clone())),
             limits: SessionLimits {
                 max_subscriptions: c.max_subscriptions,
                 ..SessionLimits::default()
@@ -397,6 +400,14 @@ impl Connection {
             Ok(k) => k,
             Err(r) => return self.reject(r.status, r.message, cx, "not_websocket"),
         };
+        if realtime && !cx.cfg.origins.allows(req.origin.as_deref()) {
+            return self.reject(
+                403,
+                "Forbidden: this origin may not connect (see --allowed-origins)",
+                cx,
+                "origin",
+            );
+        }
         cx.out
             .push(OutFrame::raw(Bytes::from(handshake::accept_response(key))));
         self.phase = Phase::Open;

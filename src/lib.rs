@@ -22,6 +22,7 @@
 //! - [`ws`]: RFC 6455: [`ws::handshake`], [`ws::frame`], [`ws::decoder`].
 //! - [`protocol`]: the Appwrite Realtime messages and a connection's session.
 //! - [`query`]: PHP-style URL query parsing.
+//! - [`origin`]: which browser origins may connect (`--allowed-origins`).
 //! - [`event`]: events and their encode-once form.
 //!
 //! Control plane (tokio, its own thread):
@@ -37,8 +38,8 @@
 //! Wiring: [`gateway`] starts everything in order; [`config`] holds every setting;
 //! [`limits`] raises the open-file limit.
 //!
-//! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `event` know
-//! nothing else; `protocol` knows `event`; `mailbox` knows `event`; `conn` uses those, `batch`,
+//! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `origin`, `event`
+//! know nothing else; `protocol` knows `event`; `mailbox` knows `event`; `conn` uses those, `batch`,
 //! `outbox` and `registry`; `shard` drives `conn` and `batch` and talks to the control plane
 //! only through `mailbox`; `hub` and `replay` reach shards only through `mailbox`; buses reach
 //! shards only through `hub`; `gateway` wires it all.
@@ -55,6 +56,7 @@ pub mod hub;
 pub mod limits;
 pub mod mailbox;
 pub mod metrics;
+pub mod origin;
 pub mod outbox;
 pub mod protocol;
 pub mod query;

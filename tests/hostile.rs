@@ -406,3 +406,55 @@ async fn frames_that_declare_much_and_send_little_hold_little_and_are_closed_wit
     .unwrap();
     assert!(codes.iter().all(|c| *c == Some(1008)), "{codes:?}");
 }
+
+#[test]
+fn only_allowed_browser_origins_may_connect() {
+    let server = Server::start(&[
+        "--allowed-origins",
+        "https://app.example.com,https://*.example.org",
+    ]);
+    let upgrade = |origin: Option<&str>| {
+        let mut c = common::RawClient::tcp(server.ws);
+        let origin = origin
+            .map(|o| format!("Origin: {o}\r\n"))
+            .unwrap_or_default();
+        c.write(
+            format!(
+                "GET /v1/realtime?project=p&channels[]=c HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Version: 13\r\n{origin}\r\n"
+            )
+            .as_bytes(),
+        );
+        c.read_http_head()
+    };
+    for allowed in [
+        Some("https://app.example.com"),
+        Some("https://eu.app.example.org"),
+        None,
+    ] {
+        let head = upgrade(allowed);
+        assert!(head.starts_with("HTTP/1.1 101"), "{allowed:?}: {head}");
+    }
+    for refused in [
+        "https://evil.example",
+        "http://app.example.com",
+        "https://example.org",
+        "null",
+    ] {
+        let head = upgrade(Some(refused));
+        assert!(head.starts_with("HTTP/1.1 403"), "{refused}: {head}");
+    }
+    assert_eq!(
+        server.metric_with("herald_handshake_rejected_total", "origin"),
+        4.0
+    );
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args(["--allowed-origins", "example.com"])
+        .output()
+        .expect("run herald");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected scheme://host"));
+}

@@ -38,6 +38,8 @@ pub struct Request {
     pub key: Option<String>,
     /// `x-appwrite-project`, which wins over the `project` query parameter.
     pub project: Option<String>,
+    /// `Origin`, which browsers always send.
+    pub origin: Option<String>,
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)` means it is incomplete; bytes
@@ -92,6 +94,8 @@ pub fn parse_request(
             out.key = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("x-appwrite-project") && !value.is_empty() {
             out.project = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("origin") {
+            out.origin = Some(value.to_owned());
         }
     }
     Ok(Some((out, len)))
@@ -149,6 +153,7 @@ pub fn accept_response(key: &str) -> Vec<u8> {
 pub fn error_response(status: u16, message: &str) -> Vec<u8> {
     let reason = match status {
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
