@@ -20,6 +20,9 @@
 # HERALD_THP (0), BIN_DIR (use prebuilt herald and herald-bench from there instead of building;
 # otherwise it builds with cargo, honouring CARGO_TARGET_DIR).
 set -euo pipefail
+# Load generators open thousands of connections from a few loopback addresses: herald's per-IP
+# limits (on by default) are switched off here, explicitly.
+export HERALD_MAX_CONNECTIONS_PER_IP=0 HERALD_HANDSHAKES_PER_IP=0
 
 SMALL=${SMALL:-1000}
 LARGE=${LARGE:-19000}

@@ -10,6 +10,9 @@
 # same load. Stops everything it started by PID.
 # Settings: COUNT (200000), PAYLOAD_BYTES (200), SUBSCRIBERS (1000).
 set -euo pipefail
+# Load generators open thousands of connections from a few loopback addresses: herald's per-IP
+# limits (on by default) are switched off here, explicitly.
+export HERALD_MAX_CONNECTIONS_PER_IP=0 HERALD_HANDSHAKES_PER_IP=0
 COUNT=${COUNT:-200000}
 PAYLOAD_BYTES=${PAYLOAD_BYTES:-200}
 SUBSCRIBERS=${SUBSCRIBERS:-1000}

@@ -37,6 +37,9 @@
 # compare reports herald/before), BIN_DIR (prebuilt herald, herald-bench and the baselines
 # kernel_fanout and naive_server, there or under BIN_DIR/examples/; otherwise built with cargo).
 set -euo pipefail
+# Load generators open thousands of connections from a few loopback addresses: herald's per-IP
+# limits (on by default) are switched off here, explicitly.
+export HERALD_MAX_CONNECTIONS_PER_IP=0 HERALD_HANDSHAKES_PER_IP=0
 cd "$(dirname "$0")/.."
 
 SCENARIO=${1:-}

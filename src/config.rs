@@ -11,6 +11,14 @@ fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
+/// A network (`10.0.0.0/8`) or a single address (`10.0.0.7`).
+fn ip_net(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither an IP address nor a network like 10.0.0.0/8"))
+}
+
 /// A setting that must never appear in logs or debug output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -69,6 +77,20 @@ pub struct Config {
     /// limit allows, keeping a reserve for the admin listener and the bus.
     #[arg(long, env = "HERALD_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+
+    /// Connections one source address may hold at once; more get HTTP 429. 0: no limit.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
+    pub max_connections_per_ip: u32,
+
+    /// New connections one source address may open per second, with bursts of ten seconds'
+    /// worth; more get HTTP 429. 0: no limit.
+    #[arg(long, env = "HERALD_HANDSHAKES_PER_IP", default_value_t = 100)]
+    pub handshakes_per_ip: u32,
+
+    /// Source addresses or networks exempt from the per-IP limits, comma-separated (e.g. a load
+    /// balancer in front of herald: 10.0.0.0/8,192.168.1.7).
+    #[arg(long, env = "HERALD_TRUSTED_PROXIES", value_delimiter = ',', value_parser = ip_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 
     /// Project used when a client or publisher names none (Appwrite uses "console").
     #[arg(long, env = "HERALD_DEFAULT_PROJECT", default_value = "console")]

@@ -310,6 +310,19 @@ impl Connection {
         }
     }
 
+    /// A connection refused at accept (per-IP limits): answers `status` with `message` right
+    /// away, without waiting for its request, then half-closes.
+    pub fn refuse_at_accept(
+        &mut self,
+        status: u16,
+        message: &str,
+        reason: &'static str,
+        cx: &mut Context<'_>,
+    ) -> Incident {
+        self.reject(status, message, cx, reason);
+        Incident::Rejected(reason)
+    }
+
     pub fn serial(&self) -> u32 {
         self.serial
     }
@@ -431,7 +444,7 @@ impl Connection {
             .unwrap_or(&cx.cfg.default_project);
         if !crate::event::is_valid_id(project) {
             let msg = format!("Invalid project: a project id is {}", crate::event::ID_RULE);
-            return Some(self.refuse(&msg, "invalid_project", cx));
+            return Some(self.refuse_session(&msg, "invalid_project", cx));
         }
         let bad_channel = |c: &String| c.len() > limits.max_channel_len || !is_valid_name(c);
         if q.too_many_channels || q.channels.iter().any(bad_channel) {
@@ -441,7 +454,7 @@ impl Connection {
                 crate::event::NAME_RULE,
                 limits.max_channel_len
             );
-            return Some(self.refuse(&msg, "invalid_channels", cx));
+            return Some(self.refuse_session(&msg, "invalid_channels", cx));
         }
         let project = cx.registry.intern(project);
         let registry = &mut *cx.registry;
@@ -459,7 +472,12 @@ impl Connection {
     }
 
     /// Tells a just-upgraded client why it cannot stay, then closes with 1008.
-    fn refuse(&mut self, message: &str, reason: &'static str, cx: &mut Context<'_>) -> Incident {
+    fn refuse_session(
+        &mut self,
+        message: &str,
+        reason: &'static str,
+        cx: &mut Context<'_>,
+    ) -> Incident {
         cx.out.push(OutFrame::text(protocol::error_message(
             close_code::POLICY,
             message,

@@ -13,6 +13,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 
 use crate::admin::{AdminState, router};
+use crate::admission::IpLimits;
 use crate::bus::Bus;
 use crate::bus::embedded::EmbeddedBus;
 use crate::bus::redis::{RedisBus, RedisSettings};
@@ -106,8 +107,15 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
 
     let bell = Arc::new(ReplayBell::default());
     let (replay_tx, replay_rx) = replay_channel(bell.clone(), REPLAY_QUEUE_CAPACITY);
-    let limiter = Arc::new(ConnectionLimit::new(capacity));
-    let (handles, threads) = start_shards(listeners, &config, &metrics, &limiter, replay_tx)?;
+    let limits = Limits {
+        connections: Arc::new(ConnectionLimit::new(capacity)),
+        per_ip: Arc::new(IpLimits::new(
+            config.max_connections_per_ip,
+            config.handshakes_per_ip,
+            config.trusted_proxies.clone(),
+        )),
+    };
+    let (handles, threads) = start_shards(listeners, &config, &metrics, &limits, replay_tx)?;
     let hub = Arc::new(Hub::new(handles));
     let ChosenBus { bus, redis } = choose_bus(&config, &hub, &metrics)?;
     crate::replay::spawn(replay_rx, bell, bus.clone(), hub.clone(), metrics.clone())
@@ -237,12 +245,18 @@ fn bind_listeners(
 
 type Shards = (Vec<ShardHandle>, Vec<JoinHandle<()>>);
 
+/// The admission limits every shard shares.
+struct Limits {
+    connections: Arc<ConnectionLimit>,
+    per_ip: Arc<IpLimits>,
+}
+
 /// Starts one shard thread per listener; returns their handles and threads.
 fn start_shards(
     listeners: Vec<std::net::TcpListener>,
     config: &Config,
     metrics: &Metrics,
-    limiter: &Arc<ConnectionLimit>,
+    limits: &Limits,
     replay_tx: ReplaySender,
 ) -> Result<Shards, GatewayError> {
     let mut handles = Vec::with_capacity(listeners.len());
@@ -253,7 +267,8 @@ fn start_shards(
             listener,
             config,
             metrics.clone(),
-            limiter.clone(),
+            limits.connections.clone(),
+            limits.per_ip.clone(),
             replay_tx.clone(),
         )
         .map_err(|source| GatewayError::Shard { shard: id, source })?;

@@ -12,6 +12,7 @@
 //!   written with one `writev` per connection.
 //! - [`outbox`]: outbound frames and the bounded per-connection queue (vectored writes).
 //! - [`registry`]: a shard's index from (project, channel) to its connections.
+//! - [`admission`]: per-IP connection counts and handshake rates, shared by the shards.
 //!
 //! Between the planes:
 //! - [`mailbox`]: every message that crosses between the control plane and the shards
@@ -45,6 +46,7 @@
 //! shards only through `hub`; `gateway` wires it all.
 
 pub mod admin;
+pub mod admission;
 pub mod batch;
 pub mod bus;
 pub mod config;

@@ -18,6 +18,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
+use crate::admission::{IpLimits, IpTicket, Refusal};
 use crate::batch::{Batch, Verdict, Written};
 use crate::config::Config;
 use crate::conn::{ConnConfig, Connection, Context, Incident, Next, Shared};
@@ -81,6 +82,8 @@ struct Slot {
     conn: Connection,
     /// Registered for writability (the connection's output is blocked).
     wants_write: bool,
+    /// The source address's count this connection holds, handed back at close.
+    ip: IpTicket,
 }
 
 /// Per-shard metric handles, taken once so the loop only touches atomics.
@@ -145,6 +148,7 @@ pub struct Shard {
     drain_deadline: Option<Instant>,
     last_fd_warning: Option<Instant>,
     limit: Arc<ConnectionLimit>,
+    ip_limits: Arc<IpLimits>,
     next_serial: u32,
     /// Scratch list of occupied slab keys for the once-a-second sweep.
     sweep_keys: Vec<usize>,
@@ -162,6 +166,7 @@ impl Shard {
         config: &Config,
         metrics: Metrics,
         limit: Arc<ConnectionLimit>,
+        ip_limits: Arc<IpLimits>,
         replay_tx: ReplaySender,
     ) -> io::Result<(Self, ShardHandle)> {
         let poll = Poll::new()?;
@@ -193,6 +198,7 @@ impl Shard {
             drain_deadline: None,
             last_fd_warning: None,
             limit,
+            ip_limits,
             next_serial: 0,
             unfinished_reads: Vec::new(),
             sweep_keys: Vec::new(),
@@ -271,19 +277,20 @@ impl Shard {
         if self.accept_paused_until.is_some() {
             return;
         }
-        let Some(listener) = self.listener.as_ref() else {
-            return;
-        };
         for _ in 0..ACCEPT_BATCH {
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
             // At the cap, connections wait in the kernel's backlog until others close.
             if !self.limit.try_acquire() {
                 self.on_accept_refused(AcceptRefusal::ConnectionLimit);
                 return;
             }
             match listener.accept() {
-                Ok((mut stream, _)) => {
+                Ok((mut stream, peer)) => {
                     // Event frames are latency-sensitive and already batched by writev.
                     let _ = stream.set_nodelay(true);
+                    let admission = self.ip_limits.admit(peer.ip(), Instant::now());
                     let entry = self.slab.vacant_entry();
                     let key = entry.key();
                     if u32::try_from(key).is_err()
@@ -294,16 +301,24 @@ impl Shard {
                             .is_err()
                     {
                         self.limit.release();
+                        if let Ok(ticket) = admission {
+                            self.ip_limits.release(ticket);
+                        }
                         continue;
                     }
                     self.next_serial = self.next_serial.wrapping_add(1);
+                    let conn = Connection::new(self.next_serial, self.shared.now, &self.shared.cfg);
                     entry.insert(Slot {
                         stream,
-                        conn: Connection::new(self.next_serial, self.shared.now, &self.shared.cfg),
+                        conn,
                         wants_write: false,
+                        ip: *admission.as_ref().unwrap_or(&IpTicket::UNCOUNTED),
                     });
                     self.m.accepted.inc();
                     self.m.connections.inc();
+                    if let Err(refusal) = admission {
+                        self.refuse_at_accept(key, refusal);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.limit.release();
@@ -462,8 +477,22 @@ impl Shard {
         true
     }
 
+    /// Answers a connection over its source's limits with 429 and lets it go.
+    fn refuse_at_accept(&mut self, k: usize, refusal: Refusal) {
+        let Some(slot) = self.slab.get_mut(k) else {
+            return;
+        };
+        let mut cx = self.shared.context(k as u32);
+        let incident =
+            slot.conn
+                .refuse_at_accept(429, refusal.message(), refusal.reason(), &mut cx);
+        self.m.record(incident);
+        self.settle(k);
+    }
+
     fn remove(&mut self, k: usize) {
         if let Some(mut slot) = self.slab.try_remove(k) {
+            self.ip_limits.release(slot.ip);
             slot.conn.unindex(&mut self.shared.registry, k as u32);
             let _ = self.poll.registry().deregister(&mut slot.stream);
             self.m.connections.dec();
@@ -622,6 +651,10 @@ impl Shard {
         self.m.rate_limited.inc_by(c.rate_limited);
         self.m.idle_closed.inc_by(c.idle_closed);
         self.shared.registry.collect_garbage();
+        // One shard is enough to keep the process-wide table small.
+        if self.id == 0 {
+            self.ip_limits.sweep(Instant::now());
+        }
     }
 
     /// Calls `visit` for every connection, then transmits what it produced.

@@ -458,3 +458,62 @@ fn only_allowed_browser_origins_may_connect() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("expected scheme://host"));
 }
+
+#[test]
+fn one_address_gets_429_beyond_its_connections_or_handshake_rate_and_others_do_not() {
+    let server = Server::start(&["--max-connections-per-ip", "5", "--handshakes-per-ip", "0"]);
+    let path = "/v1/realtime?project=p&channels[]=c";
+    let held: Vec<common::RawClient> = (0..5)
+        .map(|_| common::RawClient::upgrade(server.ws, path))
+        .collect();
+    let mut sixth = common::RawClient::tcp(server.ws);
+    sixth.send_upgrade(path);
+    let head = sixth.read_http_head();
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    // Another source address is not affected.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(
+            &"127.0.0.2:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    socket.connect(&server.ws.into()).unwrap();
+    let mut from_other = common::RawClient::from_stream(socket.into());
+    from_other.send_upgrade(path);
+    assert!(from_other.read_http_head().starts_with("HTTP/1.1 101"));
+    // Closing one frees its place.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = common::RawClient::tcp(server.ws);
+        again.send_upgrade(path);
+        if again.read_http_head().starts_with("HTTP/1.1 101") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "places were not freed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(server.metric_with("herald_handshake_rejected_total", "ip_connections") >= 1.0);
+
+    let rated = Server::start(&["--handshakes-per-ip", "1"]);
+    // A burst of ten seconds' worth, then 429.
+    let mut codes = Vec::new();
+    for _ in 0..12 {
+        let mut c = common::RawClient::tcp(rated.ws);
+        c.send_upgrade(path);
+        codes.push(c.read_http_head()[9..12].to_owned());
+    }
+    assert_eq!(
+        codes.iter().filter(|c| *c == "101").count(),
+        10,
+        "{codes:?}"
+    );
+    assert_eq!(codes.last().map(String::as_str), Some("429"));
+}

@@ -10,8 +10,18 @@ use std::path::{Path, PathBuf};
 
 /// The data plane: the shard threads and what they run.
 const DATA_PLANE: &[&str] = &[
-    "shard", "conn", "batch", "outbox", "registry", "mailbox", "protocol", "event", "ws", "query",
+    "shard",
+    "conn",
+    "batch",
+    "outbox",
+    "registry",
+    "mailbox",
+    "protocol",
+    "event",
+    "ws",
+    "query",
     "origin",
+    "admission",
 ];
 /// The control plane, which the data plane must not import.
 const CONTROL_PLANE: &[&str] = &["hub", "bus", "replay", "admin", "history", "gateway"];

@@ -26,6 +26,9 @@
 # Limits: all traffic stays on 127.0.0.1. One Tsung VM and one herald process each hold about as
 # many sockets as the open-file hard limit allows (20,000 here): USERS must stay below it.
 set -euo pipefail
+# Load generators open thousands of connections from a few loopback addresses: herald's per-IP
+# limits (on by default) are switched off here, explicitly.
+export HERALD_MAX_CONNECTIONS_PER_IP=0 HERALD_HANDSHAKES_PER_IP=0
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 HERE=$ROOT/tsung
 

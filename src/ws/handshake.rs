@@ -157,6 +157,7 @@ pub fn error_response(status: u16, message: &str) -> Vec<u8> {
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "Error",
@@ -164,6 +165,7 @@ pub fn error_response(status: u16, message: &str) -> Vec<u8> {
     let body = serde_json::json!({ "code": status, "message": message }).to_string();
     let extra = match status {
         426 => "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+        429 => "Retry-After: 1\r\n",
         _ => "",
     };
     format!(
