@@ -278,6 +278,8 @@ pub struct Connection {
     kind: Kind,
     ping_outstanding: bool,
     rate_count: u16,
+    /// Client pings in the current rate window.
+    ping_count: u16,
     rate_window_start: u32,
     last_read: u32,
     deadline: u32,
@@ -299,6 +301,7 @@ impl Connection {
             kind: Kind::Realtime,
             ping_outstanding: false,
             rate_count: 0,
+            ping_count: 0,
             rate_window_start: now,
             last_read: now,
             deadline: now.saturating_add(cfg.handshake_timeout_secs),
@@ -563,7 +566,7 @@ impl Connection {
         self.last_read = cx.now;
         let open = self.phase == Phase::Open;
         match m {
-            Message::Ping(p) if open => cx.out.push(OutFrame::new(
+            Message::Ping(p) if open && self.answers_ping(cx) => cx.out.push(OutFrame::new(
                 Opcode::Pong,
                 Bytes::copy_from_slice(p),
                 SmallVec::new(),
@@ -611,12 +614,33 @@ impl Connection {
         ControlFlow::Continue(())
     }
 
+    /// Starts a new rate window for messages and pings once the current one has passed.
+    fn roll_rate_window(&mut self, cx: &Context<'_>) {
+        if cx.now.saturating_sub(self.rate_window_start) >= cx.cfg.message_rate_window_secs {
+            self.rate_window_start = cx.now;
+            self.rate_count = 0;
+            self.ping_count = 0;
+        }
+    }
+
+    /// Whether a client ping gets its pong: realtime clients may ping twice as often as they
+    /// may send messages; beyond that pings are ignored (each pong is a queued frame).
+    fn answers_ping(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.kind == Kind::Echo || cx.cfg.message_rate == 0 {
+            return true;
+        }
+        self.roll_rate_window(cx);
+        self.ping_count = self.ping_count.saturating_add(1);
+        if u32::from(self.ping_count) > cx.cfg.message_rate.saturating_mul(2) {
+            cx.counters.rate_limited += 1;
+            return false;
+        }
+        true
+    }
+
     fn on_text(&mut self, text: &str, cx: &mut Context<'_>) -> ControlFlow<()> {
         if cx.cfg.message_rate > 0 {
-            if cx.now.saturating_sub(self.rate_window_start) >= cx.cfg.message_rate_window_secs {
-                self.rate_window_start = cx.now;
-                self.rate_count = 0;
-            }
+            self.roll_rate_window(cx);
             self.rate_count = self.rate_count.saturating_add(1);
             if u32::from(self.rate_count) > cx.cfg.message_rate {
                 cx.counters.rate_limited += 1;
@@ -1169,6 +1193,33 @@ mod tests {
         assert_eq!(d.subscribers("b"), vec![KEY]);
         d.send(PING, b"hi");
         assert_eq!(d.frames(), vec![(0xA, b"hi".to_vec())]);
+    }
+
+    #[test]
+    fn an_idle_connection_stays_within_its_memory_budget() {
+        // benches/RESULTS.md: the slab entry of an idle connection is 120 bytes; every field
+        // added here is paid a million times.
+        assert!(std::mem::size_of::<Connection>() <= 112);
+        let d = Driver::open("channels[]=a");
+        assert!(d.conn.decoder.is_idle() && d.conn.handshake.is_none());
+        assert!(!d.conn.is_backlogged());
+    }
+
+    #[test]
+    fn pings_beyond_twice_the_message_rate_get_no_pong() {
+        let mut d = Driver::open("channels[]=a");
+        let allowed = d.shared.cfg.message_rate * 2;
+        for _ in 0..allowed {
+            d.send(PING, b"x");
+        }
+        assert_eq!(d.frames().len(), allowed as usize);
+        d.send(PING, b"x");
+        assert!(d.frames().is_empty());
+        assert_eq!(d.shared.counters.rate_limited, 1);
+        // A new window answers again.
+        d.shared.now += d.shared.cfg.message_rate_window_secs;
+        d.send(PING, b"x");
+        assert_eq!(d.frames().len(), 1);
     }
 
     #[test]

@@ -140,8 +140,19 @@ impl Outbox {
         self.queue.is_none()
     }
 
+    /// Unwritten wire bytes.
     pub fn queued_bytes(&self) -> usize {
         self.queue.as_ref().map_or(0, |q| q.bytes)
+    }
+
+    /// What the queue costs: its wire bytes plus the frame structs holding them (an empty ping
+    /// is 2 bytes on the wire but a whole `OutFrame` here), so the outbound bound limits memory.
+    pub fn held_bytes(&self) -> usize {
+        self.queue.as_ref().map_or(0, |q| {
+            std::mem::size_of::<Queue>()
+                + q.bytes
+                + q.frames.capacity() * std::mem::size_of::<OutFrame>()
+        })
     }
 
     /// Writes `frames` (emptying the vector) after anything already queued, as far as the socket
@@ -178,7 +189,7 @@ impl Outbox {
                 self.flush(w)?
             }
         };
-        if !drained && self.queued_bytes() > limit {
+        if !drained && self.held_bytes() > limit {
             return Ok(Err(Overflow));
         }
         Ok(Ok(drained))
@@ -316,6 +327,24 @@ mod tests {
             ob.flush(&mut w).unwrap();
         }
         assert_eq!(w.out, expected);
+    }
+
+    #[test]
+    fn the_bound_counts_frame_structs_not_only_wire_bytes() {
+        let mut w = Throttled::new(0);
+        let mut ob = Outbox::default();
+        let limit = 4096;
+        let mut pings = 0;
+        loop {
+            let mut frames = vec![OutFrame::new(Opcode::Pong, Bytes::new(), SmallVec::new())];
+            pings += 1;
+            if ob.send(&mut w, &mut frames, limit).unwrap().is_err() {
+                break;
+            }
+            assert!(pings < 1000, "2-byte frames never reached the bound");
+        }
+        assert!(ob.held_bytes() > limit);
+        assert!(pings * std::mem::size_of::<OutFrame>() <= 2 * limit + 4096);
     }
 
     #[test]
