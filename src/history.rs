@@ -67,6 +67,25 @@ impl History {
         }
     }
 
+    /// The source lost every event up to `through` (a stream trimmed while this node was
+    /// away): replays from before it can no longer be answered from here.
+    pub fn forget_through(&mut self, through: EventId) {
+        if through <= self.floor {
+            return;
+        }
+        while self
+            .events
+            .front()
+            .is_some_and(|e| e.position.is_none_or(|p| p <= through))
+        {
+            if let Some(old) = self.events.pop_front() {
+                self.bytes -= old.prefix.len();
+            }
+        }
+        self.floor = through;
+        self.newest = self.newest.max(through);
+    }
+
     /// Events with ids in `(after, upto]`, or `None` when some of them may be missing because
     /// `after` is below the floor.
     pub fn range(&self, after: EventId, upto: EventId) -> Option<Vec<Arc<EncodedEvent>>> {
@@ -126,5 +145,19 @@ mod tests {
         assert_eq!(got, vec!["13-0", "14-0"]);
         assert!(h.range(id(15), id(15)).unwrap().is_empty());
         assert_eq!(h.newest(), id(15));
+    }
+
+    #[test]
+    fn a_gap_makes_older_resumes_unanswerable() {
+        let mut h = History::new(id(10), 100, usize::MAX);
+        for ms in 11..=13 {
+            h.push(ev(ms));
+        }
+        h.forget_through(id(20));
+        assert!(h.range(id(13), id(25)).is_none(), "13 is before the gap");
+        assert_eq!(h.floor(), id(20));
+        h.push(ev(21));
+        let got = h.range(id(20), id(25)).unwrap();
+        assert_eq!(got.len(), 1);
     }
 }

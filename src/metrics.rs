@@ -23,6 +23,7 @@ pub struct Metrics {
     pub replays: IntCounterVec,
     pub stream_entries_skipped: IntCounter,
     pub bus_reconnects: IntCounter,
+    pub stream_gaps: IntCounter,
 }
 
 impl Metrics {
@@ -60,6 +61,10 @@ impl Metrics {
         let stream_entries_skipped = counter(
             "herald_stream_entries_skipped_total",
             "Redis stream entries that violate the entry format (logged with their id)",
+        );
+        let stream_gaps = counter(
+            "herald_stream_gaps_total",
+            "Times the Redis reader found entries trimmed while it was disconnected (their events were not delivered by this node)",
         );
         let bus_reconnects = counter(
             "herald_bus_reconnects_total",
@@ -132,6 +137,7 @@ impl Metrics {
             ),
             stream_entries_skipped,
             bus_reconnects,
+            stream_gaps,
             fd_limit,
             registry,
         }

@@ -332,3 +332,42 @@ async fn appwrite_pubsub_messages_are_delivered() {
     );
     assert_eq!(ev["data"]["subscriptions"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_trimmed_while_the_reader_was_away_are_counted_and_resumes_across_them_get_4010() {
+    let mut redis = RedisServer::start(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let a = node(&redis, &[]);
+    let (mut ws, _) = connect(&a.url("/v1/realtime?project=p&channels[]=c")).await;
+    let before: Vec<String> = (0..3).map(|n| xadd_event(&redis, n)).collect();
+    expect(&mut ws, &before).await;
+    let last_seen = before.last().cloned().unwrap_or_default();
+
+    redis.kill();
+    wait_ready(&a, false);
+    // Let the reader's reconnect back-off grow, so the trim below happens while it is away.
+    std::thread::sleep(Duration::from_secs(2));
+    redis.restart();
+    let lost: Vec<String> = (3..8).map(|n| xadd_event(&redis, n)).collect();
+    let _: i64 = redis::cmd("XTRIM")
+        .arg(STREAM)
+        .arg("MAXLEN")
+        .arg(2)
+        .query(&mut redis.conn())
+        .unwrap();
+    wait_ready(&a, true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.metric("herald_stream_gaps_total") < 1.0 {
+        assert!(Instant::now() < deadline, "the gap was not detected");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // What was still in the stream arrives; the trimmed ones cannot.
+    expect(&mut ws, &lost[3..]).await;
+
+    let url = a.url(&format!(
+        "/v1/realtime?project=p&channels[]=c&lastEventId={last_seen}"
+    ));
+    let (mut resumed, _) = connect(&url).await;
+    let answer = next_json(&mut resumed).await;
+    assert_eq!(answer["type"], "error", "{answer}");
+    assert_eq!(answer["data"]["code"], 4010, "{answer}");
+}

@@ -235,7 +235,12 @@ impl RedisBus {
             Err(e) => return e,
         };
         let after = match *last {
-            Some(l) => l,
+            Some(l) => {
+                if let Err(e) = self.check_for_gap(&mut conn, l).await {
+                    return e;
+                }
+                l
+            }
             None => match stream_last_id(&mut conn, &self.settings.stream).await {
                 Ok(start) => {
                     let _ = self.start.set(start);
@@ -282,6 +287,45 @@ impl RedisBus {
             self.deliver(batch).await;
             *last = Some(cursor);
         }
+    }
+
+    /// After a reconnect: were entries after `last` trimmed while the reader was away? They are
+    /// lost for this node's subscribers; say so, count it, and make resumes from before the gap
+    /// answer 4010 instead of silently skipping it. Redis tells only where the stream now begins,
+    /// so a trim that removed nothing this node had not delivered yet can be reported too.
+    async fn check_for_gap(
+        &self,
+        conn: &mut MultiplexedConnection,
+        last: EventId,
+    ) -> Result<(), redis::RedisError> {
+        let info: redis::Value = match redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&self.settings.stream)
+            .query_async(conn)
+            .await
+        {
+            Ok(info) => info,
+            // No stream yet: nothing was trimmed.
+            Err(e)
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(deleted) = deleted_after(&info, last) {
+            self.metrics.stream_gaps.inc();
+            tracing::error!(
+                stream = %self.settings.stream,
+                last_delivered = %last,
+                deleted_through = %deleted,
+                "entries were trimmed from the stream while this node was disconnected: events \
+                 between the last one delivered here and {deleted} may not have been delivered \
+                 (raise --stream-maxlen); resumes from before {deleted} get 4010"
+            );
+            self.lock_history().forget_through(deleted);
+        }
+        Ok(())
     }
 
     fn lock_history(&self) -> std::sync::MutexGuard<'_, History> {
@@ -442,6 +486,16 @@ async fn stream_last_id(conn: &mut MultiplexedConnection, stream: &str) -> Redis
 
 /// Whether entries after `after` may have been removed, judged from XINFO STREAM: trimming
 /// (MAXLEN) moves the first entry, XDEL moves `max-deleted-entry-id`.
+/// Whether entries after `last` may be gone, by the same rule a resume from `last` is judged
+/// by ([`trimmed_past`]), and the id through which history must be forgotten.
+fn deleted_after(info: &redis::Value, last: EventId) -> Option<EventId> {
+    trimmed_past(info, last)?;
+    let id = |name: &str| info_field(info, name).and_then(|s| s.parse::<EventId>().ok());
+    let deleted = id("max-deleted-entry-id").filter(|&d| d > last);
+    let first = id("recorded-first-entry-id").filter(|&f| f > last);
+    deleted.max(first).or(Some(last.next()))
+}
+
 fn trimmed_past(info: &redis::Value, after: EventId) -> Option<String> {
     let id = |name: &str| info_field(info, name).and_then(|s| s.parse::<EventId>().ok());
     let number = |name: &str| info_field(info, name).and_then(|s| s.parse::<u64>().ok());
