@@ -12,17 +12,10 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 #[derive(Debug, Default)]
 pub struct Registry {
-    /// Key: `project \x1f channel`.
-    index: FxHashMap<Box<str>, FxHashSet<u32>>,
+    /// Project, then channel, to the connections listening. Keys are the interned names, so a
+    /// project's name is stored once however many channels it has.
+    index: FxHashMap<Arc<str>, FxHashMap<Arc<str>, FxHashSet<u32>>>,
     names: HashSet<Arc<str>>,
-    key_buf: String,
-}
-
-fn key_into(buf: &mut String, project: &str, channel: &str) {
-    buf.clear();
-    buf.push_str(project);
-    buf.push('\x1f');
-    buf.push_str(channel);
 }
 
 impl Registry {
@@ -53,38 +46,43 @@ impl Registry {
             (false, false) => (set(before), set(after)),
             _ => (FxHashSet::default(), FxHashSet::default()),
         };
-        for c in before.iter().filter(|c| !in_after.contains(&c.as_ptr())) {
-            key_into(&mut self.key_buf, project, c);
-            if let Some(set) = self.index.get_mut(self.key_buf.as_str()) {
-                set.remove(&conn);
-                if set.is_empty() {
-                    self.index.remove(self.key_buf.as_str());
+        if let Some(channels) = self.index.get_mut(project) {
+            for c in before.iter().filter(|c| !in_after.contains(&c.as_ptr())) {
+                if let Some(conns) = channels.get_mut(&**c) {
+                    conns.remove(&conn);
+                    if conns.is_empty() {
+                        channels.remove(&**c);
+                    }
                 }
+            }
+            if channels.is_empty() {
+                self.index.remove(project);
             }
         }
-        for c in after.iter().filter(|c| !in_before.contains(&c.as_ptr())) {
-            key_into(&mut self.key_buf, project, c);
-            match self.index.get_mut(self.key_buf.as_str()) {
-                Some(set) => {
-                    set.insert(conn);
-                }
-                None => {
-                    let mut set = FxHashSet::default();
-                    set.insert(conn);
-                    self.index.insert(self.key_buf.as_str().into(), set);
-                }
-            }
+        let mut added = after
+            .iter()
+            .filter(|c| !in_before.contains(&c.as_ptr()))
+            .peekable();
+        if added.peek().is_none() {
+            return;
+        }
+        let project = self.intern(project);
+        let channels = self.index.entry(project).or_default();
+        for c in added {
+            channels.entry(c.clone()).or_default().insert(conn);
         }
     }
 
     /// Fills `out` with every connection listening on any of `channels` in `project`, each once,
     /// in key order.
-    pub fn collect<S: AsRef<str>>(&mut self, project: &str, channels: &[S], out: &mut Vec<u32>) {
+    pub fn collect<S: AsRef<str>>(&self, project: &str, channels: &[S], out: &mut Vec<u32>) {
         out.clear();
+        let Some(index) = self.index.get(project) else {
+            return;
+        };
         let mut sets = 0;
         for c in channels {
-            key_into(&mut self.key_buf, project, c.as_ref());
-            if let Some(set) = self.index.get(self.key_buf.as_str()) {
+            if let Some(set) = index.get(c.as_ref()) {
                 out.extend(set.iter().copied());
                 sets += 1;
             }
@@ -100,7 +98,7 @@ impl Registry {
 
     /// Number of (project, channel) pairs with at least one listener.
     pub fn channel_count(&self) -> usize {
-        self.index.len()
+        self.index.values().map(|channels| channels.len()).sum()
     }
 }
 
