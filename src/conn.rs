@@ -204,6 +204,10 @@ pub struct Context<'a> {
 /// Longest `lastEventId` quoted back in an error (an event id is at most 41 characters).
 const MAX_LAST_EVENT_ID_BYTES: usize = 64;
 
+/// How long a resume waits for its history before the client is told it is unavailable (4010)
+/// and gets the live events held meanwhile.
+const REPLAY_TIMEOUT_SECS: u32 = 30;
+
 /// Error code for a `lastEventId` that is not an event id (README: Resume).
 pub const INVALID_LAST_EVENT_ID: u16 = 4011;
 
@@ -223,6 +227,8 @@ struct Replay {
     overflowed: bool,
     /// Tells the control plane that nobody waits for the history any more.
     cancellation: Cancellation,
+    /// When the resume began, for [`REPLAY_TIMEOUT_SECS`].
+    started: u32,
 }
 
 impl Drop for Replay {
@@ -323,6 +329,8 @@ impl Connection {
         cx: &mut Context<'_>,
     ) -> Incident {
         self.reject(status, message, cx, reason);
+        // Refused sockets still hold a slot: let them go sooner than the usual close timeout.
+        self.deadline = cx.now.saturating_add(1);
         Incident::Rejected(reason)
     }
 
@@ -509,6 +517,7 @@ impl Connection {
                     buffered_bytes: 0,
                     overflowed: false,
                     cancellation: Cancellation::default(),
+                    started: cx.now,
                 }));
                 cx.resumes.push(cx.key);
                 return;
@@ -527,9 +536,15 @@ impl Connection {
         };
         let mut decoder = std::mem::take(&mut self.decoder);
         let was_idle = decoder.is_idle();
-        let result = decoder.feed(data, max, |m| self.on_message(m, cx));
+        // A data message completed in this read: what is still buffered is a new message. Control
+        // frames do not count, so pings cannot keep a fragmented message alive.
+        let mut completed = false;
+        let result = decoder.feed(data, max, |m| {
+            completed |= matches!(m, Message::Text(_) | Message::Binary(_));
+            self.on_message(m, cx)
+        });
         self.decoder = decoder;
-        if was_idle && !self.decoder.is_idle() && self.phase == Phase::Open {
+        if (was_idle || completed) && !self.decoder.is_idle() && self.phase == Phase::Open {
             // While open, `deadline` is when the message now begun must be complete.
             self.deadline = cx.now.saturating_add(cx.cfg.message_timeout_secs);
         }
@@ -779,6 +794,11 @@ impl Connection {
         let Some(mut r) = self.replay.take() else {
             return;
         };
+        if !r.waiting {
+            // Already answered (or timed out): a late answer must not send history twice.
+            self.replay = Some(r);
+            return;
+        }
         // Answered: dropping it now or later cancels nothing.
         r.waiting = false;
         let Some(session) = self.session.as_ref() else {
@@ -826,6 +846,14 @@ impl Connection {
             Phase::Open => {
                 let idle = cx.now.saturating_sub(self.last_read);
                 let cfg = cx.cfg;
+                if self.replay.as_ref().is_some_and(|r| {
+                    r.waiting && cx.now >= r.started.saturating_add(REPLAY_TIMEOUT_SECS)
+                }) {
+                    let late = ReplayError::Unavailable(format!(
+                        "the history did not arrive within {REPLAY_TIMEOUT_SECS} s"
+                    ));
+                    self.on_replay_answer(self.serial, Err(late), cx);
+                }
                 if !self.decoder.is_idle() && cx.now >= self.deadline {
                     // Whatever was held for the unfinished message goes now.
                     self.decoder = Decoder::default();
@@ -1352,6 +1380,54 @@ mod tests {
         let (_, cancellation) = d.conn.replay_query(&d.shared.cfg).unwrap();
         drop(d);
         assert!(cancellation.is_cancelled());
+    }
+
+    #[test]
+    fn a_replay_that_never_answers_times_out_and_a_late_answer_changes_nothing() {
+        let mut d = Driver::open("channels[]=a&lastEventId=1-0");
+        assert_eq!(d.deliver(&[event("4-0", "a")]), vec![Verdict::Hold]);
+        d.tick(REPLAY_TIMEOUT_SECS - 1);
+        assert!(d.frames().is_empty());
+        d.tick(REPLAY_TIMEOUT_SECS);
+        // (The idle ping of the same tick aside.)
+        let frames: Vec<_> = d
+            .frames()
+            .into_iter()
+            .filter(|(op, _)| *op == TEXT)
+            .collect();
+        assert_eq!(frames.len(), 2, "an error, then what was held");
+        let error: serde_json::Value = serde_json::from_slice(&frames[0].1).unwrap();
+        assert_eq!(error["data"]["code"], 4010);
+        let mut cx = d.shared.context(KEY);
+        d.conn
+            .on_replay_answer(SERIAL, Ok(vec![event("2-0", "a")]), &mut cx);
+        d.transmit();
+        assert!(d.frames().is_empty(), "the late history is not sent");
+    }
+
+    #[test]
+    fn a_busy_stream_of_messages_split_across_reads_is_never_timed_out() {
+        let mut d = Driver::open("channels[]=a");
+        let timeout = d.shared.cfg.message_timeout_secs;
+        let ping = br#"{"type":"ping"}"#;
+        let frame = encode_client_frame(true, TEXT, ping, [1, 2, 3, 4]);
+        // Every read completes one message and begins the next, for twice the timeout.
+        d.read(&frame[..5]);
+        for second in 1..=2 * timeout {
+            let mut bytes = frame[5..].to_vec();
+            bytes.extend_from_slice(&frame[..5]);
+            d.shared.now = second;
+            d.read(&bytes);
+            d.tick(second);
+            assert_eq!(d.next, Next::Idle);
+        }
+        let frames = d.frames();
+        assert_eq!(
+            frames.len() as u32,
+            2 * timeout,
+            "every ping answered, no close"
+        );
+        assert!(frames.iter().all(|(op, _)| *op == TEXT));
     }
 
     #[test]

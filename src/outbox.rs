@@ -151,7 +151,7 @@ impl Outbox {
         self.queue.as_ref().map_or(0, |q| {
             std::mem::size_of::<Queue>()
                 + q.bytes
-                + q.frames.capacity() * std::mem::size_of::<OutFrame>()
+                + q.frames.len() * std::mem::size_of::<OutFrame>()
         })
     }
 

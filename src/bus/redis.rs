@@ -189,17 +189,23 @@ impl RedisBus {
         slot: &tokio::sync::Mutex<Option<MultiplexedConnection>>,
         cmd: &redis::Cmd,
     ) -> RedisResult<T> {
-        let mut guard = slot.lock().await;
-        let conn = match guard.as_mut() {
-            Some(c) => c,
-            None => guard.insert(self.connect(Some(Duration::from_secs(2))).await?),
+        // The lock only guards connecting; commands run on a clone, so they pipeline on the one
+        // connection instead of waiting for each other.
+        let mut conn = {
+            let mut guard = slot.lock().await;
+            match guard.as_ref() {
+                Some(c) => c.clone(),
+                None => guard
+                    .insert(self.connect(Some(Duration::from_secs(2))).await?)
+                    .clone(),
+            }
         };
-        let result = cmd.query_async(conn).await;
+        let result = cmd.query_async(&mut conn).await;
         if result
             .as_ref()
             .is_err_and(|e| e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
         {
-            *guard = None;
+            *slot.lock().await = None;
         }
         result
     }
