@@ -20,7 +20,9 @@ fn replay(target: &str, check: fn(&[u8])) -> usize {
         let Ok(entries) = std::fs::read_dir(root.join(dir).join(target)) else {
             continue;
         };
-        let mut files: Vec<_> = entries.map(|e| e.expect("a directory entry").path()).collect();
+        let mut files: Vec<_> = entries
+            .map(|e| e.expect("a directory entry").path())
+            .collect();
         files.sort();
         for file in files {
             let bytes = std::fs::read(&file).expect("a readable input");
@@ -75,7 +77,10 @@ fn seeds_are_accepted_where_meant() {
         .unwrap()
         .unwrap();
     assert_eq!(req.websocket_key(), Ok("dGhlIHNhbXBsZSBub25jZQ=="));
-    assert!(len < up.len() - 2, "the seed carries a frame after the head");
+    assert!(
+        len < up.len() - 2,
+        "the seed carries a frame after the head"
+    );
 
     let q = seed("query", "channels");
     let q = herald::query::parse(std::str::from_utf8(&q[1..]).unwrap(), 100);
@@ -83,5 +88,8 @@ fn seeds_are_accepted_where_meant() {
 
     let ev = seed("redis_entry", "appwrite");
     let ev = herald::bus::redis::parse_appwrite(&ev, "console").unwrap();
-    assert_eq!((ev.project.as_str(), &ev.channels[..]), ("p1", &["files".to_owned()][..]));
+    assert_eq!(
+        (ev.project.as_str(), &ev.channels[..]),
+        ("p1", &["files".to_owned()][..])
+    );
 }

@@ -108,7 +108,10 @@ pub fn decoder(data: &[u8]) {
 
     let split = decode(stream, &reads, max);
     for m in &split.messages {
-        assert!(message_len(m) <= max, "a message over the limit {max}: {m:?}");
+        assert!(
+            message_len(m) <= max,
+            "a message over the limit {max}: {m:?}"
+        );
         match m {
             OwnedMessage::Ping(b) | OwnedMessage::Pong(b) => assert!(b.len() <= 125),
             OwnedMessage::Close(None, reason) => {
@@ -140,8 +143,15 @@ pub fn handshake(data: &[u8]) {
     let buf = &data[2..];
     match parse_request(buf, max_len) {
         Ok(Some((req, len))) => {
-            assert!(len <= buf.len(), "head of {len} bytes in {} bytes", buf.len());
-            assert!(len <= max_len, "head of {len} bytes over the limit {max_len}");
+            assert!(
+                len <= buf.len(),
+                "head of {len} bytes in {} bytes",
+                buf.len()
+            );
+            assert!(
+                len <= max_len,
+                "head of {len} bytes over the limit {max_len}"
+            );
             assert_eq!(
                 parse_request(&buf[..len], max_len),
                 Ok(Some((req.clone(), len))),
@@ -216,14 +226,25 @@ fn handle(session: &mut Session, text: &str, limits: &SessionLimits) {
     assert!(session.subscriptions.len() <= limits.max_subscriptions);
     let mut ids = HashSet::new();
     for s in &session.subscriptions {
-        assert!(is_valid_subscription_id(&s.id), "subscription id {:?}", s.id);
-        assert!(ids.insert(s.id.clone()), "two subscriptions with id {:?}", s.id);
+        assert!(
+            is_valid_subscription_id(&s.id),
+            "subscription id {:?}",
+            s.id
+        );
+        assert!(
+            ids.insert(s.id.clone()),
+            "two subscriptions with id {:?}",
+            s.id
+        );
         assert!(s.channels.len() <= limits.max_channels);
         let mut seen = HashSet::new();
         for c in s.channels.iter() {
             assert!(is_valid_name(c), "channel {c:?}");
             assert!(c.len() <= limits.max_channel_len);
-            assert!(seen.insert(c.clone()), "channel {c:?} twice in one subscription");
+            assert!(
+                seen.insert(c.clone()),
+                "channel {c:?} twice in one subscription"
+            );
         }
     }
     if !reply.subscriptions_changed {
