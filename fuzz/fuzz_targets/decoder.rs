@@ -1,0 +1,5 @@
+//! Fuzz target `decoder`: the input format and the checks are documented at
+//! `herald_fuzz::decoder` (fuzz/src/lib.rs).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| herald_fuzz::decoder(data));
