@@ -174,7 +174,7 @@ impl EventId {
         match self.seq.checked_add(1) {
             Some(seq) => EventId { ms: self.ms, seq },
             None => EventId {
-                ms: self.ms + 1,
+                ms: self.ms.saturating_add(1),
                 seq: 0,
             },
         }
@@ -293,6 +293,15 @@ mod tests {
         let b = g.next_id();
         assert!(b > a);
         assert_eq!(a.to_string().parse::<EventId>(), Ok(a));
+    }
+
+    #[test]
+    fn the_id_after_the_largest_one_does_not_wrap() {
+        let max = EventId {
+            ms: u64::MAX,
+            seq: u64::MAX,
+        };
+        assert!(max.next() >= max);
     }
 
     #[test]
