@@ -169,14 +169,13 @@ pub struct EventId {
 impl EventId {
     pub const ZERO: EventId = EventId { ms: 0, seq: 0 };
 
-    /// The id right after this one, for exclusive range starts.
+    /// The id right after this one, for exclusive range starts (the largest id has none: it
+    /// stays itself rather than wrapping to the smallest).
     pub fn next(self) -> EventId {
-        match self.seq.checked_add(1) {
-            Some(seq) => EventId { ms: self.ms, seq },
-            None => EventId {
-                ms: self.ms.saturating_add(1),
-                seq: 0,
-            },
+        match (self.seq.checked_add(1), self.ms.checked_add(1)) {
+            (Some(seq), _) => EventId { ms: self.ms, seq },
+            (None, Some(ms)) => EventId { ms, seq: 0 },
+            (None, None) => self,
         }
     }
 }
