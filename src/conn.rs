@@ -351,6 +351,13 @@ impl Connection {
         self.phase == Phase::Open && self.kind == Kind::Realtime
     }
 
+    /// Whether the driver should read from this connection now: not while its queued output is
+    /// over half its bound. A client that does not read what it asks for is not read from, and
+    /// TCP slows it down, instead of its requests piling up answers until it is cut off.
+    pub fn wants_input(&self, cfg: &ConnConfig) -> bool {
+        self.outbox.held_bytes() <= self.outbound_limit(cfg) / 2
+    }
+
     /// Output is queued: new frames must go behind it, through [`Shared::out`] and transmit.
     pub fn is_backlogged(&self) -> bool {
         !self.outbox.is_empty()
@@ -1403,6 +1410,35 @@ mod tests {
             .on_replay_answer(SERIAL, Ok(vec![event("2-0", "a")]), &mut cx);
         d.transmit();
         assert!(d.frames().is_empty(), "the late history is not sent");
+    }
+
+    #[test]
+    fn a_client_that_does_not_read_is_not_read_from_until_its_output_drains() {
+        let mut cfg = ConnConfig::from_config(&Config::for_tests());
+        cfg.max_outbound = 64 * 1024;
+        let mut d = Driver::open_with(cfg, "channels[]=a");
+        d.wire.budget = 0;
+        let payload = "x".repeat(1000);
+        let mut n = 0;
+        while d.conn.wants_input(&d.shared.cfg) {
+            assert!(n < 1000, "the output never paused input");
+            let ev = EncodedEvent::encode(&Event {
+                id: format!("{n}-0"),
+                project: "p".into(),
+                channels: vec!["a".into()],
+                events: vec![],
+                roles: vec![],
+                timestamp: "t".into(),
+                payload: serde_json::json!({ "x": payload }),
+            });
+            d.deliver(&[ev]);
+            n += 1;
+        }
+        assert!(!d.slow, "paused well before the bound");
+        d.wire.budget = usize::MAX;
+        d.transmit();
+        assert!(d.conn.wants_input(&d.shared.cfg));
+        assert_eq!(d.frames().len(), n);
     }
 
     #[test]

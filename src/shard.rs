@@ -82,6 +82,8 @@ struct Slot {
     conn: Connection,
     /// Registered for writability (the connection's output is blocked).
     wants_write: bool,
+    /// Reading stopped for back-pressure; `settle` resumes it once the output drains.
+    read_paused: bool,
     /// The source address's count this connection holds, handed back at close.
     ip: IpTicket,
 }
@@ -312,6 +314,7 @@ impl Shard {
                         stream,
                         conn,
                         wants_write: false,
+                        read_paused: false,
                         ip: *admission.as_ref().unwrap_or(&IpTicket::UNCOUNTED),
                     });
                     self.m.accepted.inc();
@@ -401,6 +404,11 @@ impl Shard {
             let Some(slot) = self.slab.get_mut(k) else {
                 return;
             };
+            if !slot.conn.wants_input(&self.shared.cfg) {
+                // Epoll will not report this data again (edge-triggered): `settle` resumes.
+                slot.read_paused = true;
+                return;
+            }
             match slot.stream.read(&mut self.scratch) {
                 Ok(0) => {
                     self.remove(k);
@@ -473,6 +481,10 @@ impl Shard {
                 return false;
             }
             slot.wants_write = want_write;
+        }
+        if slot.read_paused && slot.conn.wants_input(&self.shared.cfg) {
+            slot.read_paused = false;
+            self.unfinished_reads.push(k);
         }
         true
     }
