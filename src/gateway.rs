@@ -57,7 +57,9 @@ pub enum GatewayError {
 /// Listen backlog per shard; the kernel caps it at net.core.somaxconn (see sysctl/herald.conf).
 const BACKLOG: i32 = 65_535;
 
-fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// A non-blocking listener on `addr` that other sockets may join (`SO_REUSEPORT`), as every
+/// shard binds it; the benchmark baselines bind theirs the same way.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;

@@ -47,13 +47,11 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use slab::Slab;
-use socket2::{Domain, Protocol, Socket, Type};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);
 /// Descriptors kept for listeners, epoll and the admin listener, as herald reports capacity.
 const RESERVED_FDS: u64 = 64;
-const BACKLOG: i32 = 4096;
 /// Largest upgrade request head; bigger ones get HTTP 431.
 const MAX_HEAD: usize = 16 * 1024;
 /// Largest publish request body.
@@ -130,11 +128,11 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(1024);
 
     // Bind everything before the startup line, so a client may connect as soon as it is printed.
-    let first = bind_reuseport(cli.listen)?;
+    let first = herald::gateway::bind_reuseport(cli.listen)?;
     let listen = first.local_addr()?;
     let mut listeners = vec![first];
     for _ in 1..shards {
-        listeners.push(bind_reuseport(listen)?);
+        listeners.push(herald::gateway::bind_reuseport(listen)?);
     }
     let admin = StdTcpListener::bind(cli.admin)?;
     let admin_addr = admin.local_addr()?;
@@ -217,16 +215,6 @@ fn main() -> anyhow::Result<()> {
         left
     );
     Ok(())
-}
-
-fn bind_reuseport(addr: SocketAddr) -> io::Result<StdTcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    Ok(socket.into())
 }
 
 /// A server-to-client frame (final, unmasked) with opcode `op`.
