@@ -3,8 +3,10 @@
 //!
 //! Owns the process-wide table of source addresses (shared by all shards, touched once per
 //! accept and once per close, never per message) with a connection count and a token bucket for
-//! handshakes each, and the trusted proxies exempt from both. It must not know sockets or
-//! connections: the driver asks at accept, keeps the [`IpTicket`], and hands it back at close.
+//! handshakes each, and the trusted proxies exempt from both. A connection through a trusted
+//! proxy is counted at its upgrade instead, under the client address the proxy forwarded
+//! (`X-Forwarded-For`). It must not know sockets or connections: the driver (or the connection,
+//! for a forwarded address) asks, keeps the [`IpTicket`], and hands it back at close.
 
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -52,6 +54,9 @@ pub struct IpTicket(u32);
 
 impl IpTicket {
     pub const UNCOUNTED: IpTicket = IpTicket(u32::MAX);
+    /// Not counted yet: the peer is a trusted proxy, and the client address comes with the
+    /// request.
+    pub const FORWARDED: IpTicket = IpTicket(u32::MAX - 1);
 }
 
 #[derive(Debug)]
@@ -92,12 +97,50 @@ impl IpLimits {
         self.max_connections == 0 && self.rate == 0.0
     }
 
-    /// Counts a new connection from `ip`, or says why it may not open now.
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Counts a new connection from `ip`, or says why it may not open now. A trusted proxy
+    /// gets [`IpTicket::FORWARDED`]: its client is counted by [`IpLimits::admit_forwarded`].
     pub fn admit(&self, ip: IpAddr, now: Instant) -> Result<IpTicket, Refusal> {
         let ip = ip.to_canonical();
-        if self.off() || self.trusted.iter().any(|net| net.contains(&ip)) {
+        if self.off() {
             return Ok(IpTicket::UNCOUNTED);
         }
+        if self.is_trusted(ip) {
+            return Ok(IpTicket::FORWARDED);
+        }
+        self.count(ip, now)
+    }
+
+    /// Counts a connection that came through a trusted proxy under the client address in its
+    /// `X-Forwarded-For` values (all of the request's, joined by commas): the rightmost
+    /// address that is not itself a trusted proxy, since each proxy appends the address it
+    /// saw and anything further left was written by the client. Without a usable address the
+    /// connection is the proxy's own and stays uncounted.
+    pub fn admit_forwarded(
+        &self,
+        forwarded_for: Option<&str>,
+        now: Instant,
+    ) -> Result<IpTicket, Refusal> {
+        match forwarded_for.and_then(|list| self.forwarded_client(list)) {
+            Some(ip) if !self.off() => self.count(ip, now),
+            _ => Ok(IpTicket::UNCOUNTED),
+        }
+    }
+
+    fn forwarded_client(&self, list: &str) -> Option<IpAddr> {
+        for entry in list.rsplit(',') {
+            let ip = parse_forwarded(entry.trim())?.to_canonical();
+            if !self.is_trusted(ip) {
+                return Some(ip);
+            }
+        }
+        None
+    }
+
+    fn count(&self, ip: IpAddr, now: Instant) -> Result<IpTicket, Refusal> {
         let burst = (self.rate * BURST_SECS).max(1.0);
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         let Table { by_ip, sources } = &mut *table;
@@ -128,7 +171,7 @@ impl IpLimits {
 
     /// A counted connection closed.
     pub fn release(&self, ticket: IpTicket) {
-        if ticket == IpTicket::UNCOUNTED {
+        if ticket == IpTicket::UNCOUNTED || ticket == IpTicket::FORWARDED {
             return;
         }
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
@@ -167,6 +210,15 @@ impl IpLimits {
             .sources
             .len()
     }
+}
+
+/// One `X-Forwarded-For` entry: an address, possibly with a port (`1.2.3.4:5678`,
+/// `[2001:db8::1]:443`), as some proxies write it.
+fn parse_forwarded(entry: &str) -> Option<IpAddr> {
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
 }
 
 #[cfg(test)]
@@ -227,10 +279,42 @@ mod tests {
         let limits = IpLimits::new(1, 1, vec!["10.1.0.0/16".parse().unwrap()]);
         let now = Instant::now();
         for _ in 0..100 {
-            assert_eq!(limits.admit(ip("10.1.2.3"), now), Ok(IpTicket::UNCOUNTED));
+            assert_eq!(limits.admit(ip("10.1.2.3"), now), Ok(IpTicket::FORWARDED));
         }
         let off = IpLimits::new(0, 0, vec![]);
         assert_eq!(off.admit(ip("10.0.0.1"), now), Ok(IpTicket::UNCOUNTED));
         assert_eq!(off.tracked(), 0);
+    }
+
+    #[test]
+    fn a_client_behind_a_trusted_proxy_is_counted_under_its_forwarded_address() {
+        let limits = IpLimits::new(1, 0, vec!["10.1.0.0/16".parse().unwrap()]);
+        let now = Instant::now();
+        // The client wrote the leftmost entry itself; the proxy appended what it saw.
+        let first = limits
+            .admit_forwarded(Some("6.6.6.6, 203.0.113.7"), now)
+            .unwrap();
+        assert_ne!(first, IpTicket::UNCOUNTED);
+        assert_eq!(
+            limits.admit_forwarded(Some("7.7.7.7,203.0.113.7"), now),
+            Err(Refusal::TooManyConnections),
+            "a forged left entry does not change the address"
+        );
+        // A chain of trusted proxies is skipped; a port is tolerated.
+        assert_eq!(
+            limits.admit_forwarded(Some("203.0.113.7:5555, 10.1.9.9"), now),
+            Err(Refusal::TooManyConnections)
+        );
+        assert!(
+            limits
+                .admit_forwarded(Some("[2001:db8::1]:443"), now)
+                .is_ok()
+        );
+        limits.release(first);
+        assert!(limits.admit_forwarded(Some("203.0.113.7"), now).is_ok());
+        // Nothing usable: the proxy's own connection, not counted.
+        for header in [None, Some(""), Some("unknown"), Some("10.1.0.1")] {
+            assert_eq!(limits.admit_forwarded(header, now), Ok(IpTicket::UNCOUNTED));
+        }
     }
 }

@@ -87,8 +87,9 @@ pub struct Config {
     #[arg(long, env = "HERALD_HANDSHAKES_PER_IP", default_value_t = 100)]
     pub handshakes_per_ip: u32,
 
-    /// Source addresses or networks exempt from the per-IP limits, comma-separated (e.g. a load
-    /// balancer in front of herald: 10.0.0.0/8,192.168.1.7).
+    /// Proxies (addresses or networks, comma-separated, e.g. 10.0.0.0/8,192.168.1.7) whose
+    /// connections are counted under the client address they forward in X-Forwarded-For
+    /// (rightmost untrusted entry) instead of their own.
     #[arg(long, env = "HERALD_TRUSTED_PROXIES", value_delimiter = ',', value_parser = ip_net)]
     pub trusted_proxies: Vec<ipnet::IpNet>,
 

@@ -15,7 +15,9 @@
 //! same connection before it makes a context for another one, and act on what it answers:
 //!
 //! 1. On accept: [`Connection::new`]. Register for readability only.
-//! 2. Bytes read: [`Connection::on_read`]; end of stream or a read error: remove.
+//! 2. Bytes read: [`Connection::on_read`]; end of stream or a read error: remove. When the
+//!    connection came from a trusted proxy, the upgrade may leave the forwarded client's
+//!    per-IP count in [`Shared::admitted`]: the driver takes it and releases it at removal.
 //! 3. Once a second: [`Connection::on_tick`] (deadlines, idle pings, the idle timeout).
 //! 4. Shutdown: [`Connection::on_shutdown`].
 //! 5. Fan-out: [`Connection::offer`] per live event, which answers with a [`Verdict`]; the
@@ -38,10 +40,12 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use smallvec::SmallVec;
 
+use crate::admission::{IpLimits, IpTicket};
 use crate::batch::Verdict;
 use crate::config::Config;
 use crate::event::{EncodedEvent, EventId, is_valid_name, write_tail};
@@ -159,12 +163,22 @@ pub struct Shared {
     pub out: Vec<OutFrame>,
     /// Keys of connections that started a resume; the driver takes them (contract, step 6).
     pub resumes: Vec<u32>,
+    /// The process's per-IP limits, for clients behind a trusted proxy (counted at upgrade).
+    pub ip_limits: Arc<IpLimits>,
+    /// The time of `now`, for the per-IP handshake rate.
+    pub instant: Instant,
+    /// The count a connection behind a trusted proxy took at its upgrade, under the forwarded
+    /// client address; the driver keeps it with the connection (contract, step 2).
+    pub admitted: Option<IpTicket>,
 }
 
 impl Shared {
-    pub fn new(cfg: ConnConfig) -> Self {
+    pub fn new(cfg: ConnConfig, ip_limits: Arc<IpLimits>) -> Self {
         Self {
             cfg,
+            ip_limits,
+            instant: Instant::now(),
+            admitted: None,
             registry: Registry::default(),
             now: 0,
             position: None,
@@ -185,6 +199,9 @@ impl Shared {
             counters: &mut self.counters,
             resumes: &mut self.resumes,
             position: self.position,
+            ip_limits: &self.ip_limits,
+            instant: self.instant,
+            admitted: &mut self.admitted,
         }
     }
 }
@@ -199,6 +216,9 @@ pub struct Context<'a> {
     counters: &'a mut Counters,
     resumes: &'a mut Vec<u32>,
     position: Option<EventId>,
+    ip_limits: &'a IpLimits,
+    instant: Instant,
+    admitted: &'a mut Option<IpTicket>,
 }
 
 /// Longest `lastEventId` quoted back in an error (an event id is at most 41 characters).
@@ -283,6 +303,7 @@ pub struct Connection {
     phase: Phase,
     kind: Kind,
     ping_outstanding: bool,
+    behind_proxy: bool,
     rate_count: u16,
     /// Client pings in the current rate window.
     ping_count: u16,
@@ -300,8 +321,12 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub fn new(serial: u32, now: u32, cfg: &ConnConfig) -> Self {
+    /// A connection just accepted. `behind_proxy`: its peer is a trusted proxy
+    /// ([`IpTicket::FORWARDED`]), so the client address, counted at the upgrade, comes with the
+    /// request.
+    pub fn new(serial: u32, now: u32, cfg: &ConnConfig, behind_proxy: bool) -> Self {
         Self {
+            behind_proxy,
             serial,
             phase: Phase::Handshake,
             kind: Kind::Realtime,
@@ -438,6 +463,14 @@ impl Connection {
                 cx,
                 "origin",
             );
+        }
+        if self.behind_proxy {
+            self.behind_proxy = false;
+            let forwarded = req.forwarded_for.as_deref();
+            match cx.ip_limits.admit_forwarded(forwarded, cx.instant) {
+                Ok(ticket) => *cx.admitted = Some(ticket),
+                Err(refusal) => return self.reject(429, refusal.message(), cx, refusal.reason()),
+            }
         }
         cx.out
             .push(OutFrame::raw(Bytes::from(handshake::accept_response(key))));
@@ -992,9 +1025,9 @@ mod tests {
 
     impl Driver {
         fn new(cfg: ConnConfig) -> Self {
-            let conn = Connection::new(SERIAL, 0, &cfg);
+            let conn = Connection::new(SERIAL, 0, &cfg, false);
             Self {
-                shared: Shared::new(cfg),
+                shared: Shared::new(cfg, Arc::new(IpLimits::new(0, 0, Vec::new()))),
                 conn,
                 wire: Throttled::new(usize::MAX),
                 seen: 0,

@@ -187,7 +187,7 @@ impl Shard {
             slab: Slab::with_capacity(
                 ((limit.max / config.shard_count().max(1)).saturating_mul(5) / 4).min(1 << 20),
             ),
-            shared: Shared::new(ConnConfig::from_config(config)),
+            shared: Shared::new(ConnConfig::from_config(config), ip_limits.clone()),
             inbox,
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             batch: Batch::default(),
@@ -222,7 +222,10 @@ impl Shard {
                 tracing::error!(shard = self.id, error = %e, "epoll failed; shard stops");
                 return;
             }
-            self.shared.now = u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX);
+            self.shared.instant = Instant::now();
+            self.shared.now =
+                u32::try_from(self.shared.instant.duration_since(self.epoch).as_secs())
+                    .unwrap_or(u32::MAX);
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -309,13 +312,19 @@ impl Shard {
                         continue;
                     }
                     self.next_serial = self.next_serial.wrapping_add(1);
-                    let conn = Connection::new(self.next_serial, self.shared.now, &self.shared.cfg);
+                    let ip = *admission.as_ref().unwrap_or(&IpTicket::UNCOUNTED);
+                    let conn = Connection::new(
+                        self.next_serial,
+                        self.shared.now,
+                        &self.shared.cfg,
+                        ip == IpTicket::FORWARDED,
+                    );
                     entry.insert(Slot {
                         stream,
                         conn,
                         wants_write: false,
                         read_paused: false,
-                        ip: *admission.as_ref().unwrap_or(&IpTicket::UNCOUNTED),
+                        ip,
                     });
                     self.m.accepted.inc();
                     self.m.connections.inc();
@@ -418,6 +427,9 @@ impl Shard {
                     let mut cx = self.shared.context(k as u32);
                     if let Some(i) = slot.conn.on_read(&mut self.scratch[..n], &mut cx) {
                         self.m.record(i);
+                    }
+                    if let Some(ticket) = self.shared.admitted.take() {
+                        slot.ip = ticket;
                     }
                     if !self.settle(k) {
                         return;

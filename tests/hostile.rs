@@ -517,3 +517,75 @@ fn one_address_gets_429_beyond_its_connections_or_handshake_rate_and_others_do_n
     );
     assert_eq!(codes.last().map(String::as_str), Some("429"));
 }
+
+#[test]
+fn behind_a_trusted_proxy_each_forwarded_client_address_has_its_own_limit() {
+    // The test connects from 127.0.0.1, standing in for a proxy that appends the address it saw
+    // (HAProxy `option forwardfor`, nginx `$proxy_add_x_forwarded_for`).
+    let server = Server::start(&[
+        "--trusted-proxies",
+        "127.0.0.1/32",
+        "--max-connections-per-ip",
+        "2",
+        "--handshakes-per-ip",
+        "0",
+    ]);
+    let through_proxy = |forwarded: &str| {
+        let mut c = common::RawClient::tcp(server.ws);
+        c.write(
+            format!(
+                "GET /v1/realtime?project=p&channels[]=c HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Version: 13\r\n{forwarded}\r\n"
+            )
+            .as_bytes(),
+        );
+        let head = c.read_http_head();
+        (head[9..12].to_owned(), c)
+    };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (status, c) = through_proxy("X-Forwarded-For: 203.0.113.7\r\n");
+        assert_eq!(status, "101");
+        held.push(c);
+    }
+    // The third from that client is refused, whatever it writes further left.
+    let (status, _) = through_proxy("X-Forwarded-For: 198.51.100.1, 203.0.113.7\r\n");
+    assert_eq!(status, "429");
+    let (status, _) =
+        through_proxy("X-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 203.0.113.7\r\n");
+    assert_eq!(status, "429");
+    // Other clients of the same proxy are not affected, nor is the proxy's own traffic.
+    for forwarded in [
+        "X-Forwarded-For: 203.0.113.8\r\n",
+        "X-Forwarded-For: 2001:db8::1\r\n",
+        "",
+    ] {
+        let (status, c) = through_proxy(forwarded);
+        assert_eq!(status, "101", "{forwarded}");
+        held.push(c);
+    }
+    assert_eq!(
+        server.metric_with("herald_handshake_rejected_total", "ip_connections"),
+        2.0
+    );
+    // A client's places come back when its connections close.
+    held.drain(..2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while through_proxy("X-Forwarded-For: 203.0.113.7\r\n").0 != "101" {
+        assert!(Instant::now() < deadline, "places were not freed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Without --trusted-proxies the header is the client's own words and changes nothing.
+    let direct = Server::start(&["--max-connections-per-ip", "1", "--handshakes-per-ip", "0"]);
+    let mut first = common::RawClient::tcp(direct.ws);
+    first.send_upgrade("/v1/realtime?project=p&channels[]=c");
+    assert!(first.read_http_head().starts_with("HTTP/1.1 101"));
+    let mut second = common::RawClient::tcp(direct.ws);
+    second.write(
+        b"GET /v1/realtime?project=p HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n",
+    );
+    assert!(second.read_http_head().starts_with("HTTP/1.1 429"));
+}

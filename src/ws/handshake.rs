@@ -40,6 +40,9 @@ pub struct Request {
     pub project: Option<String>,
     /// `Origin`, which browsers always send.
     pub origin: Option<String>,
+    /// Every `X-Forwarded-For` value, joined by commas in order (read only from a trusted
+    /// proxy).
+    pub forwarded_for: Option<String>,
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)` means it is incomplete; bytes
@@ -96,6 +99,14 @@ pub fn parse_request(
             out.project = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("origin") {
             out.origin = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            match &mut out.forwarded_for {
+                Some(list) => {
+                    list.push(',');
+                    list.push_str(value);
+                }
+                None => out.forwarded_for = Some(value.to_owned()),
+            }
         }
     }
     Ok(Some((out, len)))
