@@ -141,6 +141,13 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_OUTBOUND_BYTES", default_value_t = 1 << 20)]
     pub max_outbound_bytes: usize,
 
+    /// Bytes all connections together may hold in queued output, unfinished messages and
+    /// request heads, and events held for resumes (split evenly between shards). Over it, the
+    /// largest holders are closed first (1009 for an unfinished message, 1013 for queued
+    /// output). Default: a quarter of the machine's (or the cgroup's) memory; 0: no cap.
+    #[arg(long, env = "HERALD_MAX_BUFFERED_BYTES")]
+    pub max_buffered_bytes: Option<u64>,
+
     /// On SIGTERM/SIGINT, how long to wait for clients to finish the close handshake.
     #[arg(long, env = "HERALD_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub drain_timeout: Duration,
@@ -278,6 +285,15 @@ impl Config {
         self.shards
             .filter(|&n| n > 0)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// The cap on buffered bytes across all shards (`--max-buffered-bytes`), `None` for no cap.
+    pub fn buffered_cap(&self) -> Option<u64> {
+        match self.max_buffered_bytes {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => Some(crate::limits::memory_bytes().map_or(4 << 30, |m| m / 4)),
+        }
     }
 
     /// Defaults with both listeners on ephemeral loopback ports.

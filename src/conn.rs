@@ -33,6 +33,9 @@
 //!    [`Next::Idle`] means stop waiting for it, [`Next::HalfClose`] means shut the socket's
 //!    write side, [`Next::Drop`] means remove the connection now. A write error also removes it.
 //! 8. Before removing: [`Connection::unindex`].
+//! 9. Memory: after each `transmit` the driver reads [`Connection::held_bytes`] and keeps the
+//!    shard's total; over its cap it calls [`Connection::shed`] on the largest holders, then
+//!    `transmit`.
 //!
 //! Memory: an idle open connection holds no buffers, only this struct and its session.
 
@@ -374,6 +377,54 @@ impl Connection {
     /// True for an open realtime connection, the only kind events go to.
     fn receives_events(&self) -> bool {
         self.phase == Phase::Open && self.kind == Kind::Realtime
+    }
+
+    /// Memory a client can make this connection hold, for the shard's cap on the total: queued
+    /// output, an unfinished message or request head, live events held for a resume.
+    pub fn held_bytes(&self) -> usize {
+        self.outbox.held_bytes()
+            + self.decoder.held_bytes()
+            + self.handshake.as_ref().map_or(0, |h| h.capacity())
+            + self.replay.as_ref().map_or(0, |r| r.buffered_bytes)
+    }
+
+    /// The shard holds more than its cap and this connection is among the largest holders:
+    /// lets go of what it holds and closes (contract, step 9) with 1009 when most of it was an
+    /// unfinished message, 1013 when it was output or held events. Answers the close code, none
+    /// for a connection that was not a WebSocket yet (it is just dropped).
+    pub fn shed(&mut self, cx: &mut Context<'_>) -> Option<u16> {
+        let unfinished =
+            self.decoder.held_bytes() + self.handshake.as_ref().map_or(0, |h| h.capacity());
+        let code = if unfinished * 2 >= self.held_bytes() {
+            close_code::TOO_BIG
+        } else {
+            close_code::TRY_AGAIN_LATER
+        };
+        self.decoder = Decoder::default();
+        self.outbox.discard_unstarted();
+        self.replay = None;
+        match self.phase {
+            Phase::Handshake => {
+                self.handshake = None;
+                self.phase = Phase::Done;
+                return None;
+            }
+            Phase::Open => {
+                let reason = if code == close_code::TOO_BIG {
+                    "server memory cap: unfinished message dropped"
+                } else {
+                    "server memory cap: queued output dropped"
+                };
+                cx.out.push(OutFrame::new(
+                    Opcode::Close,
+                    Bytes::from(close_payload(code, reason)),
+                    SmallVec::new(),
+                ));
+                self.enter(Phase::FlushThenLinger, cx.now);
+            }
+            _ => self.enter(Phase::FlushThenDrop, cx.now),
+        }
+        Some(code)
     }
 
     /// Whether the driver should read from this connection now: not while its queued output is
@@ -1333,6 +1384,51 @@ mod tests {
             assert_eq!(v["data"]["id"], id);
             assert_eq!(v["data"]["subscriptions"].as_array().unwrap().len(), 1);
         }
+    }
+
+    #[test]
+    fn a_shed_connection_lets_go_of_what_it_holds_and_says_why() {
+        // An unfinished message: 1009, and its bytes go at once.
+        let mut d = Driver::open("channels[]=a");
+        let frame = crate::ws::decoder::encode_client_frame(true, 1, &[b'x'; 30_000], [1; 4]);
+        assert_eq!(d.read(&frame[..20_000]), None);
+        assert!(d.conn.held_bytes() >= 20_000);
+        let code = d.conn.shed(&mut d.shared.context(KEY));
+        assert_eq!(code, Some(close_code::TOO_BIG));
+        d.transmit();
+        let frames = d.frames();
+        assert_eq!(frames.last().map(|f| f.0), Some(CLOSE));
+        assert_eq!(
+            close_code_of(&frames.last().unwrap().1),
+            close_code::TOO_BIG
+        );
+        assert_eq!(d.conn.held_bytes(), 0);
+        assert_eq!(
+            d.deliver(&[event("1-0", "a")]),
+            vec![Verdict::NotSubscribed]
+        );
+
+        // Queued output: 1013 after the frame already on the wire, the rest dropped.
+        let mut d = Driver::open("channels[]=a");
+        d.wire.budget = 100;
+        for n in 0..20 {
+            d.deliver(&[event(&format!("{n}-0"), "a")]);
+        }
+        assert!(d.conn.held_bytes() > 1_000);
+        let code = d.conn.shed(&mut d.shared.context(KEY));
+        assert_eq!(code, Some(close_code::TRY_AGAIN_LATER));
+        d.wire.budget = usize::MAX;
+        d.transmit();
+        let frames = d.frames();
+        assert_eq!(frames.len(), 2, "the started event, then the close");
+        assert_eq!(close_code_of(&frames[1].1), close_code::TRY_AGAIN_LATER);
+
+        // Not a WebSocket yet: dropped without an answer.
+        let mut d = Driver::defaults();
+        d.read(b"GET /v1/realtime?project=p HTTP/1.1\r\nHost: h\r\n");
+        assert!(d.conn.held_bytes() > 0);
+        assert_eq!(d.conn.shed(&mut d.shared.context(KEY)), None);
+        assert_eq!(d.transmit().next, Next::Drop);
     }
 
     #[test]

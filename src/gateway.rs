@@ -105,6 +105,15 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
     let metrics = Metrics::new();
     let fd_limit = raise_fd_limit(&metrics);
     let capacity = capacity(config.max_connections, fd_limit);
+    match config.buffered_cap() {
+        Some(cap) => tracing::info!(
+            bytes = cap,
+            "connections may hold {} MiB of queued output and unfinished messages in total \
+             (--max-buffered-bytes); the largest holders are closed beyond it",
+            cap >> 20
+        ),
+        None => tracing::warn!("--max-buffered-bytes 0: no cap on what connections may hold"),
+    }
     let (listen, listeners) = bind_listeners(config.listen, config.shard_count())?;
 
     let bell = Arc::new(ReplayBell::default());

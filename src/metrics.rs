@@ -15,6 +15,8 @@ pub struct Metrics {
     pub events_published: IntCounter,
     pub events_delivered: IntCounterVec,
     pub slow_consumers: IntCounterVec,
+    pub memory_shed: IntCounterVec,
+    pub buffered_bytes: IntGaugeVec,
     pub protocol_errors: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub idle_closed: IntCounterVec,
@@ -108,6 +110,19 @@ impl Metrics {
             slow_consumers: counter_vec(
                 "herald_slow_consumers_total",
                 "Connections closed with 1013 because their outbound queue exceeded the limit",
+                &["shard"],
+            ),
+            memory_shed: counter_vec(
+                "herald_memory_shed_total",
+                "Connections closed because their shard held more than its share of \
+                 --max-buffered-bytes, by close code (1009 unfinished message, 1013 output, 0 \
+                 before the upgrade)",
+                &["code"],
+            ),
+            buffered_bytes: gauge_vec(
+                "herald_buffered_bytes",
+                "Bytes a shard's connections hold in queued output, unfinished messages and held \
+                 events (capped by --max-buffered-bytes)",
                 &["shard"],
             ),
             protocol_errors: counter_vec(

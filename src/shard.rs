@@ -86,6 +86,8 @@ struct Slot {
     read_paused: bool,
     /// The source address's count this connection holds, handed back at close.
     ip: IpTicket,
+    /// The connection's [`Connection::held_bytes`] as last counted in the shard's total.
+    held: u32,
 }
 
 /// Per-shard metric handles, taken once so the loop only touches atomics.
@@ -95,6 +97,7 @@ struct ShardMetrics {
     accepted: prometheus::IntCounter,
     delivered: prometheus::IntCounter,
     slow: prometheus::IntCounter,
+    buffered: prometheus::IntGauge,
     rate_limited: prometheus::IntCounter,
     idle_closed: prometheus::IntCounter,
     queue: prometheus::IntGauge,
@@ -108,6 +111,7 @@ impl ShardMetrics {
             accepted: metrics.accepted.with_label_values(&[&label]),
             delivered: metrics.events_delivered.with_label_values(&[&label]),
             slow: metrics.slow_consumers.with_label_values(&[&label]),
+            buffered: metrics.buffered_bytes.with_label_values(&[&label]),
             rate_limited: metrics.rate_limited.with_label_values(&[&label]),
             idle_closed: metrics.idle_closed.with_label_values(&[&label]),
             queue: metrics.shard_queue.with_label_values(&[&label]),
@@ -157,6 +161,11 @@ pub struct Shard {
     /// Connections whose socket still held data after their share of reads.
     unfinished_reads: Vec<usize>,
     replay_tx: ReplaySender,
+    /// What the connections hold in total (their `Slot::held`), and this shard's share of
+    /// `--max-buffered-bytes`.
+    held_total: usize,
+    held_cap: usize,
+    last_shed_warning: Option<Instant>,
     m: ShardMetrics,
 }
 
@@ -205,6 +214,11 @@ impl Shard {
             unfinished_reads: Vec::new(),
             sweep_keys: Vec::new(),
             replay_tx,
+            held_total: 0,
+            held_cap: config.buffered_cap().map_or(usize::MAX, |cap| {
+                usize::try_from(cap / config.shard_count().max(1) as u64).unwrap_or(usize::MAX)
+            }),
+            last_shed_warning: None,
             m: ShardMetrics::new(id, metrics),
         };
         Ok((shard, handle))
@@ -242,6 +256,9 @@ impl Shard {
             self.drain_commands();
             if !self.shared.resumes.is_empty() {
                 self.request_replays();
+            }
+            if self.held_total > self.held_cap {
+                self.shed_largest();
             }
             let now = Instant::now();
             if self.accept_more || self.accept_paused_until.is_some_and(|until| now >= until) {
@@ -325,6 +342,7 @@ impl Shard {
                         wants_write: false,
                         read_paused: false,
                         ip,
+                        held: 0,
                     });
                     self.m.accepted.inc();
                     self.m.connections.inc();
@@ -498,7 +516,57 @@ impl Shard {
             slot.read_paused = false;
             self.unfinished_reads.push(k);
         }
+        let held = u32::try_from(slot.conn.held_bytes()).unwrap_or(u32::MAX);
+        self.held_total = self.held_total - slot.held as usize + held as usize;
+        slot.held = held;
         true
+    }
+
+    /// Over the cap on held bytes: closes the largest holders first until the total is back
+    /// under three quarters of it, so that a shard under pressure does not shed on every event.
+    fn shed_largest(&mut self) {
+        let target = self.held_cap / 4 * 3;
+        let mut holders: Vec<(u32, usize)> = self
+            .slab
+            .iter()
+            .filter(|(_, slot)| slot.held > 0)
+            .map(|(k, slot)| (slot.held, k))
+            .collect();
+        holders.sort_unstable_by_key(|&(held, _)| std::cmp::Reverse(held));
+        let (before, mut shed) = (self.held_total, 0usize);
+        for (_, k) in holders {
+            if self.held_total <= target {
+                break;
+            }
+            let Some(slot) = self.slab.get_mut(k) else {
+                continue;
+            };
+            let mut cx = self.shared.context(k as u32);
+            let code = slot.conn.shed(&mut cx).unwrap_or(0);
+            self.m
+                .metrics
+                .memory_shed
+                .with_label_values(&[&code.to_string()])
+                .inc();
+            shed += 1;
+            self.settle(k);
+        }
+        let now = Instant::now();
+        if self
+            .last_shed_warning
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+        {
+            self.last_shed_warning = Some(now);
+            tracing::warn!(
+                shard = self.id,
+                before,
+                after = self.held_total,
+                cap = self.held_cap,
+                closed = shed,
+                "connections held more than this shard's share of --max-buffered-bytes; \
+                 closed the largest holders"
+            );
+        }
     }
 
     /// Answers a connection over its source's limits with 429 and lets it go.
@@ -516,6 +584,7 @@ impl Shard {
 
     fn remove(&mut self, k: usize) {
         if let Some(mut slot) = self.slab.try_remove(k) {
+            self.held_total -= slot.held as usize;
             self.ip_limits.release(slot.ip);
             slot.conn.unindex(&mut self.shared.registry, k as u32);
             let _ = self.poll.registry().deregister(&mut slot.stream);
@@ -674,6 +743,9 @@ impl Shard {
         let c = std::mem::take(&mut self.shared.counters);
         self.m.rate_limited.inc_by(c.rate_limited);
         self.m.idle_closed.inc_by(c.idle_closed);
+        self.m
+            .buffered
+            .set(i64::try_from(self.held_total).unwrap_or(i64::MAX));
         self.shared.registry.collect_garbage();
         // One shard is enough to keep the process-wide table small.
         if self.id == 0 {

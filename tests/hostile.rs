@@ -589,3 +589,124 @@ fn behind_a_trusted_proxy_each_forwarded_client_address_has_its_own_limit() {
     );
     assert!(second.read_http_head().starts_with("HTTP/1.1 429"));
 }
+
+/// A valid realtime `ping` message padded to about `len` bytes, as one masked frame.
+fn padded_ping_frame(len: usize) -> Vec<u8> {
+    let text = format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(len));
+    herald::ws::decoder::encode_client_frame(true, 1, text.as_bytes(), [1, 2, 3, 4])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_buffered_cap_the_largest_unfinished_messages_are_closed_with_1009() {
+    const BIG: usize = 100;
+    const SMALL: usize = 10;
+    const CAP: usize = 4_000_000;
+    let server = Server::start(&[
+        "--shards",
+        "1",
+        "--max-buffered-bytes",
+        &CAP.to_string(),
+        "--message-timeout",
+        "60s",
+    ]);
+    let (mut victim, _) = connect(&server.url("/v1/realtime?project=p&channels[]=c")).await;
+    let frame = padded_ping_frame(63_000);
+    let open = |sent: usize| {
+        let mut c = common::RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=c");
+        assert_eq!(c.read_json()["type"], "connected");
+        c.write(&frame[..sent]);
+        c
+    };
+    // Small holders first: they must outlive every big one.
+    let mut small: Vec<_> = (0..SMALL).map(|_| open(1_000)).collect();
+    // 100 x 60 KB of unfinished messages: 6 MB against a 4 MB cap.
+    let mut big: Vec<_> = (0..BIG).map(|_| open(60_000)).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (small, codes) = tokio::task::spawn_blocking(move || {
+        let codes: Vec<Option<u16>> = big
+            .iter_mut()
+            .map(|c| {
+                c.stream
+                    .set_read_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                c.read_close_code()
+            })
+            .collect();
+        // The small ones finish their message and get their answer.
+        for c in &mut small {
+            c.write(&frame[1_000..]);
+            assert_eq!(c.read_json()["type"], "pong");
+        }
+        (small, codes)
+    })
+    .await
+    .unwrap();
+    let closed = codes.iter().filter(|c| **c == Some(1009)).count();
+    // Shed as they came, each time down to three quarters of the cap: at least the
+    // (6 - 4) MB / 60 KB beyond the cap, never everyone.
+    assert!((30..BIG).contains(&closed), "{closed} closed: {codes:?}");
+    assert!(
+        codes.iter().all(|c| c.is_none() || *c == Some(1009)),
+        "{codes:?}"
+    );
+    assert_eq!(
+        server.metric_with("herald_memory_shed_total", "1009"),
+        closed as f64
+    );
+    let id = server.publish(json!({"project": "p", "channels": ["c"], "payload": {}}));
+    assert_eq!(next_json(&mut victim).await["data"]["id"], id);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert!(server.metric("herald_buffered_bytes") <= CAP as f64);
+    drop(small);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_buffered_cap_clients_that_do_not_read_are_closed_with_1013() {
+    const READERS_NOT: usize = 5;
+    const EVENTS: usize = 60;
+    // The per-connection bound is out of the way (64 MiB): only the shard's cap (4 MB) applies.
+    let server = Server::start(&[
+        "--shards",
+        "1",
+        "--max-buffered-bytes",
+        "4000000",
+        "--max-outbound-bytes",
+        "67108864",
+    ]);
+    let (mut victim, _) = connect(&server.url("/v1/realtime?project=p&channels[]=c")).await;
+    let mut stalled: Vec<_> = (0..READERS_NOT)
+        .map(|_| {
+            let mut c =
+                common::RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=c");
+            assert_eq!(c.read_json()["type"], "connected");
+            c
+        })
+        .collect();
+    // The victim reads as the events come.
+    let reader = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        for _ in 0..EVENTS {
+            ids.push(next_json(&mut victim).await["data"]["id"].clone());
+        }
+        ids
+    });
+    let pad = "y".repeat(200_000);
+    let mut ids = Vec::new();
+    for n in 0..EVENTS {
+        ids.push(server.publish(json!({
+            "project": "p", "channels": ["c"], "payload": {"n": n, "pad": pad}
+        })));
+    }
+    assert_eq!(reader.await.unwrap(), ids);
+    assert!(server.metric_with("herald_memory_shed_total", "1013") >= 1.0);
+    // A stalled client that reads now finds the events it had room for, then the close.
+    let codes = tokio::task::spawn_blocking(move || {
+        stalled
+            .iter_mut()
+            .map(|c| c.read_close_code())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert!(codes.contains(&Some(1013)), "{codes:?}");
+}

@@ -336,7 +336,17 @@ impl RawClient {
                 self.buf.extend_from_slice(&chunk[..n]);
                 true
             }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => false,
+            // A read timeout ends the wait like EOF: the caller asserts on what it got.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                false
+            }
             Err(e) => panic!("read failed: {e}"),
         }
     }
