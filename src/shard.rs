@@ -41,6 +41,9 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 const ANSWERS_PER_ITERATION: usize = 16;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const TICK: Duration = Duration::from_secs(1);
+/// How long a shard keeps delivering the events already queued once shutdown is requested,
+/// before it closes its connections.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
 
 enum AcceptRefusal {
     ConnectionLimit,
@@ -152,6 +155,8 @@ pub struct Shard {
     accept_more: bool,
     commands_more: bool,
     drain_deadline: Option<Instant>,
+    /// When this shard first saw the shutdown request.
+    shutdown_seen: Option<Instant>,
     last_fd_warning: Option<Instant>,
     limit: Arc<ConnectionLimit>,
     ip_limits: Arc<IpLimits>,
@@ -207,6 +212,7 @@ impl Shard {
             accept_more: false,
             commands_more: false,
             drain_deadline: None,
+            shutdown_seen: None,
             last_fd_warning: None,
             limit,
             ip_limits,
@@ -618,8 +624,15 @@ impl Shard {
             self.m.queue.set(self.inbox.pending_commands() as i64);
             self.fan_out();
         }
-        if let Some(drain) = self.inbox.shutdown_requested() {
-            self.begin_shutdown(drain);
+        if let Some(drain) = self.inbox.shutdown_requested()
+            && self.drain_deadline.is_none()
+        {
+            // Events queued before the signal go out before the 1001, for a bounded time that
+            // counts against the drain.
+            let seen = *self.shutdown_seen.get_or_insert_with(Instant::now);
+            if !self.commands_more || seen.elapsed() >= SHUTDOWN_FLUSH.min(drain / 2) {
+                self.begin_shutdown(drain.saturating_sub(seen.elapsed()));
+            }
         }
         for _ in 0..ANSWERS_PER_ITERATION {
             let Some(a) = self.inbox.try_answer() else {
