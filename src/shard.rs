@@ -44,6 +44,9 @@ const TICK: Duration = Duration::from_secs(1);
 /// How long a shard keeps delivering the events already queued once shutdown is requested,
 /// before it closes its connections.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(1);
+/// Connections refused at accept (429) that may linger at once per shard, so that a flood of
+/// them holds at most this many of the process's connection slots.
+const REFUSED_LINGERING_MAX: usize = 256;
 
 enum AcceptRefusal {
     ConnectionLimit,
@@ -91,6 +94,8 @@ struct Slot {
     ip: IpTicket,
     /// The connection's [`Connection::held_bytes`] as last counted in the shard's total.
     held: u32,
+    /// Refused at accept (429) and lingering until the peer reads the answer.
+    refused: bool,
 }
 
 /// Per-shard metric handles, taken once so the loop only touches atomics.
@@ -171,6 +176,8 @@ pub struct Shard {
     held_total: usize,
     held_cap: usize,
     last_shed_warning: Option<Instant>,
+    /// Connections refused at accept that still linger (see `refuse_at_accept`).
+    refused_lingering: usize,
     m: ShardMetrics,
 }
 
@@ -225,6 +232,7 @@ impl Shard {
                 usize::try_from(cap / config.shard_count().max(1) as u64).unwrap_or(usize::MAX)
             }),
             last_shed_warning: None,
+            refused_lingering: 0,
             m: ShardMetrics::new(id, metrics),
         };
         Ok((shard, handle))
@@ -349,6 +357,7 @@ impl Shard {
                         read_paused: false,
                         ip,
                         held: 0,
+                        refused: false,
                     });
                     self.m.accepted.inc();
                     self.m.connections.inc();
@@ -575,7 +584,10 @@ impl Shard {
         }
     }
 
-    /// Answers a connection over its source's limits with 429 and lets it go.
+    /// Answers a connection over its source's limits with 429 and lets it go. The answer is
+    /// written at once; the socket then lingers briefly so the peer reads it before the close,
+    /// but only up to [`REFUSED_LINGERING_MAX`] at a time: a flood of refused connections is
+    /// closed at once rather than holding slots others could use.
     fn refuse_at_accept(&mut self, k: usize, refusal: Refusal) {
         let Some(slot) = self.slab.get_mut(k) else {
             return;
@@ -585,12 +597,21 @@ impl Shard {
             slot.conn
                 .refuse_at_accept(429, refusal.message(), refusal.reason(), &mut cx);
         self.m.record(incident);
-        self.settle(k);
+        if !self.settle(k) {
+            return;
+        }
+        if self.refused_lingering >= REFUSED_LINGERING_MAX {
+            self.remove(k);
+        } else if let Some(slot) = self.slab.get_mut(k) {
+            slot.refused = true;
+            self.refused_lingering += 1;
+        }
     }
 
     fn remove(&mut self, k: usize) {
         if let Some(mut slot) = self.slab.try_remove(k) {
             self.held_total -= slot.held as usize;
+            self.refused_lingering -= usize::from(slot.refused);
             self.ip_limits.release(slot.ip);
             slot.conn.unindex(&mut self.shared.registry, k as u32);
             let _ = self.poll.registry().deregister(&mut slot.stream);

@@ -710,3 +710,59 @@ async fn over_the_buffered_cap_clients_that_do_not_read_are_closed_with_1013() {
     .unwrap();
     assert!(codes.contains(&Some(1013)), "{codes:?}");
 }
+
+#[test]
+fn a_flood_of_refused_connections_does_not_take_the_slots_of_others() {
+    common::raise_fd_limit();
+    // Room for 400 connections; the flooding address may hold 5 of them.
+    let server = Server::start(&[
+        "--shards",
+        "1",
+        "--max-connections",
+        "400",
+        "--max-connections-per-ip",
+        "5",
+        "--handshakes-per-ip",
+        "0",
+    ]);
+    let path = "/v1/realtime?project=p&channels[]=c";
+    // 1,000 connections that ask and then neither read their 429 nor hang up.
+    let flood: Vec<std::net::TcpStream> = (0..1000)
+        .map(|_| {
+            let mut c = common::RawClient::tcp(server.ws);
+            c.send_upgrade(path);
+            c.stream
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Once most of the room could be taken by refusals (they linger to be read)...
+    while server.metric_with("herald_handshake_rejected_total", "ip_connections") < 400.0 {
+        assert!(Instant::now() < deadline, "the flood was not refused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ...someone else connects at once, while the flood still holds its sockets.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(
+            &"127.0.0.2:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    socket.connect(&server.ws.into()).unwrap();
+    let mut other = common::RawClient::from_stream(socket.into());
+    let start = Instant::now();
+    other.send_upgrade(path);
+    let head = other
+        .poll_http_head(Duration::from_secs(5))
+        .unwrap_or_default();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(server.metric("herald_connections") <= 5.0 + 256.0 + 1.0);
+    drop(flood);
+}
