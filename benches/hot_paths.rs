@@ -131,5 +131,59 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// `subscribe` rows `first..first + rows`, each of 100 distinct short channels.
+fn subscribe_rows(first: usize, rows: usize) -> String {
+    let rows: Vec<serde_json::Value> = (first..first + rows)
+        .map(|s| {
+            let channels: Vec<String> = (0..100).map(|c| format!("{s}.{c}")).collect();
+            serde_json::json!({"subscriptionId": format!("s{s}"), "channels": channels})
+        })
+        .collect();
+    serde_json::json!({"type": "subscribe", "data": rows}).to_string()
+}
+
+/// The most work one client message can cost a shard under the default limits: a no-op upsert
+/// of as many rows as fit in 64,000 bytes, on a session already at 100 subscriptions x 100
+/// channels, with what `Connection` does around it (channel sets before and after, the index).
+fn bench_largest_subscribe(c: &mut Criterion) {
+    let limits = herald::protocol::SessionLimits::default();
+    let mut registry = Registry::default();
+    let mut session = Session::new(
+        Arc::from("p"),
+        Arc::from(vec![Box::from("guests")]),
+        &[],
+        &mut |n| registry.intern(n),
+    );
+    for first in (0..100).step_by(10) {
+        let before = session.channels();
+        let reply = session.handle_text(&subscribe_rows(first, 10), &limits, &mut |n| {
+            registry.intern(n)
+        });
+        assert!(reply.subscriptions_changed);
+        registry.update("p", 7, &before, &session.channels());
+    }
+    let rows = (1..=100)
+        .take_while(|&n| subscribe_rows(0, n).len() <= 64_000)
+        .last()
+        .unwrap_or(1);
+    let upsert = subscribe_rows(0, rows);
+    c.bench_function(
+        &format!(
+            "largest subscribe: no-op upsert of {rows} rows x 100 channels ({} bytes) over 10,000 channels",
+            upsert.len()
+        ),
+        |b| {
+            b.iter(|| {
+                let before = session.channels();
+                let reply = session.handle_text(&upsert, &limits, &mut |n| registry.intern(n));
+                if reply.subscriptions_changed {
+                    registry.update("p", 7, &before, &session.channels());
+                }
+                black_box(reply.frame)
+            })
+        },
+    );
+}
+
+criterion_group!(benches, bench, bench_largest_subscribe);
 criterion_main!(benches);
