@@ -190,6 +190,11 @@ pub struct Config {
     #[arg(long, env = "HERALD_REPLAY_MAX_BYTES", default_value_t = 512 * 1024)]
     pub replay_max_bytes: usize,
 
+    /// Most stream entries one resume may read from Redis looking for its events (beyond the
+    /// in-memory history); further back it is told to resync (4010), whatever it matched.
+    #[arg(long, env = "HERALD_REPLAY_MAX_SCAN", default_value_t = 100_000)]
+    pub replay_max_scan: usize,
+
     /// Recent events kept in memory for replay (the embedded bus's whole history).
     #[arg(long, env = "HERALD_HISTORY_EVENTS", default_value_t = 10_000)]
     pub history_events: usize,

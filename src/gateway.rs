@@ -328,6 +328,7 @@ fn choose_bus(
             .then(|| config.appwrite_channel.clone()),
         history_events: config.history_events,
         history_bytes: config.history_bytes,
+        replay_max_scan: config.replay_max_scan,
     };
     let redis = RedisBus::new(settings, hub.clone(), metrics.clone())
         .map_err(|e| GatewayError::Redis(e.to_string()))?;

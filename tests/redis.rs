@@ -371,3 +371,60 @@ async fn entries_trimmed_while_the_reader_was_away_are_counted_and_resumes_acros
     assert_eq!(answer["type"], "error", "{answer}");
     assert_eq!(answer["data"]["code"], 4010, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_reads_at_most_replay_max_scan_entries_whatever_it_matches() {
+    let redis = RedisServer::start(&[]);
+    let a = node(
+        &redis,
+        &["--history-events", "5", "--replay-max-scan", "2000"],
+    );
+    let (mut live, _) = connect(&a.url("/v1/realtime?project=p&channels[]=c")).await;
+    let first = xadd_event(&redis, 0);
+    // 3,000 entries on a channel the resuming client does not follow, then one it does.
+    let mut conn = redis.conn();
+    let mut pipe = redis::pipe();
+    for n in 0..3_000 {
+        pipe.cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg("project")
+            .arg("p")
+            .arg("channels")
+            .arg(r#"["other"]"#)
+            .arg("payload")
+            .arg(json!({"n": n}).to_string())
+            .ignore();
+    }
+    let () = pipe.query(&mut conn).unwrap();
+    let wanted = xadd_event(&redis, 1);
+    expect(&mut live, &[first.clone(), wanted.clone()]).await;
+
+    // Matching nothing for 3,000 entries is more searching than allowed: 4010, then live.
+    let (mut far, _) = connect(&a.url(&format!(
+        "/v1/realtime?project=p&channels[]=c&lastEventId={first}"
+    )))
+    .await;
+    let err = next_json(&mut far).await;
+    assert_eq!(err["data"]["code"], 4010, "{err}");
+    assert!(
+        err["data"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--replay-max-scan")),
+        "{err}"
+    );
+    // Within the bound, the same search is served.
+    let b = node(
+        &redis,
+        &["--history-events", "5", "--replay-max-scan", "5000"],
+    );
+    let (mut near, _) = connect(&b.url(&format!(
+        "/v1/realtime?project=p&channels[]=c&lastEventId={first}"
+    )))
+    .await;
+    expect(&mut near, std::slice::from_ref(&wanted)).await;
+    let last = vec![xadd_event(&redis, 2)];
+    for ws in [&mut far, &mut near, &mut live] {
+        expect(ws, &last).await;
+    }
+}

@@ -47,6 +47,8 @@ pub struct RedisSettings {
     pub appwrite_channel: Option<String>,
     pub history_events: usize,
     pub history_bytes: usize,
+    /// Most stream entries one replay reads (`--replay-max-scan`).
+    pub replay_max_scan: usize,
 }
 
 pub struct RedisBus {
@@ -445,7 +447,15 @@ impl RedisBus {
             )));
         }
         let mut from = q.after.next();
+        let mut scanned = 0;
         while from <= upto {
+            if scanned >= self.settings.replay_max_scan {
+                return Err(ReplayError::Truncated(format!(
+                    "more than {} stream entries to search (--replay-max-scan)",
+                    self.settings.replay_max_scan
+                )));
+            }
+            scanned += BATCH;
             let page: StreamRangeReply = self
                 .replay_command(
                     redis::cmd("XRANGE")
