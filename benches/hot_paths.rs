@@ -57,7 +57,7 @@ fn bench(c: &mut Criterion) {
 
     let encoded = EncodedEvent::encode(&event);
     let mut registry = Registry::default();
-    let guests: Arc<[Box<str>]> = Arc::from(vec![Box::<str>::from("guests")]);
+    let guests = Arc::new(herald::identity::Identity::guest());
     let sessions: Vec<Session> = (0..10_000u32)
         .map(|k| {
             let chans = vec!["documents".to_owned(), format!("other.{k}")];
@@ -150,13 +150,14 @@ fn bench_largest_subscribe(c: &mut Criterion) {
     let mut registry = Registry::default();
     let mut session = Session::new(
         Arc::from("p"),
-        Arc::from(vec![Box::from("guests")]),
+        Arc::new(herald::identity::Identity::guest()),
         &[],
         &mut |n| registry.intern(n),
     );
+    let jwt = herald::identity::JwtVerifier::none();
     for first in (0..100).step_by(10) {
         let before = session.channels();
-        let reply = session.handle_text(&subscribe_rows(first, 10), &limits, &mut |n| {
+        let reply = session.handle_text(&subscribe_rows(first, 10), &limits, &jwt, &mut |n| {
             registry.intern(n)
         });
         assert!(reply.subscriptions_changed);
@@ -175,7 +176,8 @@ fn bench_largest_subscribe(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 let before = session.channels();
-                let reply = session.handle_text(&upsert, &limits, &mut |n| registry.intern(n));
+                let reply =
+                    session.handle_text(&upsert, &limits, &jwt, &mut |n| registry.intern(n));
                 if reply.subscriptions_changed {
                     registry.update("p", 7, &before, &session.channels());
                 }

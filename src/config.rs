@@ -29,6 +29,33 @@ impl Secret {
     }
 }
 
+/// A key herald verifies signatures with: any non-empty text, never shown in logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningSecret(String);
+
+impl SigningSecret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningSecret(..)")
+    }
+}
+
+impl std::str::FromStr for SigningSecret {
+    type Err = &'static str;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err("must not be empty");
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(..)")
@@ -68,6 +95,17 @@ pub struct Config {
     /// --admin binds a non-loopback address.
     #[arg(long, env = "HERALD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
+
+    /// Secret that verifies HS256 JWTs (`jwt` URL parameter, `x-appwrite-jwt` header, or an
+    /// `authentication` message with `jwt`): Appwrite's _APP_OPENSSL_KEY_V1, so tokens from
+    /// `account.createJWT()` work unchanged, or the application's own.
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<SigningSecret>,
+
+    /// PEM file of a public key (RSA, EC or Ed25519) that verifies JWTs signed by the
+    /// application's own backend.
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
 
     /// Number of shards (event-loop threads). Default: one per CPU core.
     #[arg(long, env = "HERALD_SHARDS")]

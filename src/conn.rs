@@ -52,6 +52,7 @@ use crate::admission::{IpLimits, IpTicket};
 use crate::batch::Verdict;
 use crate::config::Config;
 use crate::event::{EncodedEvent, EventId, is_valid_name, write_tail};
+use crate::identity::{Identity, JwtVerifier};
 use crate::mailbox::{Cancellation, ReplayError, ReplayQuery};
 use crate::origin::OriginPolicy;
 use crate::outbox::{OutFrame, Outbox, Overflow};
@@ -82,7 +83,9 @@ pub struct ConnConfig {
     pub echo_path: Option<String>,
     pub origins: Arc<OriginPolicy>,
     pub limits: SessionLimits,
-    pub guest_roles: Arc<[Box<str>]>,
+    /// The identity every connection starts with.
+    pub guest: Arc<Identity>,
+    pub jwt: Arc<JwtVerifier>,
     pub replay_max_events: usize,
     pub replay_max_bytes: usize,
 }
@@ -111,7 +114,8 @@ impl ConnConfig {
                 max_subscriptions: c.max_subscriptions,
                 ..SessionLimits::default()
             },
-            guest_roles: Arc::from(vec![Box::<str>::from("guests")]),
+            guest: Arc::new(Identity::guest()),
+            jwt: Arc::new(JwtVerifier::none()),
             replay_max_events: c.replay_max_events,
             replay_max_bytes: c.replay_max_bytes,
         }
@@ -290,6 +294,27 @@ fn event_frame(session: &Session, event: &EncodedEvent) -> Option<OutFrame> {
     let mut tail = SmallVec::new();
     write_tail(&mut tail, ids);
     Some(OutFrame::new(Opcode::Text, event.prefix.clone(), tail))
+}
+
+/// Who the upgrade request says the client is: a JWT (URL `jwt` or `x-appwrite-jwt`) verified
+/// here, or a guest. Refusals are (error code, message, metric reason), as Appwrite answers.
+fn handshake_identity(
+    req: &Request,
+    url_jwt: Option<&str>,
+    cx: &mut Context<'_>,
+) -> Result<Arc<Identity>, (u16, String, &'static str)> {
+    let Some(token) = url_jwt.or(req.jwt.as_deref()) else {
+        return Ok(cx.cfg.guest.clone());
+    };
+    if req.session {
+        let msg = "Cannot use a JWT and a session cookie at the same time.".to_owned();
+        return Err((403, msg, "jwt_and_cookie"));
+    }
+    let registry = &mut *cx.registry;
+    match cx.cfg.jwt.verify(token, &mut |r| registry.intern(r)) {
+        Ok(identity) => Ok(Arc::new(identity)),
+        Err(e) => Err((401, e.to_string(), "jwt")),
+    }
 }
 
 /// Outcome of a protocol error or handshake refusal, for the shard's metrics.
@@ -546,7 +571,7 @@ impl Connection {
             .unwrap_or(&cx.cfg.default_project);
         if !crate::event::is_valid_id(project) {
             let msg = format!("Invalid project: a project id is {}", crate::event::ID_RULE);
-            return Some(self.refuse_session(&msg, "invalid_project", cx));
+            return Some(self.refuse_session(close_code::POLICY, &msg, "invalid_project", cx));
         }
         let bad_channel = |c: &String| c.len() > limits.max_channel_len || !is_valid_name(c);
         if q.too_many_channels || q.channels.iter().any(bad_channel) {
@@ -556,13 +581,15 @@ impl Connection {
                 crate::event::NAME_RULE,
                 limits.max_channel_len
             );
-            return Some(self.refuse_session(&msg, "invalid_channels", cx));
+            return Some(self.refuse_session(close_code::POLICY, &msg, "invalid_channels", cx));
         }
+        let identity = match handshake_identity(req, q.jwt.as_deref(), cx) {
+            Ok(identity) => identity,
+            Err((code, msg, reason)) => return Some(self.refuse_session(code, &msg, reason, cx)),
+        };
         let project = cx.registry.intern(project);
         let registry = &mut *cx.registry;
-        let session = Session::new(project, cx.cfg.guest_roles.clone(), &q.channels, &mut |c| {
-            registry.intern(c)
-        });
+        let session = Session::new(project, identity, &q.channels, &mut |c| registry.intern(c));
         cx.out.push(OutFrame::text(session.connected_message()));
         cx.registry
             .update(&session.project, cx.key, &[], &session.channels());
@@ -573,17 +600,17 @@ impl Connection {
         None
     }
 
-    /// Tells a just-upgraded client why it cannot stay, then closes with 1008.
+    /// Tells a just-upgraded client why it cannot stay (an `error` with `code`), then closes
+    /// with 1008 so that SDKs stop reconnecting.
     fn refuse_session(
         &mut self,
+        code: u16,
         message: &str,
         reason: &'static str,
         cx: &mut Context<'_>,
     ) -> Incident {
-        cx.out.push(OutFrame::text(protocol::error_message(
-            close_code::POLICY,
-            message,
-        )));
+        cx.out
+            .push(OutFrame::text(protocol::error_message(code, message)));
         self.close(close_code::POLICY, reason, cx);
         Incident::Rejected(reason)
     }
@@ -762,7 +789,9 @@ impl Connection {
         };
         let before = session.channels();
         let registry = &mut *cx.registry;
-        let reply = session.handle_text(text, &cx.cfg.limits, &mut |c| registry.intern(c));
+        let reply = session.handle_text(text, &cx.cfg.limits, &cx.cfg.jwt, &mut |c| {
+            registry.intern(c)
+        });
         if reply.subscriptions_changed {
             cx.registry
                 .update(&session.project, cx.key, &before, &session.channels());
@@ -864,7 +893,7 @@ impl Connection {
             upto: replay.upto,
             project: session.project.to_string(),
             channels: session.channels().iter().map(|c| c.to_string()).collect(),
-            roles: session.roles.to_vec(),
+            identity: session.identity.clone(),
             max_events: cfg.replay_max_events,
             max_bytes: cfg.replay_max_bytes,
         })?;

@@ -10,33 +10,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::Serialize;
 
+use crate::identity::Identity;
+
 /// The role that lets an event reach every connection.
 pub const ANY_ROLE: &str = "any";
 
-/// Longest channel, role or event name, anywhere (URL, subscribe, publish, stream entry).
-pub const MAX_NAME_BYTES: usize = 256;
-/// Longest id (project, subscription): Appwrite's custom-id rule.
-pub const MAX_ID_BYTES: usize = 36;
-
-/// What a valid project or subscription id is, in the words clients see.
-pub const ID_RULE: &str = "at most 36 characters of a-z, A-Z, 0-9, period, hyphen and underscore, not starting with a special character";
-/// What a valid channel, role or event name is, in the words clients see.
-pub const NAME_RULE: &str = "1 to 256 visible ASCII characters (no spaces or control characters)";
-
-/// Appwrite's custom-id rule (project and subscription ids).
-pub fn is_valid_id(id: &str) -> bool {
-    id.len() <= MAX_ID_BYTES
-        && id.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// A channel, role or event name: short and printable, so that it is cheap to index and can
-/// never smuggle a separator or a control character into a log or an index key.
-pub fn is_valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= MAX_NAME_BYTES && name.bytes().all(|b| b.is_ascii_graphic())
-}
+pub use crate::names::{
+    ID_RULE, MAX_ID_BYTES, MAX_NAME_BYTES, NAME_RULE, is_valid_id, is_valid_name,
+};
 
 /// An event as publishers describe it, before encoding.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,10 +96,10 @@ impl EncodedEvent {
         })
     }
 
-    /// Whether this event is for `project`, allowed for `roles` and on one of `channels`.
-    pub fn matches_filter(&self, project: &str, roles: &[Box<str>], channels: &[String]) -> bool {
+    /// Whether this event is for `project`, allowed for `who` and on one of `channels`.
+    pub fn matches_filter(&self, project: &str, who: &Identity, channels: &[String]) -> bool {
         &*self.project == project
-            && self.allows(roles)
+            && self.allows(who)
             && self
                 .channels
                 .iter()
@@ -138,9 +119,10 @@ impl EncodedEvent {
         self.prefix.len() + 64
     }
 
-    /// Whether a connection holding `conn_roles` may receive this event.
-    pub fn allows(&self, conn_roles: &[Box<str>]) -> bool {
-        self.any_role || conn_roles.iter().any(|r| self.roles.contains(r))
+    /// Whether a connection of `who` may receive this event: one of the event's roles is
+    /// `any` or one of `who`'s.
+    pub fn allows(&self, who: &Identity) -> bool {
+        self.any_role || self.roles.iter().any(|r| who.has_role(r))
     }
 }
 
@@ -276,8 +258,8 @@ mod tests {
             timestamp: timestamp_now(),
             payload: serde_json::json!({}),
         };
-        let guest: Box<[Box<str>]> = Box::new(["guests".into()]);
-        let user: Box<[Box<str>]> = Box::new(["user:x".into(), "users".into()]);
+        let guest = Identity::guest();
+        let user = Identity::user("x", None, vec![]);
         let enc = EncodedEvent::encode(&ev);
         assert!(!enc.allows(&guest));
         assert!(enc.allows(&user));

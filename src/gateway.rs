@@ -19,11 +19,12 @@ use crate::bus::embedded::EmbeddedBus;
 use crate::bus::redis::{RedisBus, RedisSettings};
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::identity::JwtVerifier;
 use crate::limits::{self, FdLimit};
 use crate::mailbox::{REPLAY_QUEUE_CAPACITY, ReplaySender, ShardHandle, replay_channel};
 use crate::metrics::Metrics;
 use crate::replay::ReplayBell;
-use crate::shard::{ConnectionLimit, Shard};
+use crate::shard::{Common, ConnectionLimit, Shard};
 
 #[derive(Debug, Error)]
 pub enum GatewayError {
@@ -46,6 +47,8 @@ pub enum GatewayError {
          --admin-token (HERALD_ADMIN_TOKEN) or bind 127.0.0.1"
     )]
     AdminUnprotected(SocketAddr),
+    #[error(transparent)]
+    Jwt(crate::identity::KeyError),
     #[error("shard {0} stopped unexpectedly")]
     ShardDied(usize),
     #[error("interrupted by a second signal before connections were closed")]
@@ -118,15 +121,21 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
 
     let bell = Arc::new(ReplayBell::default());
     let (replay_tx, replay_rx) = replay_channel(bell.clone(), REPLAY_QUEUE_CAPACITY);
-    let limits = Limits {
-        connections: Arc::new(ConnectionLimit::new(capacity)),
-        per_ip: Arc::new(IpLimits::new(
+    let jwt = JwtVerifier::new(
+        config.jwt_secret.as_ref().map(|s| s.expose()),
+        config.jwt_public_key.as_deref(),
+    )
+    .map_err(GatewayError::Jwt)?;
+    let common = Common {
+        limit: Arc::new(ConnectionLimit::new(capacity)),
+        ip_limits: Arc::new(IpLimits::new(
             config.max_connections_per_ip,
             config.handshakes_per_ip,
             config.trusted_proxies.clone(),
         )),
+        jwt: Arc::new(jwt),
     };
-    let (handles, threads) = start_shards(listeners, &config, &metrics, &limits, replay_tx)?;
+    let (handles, threads) = start_shards(listeners, &config, &metrics, &common, replay_tx)?;
     let hub = Arc::new(Hub::new(handles));
     let ChosenBus { bus, redis } = choose_bus(&config, &hub, &metrics)?;
     crate::replay::spawn(replay_rx, bell, bus.clone(), hub.clone(), metrics.clone())
@@ -256,18 +265,12 @@ fn bind_listeners(
 
 type Shards = (Vec<ShardHandle>, Vec<JoinHandle<()>>);
 
-/// The admission limits every shard shares.
-struct Limits {
-    connections: Arc<ConnectionLimit>,
-    per_ip: Arc<IpLimits>,
-}
-
 /// Starts one shard thread per listener; returns their handles and threads.
 fn start_shards(
     listeners: Vec<std::net::TcpListener>,
     config: &Config,
     metrics: &Metrics,
-    limits: &Limits,
+    common: &Common,
     replay_tx: ReplaySender,
 ) -> Result<Shards, GatewayError> {
     let mut handles = Vec::with_capacity(listeners.len());
@@ -278,8 +281,7 @@ fn start_shards(
             listener,
             config,
             metrics.clone(),
-            limits.connections.clone(),
-            limits.per_ip.clone(),
+            common.clone(),
             replay_tx.clone(),
         )
         .map_err(|source| GatewayError::Shard { shard: id, source })?;

@@ -24,7 +24,9 @@
 //! - [`protocol`]: the Appwrite Realtime messages and a connection's session.
 //! - [`query`]: PHP-style URL query parsing.
 //! - [`origin`]: which browser origins may connect (`--allowed-origins`).
+//! - [`names`]: the id and name rules every input is checked against.
 //! - [`event`]: events and their encode-once form.
+//! - [`identity`]: guests and users, their roles, JWT verification, the `account` channel.
 //!
 //! Control plane (tokio, its own thread):
 //! - [`hub`]: hands each encoded event to every shard.
@@ -39,8 +41,9 @@
 //! Wiring: [`gateway`] starts everything in order; [`config`] holds every setting;
 //! [`limits`] raises the open-file limit.
 //!
-//! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `origin`, `event`
-//! know nothing else; `protocol` knows `event`; `mailbox` knows `event`; `conn` uses those, `batch`,
+//! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `origin`, `names`
+//! know nothing else; `identity` knows `names`; `event` knows `identity`; `protocol` knows
+//! `event` and `identity`; `mailbox` knows `event`; `conn` uses those, `batch`,
 //! `outbox` and `registry`; `shard` drives `conn` and `batch` and talks to the control plane
 //! only through `mailbox`; `hub` and `replay` reach shards only through `mailbox`; buses reach
 //! shards only through `hub`; `gateway` wires it all.
@@ -55,9 +58,11 @@ pub mod event;
 pub mod gateway;
 pub mod history;
 pub mod hub;
+pub mod identity;
 pub mod limits;
 pub mod mailbox;
 pub mod metrics;
+pub mod names;
 pub mod origin;
 pub mod outbox;
 pub mod protocol;

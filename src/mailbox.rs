@@ -17,6 +17,7 @@ use mio::Waker;
 use thiserror::Error;
 
 use crate::event::{EncodedEvent, EventId};
+use crate::identity::Identity;
 
 /// Inbound queue capacity per shard, in events.
 pub const QUEUE_CAPACITY: usize = 65_536;
@@ -53,7 +54,7 @@ pub struct ReplayQuery {
     pub upto: Option<EventId>,
     pub project: String,
     pub channels: Vec<String>,
-    pub roles: Vec<Box<str>>,
+    pub identity: Arc<Identity>,
     pub max_events: usize,
     pub max_bytes: usize,
 }

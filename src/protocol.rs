@@ -13,6 +13,7 @@ use rustc_hash::FxHashSet;
 use serde_json::{Value, json};
 
 use crate::event::EncodedEvent;
+use crate::identity::{Identity, JwtVerifier};
 
 /// Limits a client cannot exceed through subscribe messages.
 #[derive(Debug, Clone, Copy)]
@@ -47,7 +48,8 @@ pub struct Subscription {
 #[derive(Debug)]
 pub struct Session {
     pub project: Arc<str>,
-    pub roles: Arc<[Box<str>]>,
+    /// Guest or user; replaced by a successful `authentication`.
+    pub identity: Arc<Identity>,
     pub subscriptions: Vec<Subscription>,
 }
 
@@ -107,11 +109,12 @@ pub fn is_valid_subscription_id(id: &str) -> bool {
 }
 
 impl Session {
-    /// A guest session. `url_channels` (generations A and B) form one subscription with a minted
-    /// id; `intern` returns the shard's shared copy of a channel name.
+    /// A session of `identity`. `url_channels` (generations A and B) form one subscription with
+    /// a minted id, converted for the user ([`crate::identity::convert_channel`]); `intern`
+    /// returns the shard's shared copy of a channel name.
     pub fn new(
         project: Arc<str>,
-        roles: Arc<[Box<str>]>,
+        identity: Arc<Identity>,
         url_channels: &[String],
         intern: &mut dyn FnMut(&str) -> Arc<str>,
     ) -> Self {
@@ -120,12 +123,12 @@ impl Session {
         if !url_channels.is_empty() {
             subscriptions.push(Subscription {
                 id: mint_id(),
-                channels: url_channels.iter().map(|c| intern(c)).collect(),
+                channels: convert_channels(&identity, url_channels.iter(), intern),
             });
         }
         Self {
             project,
-            roles,
+            identity,
             subscriptions,
         }
     }
@@ -135,9 +138,22 @@ impl Session {
         json!({"type": "connected", "data": {
             "channels": self.channels().iter().map(|c| &**c).collect::<Vec<_>>(),
             "subscriptions": self.subscriptions.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
-            "user": null,
+            "user": self.identity.user_json(),
         }})
         .to_string()
+    }
+
+    /// Becomes `identity` (a verified `authentication`): every subscription keeps its id and
+    /// the project stays; `account` channels are bound to the new user. The caller re-indexes.
+    pub fn authenticate(
+        &mut self,
+        identity: Arc<Identity>,
+        intern: &mut dyn FnMut(&str) -> Arc<str>,
+    ) {
+        for s in &mut self.subscriptions {
+            s.channels = convert_channels(&identity, s.channels.iter(), intern);
+        }
+        self.identity = identity;
     }
 
     /// Every distinct channel of every subscription, in first-seen order (linear: a session may
@@ -155,7 +171,7 @@ impl Session {
     /// Ids of the subscriptions that listen to any of `channels` (in subscription order), for an
     /// event the session's roles allow.
     pub fn matching<'a>(&'a self, event: &'a EncodedEvent) -> impl Iterator<Item = &'a str> + 'a {
-        let allowed = event.allows(&self.roles);
+        let allowed = event.allows(&self.identity);
         self.subscriptions
             .iter()
             .filter(move |s| {
@@ -167,11 +183,12 @@ impl Session {
             .map(|s| s.id.as_str())
     }
 
-    /// Handles one client text message.
+    /// Handles one client text message; `jwt` verifies `authentication` tokens.
     pub fn handle_text(
         &mut self,
         text: &str,
         limits: &SessionLimits,
+        jwt: &JwtVerifier,
         intern: &mut dyn FnMut(&str) -> Arc<str>,
     ) -> Reply {
         let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(text) else {
@@ -194,12 +211,48 @@ impl Session {
                 reply
             }
             Some("unsubscribe") => self.unsubscribe(data),
-            Some("authentication") => Reply::frame(authentication(&data)),
+            Some("authentication") => self.authentication(&data, jwt, intern),
             Some("presence") => Reply::frame(error_message(
                 1003,
                 "Presence is not supported by this gateway.",
             )),
             _ => Reply::frame(error_message(1003, errors::MESSAGE_TYPE)),
+        }
+    }
+
+    /// `authentication` with a `jwt`: verified here, and the session becomes its user. A
+    /// refused token leaves the session as it was.
+    fn authentication(
+        &mut self,
+        data: &Value,
+        jwt: &JwtVerifier,
+        intern: &mut dyn FnMut(&str) -> Arc<str>,
+    ) -> Reply {
+        let Some(token) = data.get("jwt") else {
+            return Reply::frame(session_authentication(data));
+        };
+        let Some(token) = token.as_str() else {
+            return Reply::frame(error_message(
+                1003,
+                "Payload is not valid. jwt must be a string",
+            ));
+        };
+        match jwt.verify(token, intern) {
+            Ok(identity) => {
+                self.authenticate(Arc::new(identity), intern);
+                Reply {
+                    frame: Some(
+                        json!({"type": "response", "data": {
+                            "to": "authentication", "success": true,
+                            "user": self.identity.user_json(),
+                        }})
+                        .to_string(),
+                    ),
+                    subscriptions_changed: true,
+                    ..Reply::default()
+                }
+            }
+            Err(e) => Reply::frame(error_message(1003, &e.to_string())),
         }
     }
 
@@ -236,7 +289,7 @@ impl Session {
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let id = row.id.unwrap_or_else(mint_id);
-            let channels: Box<[Arc<str>]> = row.channels.iter().map(|c| intern(c)).collect();
+            let channels = convert_channels(&self.identity, row.channels.iter(), intern);
             out.push(json!({
                 "subscriptionId": id.as_str(),
                 "channels": channels.iter().map(|c| &**c).collect::<Vec<_>>(),
@@ -292,13 +345,33 @@ impl Session {
     }
 }
 
-/// Sessions cannot be verified until herald has an authentication backend; the connection keeps
-/// its project, guest roles and subscriptions.
-fn authentication(data: &Value) -> String {
+/// Channels as `identity` listens to them (the `account` conversion), interned, each once.
+fn convert_channels<S: AsRef<str>>(
+    identity: &Identity,
+    channels: impl Iterator<Item = S>,
+    intern: &mut dyn FnMut(&str) -> Arc<str>,
+) -> Box<[Arc<str>]> {
+    let mut out: Vec<Arc<str>> = Vec::new();
+    let mut seen = FxHashSet::default();
+    for c in channels {
+        crate::identity::convert_channel(identity, c.as_ref(), |name| {
+            if !seen.contains(name) {
+                let name = intern(name);
+                seen.insert(name.clone());
+                out.push(name);
+            }
+        });
+    }
+    out.into_boxed_slice()
+}
+
+/// Appwrite session secrets cannot be checked without a resolver; the connection keeps its
+/// project, identity and subscriptions.
+fn session_authentication(data: &Value) -> String {
     match data.get("session").and_then(Value::as_str) {
         Some(s) if !s.is_empty() && s.len() <= 2048 => error_message(
             1003,
-            "Session is not valid. This gateway does not verify sessions yet; the connection stays a guest.",
+            "Session is not valid. This server verifies JWTs (`{\"jwt\": ...}`), not session secrets; the connection keeps its identity.",
         ),
         _ => error_message(1003, "Payload is not valid. Session is required"),
     }
@@ -422,14 +495,19 @@ mod tests {
         let chans: Vec<String> = channels.iter().map(|s| s.to_string()).collect();
         Session::new(
             "p".into(),
-            Arc::from(vec![Box::<str>::from("guests")]),
+            Arc::new(crate::identity::Identity::guest()),
             &chans,
             &mut intern,
         )
     }
 
     fn handle(s: &mut Session, text: &str) -> (Value, bool) {
-        let r = s.handle_text(text, &SessionLimits::default(), &mut intern);
+        let r = s.handle_text(
+            text,
+            &SessionLimits::default(),
+            &crate::identity::JwtVerifier::none(),
+            &mut intern,
+        );
         (
             serde_json::from_str(&r.frame.unwrap()).unwrap(),
             r.subscriptions_changed,

@@ -17,6 +17,8 @@ pub struct RealtimeQuery {
     pub too_many_channels: bool,
     /// `lastEventId`, for clients resuming after a reconnect.
     pub last_event_id: Option<String>,
+    /// `jwt`, what SDK 27+ sends after `client.setJWT()`.
+    pub jwt: Option<String>,
 }
 
 /// Parses a raw (still percent-encoded) query string, keeping at most `max_channels` channels.
@@ -32,6 +34,7 @@ pub fn parse(query: &str, max_channels: usize) -> RealtimeQuery {
             _ if value.is_empty() => {}
             ("project", None) => out.project = Some(value.into_owned()),
             ("lastEventId", None) => out.last_event_id = Some(value.into_owned()),
+            ("jwt", None) => out.jwt = Some(value.into_owned()),
             // `channels[]`, `channels[3]`, and a bare `channels=x` (read as a one-element list
             // rather than failing the way PHP's type error does).
             ("channels", b) if b.is_none_or(is_list_index) && !seen.contains(value.as_ref()) => {

@@ -22,6 +22,7 @@ use crate::admission::{IpLimits, IpTicket, Refusal};
 use crate::batch::{Batch, Verdict, Written};
 use crate::config::Config;
 use crate::conn::{ConnConfig, Connection, Context, Incident, Next, Shared};
+use crate::identity::JwtVerifier;
 use crate::mailbox::{
     Command, ReplayAnswer, ReplayError, ReplayRequest, ReplaySender, ShardHandle, ShardInbox,
     shard_mailbox,
@@ -96,6 +97,14 @@ struct Slot {
     held: u32,
     /// Refused at accept (429) and lingering until the peer reads the answer.
     refused: bool,
+}
+
+/// What every shard of the process shares, handed to [`Shard::new`].
+#[derive(Debug, Clone)]
+pub struct Common {
+    pub limit: Arc<ConnectionLimit>,
+    pub ip_limits: Arc<IpLimits>,
+    pub jwt: Arc<JwtVerifier>,
 }
 
 /// Per-shard metric handles, taken once so the loop only touches atomics.
@@ -188,10 +197,16 @@ impl Shard {
         listener: std::net::TcpListener,
         config: &Config,
         metrics: Metrics,
-        limit: Arc<ConnectionLimit>,
-        ip_limits: Arc<IpLimits>,
+        common: Common,
         replay_tx: ReplaySender,
     ) -> io::Result<(Self, ShardHandle)> {
+        let Common {
+            limit,
+            ip_limits,
+            jwt,
+        } = common;
+        let mut conn_config = ConnConfig::from_config(config);
+        conn_config.jwt = jwt;
         let poll = Poll::new()?;
         let mut listener = TcpListener::from_std(listener);
         poll.registry()
@@ -208,7 +223,7 @@ impl Shard {
             slab: Slab::with_capacity(
                 ((limit.max / config.shard_count().max(1)).saturating_mul(5) / 4).min(1 << 20),
             ),
-            shared: Shared::new(ConnConfig::from_config(config), ip_limits.clone()),
+            shared: Shared::new(conn_config, ip_limits.clone()),
             inbox,
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             batch: Batch::default(),

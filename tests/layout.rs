@@ -22,6 +22,8 @@ const DATA_PLANE: &[&str] = &[
     "query",
     "origin",
     "admission",
+    "identity",
+    "names",
 ];
 /// The control plane, which the data plane must not import.
 const CONTROL_PLANE: &[&str] = &["hub", "bus", "replay", "admin", "history", "gateway"];

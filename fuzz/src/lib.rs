@@ -208,7 +208,7 @@ fn guest() -> Session {
     let mut intern = |s: &str| Arc::<str>::from(s);
     Session::new(
         "p".into(),
-        Arc::from(vec![Box::<str>::from("guests")]),
+        Arc::new(herald::identity::Identity::guest()),
         &[],
         &mut intern,
     )
@@ -217,7 +217,10 @@ fn guest() -> Session {
 fn handle(session: &mut Session, text: &str, limits: &SessionLimits) {
     let mut intern = |s: &str| Arc::<str>::from(s);
     let before = session.channels();
-    let reply = session.handle_text(text, limits, &mut intern);
+    // A configured verifier, so that `authentication` messages reach JWT parsing.
+    let jwt =
+        herald::identity::JwtVerifier::new(Some("fuzz-secret"), None).expect("a non-empty secret");
+    let reply = session.handle_text(text, limits, &jwt, &mut intern);
     if let Some(frame) = &reply.frame {
         let v: serde_json::Value = serde_json::from_str(frame)
             .unwrap_or_else(|e| panic!("reply {frame:?} is not JSON: {e}"));

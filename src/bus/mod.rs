@@ -172,7 +172,7 @@ pub fn select_replay(
     bytes: &mut usize,
 ) -> Result<(), ReplayError> {
     for e in events {
-        if !e.matches_filter(&query.project, &query.roles, &query.channels) {
+        if !e.matches_filter(&query.project, &query.identity, &query.channels) {
             continue;
         }
         *bytes += e.frame_bytes();

@@ -43,6 +43,11 @@ pub struct Request {
     /// Every `X-Forwarded-For` value, joined by commas in order (read only from a trusted
     /// proxy).
     pub forwarded_for: Option<String>,
+    /// `x-appwrite-jwt`.
+    pub jwt: Option<String>,
+    /// An Appwrite session came with the request: an `a_session_*` cookie, `x-appwrite-session`
+    /// or `x-fallback-cookies`.
+    pub session: bool,
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)` means it is incomplete; bytes
@@ -99,6 +104,17 @@ pub fn parse_request(
             out.project = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("origin") {
             out.origin = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("x-appwrite-jwt") && !value.is_empty() {
+            out.jwt = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("cookie") {
+            out.session |= value
+                .split(';')
+                .any(|c| c.trim_start().starts_with("a_session_"));
+        } else if (name.eq_ignore_ascii_case("x-appwrite-session")
+            || name.eq_ignore_ascii_case("x-fallback-cookies"))
+            && !value.is_empty()
+        {
+            out.session = true;
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             match &mut out.forwarded_for {
                 Some(list) => {

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use crossbeam_channel::{Receiver, Sender};
-use herald::event::{ANY_ROLE, EncodedEvent, Event, EventIdGenerator, timestamp_now, write_tail};
+use herald::event::{EncodedEvent, Event, EventIdGenerator, timestamp_now, write_tail};
 use herald::protocol::{Session, mint_id};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -140,7 +140,7 @@ fn main() -> anyhow::Result<()> {
     // herald's own `connected` message for a guest on these channels, so the two cannot differ.
     let session = Session::new(
         Arc::from("console"),
-        Arc::from([Box::from(ANY_ROLE)]),
+        Arc::new(herald::identity::Identity::guest()),
         &cli.channels,
         &mut |c| Arc::from(c),
     );

@@ -309,7 +309,7 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
     // herald's own session and `connected` message for a guest on the URL's channels.
     let session = Session::new(
         Arc::from(project.as_str()),
-        Arc::from([Box::from(ANY_ROLE)]),
+        Arc::new(herald::identity::Identity::guest()),
         &channels,
         &mut |c| Arc::from(c),
     );
