@@ -37,7 +37,8 @@
 # (127.0.1.1-127.0.1.10), SHARDS (2), READY_TIMEOUT (60 s for the attacker's connections to be
 # in place), SETTLE (3 s), ATTACK_MIN (12 s), ATTACK_DURATION (PHASE_TIME + 120 s: only an upper
 # bound, the attacker is stopped as soon as the fanout ended and ATTACK_MIN passed), RUN_LIMIT
-# (600 s: upper bound on any one herald-bench run), BIN_DIR (prebuilt herald and herald-bench;
+# (600 s: upper bound on any one herald-bench run), ATTACK_ARGS (extra arguments of every
+# `herald-bench attack`, e.g. "--without-channel"), BIN_DIR (prebuilt herald and herald-bench;
 # otherwise built with cargo, honouring CARGO_TARGET_DIR). Needs jq and curl.
 #
 # herald's allocator moves RSS in 2 MiB steps (transparent huge pages) and a fresh herald grows by
@@ -63,6 +64,8 @@ SHARDS=${SHARDS:-2}
 READY_TIMEOUT=${READY_TIMEOUT:-60}
 SETTLE=${SETTLE:-3}
 ATTACK_MIN=${ATTACK_MIN:-12}
+# Extra arguments for every `herald-bench attack` (e.g. "--without-channel" or "--rate 50").
+read -r -a ATTACK_EXTRA <<<"${ATTACK_ARGS:-}"
 RUN_LIMIT=${RUN_LIMIT:-600}
 CHANNEL=bench
 
@@ -211,7 +214,7 @@ run_one() {
         timeout -s TERM -k 30 "$RUN_LIMIT" "$BENCH" attack --kind "$attack" --target "$WS_URL" \
             --connections "$HOSTILE" --duration "$ATTACK_DURATION" --source-ips "$HOSTILE_SOURCES" \
             --channel "$CHANNEL" --ready-file "$ready" --ready-timeout "${READY_TIMEOUT}s" \
-            >"$attack_json" 2>"$WORK/attack.err" &
+            "${ATTACK_EXTRA[@]}" >"$attack_json" 2>"$WORK/attack.err" &
         attacker_pid=$!
         PIDS+=("$attacker_pid")
         local i
@@ -265,7 +268,7 @@ run_one() {
     local result
     result=$(jq -n -c \
         --arg attack "$attack" --argjson hostile "$([[ $attack == none ]] && echo 0 || echo "$HOSTILE")" \
-        --argjson n "$N" --argjson rate "$RATE" --arg phase "$PHASE_TIME" \
+        --argjson n "$N" --argjson rate "$RATE" --arg phase "$PHASE_TIME" --arg args "${ATTACK_ARGS:-}" \
         --argjson before "${rss_before:-null}" --argjson with "${rss_with:-null}" \
         --argjson peak "${rss_peak:-null}" --argjson after "${rss_after:-null}" --argjson base_peak "$BASE_PEAK" --argjson base_p99 "$BASE_P99" \
         --argjson base_max "$BASE_MAX" --argjson base_pub99 "$BASE_PUB99" \
@@ -277,7 +280,7 @@ run_one() {
         | (($f.phases // []) | map(select(.kind == "rate")) | .[0]) as $ph
         | {
             attack: $attack, date_unix: now | floor, hostile_connections: $hostile,
-            victims: $n, rate: $rate, phase_time: $phase,
+            victims: $n, rate: $rate, phase_time: $phase, attack_args: $args,
             rss_bytes: {before: $before, with_attack: $with, peak: $peak, after: $after,
                         baseline_peak: $base_peak},
             rss_growth_per_hostile_connection: {

@@ -358,6 +358,8 @@ struct Conn {
     buf: Vec<u8>,
     /// Counted in `open` (upgraded and not yet closed).
     open: bool,
+    /// The stream ended with a reset rather than a FIN.
+    reset: bool,
 }
 
 /// How an attempt ended, and what the slot does next.
@@ -389,14 +391,18 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads more bytes into `buf`; `Ok(false)` at the end of the stream. Cancel-safe.
+    /// Reads more bytes into `buf`; `Ok(false)` at the end of the stream (a FIN or a reset by
+    /// the server). Cancel-safe.
     async fn fill(&mut self, ctx: &Ctx) -> Result<bool, String> {
         let mut chunk = [0u8; CHUNK];
-        let n = self
-            .stream
-            .read(&mut chunk)
-            .await
-            .map_err(|e| explain("read", &e, None))?;
+        let n = match self.stream.read(&mut chunk).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                self.reset = true;
+                0
+            }
+            Err(e) => return Err(explain("read", &e, None)),
+        };
         self.buf.extend_from_slice(&chunk[..n]);
         ctx.with(|s| s.bytes_received += n as u64);
         Ok(n > 0)
@@ -518,7 +524,8 @@ impl Conn {
     fn server_closed(&mut self, ctx: &Ctx, code: Option<String>) {
         ctx.with(|s| {
             s.closed_by_server += 1;
-            bump(&mut s.close_codes, code.unwrap_or_else(|| "eof".into()));
+            let end = if self.reset { "reset" } else { "eof" };
+            bump(&mut s.close_codes, code.unwrap_or_else(|| end.into()));
         });
         self.close_count(ctx);
     }
@@ -585,6 +592,7 @@ async fn tcp_connect(
         stream,
         buf: Vec::new(),
         open: false,
+        reset: false,
     })
 }
 
@@ -876,14 +884,8 @@ async fn drain_non_readers(ctx: &Ctx, until: Instant) -> u64 {
                     Ok(Got::Closed) => return true,
                     Ok(_) => {}
                     Err(e) => {
-                        // A reset after the server gave up on it is a close by the server too.
-                        ctx.with(|s| {
-                            s.closed_by_server += 1;
-                            bump(&mut s.close_codes, "reset".into());
-                        });
                         ctx.error(format!("non-reader drain: {e}"));
-                        conn.close_count(ctx);
-                        return true;
+                        return false;
                     }
                 }
             }
