@@ -14,6 +14,9 @@
 //! - `publish`: the publisher alone: M events at a rate.
 //! - `connect`: the handshake rate ceiling (open, wait for `connected`, close, repeat), also
 //!   against a plain TCP target (`tcp://`), for which `accept-loop` is the server.
+//! - `attack`: hostile clients of one kind (huge subscribes, unfinished frames or handshakes,
+//!   resume and ping floods, non-readers, a one-address handshake flood, malformed frames) for a
+//!   bounded time; JSON summary of what they got (used by `benches/hostile.sh`).
 //! - `compare`: merges result files of several servers into ratios, a summary line and one
 //!   HTML report.
 //!
@@ -22,6 +25,7 @@
 //!   what the kernel holds), on [`wire`] (the client side of the protocol's bytes), [`socket`]
 //!   (non-blocking connects and writes) and [`target`] (URLs, source addresses, the probe);
 //! - [`idle`], [`connect`] (with the TCP accept loop), [`publish`]: the single-process modes;
+//! - [`attack`]: the hostile clients (tokio, a task per connection: an attacker, not an engine);
 //! - [`fanout`]: the coordinator, and [`worker`]: a subscriber process under it;
 //! - [`messages`]: every JSON shape exchanged or written, as serde types;
 //! - [`report`]: `compare` and the HTML report; [`system`]: /proc, limits, clocks, signals;
@@ -29,6 +33,7 @@
 //!
 //! It must not know herald's internals beyond its client frame codec and [`herald::limits`].
 
+mod attack;
 mod client;
 mod connect;
 mod fanout;
@@ -76,6 +81,10 @@ enum Command {
     Connect(connect::ConnectArgs),
     /// A plain TCP accept loop (accept, write one byte, close): the baseline for `connect`.
     AcceptLoop(connect::AcceptLoopArgs),
+    /// Hostile clients of one kind for a bounded time; a JSON summary of what they got.
+    ///
+    /// Exit status: 0 when the attack ran, 2 on a setup error.
+    Attack(Box<attack::AttackArgs>),
     /// Merge result files (LABEL=FILE ...) of one scenario: ratios, one summary line, HTML.
     Compare(report::CompareArgs),
     /// Internal: one subscriber process under a `fanout` coordinator (commands on stdin).
@@ -90,6 +99,10 @@ fn main() -> ExitCode {
             Ok(u8::from(summary.connected != summary.requested))
         }),
         Command::Fanout(args) => fanout::run(&args),
+        Command::Attack(args) => attack::run(*args).and_then(|summary| {
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(0)
+        }),
         Command::Publish(args) => publish::run(&args),
         Command::Connect(args) => connect::run(&args),
         Command::AcceptLoop(args) => connect::accept_loop(&args),

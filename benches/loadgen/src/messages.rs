@@ -2,9 +2,9 @@
 //!
 //! Owns the JSON-lines protocol between the `fanout` coordinator and its worker processes
 //! ([`WorkerSpec`], [`WorkerCommand`] on the worker's stdin, [`WorkerReport`] on its stdout) and
-//! the summaries written to disk ([`IdleSummary`], [`ConnectSummary`], [`FanoutSummary`] and
-//! their parts), which `compare` and the HTML report read back. A renamed field is a compile
-//! error on both sides, not a silent zero. The field names are the file format: result files of
+//! the summaries written to disk ([`IdleSummary`], [`ConnectSummary`], [`FanoutSummary`],
+//! [`AttackSummary`] and their parts), which `compare`, the HTML report and the scripts read
+//! back. A renamed field is a compile error on both sides, not a silent zero. The field names are the file format: result files of
 //! earlier runs must keep parsing, so a name changes only with a `#[serde(rename)]` to the old
 //! one. Must not compute anything: these are plain data.
 
@@ -281,6 +281,57 @@ pub(crate) struct ConnectServer {
 pub(crate) struct ConnectTimeline {
     pub t: Vec<f64>,
     pub completed: Vec<u64>,
+}
+
+/// `herald-bench attack`: what the hostile clients did and got.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct AttackSummary {
+    pub kind: String,
+    pub target: String,
+    /// Connections (slots) requested.
+    pub connections: usize,
+    pub duration_s: f64,
+    /// Stopped by SIGINT/SIGTERM before `--duration`.
+    pub interrupted: bool,
+    /// When every slot was in place (or the ready timeout passed); `None`: stopped before.
+    pub ready_after_s: Option<f64>,
+    pub in_place: u64,
+    /// TCP connects started, first attempts and reconnects alike.
+    pub handshakes_attempted: u64,
+    /// HTTP 101 answers.
+    pub upgrades: u64,
+    /// HTTP status -> count (101 included).
+    pub http_statuses: Reasons,
+    /// Close code of the server's close frame -> count; `eof` when the server ended the
+    /// stream without one, `reset` when it reset it.
+    pub close_codes: Reasons,
+    /// Connections the server ended while the attacker still held them (after the upgrade, or
+    /// during it without any answer).
+    pub closed_by_server: u64,
+    /// Of those, ended before any HTTP answer (e.g. a handshake timeout).
+    pub closed_before_response: u64,
+    pub reconnects: u64,
+    /// Upgraded connections still open when the attack stopped.
+    pub open_at_end: u64,
+    pub max_open: u64,
+    /// non-reader: connections the server had not closed by the end of the drain.
+    pub still_open_after_drain: Option<u64>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Client messages or frames of the attack sent (subscribes, pings, partial or bad frames).
+    pub messages_sent: u64,
+    /// Server text messages by `type`.
+    pub messages_received: Reasons,
+    /// `code` of the server's `error` messages -> count.
+    pub server_error_codes: Reasons,
+    /// WebSocket pongs received.
+    pub pongs: u64,
+    /// garbage: frames sent by variant.
+    pub garbage_sent: Reasons,
+    /// Failures on the attacker's side, by reason (bounded).
+    pub errors: Reasons,
+    /// The kind's knobs as run.
+    pub settings: BTreeMap<String, String>,
 }
 
 /// `herald-bench fanout`.
