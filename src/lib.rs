@@ -23,6 +23,8 @@
 //! - [`ws`]: RFC 6455: [`ws::handshake`], [`ws::frame`], [`ws::decoder`].
 //! - [`protocol`]: the Appwrite Realtime messages and a connection's session.
 //! - [`query`]: PHP-style URL query parsing.
+//! - [`filter`]: a subscription's Appwrite queries, compiled once and matched against event
+//!   payloads; knows no connections, sockets or protocol messages.
 //! - [`origin`]: which browser origins may connect (`--allowed-origins`).
 //! - [`event`]: events and their encode-once form.
 //!
@@ -39,11 +41,11 @@
 //! Wiring: [`gateway`] starts everything in order; [`config`] holds every setting;
 //! [`limits`] raises the open-file limit.
 //!
-//! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `origin`, `event`
-//! know nothing else; `protocol` knows `event`; `mailbox` knows `event`; `conn` uses those, `batch`,
-//! `outbox` and `registry`; `shard` drives `conn` and `batch` and talks to the control plane
-//! only through `mailbox`; `hub` and `replay` reach shards only through `mailbox`; buses reach
-//! shards only through `hub`; `gateway` wires it all.
+//! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `filter`, `origin`,
+//! `event` know nothing else; `protocol` knows `event`; `mailbox` knows `event`; `conn` uses
+//! those, `batch`, `outbox` and `registry`; `shard` drives `conn` and `batch` and talks to the
+//! control plane only through `mailbox`; `hub` and `replay` reach shards only through
+//! `mailbox`; buses reach shards only through `hub`; `gateway` wires it all.
 
 pub mod admin;
 pub mod admission;
@@ -52,6 +54,7 @@ pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod event;
+pub mod filter;
 pub mod gateway;
 pub mod history;
 pub mod hub;
