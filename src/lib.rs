@@ -23,6 +23,8 @@
 //! - [`ws`]: RFC 6455: [`ws::handshake`], [`ws::frame`], [`ws::decoder`].
 //! - [`protocol`]: the Appwrite Realtime messages and a connection's session.
 //! - [`query`]: PHP-style URL query parsing.
+//! - [`filter`]: a subscription's Appwrite queries, compiled once and matched against event
+//!   payloads; knows no connections, sockets or protocol messages.
 //! - [`origin`]: which browser origins may connect (`--allowed-origins`).
 //! - [`names`]: the id and name rules every input is checked against.
 //! - [`event`]: events and their encode-once form.
@@ -41,11 +43,11 @@
 //! Wiring: [`gateway`] starts everything in order; [`config`] holds every setting;
 //! [`limits`] raises the open-file limit.
 //!
-//! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `origin`, `names`
-//! know nothing else; `identity` knows `names`; `event` knows `identity`; `protocol` knows
-//! `event` and `identity`; `mailbox` knows `event`; `conn` uses those, `batch`,
-//! `outbox` and `registry`; `shard` drives `conn` and `batch` and talks to the control plane
-//! only through `mailbox`; `hub` and `replay` reach shards only through `mailbox`; buses reach
+//! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `filter`, `origin`,
+//! `names` know nothing else; `identity` knows `names`; `event` knows `identity`; `protocol`
+//! knows `event` and `identity`; `mailbox` knows `event`; `conn` uses those, `batch`, `outbox`
+//! and `registry`; `shard` drives `conn` and `batch` and talks to the control plane only
+//! through `mailbox`; `hub` and `replay` reach shards only through `mailbox`; buses reach
 //! shards only through `hub`; `gateway` wires it all.
 
 pub mod admin;
@@ -55,6 +57,7 @@ pub mod bus;
 pub mod config;
 pub mod conn;
 pub mod event;
+pub mod filter;
 pub mod gateway;
 pub mod history;
 pub mod hub;

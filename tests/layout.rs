@@ -20,6 +20,7 @@ const DATA_PLANE: &[&str] = &[
     "event",
     "ws",
     "query",
+    "filter",
     "origin",
     "admission",
     "identity",
