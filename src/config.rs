@@ -163,6 +163,12 @@ pub struct Config {
     #[arg(long, env = "HERALD_MESSAGE_RATE", default_value_t = 32)]
     pub message_rate: u32,
 
+    /// Bytes of client messages allowed per window, so that what a connection can make a shard
+    /// parse is bounded in bytes as well as in messages (32 messages of 64 KB would be 2 MB a
+    /// minute); beyond it messages get `error` 1013. 0 disables the limit.
+    #[arg(long, env = "HERALD_MESSAGE_BYTES_RATE", default_value_t = 256 * 1024)]
+    pub message_bytes_rate: u32,
+
     /// Window of the client message rate limit.
     #[arg(long, env = "HERALD_MESSAGE_RATE_WINDOW", default_value = "60s", value_parser = duration)]
     pub message_rate_window: Duration,
@@ -197,6 +203,22 @@ pub struct Config {
     /// Subscriptions one connection may hold.
     #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 100)]
     pub max_subscriptions: usize,
+
+    /// Distinct channels one connection may listen to over all its subscriptions: what its
+    /// index entries cost in memory and every subscribe costs in shard time.
+    #[arg(
+        long,
+        env = "HERALD_MAX_CHANNELS_PER_CONNECTION",
+        default_value_t = 1000
+    )]
+    pub max_channels_per_connection: usize,
+
+    /// SO_SNDBUF of client sockets, so that a client that stops reading holds at most about
+    /// twice this in the kernel (Linux doubles it) before its own outbound queue fills and it
+    /// is closed as a slow consumer. 0: the kernel's autotuning (up to net.ipv4.tcp_wmem's
+    /// maximum, 4 MiB by default, per connection).
+    #[arg(long, env = "HERALD_SEND_BUFFER_BYTES", default_value_t = 128 * 1024)]
+    pub send_buffer_bytes: usize,
 
     /// Redis URL: use Redis Streams as the bus (many nodes, replay across restarts) instead of the
     /// embedded one, e.g. redis://127.0.0.1:6379.

@@ -75,6 +75,7 @@ pub struct ConnConfig {
     pub handshake_timeout_secs: u32,
     pub message_timeout_secs: u32,
     pub message_rate: u32,
+    pub message_bytes_rate: u32,
     pub message_rate_window_secs: u32,
     pub ping_interval_secs: u32,
     pub idle_timeout_secs: u32,
@@ -103,6 +104,7 @@ impl ConnConfig {
             handshake_timeout_secs: secs(c.handshake_timeout).max(1),
             message_timeout_secs: secs(c.message_timeout).max(1),
             message_rate: c.message_rate,
+            message_bytes_rate: c.message_bytes_rate,
             message_rate_window_secs: secs(c.message_rate_window).max(1),
             ping_interval_secs: secs(c.ping_interval),
             idle_timeout_secs: secs(c.idle_timeout),
@@ -112,6 +114,7 @@ impl ConnConfig {
             origins: Arc::new(OriginPolicy::new(c.allowed_origins.clone())),
             limits: SessionLimits {
                 max_subscriptions: c.max_subscriptions,
+                max_total_channels: c.max_channels_per_connection,
                 ..SessionLimits::default()
             },
             guest: Arc::new(Identity::guest()),
@@ -333,6 +336,8 @@ pub struct Connection {
     ping_outstanding: bool,
     behind_proxy: bool,
     rate_count: u16,
+    /// Bytes of client messages in the current rate window.
+    rate_bytes: u32,
     /// Client pings in the current rate window.
     ping_count: u16,
     rate_window_start: u32,
@@ -360,6 +365,7 @@ impl Connection {
             kind: Kind::Realtime,
             ping_outstanding: false,
             rate_count: 0,
+            rate_bytes: 0,
             ping_count: 0,
             rate_window_start: now,
             last_read: now,
@@ -748,10 +754,31 @@ impl Connection {
     }
 
     /// Starts a new rate window for messages and pings once the current one has passed.
+    /// Counts a client message of `len` bytes; says why it is refused when it goes over
+    /// `--message-rate` or `--message-bytes-rate` in the current window.
+    fn over_message_rate(&mut self, len: usize, cx: &Context<'_>) -> Option<&'static str> {
+        let (count_limit, bytes_limit) = (cx.cfg.message_rate, cx.cfg.message_bytes_rate);
+        if count_limit == 0 && bytes_limit == 0 {
+            return None;
+        }
+        self.roll_rate_window(cx);
+        self.rate_count = self.rate_count.saturating_add(1);
+        if count_limit > 0 && u32::from(self.rate_count) > count_limit {
+            return Some(protocol::errors::TOO_MANY_MESSAGES);
+        }
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        if bytes_limit > 0 && self.rate_bytes.saturating_add(len) > bytes_limit {
+            return Some(protocol::errors::TOO_MANY_MESSAGE_BYTES);
+        }
+        self.rate_bytes = self.rate_bytes.saturating_add(len);
+        None
+    }
+
     fn roll_rate_window(&mut self, cx: &Context<'_>) {
         if cx.now.saturating_sub(self.rate_window_start) >= cx.cfg.message_rate_window_secs {
             self.rate_window_start = cx.now;
             self.rate_count = 0;
+            self.rate_bytes = 0;
             self.ping_count = 0;
         }
     }
@@ -772,17 +799,13 @@ impl Connection {
     }
 
     fn on_text(&mut self, text: &str, cx: &mut Context<'_>) -> ControlFlow<()> {
-        if cx.cfg.message_rate > 0 {
-            self.roll_rate_window(cx);
-            self.rate_count = self.rate_count.saturating_add(1);
-            if u32::from(self.rate_count) > cx.cfg.message_rate {
-                cx.counters.rate_limited += 1;
-                cx.out.push(OutFrame::text(protocol::error_message(
-                    close_code::TRY_AGAIN_LATER,
-                    protocol::errors::TOO_MANY_MESSAGES,
-                )));
-                return ControlFlow::Continue(());
-            }
+        if let Some(refusal) = self.over_message_rate(text.len(), cx) {
+            cx.counters.rate_limited += 1;
+            cx.out.push(OutFrame::text(protocol::error_message(
+                close_code::TRY_AGAIN_LATER,
+                refusal,
+            )));
+            return ControlFlow::Continue(());
         }
         let Some(session) = self.session.as_mut() else {
             return ControlFlow::Continue(());
@@ -1413,6 +1436,30 @@ mod tests {
             assert_eq!(v["data"]["id"], id);
             assert_eq!(v["data"]["subscriptions"].as_array().unwrap().len(), 1);
         }
+    }
+
+    #[test]
+    fn messages_beyond_the_byte_budget_of_the_window_get_1013() {
+        let mut cfg = ConnConfig::from_config(&Config::for_tests());
+        cfg.message_bytes_rate = 100;
+        let mut d = Driver::open_with(cfg, "channels[]=a");
+        let ping = br#"{"type":"ping"}"#;
+        for _ in 0..6 {
+            d.send(TEXT, ping);
+            assert_eq!(json(&d.text())["type"], "pong");
+        }
+        d.send(TEXT, ping);
+        let refused = json(&d.text());
+        assert_eq!(refused["data"]["code"], 1013, "{refused}");
+        assert_eq!(
+            refused["data"]["message"],
+            protocol::errors::TOO_MANY_MESSAGE_BYTES
+        );
+        // A new window has a new budget (the idle ping the tick brings is skipped).
+        d.tick(61);
+        d.frames();
+        d.send(TEXT, ping);
+        assert_eq!(json(&d.text())["type"], "pong");
     }
 
     #[test]

@@ -19,7 +19,10 @@ use crate::identity::{Identity, JwtVerifier};
 #[derive(Debug, Clone, Copy)]
 pub struct SessionLimits {
     pub max_subscriptions: usize,
+    /// Per subscription (and in the URL).
     pub max_channels: usize,
+    /// Distinct channels over all of a connection's subscriptions.
+    pub max_total_channels: usize,
     pub max_channel_len: usize,
 }
 
@@ -28,6 +31,7 @@ impl Default for SessionLimits {
         Self {
             max_subscriptions: 100,
             max_channels: 100,
+            max_total_channels: 1000,
             max_channel_len: 256,
         }
     }
@@ -38,7 +42,7 @@ impl Default for SessionLimits {
 pub type SubscriptionId = CompactString;
 
 /// One subscription of a connection: an id and the channels it listens to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Subscription {
     pub id: SubscriptionId,
     pub channels: Box<[Arc<str>]>,
@@ -62,6 +66,8 @@ pub struct Reply {
     pub close: Option<u16>,
     /// The set of channels the session listens to changed; the caller must re-index it.
     pub subscriptions_changed: bool,
+    /// A `subscribe` was applied (changed or not).
+    pub subscribed: bool,
     /// A successful `subscribe` carried `lastEventId` (unvalidated): replay what was missed.
     pub resume_after: Option<String>,
 }
@@ -80,6 +86,8 @@ pub mod errors {
     pub const MESSAGE_FORMAT: &str = "Message format is not valid.";
     pub const MESSAGE_TYPE: &str = "Message type is not valid.";
     pub const TOO_MANY_MESSAGES: &str = "Too many messages.";
+    pub const TOO_MANY_MESSAGE_BYTES: &str =
+        "Too many messages: over this connection's message bytes for the current window.";
     pub const BINARY: &str = "Binary messages are not supported: send JSON text frames.";
 }
 
@@ -202,7 +210,7 @@ impl Session {
             Some("ping") => Reply::frame(r#"{"type":"pong"}"#.to_owned()),
             Some("subscribe") => {
                 let mut reply = self.subscribe(data, limits, intern);
-                if reply.subscriptions_changed {
+                if reply.subscribed {
                     reply.resume_after = msg.get("lastEventId").map(|v| match v {
                         Value::String(s) => s.clone(),
                         other => other.to_string(),
@@ -271,11 +279,13 @@ impl Session {
                 ));
             }
         };
+        // A row repeating an id (Appwrite: the last one wins) adds one subscription, not two.
         let new_ids = rows
             .iter()
             .filter_map(|r| r.id.as_ref())
             .filter(|id| !self.subscriptions.iter().any(|s| s.id == **id))
-            .count()
+            .collect::<FxHashSet<_>>()
+            .len()
             + rows.iter().filter(|r| r.id.is_none()).count();
         if self.subscriptions.len() + new_ids > limits.max_subscriptions {
             return Reply::frame(error_message(
@@ -287,6 +297,7 @@ impl Session {
             ));
         }
         let mut out = Vec::with_capacity(rows.len());
+        let mut next = self.subscriptions.clone();
         for row in rows {
             let id = row.id.unwrap_or_else(mint_id);
             let channels = convert_channels(&self.identity, row.channels.iter(), intern);
@@ -296,19 +307,31 @@ impl Session {
                 "queries": row.queries,
             }));
             // Upsert with replace semantics: the new channel list is the whole list.
-            match self.subscriptions.iter_mut().find(|s| s.id == id) {
+            match next.iter_mut().find(|s| s.id == id) {
                 Some(existing) => existing.channels = channels,
-                None => self.subscriptions.push(Subscription { id, channels }),
+                None => next.push(Subscription { id, channels }),
             }
         }
+        if distinct_channels(&next) > limits.max_total_channels {
+            return Reply::frame(error_message(
+                1003,
+                &format!(
+                    "Invalid subscribe payload: a connection may listen to at most {} distinct channels",
+                    limits.max_total_channels
+                ),
+            ));
+        }
+        // A repeated subscribe changes nothing and costs no re-indexing.
+        let changed = next != self.subscriptions;
+        self.subscriptions = next;
         Reply {
             frame: Some(
                 json!({"type": "response", "data": {"to": "subscribe", "success": true, "subscriptions": out}})
                     .to_string(),
             ),
-            close: None,
-            subscriptions_changed: true,
-            resume_after: None,
+            subscribed: true,
+            subscriptions_changed: changed,
+            ..Reply::default()
         }
     }
 
@@ -338,11 +361,19 @@ impl Session {
                 json!({"type": "response", "data": {"to": "unsubscribe", "success": true, "subscriptions": rows}})
                     .to_string(),
             ),
-            close: None,
             subscriptions_changed: changed,
-            resume_after: None,
+            ..Reply::default()
         }
     }
+}
+
+/// Distinct channels over `subscriptions`.
+fn distinct_channels(subscriptions: &[Subscription]) -> usize {
+    let mut seen = FxHashSet::default();
+    for s in subscriptions {
+        seen.extend(s.channels.iter().map(|c| &**c));
+    }
+    seen.len()
 }
 
 /// Channels as `identity` listens to them (the `account` conversion), interned, each once.
@@ -557,6 +588,46 @@ mod tests {
         assert_eq!(s.subscriptions.len(), 2);
         assert_eq!(&*s.subscriptions[0].channels[0], "q");
         assert_eq!(s.subscriptions[0].channels.len(), 1);
+    }
+
+    #[test]
+    fn a_repeated_subscribe_changes_nothing_and_the_channel_total_is_bounded() {
+        let mut s = session(&[]);
+        let msg = r#"{"type":"subscribe","data":[{"subscriptionId":"a1","channels":["x","y"]}]}"#;
+        assert!(handle(&mut s, msg).1);
+        let (v, changed) = handle(&mut s, msg);
+        assert_eq!(v["data"]["success"], true);
+        assert!(!changed, "nothing to re-index");
+        // 11 subscriptions of 100 distinct channels would be 1,100 channels: refused whole.
+        for n in 0..10 {
+            let channels: Vec<String> = (0..100).map(|c| format!("{n}.{c}")).collect();
+            let row = json!({"type": "subscribe", "data": [{"subscriptionId": format!("s{n}"), "channels": channels}]});
+            let (v, _) = handle(&mut s, &row.to_string());
+            let ok = n < 9;
+            assert_eq!(v["type"] == "response", ok, "{n}: {v}");
+            if !ok {
+                assert!(
+                    v["data"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("1000 distinct channels")
+                );
+            }
+        }
+        assert_eq!(s.subscriptions.len(), 10);
+        assert_eq!(distinct_channels(&s.subscriptions), 902);
+        // One id repeated in a message is one subscription (the last row wins).
+        let mut s = session(&[]);
+        let rows: Vec<Value> = (0..150)
+            .map(|n| json!({"subscriptionId": "same", "channels": [format!("c{}", n % 3)]}))
+            .collect();
+        let (v, _) = handle(
+            &mut s,
+            &json!({"type": "subscribe", "data": rows}).to_string(),
+        );
+        assert_eq!(v["type"], "response", "{v}");
+        assert_eq!(s.subscriptions.len(), 1);
+        assert_eq!(&*s.subscriptions[0].channels[0], "c2");
     }
 
     #[test]

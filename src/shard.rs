@@ -187,6 +187,8 @@ pub struct Shard {
     last_shed_warning: Option<Instant>,
     /// Connections refused at accept that still linger (see `refuse_at_accept`).
     refused_lingering: usize,
+    /// SO_SNDBUF for accepted sockets (`--send-buffer-bytes`), 0 for the kernel's choice.
+    send_buffer: usize,
     m: ShardMetrics,
 }
 
@@ -248,6 +250,7 @@ impl Shard {
             }),
             last_shed_warning: None,
             refused_lingering: 0,
+            send_buffer: config.send_buffer_bytes,
             m: ShardMetrics::new(id, metrics),
         };
         Ok((shard, handle))
@@ -341,6 +344,10 @@ impl Shard {
                 Ok((mut stream, peer)) => {
                     // Event frames are latency-sensitive and already batched by writev.
                     let _ = stream.set_nodelay(true);
+                    if self.send_buffer > 0 {
+                        let _ =
+                            socket2::SockRef::from(&stream).set_send_buffer_size(self.send_buffer);
+                    }
                     let admission = self.ip_limits.admit(peer.ip(), Instant::now());
                     let entry = self.slab.vacant_entry();
                     let key = entry.key();

@@ -305,8 +305,19 @@ async fn ping_time(ws: &mut Ws) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_largest_subscription_set_costs_the_shard_milliseconds_not_seconds() {
-    // One shard: the attacker and the victim share its thread.
-    let server = Server::start(&["--shards", "1", "--message-rate", "0"]);
+    // One shard: the attacker and the victim share its thread. The limits are raised ten times
+    // over the defaults (1,000 channels per connection), to show that even then a subscribe
+    // costs milliseconds.
+    let server = Server::start(&[
+        "--shards",
+        "1",
+        "--message-rate",
+        "0",
+        "--message-bytes-rate",
+        "0",
+        "--max-channels-per-connection",
+        "10000",
+    ]);
     let (mut victim, _) = connect(&server.url("/v1/realtime?project=p&channels[]=v")).await;
     let (mut attacker, _) = connect(&server.url("/v1/realtime?project=p")).await;
     // 100 subscriptions of 100 distinct channels: the most the default limits allow.
@@ -765,4 +776,36 @@ fn a_flood_of_refused_connections_does_not_take_the_slots_of_others() {
     );
     assert!(server.metric("herald_connections") <= 5.0 + 256.0 + 1.0);
     drop(flood);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_before_the_kernel_holds_megabytes_for_it() {
+    // Default settings: SO_SNDBUF 128 KiB (256 KiB in the kernel), 1 MiB outbound queue. With
+    // the kernel's autotuning instead (--send-buffer-bytes 0) the 2 MB below would sit in the
+    // kernel and nobody would be closed.
+    let server = Server::start(&["--shards", "1"]);
+    let (mut victim, _) = connect(&server.url("/v1/realtime?project=p&channels[]=c")).await;
+    // A reader that stopped, with a small receive buffer of its own.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.ws.into()).unwrap();
+    let mut stalled = common::RawClient::from_stream(socket.into());
+    stalled.send_upgrade("/v1/realtime?project=p&channels[]=c");
+    assert!(stalled.read_http_head().starts_with("HTTP/1.1 101"));
+    let reader = tokio::spawn(async move {
+        for _ in 0..100 {
+            assert_eq!(next_json(&mut victim).await["type"], "event");
+        }
+    });
+    // 100 events of 20 KB: 2 MB for each subscriber.
+    let pad = "z".repeat(20_000);
+    for n in 0..100 {
+        server.publish(json!({"project": "p", "channels": ["c"], "payload": {"n": n, "pad": pad}}));
+    }
+    reader.await.unwrap();
+    assert_eq!(server.metric("herald_slow_consumers_total"), 1.0);
+    let code = tokio::task::spawn_blocking(move || stalled.read_close_code())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1013));
 }

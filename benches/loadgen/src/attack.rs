@@ -41,7 +41,9 @@ use crate::wire::{
 
 /// herald's defaults the attacks are shaped by (README, "Limits" and "Configuration").
 pub(crate) const MAX_MESSAGE_BYTES: usize = 64_000;
-pub(crate) const MAX_SUBSCRIPTIONS: usize = 100;
+/// Distinct subscriptions of a big subscribe: 10 x 100 channels is the 1,000 distinct channels a
+/// connection may listen to (`--max-channels-per-connection`).
+pub(crate) const MAX_SUBSCRIPTIONS: usize = 10;
 pub(crate) const MAX_CHANNELS: usize = 100;
 /// Largest payload of a control frame (RFC 6455).
 const MAX_CONTROL_PAYLOAD: usize = 125;
@@ -203,14 +205,24 @@ pub(crate) fn big_subscribe_message(
 ) -> String {
     let fillers = per_row - usize::from(victim.is_some());
     let mut names = short_names().filter(|n| Some(n.as_str()) != victim);
-    let rows: Vec<Value> = (0..subscriptions)
+    let distinct: Vec<Value> = (0..subscriptions)
         .map(|s| {
             let mut channels: Vec<String> = names.by_ref().take(fillers).collect();
             channels.extend(victim.map(str::to_owned));
             json!({"subscriptionId": s.to_string(), "channels": channels})
         })
         .collect();
-    json!({"type": "subscribe", "data": rows}).to_string()
+    // The same subscriptions again and again, as many rows as fit: the most parsing a message
+    // within the channel limit can ask for.
+    let message = |rows: usize| {
+        let rows: Vec<&Value> = distinct.iter().cycle().take(rows).collect();
+        json!({"type": "subscribe", "data": rows}).to_string()
+    };
+    let mut rows = subscriptions;
+    while message(rows + 1).len() < MAX_MESSAGE_BYTES {
+        rows += 1;
+    }
+    message(rows)
 }
 
 /// The start of a masked text frame declaring `declared` payload bytes, with `sent` of them.
@@ -1164,7 +1176,7 @@ mod tests {
         assert!(msg.len() < MAX_MESSAGE_BYTES, "{} bytes", msg.len());
         let v: Value = serde_json::from_str(&msg).unwrap();
         let rows = v["data"].as_array().unwrap();
-        assert_eq!(rows.len(), MAX_SUBSCRIPTIONS);
+        assert!(rows.len() > MAX_SUBSCRIPTIONS, "{}", rows.len());
         let mut all = std::collections::HashSet::new();
         for row in rows {
             let channels = row["channels"].as_array().unwrap();
@@ -1179,12 +1191,14 @@ mod tests {
         assert_eq!(all.len(), MAX_SUBSCRIPTIONS * (MAX_CHANNELS - 1) + 1);
         // herald's own parser takes it whole.
         let intern = &mut |c: &str| std::sync::Arc::<str>::from(c);
-        let mut session = herald::protocol::Session::new("p".into(), [].into(), &[], intern);
+        let guest = std::sync::Arc::new(herald::identity::Identity::guest());
+        let mut session = herald::protocol::Session::new("p".into(), guest, &[], intern);
         let limits = herald::protocol::SessionLimits::default();
-        let reply = session.handle_text(&msg, &limits, intern);
+        let jwt = herald::identity::JwtVerifier::none();
+        let reply = session.handle_text(&msg, &limits, &jwt, intern);
         assert!(reply.subscriptions_changed, "{:?}", reply.frame);
         assert_eq!(session.channels().len(), all.len());
-        // Without the victim channel: every one of the 10,000 channels is distinct.
+        // Without the victim channel: every one of the 1,000 channels is distinct.
         let msg = big_subscribe_message(MAX_SUBSCRIPTIONS, MAX_CHANNELS, None);
         assert!(msg.len() < MAX_MESSAGE_BYTES, "{} bytes", msg.len());
         assert!(!msg.contains("bench"));
