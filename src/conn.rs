@@ -866,8 +866,15 @@ impl Connection {
         let Some(session) = self.session.as_ref() else {
             return Verdict::NotSubscribed;
         };
+        // With queries, events of one route may match differently: each is judged on its own.
+        let filtered = session.has_filters();
+        let continues = continues && !filtered;
         if !continues && session.matching(event).next().is_none() {
-            return Verdict::NotSubscribed;
+            return if filtered {
+                Verdict::Skip
+            } else {
+                Verdict::NotSubscribed
+            };
         }
         match self.replay_verdict(event, cfg.max_outbound) {
             Some(v) => v,

@@ -5,12 +5,15 @@
 //! the `subscriptions` list at its end, so the encoded form is a shared prefix plus a tiny tail
 //! built at delivery time. Must not know about sockets, shards or buses.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use serde::Serialize;
 
 use crate::identity::Identity;
+
+const EVENT_PREFIX: &[u8] = br#"{"type":"event","data":"#;
+const SUBSCRIPTIONS_KEY: &[u8] = br#","subscriptions":"#;
 
 /// The role that lets an event reach every connection.
 pub const ANY_ROLE: &str = "any";
@@ -53,6 +56,9 @@ pub struct EncodedEvent {
     pub any_role: bool,
     /// `{"type":"event","data":{...,"subscriptions":` — everything before the per-connection list.
     pub prefix: Bytes,
+    /// The payload as JSON, parsed from `prefix` the first time a subscription query needs it
+    /// (once for the whole process, whichever shard asks first).
+    payload: OnceLock<serde_json::Value>,
 }
 
 impl EncodedEvent {
@@ -77,9 +83,9 @@ impl EncodedEvent {
         // Reopen the object so the per-connection `subscriptions` field can follow.
         json.pop();
         let mut prefix = Vec::with_capacity(json.len() + 40);
-        prefix.extend_from_slice(br#"{"type":"event","data":"#);
+        prefix.extend_from_slice(EVENT_PREFIX);
         prefix.extend_from_slice(&json);
-        prefix.extend_from_slice(br#","subscriptions":"#);
+        prefix.extend_from_slice(SUBSCRIPTIONS_KEY);
         let roles: Box<[Box<str>]> = if event.roles.is_empty() {
             Box::new([ANY_ROLE.into()])
         } else {
@@ -93,6 +99,21 @@ impl EncodedEvent {
             any_role: roles.iter().any(|r| &**r == ANY_ROLE),
             roles,
             prefix: Bytes::from(prefix),
+            payload: OnceLock::new(),
+        })
+    }
+
+    /// The event's payload, for subscription queries.
+    pub fn payload(&self) -> &serde_json::Value {
+        self.payload.get_or_init(|| {
+            let data = self
+                .prefix
+                .strip_prefix(EVENT_PREFIX)
+                .and_then(|rest| rest.strip_suffix(SUBSCRIPTIONS_KEY))
+                .map(|data| [data, b"}"].concat());
+            data.and_then(|d| serde_json::from_slice::<serde_json::Value>(&d).ok())
+                .and_then(|mut v| v.get_mut("payload").map(serde_json::Value::take))
+                .unwrap_or(serde_json::Value::Null)
         })
     }
 

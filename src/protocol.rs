@@ -13,6 +13,7 @@ use rustc_hash::FxHashSet;
 use serde_json::{Value, json};
 
 use crate::event::EncodedEvent;
+use crate::filter::{Filter, FilterLimits};
 use crate::identity::{Identity, JwtVerifier};
 
 /// Limits a client cannot exceed through subscribe messages.
@@ -46,6 +47,8 @@ pub type SubscriptionId = CompactString;
 pub struct Subscription {
     pub id: SubscriptionId,
     pub channels: Box<[Arc<str>]>,
+    /// Its queries, compiled; `None` when it takes every event of its channels.
+    pub filter: Option<Box<Filter>>,
 }
 
 /// The realtime state of one connection.
@@ -132,6 +135,7 @@ impl Session {
             subscriptions.push(Subscription {
                 id: mint_id(),
                 channels: convert_channels(&identity, url_channels.iter(), intern),
+                filter: None,
             });
         }
         Self {
@@ -176,8 +180,8 @@ impl Session {
             .collect()
     }
 
-    /// Ids of the subscriptions that listen to any of `channels` (in subscription order), for an
-    /// event the session's roles allow.
+    /// Ids of the subscriptions that listen to any of `channels` (in subscription order) and
+    /// whose queries match the payload, for an event the session's roles allow.
     pub fn matching<'a>(&'a self, event: &'a EncodedEvent) -> impl Iterator<Item = &'a str> + 'a {
         let allowed = event.allows(&self.identity);
         self.subscriptions
@@ -187,8 +191,15 @@ impl Session {
                     && s.channels
                         .iter()
                         .any(|c| event.channels.iter().any(|e| **e == **c))
+                    && s.filter.as_ref().is_none_or(|f| f.matches(event.payload()))
             })
             .map(|s| s.id.as_str())
+    }
+
+    /// Whether some subscription has queries: then two events of the same route may match
+    /// differently, and each is judged on its own.
+    pub fn has_filters(&self) -> bool {
+        self.subscriptions.iter().any(|s| s.filter.is_some())
     }
 
     /// Handles one client text message; `jwt` verifies `authentication` tokens.
@@ -270,7 +281,7 @@ impl Session {
         limits: &SessionLimits,
         intern: &mut dyn FnMut(&str) -> Arc<str>,
     ) -> Reply {
-        let rows = match parse_subscribe(data, limits) {
+        let mut rows = match parse_subscribe(data, limits) {
             Ok(rows) => rows,
             Err(e) => {
                 return Reply::frame(error_message(
@@ -279,6 +290,16 @@ impl Session {
                 ));
             }
         };
+        for row in &mut rows {
+            if let Some(queries) = row.queries.take() {
+                match Filter::compile_values(&queries, &FilterLimits::default()) {
+                    Ok(f) => row.filter = Some(f),
+                    Err(e) => {
+                        return Reply::frame(error_message(1003, &format!("Invalid query: {e}")));
+                    }
+                }
+            }
+        }
         // A row repeating an id (Appwrite: the last one wins) adds one subscription, not two.
         let new_ids = rows
             .iter()
@@ -304,12 +325,20 @@ impl Session {
             out.push(json!({
                 "subscriptionId": id.as_str(),
                 "channels": channels.iter().map(|c| &**c).collect::<Vec<_>>(),
-                "queries": row.queries,
+                "queries": row.filter.as_ref().map_or_else(Vec::new, |f| f.canonical()),
             }));
+            let filter = row.filter.filter(|f| !f.is_select_all()).map(Box::new);
             // Upsert with replace semantics: the new channel list is the whole list.
             match next.iter_mut().find(|s| s.id == id) {
-                Some(existing) => existing.channels = channels,
-                None => next.push(Subscription { id, channels }),
+                Some(existing) => {
+                    existing.channels = channels;
+                    existing.filter = filter;
+                }
+                None => next.push(Subscription {
+                    id,
+                    channels,
+                    filter,
+                }),
             }
         }
         if distinct_channels(&next) > limits.max_total_channels {
@@ -411,7 +440,9 @@ fn session_authentication(data: &Value) -> String {
 struct SubscribeRow {
     id: Option<SubscriptionId>,
     channels: Vec<String>,
-    queries: Vec<Value>,
+    queries: Option<Vec<Value>>,
+    /// `queries` compiled; `None` when none were given.
+    filter: Option<Filter>,
 }
 
 /// Validates a whole subscribe batch before anything is applied.
@@ -463,40 +494,18 @@ fn parse_subscribe(data: Value, limits: &SessionLimits) -> Result<Vec<SubscribeR
             }
         }
         let queries = match row.remove("queries") {
-            None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(q)) => q,
+            None | Some(Value::Null) => None,
+            Some(Value::Array(q)) => Some(q),
             Some(_) => return Err("queries must be a list".into()),
         };
-        for q in &queries {
-            check_query(q)?;
-        }
         out.push(SubscribeRow {
             id,
             channels,
             queries,
+            filter: None,
         });
     }
     Ok(out)
-}
-
-/// herald delivers every event of a channel; the only query it accepts is `select(["*"])`, which
-/// means exactly that. Filters are refused rather than silently ignored.
-fn check_query(q: &Value) -> Result<(), String> {
-    let parsed: Option<Value> = match q {
-        Value::String(s) => serde_json::from_str(s).ok(),
-        other => Some(other.clone()),
-    };
-    let is_select_all = parsed.as_ref().is_some_and(|v| {
-        v.get("method").and_then(Value::as_str) == Some("select")
-            && v.get("values") == Some(&json!(["*"]))
-    });
-    if is_select_all {
-        Ok(())
-    } else {
-        Err(format!(
-            "query {q} is not supported: this gateway accepts only select([\"*\"]) and delivers every event of the subscribed channels"
-        ))
-    }
 }
 
 fn parse_unsubscribe(data: Value) -> Result<Vec<String>, String> {
@@ -688,17 +697,42 @@ mod tests {
     }
 
     #[test]
-    fn filter_queries_are_refused_select_all_accepted() {
+    fn queries_filter_events_per_subscription_and_bad_ones_are_refused() {
         let mut s = session(&[]);
-        let (v, _) = handle(
+        let (v, changed) = handle(
             &mut s,
-            r#"{"type":"subscribe","data":[{"channels":["x"],"queries":["{\"method\":\"select\",\"values\":[\"*\"]}"]}]}"#,
+            r#"{"type":"subscribe","data":[{"subscriptionId":"hot","channels":["x"],"queries":["{\"method\":\"greaterThan\",\"attribute\":\"t\",\"values\":[30]}"]},{"subscriptionId":"all","channels":["x"],"queries":["{\"method\":\"select\",\"values\":[\"*\"]}"]}]}"#,
         );
-        assert_eq!(v["data"]["success"], true);
-        let (v, _) = handle(
+        assert!(changed, "{v}");
+        assert_eq!(
+            v["data"]["subscriptions"][0]["queries"],
+            json!([r#"{"method":"greaterThan","attribute":"t","values":[30]}"#])
+        );
+        assert!(s.has_filters());
+        let ev = |t: i64| {
+            EncodedEvent::encode(&crate::event::Event {
+                id: "1-0".into(),
+                project: "p".into(),
+                channels: vec!["x".into()],
+                events: vec![],
+                roles: vec![],
+                timestamp: "t".into(),
+                payload: json!({ "t": t }),
+            })
+        };
+        assert_eq!(s.matching(&ev(31)).collect::<Vec<_>>(), ["hot", "all"]);
+        assert_eq!(s.matching(&ev(30)).collect::<Vec<_>>(), ["all"]);
+        let (v, changed) = handle(
             &mut s,
-            r#"{"type":"subscribe","data":[{"channels":["x"],"queries":["{\"method\":\"equal\",\"attribute\":\"a\",\"values\":[1]}"]}]}"#,
+            r#"{"type":"subscribe","data":[{"channels":["y"],"queries":["{\"method\":\"contains\",\"attribute\":\"a\",\"values\":[1]}"]}]}"#,
         );
+        assert!(!changed);
         assert_eq!(v["data"]["code"], 1003);
+        let message = v["data"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("Invalid query: Query method 'contains' is not supported"),
+            "{message}"
+        );
+        assert_eq!(s.subscriptions.len(), 2, "nothing applied");
     }
 }
