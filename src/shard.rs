@@ -342,13 +342,19 @@ impl Shard {
             }
             match listener.accept() {
                 Ok((mut stream, peer)) => {
+                    let admission = self.ip_limits.admit(peer.ip(), Instant::now());
+                    if let Err(refusal) = admission
+                        && self.refused_lingering >= REFUSED_LINGERING_MAX
+                    {
+                        self.refuse_at_once(&mut stream, refusal);
+                        continue;
+                    }
                     // Event frames are latency-sensitive and already batched by writev.
                     let _ = stream.set_nodelay(true);
                     if self.send_buffer > 0 {
                         let _ =
                             socket2::SockRef::from(&stream).set_send_buffer_size(self.send_buffer);
                     }
-                    let admission = self.ip_limits.admit(peer.ip(), Instant::now());
                     let entry = self.slab.vacant_entry();
                     let key = entry.key();
                     if u32::try_from(key).is_err()
@@ -604,6 +610,20 @@ impl Shard {
                  closed the largest holders"
             );
         }
+    }
+
+    /// A flood of refusals: the 429 goes out in one write and the socket is closed, without
+    /// registering it or giving it a slot.
+    fn refuse_at_once(&mut self, stream: &mut TcpStream, refusal: Refusal) {
+        use std::io::Write;
+        let _ = stream.write(&crate::ws::handshake::error_response(
+            429,
+            refusal.message(),
+        ));
+        let _ = stream.shutdown(Shutdown::Write);
+        self.limit.release();
+        self.m.accepted.inc();
+        self.m.record(Incident::Rejected(refusal.reason()));
     }
 
     /// Answers a connection over its source's limits with 429 and lets it go. The answer is
