@@ -218,6 +218,13 @@ fn parse_forwarded(entry: &str) -> Option<IpAddr> {
     if let Ok(ip) = entry.parse::<IpAddr>() {
         return Some(ip);
     }
+    if let Some(ip) = entry
+        .strip_prefix('[')
+        .and_then(|e| e.strip_suffix(']'))
+        .and_then(|e| e.parse::<IpAddr>().ok())
+    {
+        return Some(ip);
+    }
     entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())
 }
 
@@ -309,6 +316,11 @@ mod tests {
             limits
                 .admit_forwarded(Some("[2001:db8::1]:443"), now)
                 .is_ok()
+        );
+        assert_eq!(
+            limits.admit_forwarded(Some("[2001:db8::1]"), now),
+            Err(Refusal::TooManyConnections),
+            "the same client, written without a port"
         );
         limits.release(first);
         assert!(limits.admit_forwarded(Some("203.0.113.7"), now).is_ok());

@@ -252,7 +252,8 @@ pub struct Config {
 
     /// Most stream entries one resume may read from Redis looking for its events (beyond the
     /// in-memory history); further back it is told to resync (4010), whatever it matched.
-    #[arg(long, env = "HERALD_REPLAY_MAX_SCAN", default_value_t = 100_000)]
+    #[arg(long, env = "HERALD_REPLAY_MAX_SCAN", default_value_t = 100_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub replay_max_scan: usize,
 
     /// Recent events kept in memory for replay (the embedded bus's whole history).

@@ -304,6 +304,7 @@ fn event_frame(session: &Session, event: &EncodedEvent) -> Option<OutFrame> {
 fn handshake_identity(
     req: &Request,
     url_jwt: Option<&str>,
+    project: &str,
     cx: &mut Context<'_>,
 ) -> Result<Arc<Identity>, (u16, String, &'static str)> {
     let Some(token) = url_jwt.or(req.jwt.as_deref()) else {
@@ -314,7 +315,11 @@ fn handshake_identity(
         return Err((403, msg, "jwt_and_cookie"));
     }
     let registry = &mut *cx.registry;
-    match cx.cfg.jwt.verify(token, &mut |r| registry.intern(r)) {
+    match cx
+        .cfg
+        .jwt
+        .verify(token, project, &mut |r| registry.intern(r))
+    {
         Ok(identity) => Ok(Arc::new(identity)),
         Err(e) => Err((401, e.to_string(), "jwt")),
     }
@@ -417,6 +422,12 @@ impl Connection {
             + self.decoder.held_bytes()
             + self.handshake.as_ref().map_or(0, |h| h.capacity())
             + self.replay.as_ref().map_or(0, |r| r.buffered_bytes)
+    }
+
+    /// Whether [`Connection::shed`] would let go of anything: not once it is closing (what it
+    /// still holds goes at its close deadline, which shedding again would only push back).
+    pub fn sheddable(&self) -> bool {
+        matches!(self.phase, Phase::Open | Phase::Handshake)
     }
 
     /// The shard holds more than its cap and this connection is among the largest holders:
@@ -589,7 +600,7 @@ impl Connection {
             );
             return Some(self.refuse_session(close_code::POLICY, &msg, "invalid_channels", cx));
         }
-        let identity = match handshake_identity(req, q.jwt.as_deref(), cx) {
+        let identity = match handshake_identity(req, q.jwt.as_deref(), project, cx) {
             Ok(identity) => identity,
             Err((code, msg, reason)) => return Some(self.refuse_session(code, &msg, reason, cx)),
         };
@@ -742,10 +753,18 @@ impl Connection {
                     Bytes::copy_from_slice(b),
                     SmallVec::new(),
                 )),
-                Kind::Realtime => cx.out.push(OutFrame::text(protocol::error_message(
-                    close_code::UNSUPPORTED_DATA,
-                    protocol::errors::BINARY,
-                ))),
+                // Counted like text: answering costs a queued frame.
+                Kind::Realtime => {
+                    let (code, words) = match self.over_message_rate(b.len(), cx) {
+                        Some(refusal) => {
+                            cx.counters.rate_limited += 1;
+                            (close_code::TRY_AGAIN_LATER, refusal)
+                        }
+                        None => (close_code::UNSUPPORTED_DATA, protocol::errors::BINARY),
+                    };
+                    cx.out
+                        .push(OutFrame::text(protocol::error_message(code, words)));
+                }
             },
             // Data after herald started closing is ignored, as RFC 6455 allows.
             _ => {}
@@ -899,6 +918,7 @@ impl Connection {
             if r.buffered_bytes > max_held {
                 r.overflowed = true;
                 r.buffered = VecDeque::new();
+                r.buffered_bytes = 0;
                 return Some(Verdict::Skip);
             }
             r.buffered.push_back(event.clone());
@@ -986,6 +1006,7 @@ impl Connection {
         );
         if keep_skipping && cx.position.is_none_or(|h| h < r.after) {
             r.buffered = VecDeque::new();
+            r.buffered_bytes = 0;
             self.replay = Some(r);
         }
     }
@@ -1088,7 +1109,10 @@ impl Connection {
                 Phase::FlushThenDrop => Next::Drop,
                 Phase::FlushThenLinger => {
                     // The peer hangs up after reading everything; a reset would destroy the tail.
+                    // A shorter deadline set before (a refusal at accept) stays.
+                    let deadline = self.deadline;
                     self.enter(Phase::Lingering, cx.now);
+                    self.deadline = self.deadline.min(deadline.max(cx.now));
                     Next::HalfClose
                 }
                 _ => Next::Idle,

@@ -187,6 +187,22 @@ impl Filter {
         self.select_all
     }
 
+    /// What evaluating this filter costs per event, and roughly what it holds: one per query
+    /// and per value, nested ones included. Bounded per connection by the caller.
+    pub fn weight(&self) -> usize {
+        fn node(n: &Node) -> usize {
+            match n {
+                Node::Leaf(l) => 1 + l.values.len(),
+                Node::And(g) | Node::Or(g) => 1 + g.children.iter().map(node).sum::<usize>(),
+                Node::Select(_) => 1,
+            }
+        }
+        if self.select_all {
+            return 0;
+        }
+        self.nodes.iter().map(node).sum()
+    }
+
     /// Whether an event with this `payload` reaches the subscription.
     pub fn matches(&self, payload: &Value) -> bool {
         self.select_all || self.nodes.iter().all(|n| n.eval(payload))

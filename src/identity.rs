@@ -157,6 +157,24 @@ struct Claims {
     sub: Option<String>,
     #[serde(default)]
     roles: Vec<String>,
+    /// The project the token is for, when it says (`projectId`, or `aud`).
+    #[serde(rename = "projectId")]
+    project_id: Option<String>,
+    aud: Option<serde_json::Value>,
+}
+
+impl Claims {
+    /// Whether the token may be used on `project`: a token that names a project is valid
+    /// only there.
+    fn allows_project(&self, project: &str) -> bool {
+        let aud_ok = match &self.aud {
+            None => true,
+            Some(serde_json::Value::String(a)) => a == project,
+            Some(serde_json::Value::Array(list)) => list.iter().any(|a| a == project),
+            Some(_) => false,
+        };
+        aud_ok && self.project_id.as_deref().is_none_or(|p| p == project)
+    }
 }
 
 /// Verifies JWTs with the configured secret (HS256/384/512, what Appwrite signs with) and/or
@@ -204,10 +222,12 @@ impl JwtVerifier {
         self.secret.is_some() || self.public.is_some()
     }
 
-    /// The identity `token` proves; its extra roles go through `intern`.
+    /// The identity `token` proves on a connection to `project`; its extra roles go through
+    /// `intern`. A token naming another project (`projectId` or `aud`) is refused.
     pub fn verify(
         &self,
         token: &str,
+        project: &str,
         intern: &mut dyn FnMut(&str) -> Arc<str>,
     ) -> Result<Identity, AuthError> {
         if !self.is_configured() {
@@ -238,6 +258,11 @@ impl JwtVerifier {
         let claims = jsonwebtoken::decode::<Claims>(token, key, &validation)
             .map_err(invalid)?
             .claims;
+        if !claims.allows_project(project) {
+            return Err(AuthError::InvalidJwt(format!(
+                "The token is for another project than {project}."
+            )));
+        }
         let id = claims
             .user_id
             .or(claims.sub)
@@ -383,11 +408,26 @@ mod tests {
             json!({"userId": "ann", "sessionId": "x", "exp": now() + 60, "roles": ["team:t1"]}),
             "s3cret",
         );
-        let id = v.verify(&t, &mut intern).unwrap();
+        let id = v.verify(&t, "p", &mut intern).unwrap();
         assert_eq!(id.user_id(), Some("ann"));
         assert!(id.has_role("team:t1") && id.has_role("user:ann"));
+        let other = hs256(
+            json!({"userId": "ann", "projectId": "q", "exp": now() + 60}),
+            "s3cret",
+        );
+        let err = v.verify(&other, "p", &mut intern).unwrap_err().to_string();
+        assert!(err.contains("another project"), "{err}");
+        let aud = hs256(
+            json!({"userId": "ann", "aud": ["p", "r"], "exp": now() + 60}),
+            "s3cret",
+        );
+        assert!(v.verify(&aud, "p", &mut intern).is_ok());
+        assert!(v.verify(&aud, "q", &mut intern).is_err());
         let sub = hs256(json!({"sub": "bob", "exp": now() + 60}), "s3cret");
-        assert_eq!(v.verify(&sub, &mut intern).unwrap().user_id(), Some("bob"));
+        assert_eq!(
+            v.verify(&sub, "p", &mut intern).unwrap().user_id(),
+            Some("bob")
+        );
     }
 
     #[test]
@@ -425,14 +465,14 @@ mod tests {
             ("not.a.jwt".to_owned(), "malformed"),
         ];
         for (token, words) in cases {
-            let err = v.verify(&token, &mut intern).unwrap_err().to_string();
+            let err = v.verify(&token, "p", &mut intern).unwrap_err().to_string();
             assert!(err.starts_with("Failed to verify JWT."), "{err}");
             assert!(err.contains(words), "{words}: {err}");
         }
         let none = JwtVerifier::new(None, None).unwrap();
         let t = hs256(json!({"userId": "a", "exp": now() + 60}), "s3cret");
         assert_eq!(
-            none.verify(&t, &mut intern),
+            none.verify(&t, "p", &mut intern),
             Err(AuthError::JwtNotConfigured)
         );
         assert!(JwtVerifier::new(Some(""), None).is_err());

@@ -24,6 +24,9 @@ pub struct SessionLimits {
     pub max_channels: usize,
     /// Distinct channels over all of a connection's subscriptions.
     pub max_total_channels: usize,
+    /// Queries and values over all of a connection's subscriptions ([`Filter::weight`]): what
+    /// every event on its channels costs to judge, and what the filters hold.
+    pub max_query_weight: usize,
     pub max_channel_len: usize,
 }
 
@@ -33,6 +36,7 @@ impl Default for SessionLimits {
             max_subscriptions: 100,
             max_channels: 100,
             max_total_channels: 1000,
+            max_query_weight: 1000,
             max_channel_len: 256,
         }
     }
@@ -256,7 +260,7 @@ impl Session {
                 "Payload is not valid. jwt must be a string",
             ));
         };
-        match jwt.verify(token, intern) {
+        match jwt.verify(token, &self.project, intern) {
             Ok(identity) => {
                 self.authenticate(Arc::new(identity), intern);
                 Reply {
@@ -347,6 +351,20 @@ impl Session {
                 &format!(
                     "Invalid subscribe payload: a connection may listen to at most {} distinct channels",
                     limits.max_total_channels
+                ),
+            ));
+        }
+        let weight: usize = next
+            .iter()
+            .filter_map(|s| s.filter.as_ref())
+            .map(|f| f.weight())
+            .sum();
+        if weight > limits.max_query_weight {
+            return Reply::frame(error_message(
+                1003,
+                &format!(
+                    "Invalid query: a connection's subscriptions may carry at most {} queries and values in all",
+                    limits.max_query_weight
                 ),
             ));
         }

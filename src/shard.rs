@@ -572,7 +572,7 @@ impl Shard {
         let mut holders: Vec<(u32, usize)> = self
             .slab
             .iter()
-            .filter(|(_, slot)| slot.held > 0)
+            .filter(|(_, slot)| slot.held > 0 && slot.conn.sheddable())
             .map(|(k, slot)| (slot.held, k))
             .collect();
         holders.sort_unstable_by_key(|&(held, _)| std::cmp::Reverse(held));
@@ -621,6 +621,9 @@ impl Shard {
             refusal.message(),
         ));
         let _ = stream.shutdown(Shutdown::Write);
+        // Reading what the request sent keeps the close from turning into a reset that could
+        // destroy the answer before the client reads it.
+        let _ = stream.read(&mut self.scratch);
         self.limit.release();
         self.m.accepted.inc();
         self.m.record(Incident::Rejected(refusal.reason()));

@@ -175,11 +175,11 @@ async fn authentication_with_a_jwt_keeps_the_subscriptions_and_binds_the_account
         reply["data"]["subscriptions"][0]["channels"],
         json!(["account", "c"])
     );
-    // As a guest the private event does not come.
-    publish(&server, &["account.ann"], &["user:ann"]);
+    // As a guest the private event does not come, on a channel it does listen to.
+    publish(&server, &["c"], &["user:ann"]);
     assert!(next_event(&mut ws).await.is_none());
 
-    // A refused token changes nothing.
+    // A refused token (or one for another project) changes nothing.
     send(
         &mut ws,
         r#"{"type":"authentication","data":{"jwt":"nope"}}"#,
@@ -187,6 +187,18 @@ async fn authentication_with_a_jwt_keeps_the_subscriptions_and_binds_the_account
     .await;
     let err = next_json(&mut ws).await;
     assert_eq!(err["data"]["code"], 1003, "{err}");
+    let elsewhere = hs256(json!({"userId": "ann", "projectId": "q", "exp": now() + 60}));
+    let auth = json!({"type": "authentication", "data": {"jwt": elsewhere}});
+    send(&mut ws, &auth.to_string()).await;
+    let err = next_json(&mut ws).await;
+    assert!(
+        err["data"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another project"),
+        "{err}"
+    );
+    publish(&server, &["c"], &["user:ann"]);
     assert!(next_event(&mut ws).await.is_none());
 
     let auth = json!({"type": "authentication", "data": {"jwt": appwrite_jwt("ann")}});

@@ -126,3 +126,33 @@ async fn unsupported_or_malformed_queries_are_refused_and_nothing_is_applied() {
     server.publish(json!({"project": "p", "channels": ["docs"], "payload": {"n": 1}}));
     assert!(events(&mut ws).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_may_carry_at_most_1000_queries_and_values() {
+    let server = Server::start(&[]);
+    let (mut ws, _) = connect(&server.url("/v1/realtime?project=p")).await;
+    let hundred: Vec<u32> = (0..100).collect();
+    // Each subscription weighs 101 (one query, 100 values): nine fit, the tenth does not.
+    for n in 0..10 {
+        let reply = subscribe(
+            &mut ws,
+            json!([{"subscriptionId": format!("s{n}"), "channels": ["docs"],
+                    "queries": [query("equal", "n", json!(hundred))]}]),
+        )
+        .await;
+        if n < 9 {
+            assert_eq!(reply["data"]["success"], true, "{n}: {reply}");
+        } else {
+            assert_eq!(reply["data"]["code"], 1003, "{reply}");
+            let message = reply["data"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("at most 1000 queries and values"),
+                "{message}"
+            );
+        }
+    }
+    server.publish(json!({"project": "p", "channels": ["docs"], "payload": {"n": 5}}));
+    let got = events(&mut ws).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1.as_array().unwrap().len(), 9, "{:?}", got[0].1);
+}

@@ -273,6 +273,7 @@ pub fn client_message(data: &[u8]) {
         max_subscriptions: 2,
         max_channels: 3,
         max_total_channels: 5,
+        max_query_weight: 10,
         max_channel_len: 8,
     };
     let (mut a, mut b) = (guest(), guest());
