@@ -232,8 +232,7 @@ impl Batch {
 
     fn owned(&self, f: Frame) -> OutFrame {
         let tail = &self.tails[f.tail_start as usize..(f.tail_start + f.tail_len) as usize];
-        OutFrame::new(
-            Opcode::Text,
+        OutFrame::event(
             self.events[f.event as usize].prefix.clone(),
             SmallVec::from_slice(tail),
         )

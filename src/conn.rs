@@ -238,6 +238,9 @@ const MAX_LAST_EVENT_ID_BYTES: usize = 64;
 /// and gets the live events held meanwhile.
 const REPLAY_TIMEOUT_SECS: u32 = 30;
 
+/// What one live event held for a resume costs the connection (its body is shared).
+const HELD_EVENT_BYTES: usize = 64;
+
 /// Error code for a `lastEventId` that is not an event id (README: Resume).
 pub const INVALID_LAST_EVENT_ID: u16 = 4011;
 
@@ -296,7 +299,7 @@ fn event_frame(session: &Session, event: &EncodedEvent) -> Option<OutFrame> {
     ids.peek()?;
     let mut tail = SmallVec::new();
     write_tail(&mut tail, ids);
-    Some(OutFrame::new(Opcode::Text, event.prefix.clone(), tail))
+    Some(OutFrame::event(event.prefix.clone(), tail))
 }
 
 /// Who the upgrade request says the client is: a JWT (URL `jwt` or `x-appwrite-jwt`) verified
@@ -415,13 +418,17 @@ impl Connection {
         self.phase == Phase::Open && self.kind == Kind::Realtime
     }
 
-    /// Memory a client can make this connection hold, for the shard's cap on the total: queued
-    /// output, an unfinished message or request head, live events held for a resume.
+    /// Memory a client can make this connection hold alone, for the shard's cap on the total:
+    /// queued output (without the event bodies all subscribers share), an unfinished message
+    /// or request head, live events held for a resume (a reference each).
     pub fn held_bytes(&self) -> usize {
-        self.outbox.held_bytes()
+        self.outbox.own_bytes()
             + self.decoder.held_bytes()
             + self.handshake.as_ref().map_or(0, |h| h.capacity())
-            + self.replay.as_ref().map_or(0, |r| r.buffered_bytes)
+            + self
+                .replay
+                .as_ref()
+                .map_or(0, |r| r.buffered.len() * HELD_EVENT_BYTES)
     }
 
     /// Whether [`Connection::shed`] would let go of anything: not once it is closing (what it

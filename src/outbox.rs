@@ -21,6 +21,8 @@ const MAX_FRAMES_PER_WRITE: usize = 64;
 #[derive(Debug, Clone)]
 pub struct OutFrame {
     head: ServerHeader,
+    /// `body` is an event's, shared by every subscriber's frame: memory counted once, not here.
+    shared: bool,
     body: Bytes,
     tail: SmallVec<[u8; 32]>,
 }
@@ -29,15 +31,31 @@ impl OutFrame {
     pub fn new(opcode: Opcode, body: Bytes, tail: SmallVec<[u8; 32]>) -> Self {
         Self {
             head: ServerHeader::new(opcode, body.len() + tail.len()),
+            shared: false,
             body,
             tail,
         }
+    }
+
+    /// An event's frame: its encoded body, shared with every other subscriber, and this
+    /// connection's tail.
+    pub fn event(body: Bytes, tail: SmallVec<[u8; 32]>) -> Self {
+        Self {
+            shared: true,
+            ..Self::new(Opcode::Text, body, tail)
+        }
+    }
+
+    /// Bytes of a shared body this frame holds a reference to (0 for its own bodies).
+    fn shared_len(&self) -> usize {
+        if self.shared { self.body.len() } else { 0 }
     }
 
     /// Bytes sent as they are, outside any WebSocket frame (the HTTP upgrade response).
     pub fn raw(bytes: Bytes) -> Self {
         Self {
             head: ServerHeader::none(),
+            shared: false,
             body: bytes,
             tail: SmallVec::new(),
         }
@@ -133,6 +151,8 @@ struct Queue {
     offset: usize,
     /// Unwritten bytes in `frames`.
     bytes: usize,
+    /// Bytes of shared bodies `frames` refer to (whole bodies, written or not).
+    shared: usize,
 }
 
 impl Outbox {
@@ -153,6 +173,14 @@ impl Outbox {
                 + q.bytes
                 + q.frames.len() * std::mem::size_of::<OutFrame>()
         })
+    }
+
+    /// What the queue holds that no other connection shares: [`Self::held_bytes`] without the
+    /// bodies of events, which exist once for all their subscribers. For a shard's total.
+    pub fn own_bytes(&self) -> usize {
+        self.queue
+            .as_ref()
+            .map_or(0, |q| self.held_bytes().saturating_sub(q.shared))
     }
 
     /// Writes `frames` (emptying the vector) after anything already queued, as far as the socket
@@ -178,12 +206,14 @@ impl Outbox {
                 q.frames.extend(frames.drain(progress.frames..));
                 frames.clear();
                 q.bytes = q.frames.iter().map(OutFrame::len).sum::<usize>() - q.offset;
+                q.shared = q.frames.iter().map(OutFrame::shared_len).sum();
                 self.queue = Some(q);
                 false
             }
             Some(q) => {
                 for f in frames.drain(..) {
                     q.bytes += f.len();
+                    q.shared += f.shared_len();
                     q.frames.push_back(f);
                 }
                 self.flush(w)?
@@ -206,6 +236,7 @@ impl Outbox {
             q.offset = offset;
         }
         q.bytes += frames.iter().map(OutFrame::len).sum::<usize>() - offset;
+        q.shared += frames.iter().map(OutFrame::shared_len).sum::<usize>();
         q.frames.extend(frames);
     }
 
@@ -215,7 +246,11 @@ impl Outbox {
             return Ok(true);
         };
         let progress = write_frames(w, q.frames.make_contiguous(), q.offset)?;
-        q.frames.drain(..progress.frames);
+        q.shared -= q
+            .frames
+            .drain(..progress.frames)
+            .map(|f| f.shared_len())
+            .sum::<usize>();
         q.offset = progress.offset;
         q.bytes -= progress.bytes;
         if q.frames.is_empty() {
@@ -232,6 +267,7 @@ impl Outbox {
             let keep = usize::from(q.offset > 0);
             q.frames.truncate(keep);
             q.bytes = q.frames.front().map_or(0, |f| f.len() - q.offset);
+            q.shared = q.frames.front().map_or(0, OutFrame::shared_len);
             if q.frames.is_empty() {
                 self.queue = None;
             }
@@ -327,6 +363,37 @@ mod tests {
             ob.flush(&mut w).unwrap();
         }
         assert_eq!(w.out, expected);
+    }
+
+    #[test]
+    fn shared_event_bodies_count_for_the_connection_bound_but_not_as_its_own_memory() {
+        let body = Bytes::from(vec![b'x'; 10_000]);
+        let mut w = Throttled::new(100);
+        let mut ob = Outbox::default();
+        let mut frames = vec![
+            OutFrame::event(body.clone(), SmallVec::from_slice(b"[\"a\"]}}")),
+            OutFrame::event(body.clone(), SmallVec::new()),
+            frame(b"own answer", b""),
+        ];
+        assert!(!ob.send(&mut w, &mut frames, usize::MAX).unwrap().unwrap());
+        assert!(ob.held_bytes() > 20_000, "the bound sees the wire bytes");
+        let own = ob.own_bytes();
+        assert!(
+            own < 1_000,
+            "{own}: the bodies exist once for every subscriber"
+        );
+        assert!(
+            own > 2 * std::mem::size_of::<OutFrame>(),
+            "{own}: the frames themselves count"
+        );
+        // Once the first event is written, its body no longer counts at all.
+        w.budget = 10_050;
+        let _ = ob.flush(&mut w).unwrap();
+        assert!(ob.own_bytes() <= own);
+        ob.discard_unstarted();
+        w.budget = usize::MAX;
+        assert!(ob.flush(&mut w).unwrap());
+        assert_eq!(ob.own_bytes(), 0);
     }
 
     #[test]

@@ -673,48 +673,63 @@ async fn over_the_buffered_cap_the_largest_unfinished_messages_are_closed_with_1
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_buffered_cap_clients_that_do_not_read_are_closed_with_1013() {
-    const READERS_NOT: usize = 5;
-    const EVENTS: usize = 60;
-    // The per-connection bound is out of the way (64 MiB): only the shard's cap (4 MB) applies.
+    // Only the shard's cap (1 MB) applies: the per-connection bound is 64 MiB, the message
+    // rates are off, and the kernel keeps little for each socket (4 KiB send buffers).
     let server = Server::start(&[
         "--shards",
         "1",
         "--max-buffered-bytes",
-        "4000000",
+        "1000000",
         "--max-outbound-bytes",
         "67108864",
+        "--send-buffer-bytes",
+        "4096",
+        "--message-rate",
+        "0",
+        "--message-bytes-rate",
+        "0",
     ]);
     let (mut victim, _) = connect(&server.url("/v1/realtime?project=p&channels[]=c")).await;
-    let mut stalled: Vec<_> = (0..READERS_NOT)
+    // Each stalled client asks for answers it never reads: 10 subscribe responses of ~25 KB
+    // (its own memory; event bodies, shared by all subscribers, are not counted).
+    let channels: Vec<String> = (0..100)
+        .map(|n| format!("{n:0>3}{}", "x".repeat(240)))
+        .collect();
+    let ask = json!({"type": "subscribe", "data": [{"subscriptionId": "s", "channels": channels}]})
+        .to_string();
+    let stalled: Vec<common::RawClient> = (0..5)
         .map(|_| {
-            let mut c =
-                common::RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=c");
-            assert_eq!(c.read_json()["type"], "connected");
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket.connect(&server.ws.into()).unwrap();
+            let mut c = common::RawClient::from_stream(socket.into());
+            c.send_upgrade("/v1/realtime?project=p&channels[]=c");
+            assert!(c.read_http_head().starts_with("HTTP/1.1 101"));
+            for _ in 0..10 {
+                c.send_frame(true, 1, ask.as_bytes());
+            }
             c
         })
         .collect();
-    // The victim reads as the events come.
-    let reader = tokio::spawn(async move {
-        let mut ids = Vec::new();
-        for _ in 0..EVENTS {
-            ids.push(next_json(&mut victim).await["data"]["id"].clone());
-        }
-        ids
-    });
-    let pad = "y".repeat(200_000);
-    let mut ids = Vec::new();
-    for n in 0..EVENTS {
-        ids.push(server.publish(json!({
-            "project": "p", "channels": ["c"], "payload": {"n": n, "pad": pad}
-        })));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.metric_with("herald_memory_shed_total", "1013") < 1.0 {
+        assert!(Instant::now() < deadline, "nobody was shed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(reader.await.unwrap(), ids);
-    assert!(server.metric_with("herald_memory_shed_total", "1013") >= 1.0);
-    // A stalled client that reads now finds the events it had room for, then the close.
+    // The victim, which reads, is not among them and gets its events.
+    let id = server.publish(json!({"project": "p", "channels": ["c"], "payload": {}}));
+    let got = next_json(&mut victim).await;
+    assert_eq!(got["data"]["id"], id, "{got}");
     let codes = tokio::task::spawn_blocking(move || {
         stalled
-            .iter_mut()
-            .map(|c| c.read_close_code())
+            .into_iter()
+            .map(|mut c| {
+                c.stream
+                    .set_read_timeout(Some(Duration::from_secs(2)))
+                    .unwrap();
+                c.read_close_code()
+            })
             .collect::<Vec<_>>()
     })
     .await
