@@ -37,7 +37,8 @@
 # (127.0.1.1-127.0.1.10), SHARDS (2), READY_TIMEOUT (60 s for the attacker's connections to be
 # in place), SETTLE (3 s), ATTACK_MIN (12 s), ATTACK_DURATION (PHASE_TIME + 120 s: only an upper
 # bound, the attacker is stopped as soon as the fanout ended and ATTACK_MIN passed), RUN_LIMIT
-# (600 s: upper bound on any one herald-bench run), ATTACK_ARGS (extra arguments of every
+# (600 s: upper bound on any one herald-bench run), BASELINE_EACH (0; 1: an attack-free run
+# before every attack, which is then compared with it), ATTACK_ARGS (extra arguments of every
 # `herald-bench attack`, e.g. "--without-channel"), BIN_DIR (prebuilt herald and herald-bench;
 # otherwise built with cargo, honouring CARGO_TARGET_DIR). Needs jq and curl.
 #
@@ -327,8 +328,13 @@ run_one() {
     fi
 }
 
+# BASELINE_EACH=1: an attack-free run before every attack, each attack compared with the one
+# just before it (this machine's speed drifts over a long invocation).
 run_one none
 for kind in "${KINDS[@]}"; do
+    if [[ ${BASELINE_EACH:-0} == 1 && $kind != "${KINDS[0]}" ]]; then
+        run_one none
+    fi
     run_one "$kind"
 done
 echo "results appended to $RESULTS; raw files in $OUT" >&2
