@@ -17,7 +17,7 @@
 # with MIMALLOC_ALLOW_THP=0 here (4 KiB steps); HERALD_THP=1 measures the default instead.
 #
 # Settings (environment): SMALL (1000), LARGE (19000), BENCH_PROCS (2), SETTLE_SECS (3),
-# HERALD_THP (0), BIN_DIR (use prebuilt herald and herald-bench from there instead of building;
+# HERALD_THP (0), AS_USER (0; 1: signed-in users with a JWT of 5 roles instead of guests), BIN_DIR (use prebuilt herald and herald-bench from there instead of building;
 # otherwise it builds with cargo, honouring CARGO_TARGET_DIR).
 set -euo pipefail
 # Load generators open thousands of connections from a few loopback addresses: herald's per-IP
@@ -29,6 +29,9 @@ LARGE=${LARGE:-19000}
 BENCH_PROCS=${BENCH_PROCS:-2}
 SETTLE_SECS=${SETTLE_SECS:-3}
 HERALD_THP=${HERALD_THP:-0}
+# AS_USER=1: every connection carries a JWT (a signed-in user with 5 roles) instead of a guest.
+AS_USER=${AS_USER:-0}
+JWT_SECRET=bench-jwt-secret
 # Upper bound on the hold; the script stops the benches itself once it has measured.
 HOLD=${HOLD:-300s}
 
@@ -109,8 +112,22 @@ start_bench() {
     eval "${name}_PID=$!"
 }
 
+# An HS256 token like Appwrite's plus a roles claim, for 5 roles in all: user:u1, users, and
+# one team membership's team:t1, team:t1/owner, member:m1.
+user_jwt() {
+    python3 - "$JWT_SECRET" <<'PY'
+import base64, hashlib, hmac, json, sys, time
+b64 = lambda d: base64.urlsafe_b64encode(json.dumps(d, separators=(",", ":")).encode()).rstrip(b"=")
+head = b64({"alg": "HS256", "typ": "JWT"}) + b"." + b64({
+    "userId": "u1", "sessionId": "s1", "exp": int(time.time()) + 3600,
+    "roles": ["team:t1", "team:t1/owner", "member:m1"]})
+sig = base64.urlsafe_b64encode(hmac.new(sys.argv[1].encode(), head, hashlib.sha256).digest()).rstrip(b"=")
+print((head + b"." + sig).decode())
+PY
+}
+
 echo "== starting herald" >&2
-MIMALLOC_ALLOW_THP=$HERALD_THP "$BIN/herald" serve --shards 2 --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s \
+HERALD_JWT_SECRET=$JWT_SECRET MIMALLOC_ALLOW_THP=$HERALD_THP "$BIN/herald" serve --shards 2 --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s \
     >"$WORK/herald.out" 2>"$WORK/herald.err" &
 HERALD_PID=$!
 PIDS+=("$HERALD_PID")
@@ -119,6 +136,10 @@ STARTUP=$(head -1 "$WORK/herald.out")
 PORT=$(grep -o 'ws://[0-9.]*:[0-9]*' <<<"$STARTUP" | head -1 | cut -d: -f3)
 ADMIN=$(grep -o 'admin on http://[0-9.]*:[0-9]*' <<<"$STARTUP" | sed 's|admin on http://||')
 URL="ws://127.0.0.1:$PORT/v1/realtime?project=p&channels[]=files"
+if [[ $AS_USER == 1 ]]; then
+    URL="$URL&jwt=$(user_jwt)"
+    echo "connections are signed-in users (a JWT: 5 roles each)" >&2
+fi
 echo "$STARTUP" >&2
 echo "herald runs with MIMALLOC_ALLOW_THP=$HERALD_THP" >&2
 sleep 1

@@ -323,7 +323,9 @@ fn handshake_identity(
         .jwt
         .verify(token, project, &mut |r| registry.intern(r))
     {
-        Ok(identity) => Ok(Arc::new(identity)),
+        Ok(identity) => Ok(Arc::new(
+            identity.share_roles(|roles| registry.intern_roles(roles)),
+        )),
         Err(e) => Err((401, e.to_string(), "jwt")),
     }
 }

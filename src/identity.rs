@@ -20,11 +20,13 @@ pub const MAX_EXTRA_ROLES: usize = 100;
 /// verified. Kept small: an authenticated idle connection pays for it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Identity {
-    user: Option<Box<str>>,
+    /// Inline up to 24 bytes (Appwrite's ids are 20): no allocation of its own.
+    user: Option<compact_str::CompactString>,
     /// Whether the user's email or phone is verified, when the credential says so.
     verified: Option<bool>,
     /// Roles beyond the derived ones (teams, memberships, labels).
-    extra: Box<[Arc<str>]>,
+    /// Shared by every identity of a shard with the same set ([`Identity::share_roles`]).
+    extra: Arc<[Arc<str>]>,
 }
 
 impl Identity {
@@ -32,16 +34,16 @@ impl Identity {
         Self {
             user: None,
             verified: None,
-            extra: Box::new([]),
+            extra: Arc::new([]),
         }
     }
 
     /// A user with `extra` roles; `extra` names that are derived ones anyway are dropped.
     pub fn user(id: &str, verified: Option<bool>, extra: Vec<Arc<str>>) -> Self {
         let mut identity = Self {
-            user: Some(id.into()),
+            user: Some(compact_str::CompactString::from(id)),
             verified,
-            extra: Box::new([]),
+            extra: Arc::new([]),
         };
         let mut kept: Vec<Arc<str>> = Vec::with_capacity(extra.len());
         for role in extra {
@@ -49,8 +51,17 @@ impl Identity {
                 kept.push(role);
             }
         }
-        identity.extra = kept.into_boxed_slice();
+        identity.extra = Arc::from(kept);
         identity
+    }
+
+    /// Swaps this identity's extra roles for the shard's shared copy of the same set, so that
+    /// the connections of users with the same teams and labels hold one list between them.
+    pub fn share_roles(mut self, intern: impl FnOnce(&Arc<[Arc<str>]>) -> Arc<[Arc<str>]>) -> Self {
+        if !self.extra.is_empty() {
+            self.extra = intern(&self.extra);
+        }
+        self
     }
 
     pub fn user_id(&self) -> Option<&str> {

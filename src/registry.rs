@@ -16,6 +16,8 @@ pub struct Registry {
     /// project's name is stored once however many channels it has.
     index: FxHashMap<Arc<str>, FxHashMap<Arc<str>, FxHashSet<u32>>>,
     names: HashSet<Arc<str>>,
+    /// Role sets of identities (their extra roles), one copy per distinct set.
+    role_sets: HashSet<Arc<[Arc<str>]>>,
 }
 
 impl Registry {
@@ -29,8 +31,18 @@ impl Registry {
         n
     }
 
-    /// Drops interned names nobody holds any more.
+    /// The shard's shared copy of a set of interned roles.
+    pub fn intern_roles(&mut self, roles: &Arc<[Arc<str>]>) -> Arc<[Arc<str>]> {
+        if let Some(r) = self.role_sets.get(roles) {
+            return r.clone();
+        }
+        self.role_sets.insert(roles.clone());
+        roles.clone()
+    }
+
+    /// Drops interned names and role sets nobody holds any more (sets first: they hold names).
     pub fn collect_garbage(&mut self) {
+        self.role_sets.retain(|r| Arc::strong_count(r) > 1);
         self.names.retain(|n| Arc::strong_count(n) > 1);
     }
 
