@@ -486,17 +486,7 @@ fn one_address_gets_429_beyond_its_connections_or_handshake_rate_and_others_do_n
         "{head}"
     );
     // Another source address is not affected.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(
-            &"127.0.0.2:0"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
-    socket.connect(&server.ws.into()).unwrap();
-    let mut from_other = common::RawClient::from_stream(socket.into());
+    let mut from_other = common::RawClient::tcp_from(server.ws, "127.0.0.2");
     from_other.send_upgrade(path);
     assert!(from_other.read_http_head().starts_with("HTTP/1.1 101"));
     // Closing one frees its place.
@@ -699,11 +689,7 @@ async fn over_the_buffered_cap_clients_that_do_not_read_are_closed_with_1013() {
         .to_string();
     let stalled: Vec<common::RawClient> = (0..5)
         .map(|_| {
-            let socket =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            socket.set_recv_buffer_size(4096).unwrap();
-            socket.connect(&server.ws.into()).unwrap();
-            let mut c = common::RawClient::from_stream(socket.into());
+            let mut c = common::RawClient::tcp_with_recv_buffer(server.ws, 4096);
             c.send_upgrade("/v1/realtime?project=p&channels[]=c");
             assert!(c.read_http_head().starts_with("HTTP/1.1 101"));
             for _ in 0..10 {
@@ -767,17 +753,7 @@ fn a_flood_of_refused_connections_does_not_take_the_slots_of_others() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // ...someone else connects at once, while the flood still holds its sockets.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(
-            &"127.0.0.2:0"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
-    socket.connect(&server.ws.into()).unwrap();
-    let mut other = common::RawClient::from_stream(socket.into());
+    let mut other = common::RawClient::tcp_from(server.ws, "127.0.0.2");
     let start = Instant::now();
     other.send_upgrade(path);
     let head = other
@@ -801,10 +777,7 @@ async fn a_client_that_stops_reading_is_closed_before_the_kernel_holds_megabytes
     let server = Server::start(&["--shards", "1"]);
     let (mut victim, _) = connect(&server.url("/v1/realtime?project=p&channels[]=c")).await;
     // A reader that stopped, with a small receive buffer of its own.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.ws.into()).unwrap();
-    let mut stalled = common::RawClient::from_stream(socket.into());
+    let mut stalled = common::RawClient::tcp_with_recv_buffer(server.ws, 4096);
     stalled.send_upgrade("/v1/realtime?project=p&channels[]=c");
     assert!(stalled.read_http_head().starts_with("HTTP/1.1 101"));
     let reader = tokio::spawn(async move {

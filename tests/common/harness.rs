@@ -238,6 +238,27 @@ impl RawClient {
         Self::from_stream(TcpStream::connect(addr).expect("tcp connect"))
     }
 
+    /// Connects from the local address `source` (e.g. "127.0.0.2"), another client as far as
+    /// per-IP limits go.
+    pub fn tcp_from(addr: SocketAddr, source: &str) -> Self {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        let local: SocketAddr = format!("{source}:0").parse().expect("source address");
+        socket.bind(&local.into()).expect("bind");
+        socket.connect(&addr.into()).expect("connect");
+        Self::from_stream(socket.into())
+    }
+
+    /// Connects with a receive buffer of `bytes`: a client that holds little of what it does
+    /// not read.
+    pub fn tcp_with_recv_buffer(addr: SocketAddr, bytes: usize) -> Self {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        socket.connect(&addr.into()).expect("connect");
+        Self::from_stream(socket.into())
+    }
+
     pub fn from_stream(stream: TcpStream) -> Self {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))

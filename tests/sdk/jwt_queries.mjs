@@ -2,45 +2,13 @@
 // `client.setJWT()` (the SDK puts it in the URL) and `Realtime.subscribe(channels, cb, [Query])`
 // must receive only that user's events whose payload matches the query.
 // Usage: node tests/sdk/jwt_queries.mjs path/to/herald
-import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
-import { createInterface } from 'node:readline';
-import WebSocket from 'ws';
-
-// Node 20 has no global WebSocket and the SDK calls window.setInterval for its heartbeat.
-globalThis.WebSocket = WebSocket;
-globalThis.window = globalThis;
-globalThis.localStorage = { getItem: () => null, setItem: () => {}, removeItem: () => {} };
+import { sleep, startHerald } from './herald.mjs';
 
 const { Client, Realtime, Query } = await import('appwrite');
 
-const bin = process.argv[2];
-if (!bin) {
-  console.error('usage: node jwt_queries.mjs path/to/herald');
-  process.exit(2);
-}
 const secret = 'sdk-test-openssl-key';
-const herald = spawn(
-  bin,
-  ['serve', '--listen', '127.0.0.1:0', '--admin', '127.0.0.1:0', '--shards', '2', '--jwt-secret', secret],
-  { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, HERALD_LOG: 'warn' } },
-);
-const stop = (code) => {
-  herald.kill('SIGKILL');
-  process.exit(code);
-};
-const fail = (msg) => {
-  console.error(`FAIL: ${msg}`);
-  stop(1);
-};
-setTimeout(() => fail('timed out after 30 s'), 30_000).unref();
-
-const line = await new Promise((resolve) => {
-  createInterface({ input: herald.stdout }).once('line', resolve);
-});
-const ws = /ws:\/\/([^/\s]+)/.exec(line)?.[1];
-const admin = /admin on http:\/\/(\S+)/.exec(line)?.[1];
-if (!ws || !admin) fail(`unexpected startup line: ${line}`);
+const { ws, stop, fail, publish } = await startHerald(process.argv[2], ['--jwt-secret', secret]);
 
 // An HS256 token shaped like Appwrite's account.createJWT() (userId, sessionId, exp).
 const b64 = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
@@ -48,19 +16,6 @@ function jwt(userId) {
   const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ userId, sessionId: 's1', exp: Math.floor(Date.now() / 1000) + 900 })}`;
   return `${head}.${createHmac('sha256', secret).update(head).digest('base64url')}`;
 }
-
-async function publish(body) {
-  const r = await fetch(`http://${admin}/v1/events`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify(body),
-  });
-  const json = await r.json();
-  if (r.status !== 200) fail(`publish refused: ${r.status} ${JSON.stringify(json)}`);
-  return json.id;
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 const client = new Client().setEndpoint(`http://${ws}/v1`).setProject('proj1').setJWT(jwt('ann'));
 const realtime = new Realtime(client);

@@ -2,56 +2,11 @@
 // the modern Realtime class (Gen C: subscribe messages) and the legacy client.subscribe
 // (Gen A: channels in the URL) must both receive a published event.
 // Usage: node tests/sdk/subscribe.mjs path/to/herald
-import { spawn } from 'node:child_process';
-import { createInterface } from 'node:readline';
-import WebSocket from 'ws';
-
-// Node 20 has no global WebSocket and the SDK calls window.setInterval for its heartbeat.
-globalThis.WebSocket = WebSocket;
-globalThis.window = globalThis;
-globalThis.localStorage = { getItem: () => null, setItem: () => {}, removeItem: () => {} };
+import { sleep, startHerald } from './herald.mjs';
 
 const { Client, Realtime } = await import('appwrite');
 
-const bin = process.argv[2];
-if (!bin) {
-  console.error('usage: node subscribe.mjs path/to/herald');
-  process.exit(2);
-}
-
-const herald = spawn(bin, ['serve', '--listen', '127.0.0.1:0', '--admin', '127.0.0.1:0', '--shards', '2'], {
-  stdio: ['ignore', 'pipe', 'inherit'],
-  env: { ...process.env, HERALD_LOG: 'warn' },
-});
-const stop = (code) => {
-  herald.kill('SIGKILL');
-  process.exit(code);
-};
-const fail = (msg) => {
-  console.error(`FAIL: ${msg}`);
-  stop(1);
-};
-setTimeout(() => fail('timed out after 30 s'), 30_000).unref();
-
-const line = await new Promise((resolve) => {
-  createInterface({ input: herald.stdout }).once('line', resolve);
-});
-const ws = /ws:\/\/([^/\s]+)/.exec(line)?.[1];
-const admin = /admin on http:\/\/(\S+)/.exec(line)?.[1];
-if (!ws || !admin) fail(`unexpected startup line: ${line}`);
-
-async function publish(body) {
-  const r = await fetch(`http://${admin}/v1/events`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify(body),
-  });
-  const json = await r.json();
-  if (r.status !== 200) fail(`publish refused: ${r.status} ${JSON.stringify(json)}`);
-  return json.id;
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const { ws, stop, fail, publish } = await startHerald(process.argv[2]);
 
 const client = new Client().setEndpoint(`http://${ws}/v1`).setProject('proj1');
 
