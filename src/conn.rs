@@ -52,6 +52,7 @@ use crate::admission::{IpLimits, IpTicket};
 use crate::batch::Verdict;
 use crate::config::Config;
 use crate::event::{EncodedEvent, EventId, is_valid_name, write_tail};
+use crate::filter::{Filter, FilterLimits};
 use crate::identity::{Identity, JwtVerifier};
 use crate::mailbox::{Cancellation, ReplayError, ReplayQuery};
 use crate::origin::OriginPolicy;
@@ -300,6 +301,73 @@ fn event_frame(session: &Session, event: &EncodedEvent) -> Option<OutFrame> {
     let mut tail = SmallVec::new();
     write_tail(&mut tail, ids);
     Some(OutFrame::event(event.prefix.clone(), tail))
+}
+
+/// Slot numbers, and per slot its channels and compiled queries.
+type UrlSlots = (Vec<u32>, Vec<(Vec<String>, Option<Filter>)>);
+
+/// Gen B: the URL's query slots as subscriptions. Each slot, in increasing order, holds the URL
+/// channels that name it (`<channel with . as _>[<slot>][]=<query>`) and the queries of the
+/// first of them (the SDK repeats a slot's queries under each of its channels); channels that
+/// name no slot form a last subscription that takes everything. `None` without slots. An
+/// error is the text Appwrite answers with (1008, then close).
+fn url_slots(
+    q: &crate::query::RealtimeQuery,
+    limits: &SessionLimits,
+) -> Result<Option<UrlSlots>, String> {
+    if q.slot_queries.is_empty() {
+        return Ok(None);
+    }
+    if q.too_many_slot_queries {
+        return Err(format!(
+            "Too many queries in the URL: at most {}",
+            crate::query::MAX_SLOT_QUERIES
+        ));
+    }
+    // slot -> (the key whose queries it takes, channels, queries)
+    let mut slots: std::collections::BTreeMap<u32, (String, Vec<String>, Vec<String>)> =
+        std::collections::BTreeMap::new();
+    let mut unslotted = Vec::new();
+    for channel in &q.channels {
+        let key = channel.replace('.', "_");
+        let mut named = false;
+        for (k, slot, query) in q.slot_queries.iter().filter(|(k, _, _)| *k == key) {
+            named = true;
+            let entry = slots
+                .entry(*slot)
+                .or_insert_with(|| (k.clone(), Vec::new(), Vec::new()));
+            if !entry.1.contains(channel) {
+                entry.1.push(channel.clone());
+            }
+            if entry.0 == *k {
+                entry.2.push(query.clone());
+            }
+        }
+        if !named {
+            unslotted.push(channel.clone());
+        }
+    }
+    let mut numbers = Vec::with_capacity(slots.len() + 1);
+    let mut out = Vec::with_capacity(slots.len() + 1);
+    let mut weight = 0;
+    for (slot, (_, channels, queries)) in slots {
+        let filter =
+            Filter::compile(&queries, &FilterLimits::default()).map_err(|e| e.to_string())?;
+        weight += filter.weight();
+        numbers.push(slot);
+        out.push((channels, Some(filter)));
+    }
+    if weight > limits.max_query_weight {
+        return Err(format!(
+            "Too many queries in the URL: at most {} queries and values in all",
+            limits.max_query_weight
+        ));
+    }
+    if !unslotted.is_empty() {
+        numbers.push(numbers.last().map_or(0, |n| n.saturating_add(1)));
+        out.push((unslotted, None));
+    }
+    Ok(Some((numbers, out)))
 }
 
 /// Who the upgrade request says the client is: a JWT (URL `jwt` or `x-appwrite-jwt`) verified
@@ -613,10 +681,26 @@ impl Connection {
             Ok(identity) => identity,
             Err((code, msg, reason)) => return Some(self.refuse_session(code, &msg, reason, cx)),
         };
+        let slots = match url_slots(&q, &limits) {
+            Ok(slots) => slots,
+            Err(msg) => return Some(self.refuse_session(close_code::POLICY, &msg, "query", cx)),
+        };
         let project = cx.registry.intern(project);
         let registry = &mut *cx.registry;
-        let session = Session::new(project, identity, &q.channels, &mut |c| registry.intern(c));
-        cx.out.push(OutFrame::text(session.connected_message()));
+        let mut intern = |c: &str| registry.intern(c);
+        let (session, numbers) = match slots {
+            None => (
+                Session::new(project, identity, &q.channels, &mut intern),
+                None,
+            ),
+            Some((numbers, slots)) => (
+                Session::with_slots(project, identity, slots, &mut intern),
+                Some(numbers),
+            ),
+        };
+        cx.out.push(OutFrame::text(
+            session.connected_message(numbers.as_deref()),
+        ));
         cx.registry
             .update(&session.project, cx.key, &[], &session.channels());
         self.session = Some(session);

@@ -149,11 +149,49 @@ impl Session {
         }
     }
 
-    /// The `connected` message sent right after the upgrade.
-    pub fn connected_message(&self) -> String {
+    /// A session whose URL carried Gen B query slots: one subscription per slot, in `slots`
+    /// order, each of its channels (converted for the user) and its compiled queries.
+    pub fn with_slots(
+        project: Arc<str>,
+        identity: Arc<Identity>,
+        slots: Vec<(Vec<String>, Option<Filter>)>,
+        intern: &mut dyn FnMut(&str) -> Arc<str>,
+    ) -> Self {
+        let subscriptions = slots
+            .into_iter()
+            .map(|(channels, filter)| Subscription {
+                id: mint_id(),
+                channels: convert_channels(&identity, channels.iter(), intern),
+                filter: filter.filter(|f| !f.is_select_all()).map(Box::new),
+            })
+            .collect();
+        Self {
+            project,
+            identity,
+            subscriptions,
+        }
+    }
+
+    /// The `connected` message sent right after the upgrade. `slots`: the Gen B slot number of
+    /// each subscription, when they are not simply 0, 1, 2... (then `subscriptions` is an
+    /// object from slot to id, as Appwrite's PHP encodes it).
+    pub fn connected_message(&self, slots: Option<&[u32]>) -> String {
+        let ids = self.subscriptions.iter().map(|s| s.id.as_str());
+        let subscriptions = match slots {
+            Some(slots) if slots.iter().enumerate().any(|(i, &s)| s as usize != i) => {
+                Value::Object(
+                    slots
+                        .iter()
+                        .zip(ids)
+                        .map(|(s, id)| (s.to_string(), Value::from(id)))
+                        .collect(),
+                )
+            }
+            _ => Value::from(ids.collect::<Vec<_>>()),
+        };
         json!({"type": "connected", "data": {
             "channels": self.channels().iter().map(|c| &**c).collect::<Vec<_>>(),
-            "subscriptions": self.subscriptions.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            "subscriptions": subscriptions,
             "user": self.identity.user_json(),
         }})
         .to_string()
@@ -575,7 +613,7 @@ mod tests {
     #[test]
     fn connected_lists_url_channels_and_one_minted_id() {
         let s = session(&["files", "documents"]);
-        let v: Value = serde_json::from_str(&s.connected_message()).unwrap();
+        let v: Value = serde_json::from_str(&s.connected_message(None)).unwrap();
         assert_eq!(v["data"]["channels"], json!(["files", "documents"]));
         let id = v["data"]["subscriptions"][0].as_str().unwrap();
         assert_eq!(id.len(), 20);

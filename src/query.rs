@@ -19,7 +19,15 @@ pub struct RealtimeQuery {
     pub last_event_id: Option<String>,
     /// `jwt`, what SDK 27+ sends after `client.setJWT()`.
     pub jwt: Option<String>,
+    /// Gen B query slots, `<channel with . as _>[<slot>][]=<query>`: (key, slot, query), in
+    /// order, at most [`MAX_SLOT_QUERIES`].
+    pub slot_queries: Vec<(String, u32, String)>,
+    /// More slot queries than that were given.
+    pub too_many_slot_queries: bool,
 }
+
+/// Most Gen B slot queries one URL may carry.
+pub const MAX_SLOT_QUERIES: usize = 1000;
 
 /// Parses a raw (still percent-encoded) query string, keeping at most `max_channels` channels.
 pub fn parse(query: &str, max_channels: usize) -> RealtimeQuery {
@@ -35,6 +43,15 @@ pub fn parse(query: &str, max_channels: usize) -> RealtimeQuery {
             ("project", None) => out.project = Some(value.into_owned()),
             ("lastEventId", None) => out.last_event_id = Some(value.into_owned()),
             ("jwt", None) => out.jwt = Some(value.into_owned()),
+            (key, Some(b)) if key != "channels" && key != "project" => {
+                let Some(slot) = slot_of(b) else { continue };
+                if out.slot_queries.len() == MAX_SLOT_QUERIES {
+                    out.too_many_slot_queries = true;
+                    continue;
+                }
+                out.slot_queries
+                    .push((key.to_owned(), slot, value.into_owned()));
+            }
             // `channels[]`, `channels[3]`, and a bare `channels=x` (read as a one-element list
             // rather than failing the way PHP's type error does).
             ("channels", b) if b.is_none_or(is_list_index) && !seen.contains(value.as_ref()) => {
@@ -49,6 +66,16 @@ pub fn parse(query: &str, max_channels: usize) -> RealtimeQuery {
         }
     }
     out
+}
+
+/// The slot of a Gen B query key's brackets, `[<digits>][]` (or `[<digits>][<digits>]`).
+fn slot_of(brackets: &str) -> Option<u32> {
+    let rest = brackets.strip_prefix('[')?;
+    let (slot, rest) = rest.split_once(']')?;
+    if !is_list_index(rest) || slot.is_empty() || !slot.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    slot.parse().ok()
 }
 
 /// `[]` or `[<digits>]`: the forms PHP turns into list elements.
@@ -84,6 +111,17 @@ mod tests {
         assert_eq!(q.channels, vec!["databases.db.collections.c.documents"]);
         assert_eq!(q.last_event_id.as_deref(), Some("1-0"));
         assert_eq!(parse("channels[a]=x", 100).channels, Vec::<String>::new());
+        assert_eq!(
+            parse(
+                "channels[]=a.b&a_b[1][]=q1&a_b[1][0]=q2&a_b[x][]=no&a_b[]=no",
+                100
+            )
+            .slot_queries,
+            vec![
+                ("a_b".to_owned(), 1, "q1".to_owned()),
+                ("a_b".to_owned(), 1, "q2".to_owned())
+            ]
+        );
         assert_eq!(parse("channels=solo", 100).channels, vec!["solo"]);
     }
 

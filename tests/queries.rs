@@ -156,3 +156,54 @@ async fn a_connection_may_carry_at_most_1000_queries_and_values() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].1.as_array().unwrap().len(), 9, "{:?}", got[0].1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gen_b_url_slots_are_subscriptions_with_their_queries() {
+    let server = Server::start(&[]);
+    let enc = |q: String| form_urlencoded::byte_serialize(q.as_bytes()).collect::<String>();
+    let open = enc(query("equal", "status", json!(["open"])));
+    let all = enc(json!({"method": "select", "values": ["*"]}).to_string());
+    let (mut ws, hello) = connect(&server.url(&format!(
+        "/v1/realtime?project=p&channels[]=docs.a&channels[]=files&docs_a[0][]={open}&files[1][]={all}"
+    )))
+    .await;
+    let ids = hello["data"]["subscriptions"].clone();
+    assert_eq!(ids.as_array().map(Vec::len), Some(2), "{hello}");
+    let publish = |channel: &str, p: Value| {
+        server.publish(json!({"project": "p", "channels": [channel], "payload": p}));
+    };
+    publish("docs.a", json!({"n": 1, "status": "open"}));
+    publish("docs.a", json!({"n": 2, "status": "closed"}));
+    publish("files", json!({"n": 3}));
+    assert_eq!(
+        events(&mut ws).await,
+        [(1, json!([ids[0]])), (3, json!([ids[1]]))]
+    );
+    // Slots that are not 0, 1, ...: `subscriptions` maps slot to id.
+    let (_, hello) = connect(&server.url(&format!(
+        "/v1/realtime?project=p&channels[]=files&files[3][]={all}"
+    )))
+    .await;
+    assert!(hello["data"]["subscriptions"]["3"].is_string(), "{hello}");
+    // A query Appwrite does not run in realtime: 1008 with its words, then the close.
+    let bad = enc(query("contains", "tags", json!(["a"])));
+    let (mut ws, err) = common::connect_with_header(
+        &server.url(&format!(
+            "/v1/realtime?project=p&channels[]=files&files[0][]={bad}"
+        )),
+        "x-test",
+        "1",
+    )
+    .await;
+    assert_eq!(err["data"]["code"], 1008, "{err}");
+    assert!(
+        err["data"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Query method 'contains'")
+    );
+    assert_eq!(
+        common::expect_close(&mut ws, Duration::from_secs(5)).await,
+        1008
+    );
+}
