@@ -138,6 +138,21 @@ pub fn convert_channel(identity: &Identity, channel: &str, mut emit: impl FnMut(
     }
 }
 
+/// The channel a client asked for, from one [`convert_channel`] made for `identity`:
+/// `account.<id>` and `account.<id>.<action>` go back to `account` and `account.<action>`.
+pub fn unbind_channel<'a>(identity: &Identity, channel: &'a str) -> std::borrow::Cow<'a, str> {
+    let bound = identity.user_id().and_then(|id| {
+        let rest = channel.strip_prefix("account.")?.strip_prefix(id)?;
+        match rest {
+            "" => Some("account".into()),
+            _ => rest
+                .strip_prefix('.')
+                .map(|action| format!("account.{action}").into()),
+        }
+    });
+    bound.unwrap_or(std::borrow::Cow::Borrowed(channel))
+}
+
 /// Why a credential was refused. The text is what the client gets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -410,6 +425,11 @@ mod tests {
         assert_eq!(convert(&ann, "documents"), ["documents"]);
         let guest = Identity::guest();
         assert_eq!(convert(&guest, "account.update"), ["account.update"]);
+        // Undone before binding to another user.
+        assert_eq!(unbind_channel(&ann, "account.ann.update"), "account.update");
+        assert_eq!(unbind_channel(&ann, "account.ann"), "account");
+        assert_eq!(unbind_channel(&ann, "account.annex"), "account.annex");
+        assert_eq!(unbind_channel(&guest, "account.update"), "account.update");
     }
 
     #[test]

@@ -204,8 +204,15 @@ impl Session {
         identity: Arc<Identity>,
         intern: &mut dyn FnMut(&str) -> Arc<str>,
     ) {
+        let old = self.identity.clone();
         for s in &mut self.subscriptions {
-            s.channels = convert_channels(&identity, s.channels.iter(), intern);
+            // Back to what the client asked for (`account.<old>.update` was `account.update`),
+            // then bound to the new user.
+            let asked = s
+                .channels
+                .iter()
+                .map(|c| crate::identity::unbind_channel(&old, c));
+            s.channels = convert_channels(&identity, asked, intern);
         }
         self.identity = identity;
     }

@@ -225,6 +225,15 @@ async fn authentication_with_a_jwt_keeps_the_subscriptions_and_binds_the_account
         reply["data"]["subscriptions"][0]["channels"],
         json!(["account.ann.update", "d"])
     );
+
+    // Signing in as someone else rebinds what was bound to ann.
+    let auth = json!({"type": "authentication", "data": {"jwt": appwrite_jwt("bob")}});
+    send(&mut ws, &auth.to_string()).await;
+    assert_eq!(next_json(&mut ws).await["data"]["user"]["$id"], "bob");
+    publish(&server, &["account.ann.update"], &["user:ann"]);
+    let for_bob = publish(&server, &["account.bob.update"], &["user:bob"]);
+    let (id, subs) = next_event(&mut ws).await.expect("bob's event");
+    assert_eq!((id, subs), (for_bob, json!(["more"])));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
