@@ -639,7 +639,12 @@ impl Connection {
             let forwarded = req.forwarded_for.as_deref();
             match cx.ip_limits.admit_forwarded(forwarded, cx.instant) {
                 Ok(ticket) => *cx.admitted = Some(ticket),
-                Err(refusal) => return self.reject(429, refusal.message(), cx, refusal.reason()),
+                Err(refusal) => {
+                    let incident = self.reject(429, refusal.message(), cx, refusal.reason());
+                    // Like a refusal at accept: a flood of them must not hold slots for long.
+                    self.deadline = cx.now.saturating_add(1);
+                    return incident;
+                }
             }
         }
         cx.out
