@@ -969,7 +969,9 @@ impl Connection {
 
     /// Decides what happens to live `event` (contract, step 5). `continues`: this connection
     /// got the previous event of the batch, which has the same project, channels and roles, so
-    /// it matches and its tail is the same. `tails` receives the tail of a [`Verdict::Deliver`].
+    /// it matches and its tail is the same. `tails` receives the tail of a [`Verdict::Deliver`]
+    /// (and may receive one for other answers, which the caller drops, as
+    /// [`crate::batch::Batch::offer`] does).
     pub fn offer(
         &mut self,
         event: &Arc<EncodedEvent>,
@@ -986,22 +988,23 @@ impl Connection {
         // With queries, events of one route may match differently: each is judged on its own.
         let filtered = session.has_filters();
         let continues = continues && !filtered;
-        if !continues && session.matching(event).next().is_none() {
-            return if filtered {
-                Verdict::Skip
-            } else {
-                Verdict::NotSubscribed
-            };
+        if !continues {
+            // Matched once (queries can be costly): the tail is written now, and the caller
+            // drops it unless the answer is `Deliver`.
+            let mut ids = session.matching(event).peekable();
+            if ids.peek().is_none() {
+                return if filtered {
+                    Verdict::Skip
+                } else {
+                    Verdict::NotSubscribed
+                };
+            }
+            write_tail(tails, ids);
         }
         match self.replay_verdict(event, cfg.max_outbound) {
             Some(v) => v,
             None if continues => Verdict::Extend,
-            None => {
-                if let Some(session) = self.session.as_ref() {
-                    write_tail(tails, session.matching(event));
-                }
-                Verdict::Deliver
-            }
+            None => Verdict::Deliver,
         }
     }
 
