@@ -158,8 +158,12 @@ fn bench_largest_subscribe(c: &mut Criterion) {
         &mut |n| registry.intern(n),
     );
     let jwt = herald::identity::JwtVerifier::none();
+    let jwt = herald::protocol::Verifiers {
+        jwt: &jwt,
+        sessions: false,
+    };
     let before = session.channels();
-    let reply = session.handle_text(&subscribe_rows(0, 10), &limits, &jwt, &mut |n| {
+    let reply = session.handle_text(&subscribe_rows(0, 10), &limits, jwt, &mut |n| {
         registry.intern(n)
     });
     assert!(reply.subscriptions_changed);
@@ -179,7 +183,7 @@ fn bench_largest_subscribe(c: &mut Criterion) {
             b.iter(|| {
                 let before = session.channels();
                 let reply =
-                    session.handle_text(&upsert, &limits, &jwt, &mut |n| registry.intern(n));
+                    session.handle_text(&upsert, &limits, jwt, &mut |n| registry.intern(n));
                 if reply.subscriptions_changed {
                     registry.update("p", 7, &before, &session.channels());
                 }

@@ -107,6 +107,33 @@ pub struct Config {
     #[arg(long, env = "HERALD_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<std::path::PathBuf>,
 
+    /// The application's session resolver: herald POSTs `{"project", "session"}` as JSON for
+    /// every Appwrite session a client presents (cookie, `x-appwrite-session`,
+    /// `x-fallback-cookies`, or the `authentication` message) and expects
+    /// `{"userId", "roles", "verified", "user"}` or 401/403 (see the README).
+    #[arg(long, env = "HERALD_AUTH_URL", conflicts_with = "appwrite_endpoint")]
+    pub auth_url: Option<String>,
+
+    /// Resolve Appwrite sessions with Appwrite itself: `GET /account` and the user's team
+    /// memberships at this API endpoint (e.g. `https://appwrite.example.com/v1`), building
+    /// Appwrite's role set.
+    #[arg(long, env = "HERALD_APPWRITE_ENDPOINT")]
+    pub appwrite_endpoint: Option<String>,
+
+    /// Longest a session resolution may take; past it the client stays a guest.
+    #[arg(long, env = "HERALD_AUTH_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub auth_timeout: Duration,
+
+    /// How long a resolved session (or a refusal) is reused for the same session value; at
+    /// most an hour. A permission change makes cached answers for that user stale at once.
+    #[arg(long, env = "HERALD_AUTH_CACHE_TTL", default_value = "60s", value_parser = duration)]
+    pub auth_cache_ttl: Duration,
+
+    /// Session resolutions in flight at once (all shards together); the rest wait, up to
+    /// 4,096, beyond which clients are told to retry.
+    #[arg(long, env = "HERALD_AUTH_CONCURRENCY", default_value_t = 64)]
+    pub auth_concurrency: usize,
+
     /// Number of shards (event-loop threads). Default: one per CPU core.
     #[arg(long, env = "HERALD_SHARDS")]
     pub shards: Option<usize>,

@@ -28,7 +28,12 @@
 //! 6. Resumes: after any call, the keys in [`Shared::resumes`] started one; the driver sends
 //!    [`Connection::replay_query`] to the control plane and hands the answer to
 //!    [`Connection::on_replay_answer`] (which ignores answers for an earlier connection of the
-//!    same key: compare [`Connection::serial`]).
+//!    same key: compare [`Connection::serial`]). Likewise the requests in
+//!    [`Shared::resolves`] (Appwrite sessions to resolve) go to the resolver, and its answer to
+//!    [`Connection::on_identity_answer`], which checks the serial itself; then `transmit`. A
+//!    connection waiting for its upgrade's session does not want input until it is answered
+//!    (step 7's read pause). On a permission change the driver calls
+//!    [`Connection::on_permissions_changed`] for each connection.
 //! 7. After `transmit`: [`Next::Blocked`] means wait for writability (register for it),
 //!    [`Next::Idle`] means stop waiting for it, [`Next::HalfClose`] means shut the socket's
 //!    write side, [`Next::Drop`] means remove the connection now. A write error also removes it.
@@ -54,7 +59,10 @@ use crate::config::Config;
 use crate::event::{EncodedEvent, EventId, is_valid_name, write_tail};
 use crate::filter::{Filter, FilterLimits};
 use crate::identity::{Identity, JwtVerifier};
-use crate::mailbox::{Cancellation, ReplayError, ReplayQuery};
+use crate::mailbox::{
+    Cancellation, IdentityAnswer, IdentityRequest, ReplayError, ReplayQuery, ResolveError,
+    ResolvePurpose,
+};
 use crate::origin::OriginPolicy;
 use crate::outbox::{OutFrame, Outbox, Overflow};
 use crate::protocol::{self, Session, SessionLimits};
@@ -88,6 +96,10 @@ pub struct ConnConfig {
     /// The identity every connection starts with.
     pub guest: Arc<Identity>,
     pub jwt: Arc<JwtVerifier>,
+    /// A session resolver is configured (`--auth-url`, `--appwrite-endpoint`).
+    pub resolver: bool,
+    /// How long an upgrade waits for its session to resolve before going on as a guest.
+    pub resolve_timeout_secs: u32,
     pub replay_max_events: usize,
     pub replay_max_bytes: usize,
 }
@@ -120,6 +132,8 @@ impl ConnConfig {
             },
             guest: Arc::new(Identity::guest()),
             jwt: Arc::new(JwtVerifier::none()),
+            resolver: c.auth_url.is_some() || c.appwrite_endpoint.is_some(),
+            resolve_timeout_secs: secs(c.auth_timeout).max(1),
             replay_max_events: c.replay_max_events,
             replay_max_bytes: c.replay_max_bytes,
         }
@@ -130,6 +144,9 @@ impl ConnConfig {
 enum Phase {
     /// Reading the HTTP upgrade request.
     Handshake,
+    /// The request is complete and carries an Appwrite session: the upgrade waits (not
+    /// reading) for the resolver, then goes on as the user or, failing that, a guest.
+    Resolving,
     /// A WebSocket carrying realtime or echo traffic.
     Open,
     /// herald sent a close frame and waits for the peer's.
@@ -174,6 +191,8 @@ pub struct Shared {
     pub out: Vec<OutFrame>,
     /// Keys of connections that started a resume; the driver takes them (contract, step 6).
     pub resumes: Vec<u32>,
+    /// Sessions connections need resolved; the driver sets `shard` and sends them (step 6).
+    pub resolves: Vec<IdentityRequest>,
     /// The process's per-IP limits, for clients behind a trusted proxy (counted at upgrade).
     pub ip_limits: Arc<IpLimits>,
     /// The time of `now`, for the per-IP handshake rate.
@@ -196,6 +215,7 @@ impl Shared {
             counters: Counters::default(),
             out: Vec::new(),
             resumes: Vec::new(),
+            resolves: Vec::new(),
         }
     }
 
@@ -209,6 +229,7 @@ impl Shared {
             out: &mut self.out,
             counters: &mut self.counters,
             resumes: &mut self.resumes,
+            resolves: &mut self.resolves,
             position: self.position,
             ip_limits: &self.ip_limits,
             instant: self.instant,
@@ -226,6 +247,7 @@ pub struct Context<'a> {
     out: &'a mut Vec<OutFrame>,
     counters: &'a mut Counters,
     resumes: &'a mut Vec<u32>,
+    resolves: &'a mut Vec<IdentityRequest>,
     position: Option<EventId>,
     ip_limits: &'a IpLimits,
     instant: Instant,
@@ -398,6 +420,30 @@ fn handshake_identity(
     }
 }
 
+/// Who a resolved session is: the identity and the Account object the resolver returned, for
+/// `connected.user` and the `authentication` response.
+#[derive(Debug)]
+struct Resolution {
+    identity: Arc<Identity>,
+    account: Option<serde_json::Value>,
+}
+
+/// The identity a resolver's answer makes, with its roles interned by the shard.
+fn resolution(
+    outcome: &Result<Arc<crate::identity::Resolved>, ResolveError>,
+    session: &Arc<str>,
+    cx: &mut Context<'_>,
+) -> Result<Resolution, ResolveError> {
+    let r = outcome.as_ref().map_err(Clone::clone)?;
+    let registry = &mut *cx.registry;
+    let identity = Identity::resolved(r, session.clone(), &mut |x| registry.intern(x))
+        .share_roles(|roles| registry.intern_roles(roles));
+    Ok(Resolution {
+        identity: Arc::new(identity),
+        account: r.account.clone(),
+    })
+}
+
 /// Outcome of a protocol error or handshake refusal, for the shard's metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incident {
@@ -421,6 +467,8 @@ pub struct Connection {
     rate_window_start: u32,
     last_read: u32,
     deadline: u32,
+    /// Numbers `authentication` messages: only the answer to the latest counts.
+    auth_seq: u8,
     /// A request head split across reads. Boxed so the common case (no split) costs one
     /// pointer in every connection instead of a 24-byte `Vec`.
     #[allow(clippy::box_collection)]
@@ -447,6 +495,7 @@ impl Connection {
             ping_count: 0,
             rate_window_start: now,
             last_read: now,
+            auth_seq: 0,
             deadline: now.saturating_add(cfg.handshake_timeout_secs),
             handshake: None,
             decoder: Decoder::default(),
@@ -504,7 +553,10 @@ impl Connection {
     /// Whether [`Connection::shed`] would let go of anything: not once it is closing (what it
     /// still holds goes at its close deadline, which shedding again would only push back).
     pub fn sheddable(&self) -> bool {
-        matches!(self.phase, Phase::Open | Phase::Handshake)
+        matches!(
+            self.phase,
+            Phase::Open | Phase::Handshake | Phase::Resolving
+        )
     }
 
     /// The shard holds more than its cap and this connection is among the largest holders:
@@ -523,7 +575,7 @@ impl Connection {
         self.outbox.discard_unstarted();
         self.replay = None;
         match self.phase {
-            Phase::Handshake => {
+            Phase::Handshake | Phase::Resolving => {
                 self.handshake = None;
                 self.phase = Phase::Done;
                 return None;
@@ -550,7 +602,7 @@ impl Connection {
     /// over half its bound. A client that does not read what it asks for is not read from, and
     /// TCP slows it down, instead of its requests piling up answers until it is cut off.
     pub fn wants_input(&self, cfg: &ConnConfig) -> bool {
-        self.outbox.held_bytes() <= self.outbound_limit(cfg) / 2
+        self.phase != Phase::Resolving && self.outbox.held_bytes() <= self.outbound_limit(cfg) / 2
     }
 
     /// Output is queued: new frames must go behind it, through [`Shared::out`] and transmit.
@@ -564,7 +616,11 @@ impl Connection {
         match self.phase {
             Phase::Handshake => self.on_handshake_bytes(data, cx),
             Phase::Open | Phase::Closing => self.on_ws_bytes(data, cx),
-            Phase::FlushThenDrop | Phase::FlushThenLinger | Phase::Lingering | Phase::Done => None,
+            Phase::Resolving
+            | Phase::FlushThenDrop
+            | Phase::FlushThenLinger
+            | Phase::Lingering
+            | Phase::Done => None,
         }
     }
     fn on_handshake_bytes(&mut self, data: &mut [u8], cx: &mut Context<'_>) -> Option<Incident> {
@@ -587,13 +643,38 @@ impl Connection {
                 None
             }
             Ok(Some((req, len))) => {
-                let incident = self.upgrade(&req, cx);
+                let incident = self.upgrade(&req, None, cx);
+                if self.phase == Phase::Resolving {
+                    // Kept whole (with anything after the head) until the session resolves.
+                    self.handshake = Some(match held {
+                        Some(h) => h,
+                        None => Box::new(data.to_vec()),
+                    });
+                    return incident;
+                }
                 if self.phase == Phase::Open && buf.len() > len {
                     return self.on_ws_bytes(&mut buf[len..], cx).or(incident);
                 }
                 incident
             }
         }
+    }
+
+    /// The upgrade's session resolved (or failed, or timed out): the upgrade goes on with the
+    /// request kept, as that user or as a guest.
+    fn finish_upgrade(&mut self, identity: Resolution, cx: &mut Context<'_>) -> Option<Incident> {
+        let mut held = self.handshake.take()?;
+        self.phase = Phase::Handshake;
+        let buf = &mut held[..];
+        let Ok(Some((req, len))) = handshake::parse_request(buf, usize::MAX) else {
+            self.phase = Phase::Done;
+            return None;
+        };
+        let incident = self.upgrade(&req, Some(identity), cx);
+        if self.phase == Phase::Open && buf.len() > len {
+            return self.on_ws_bytes(&mut buf[len..], cx).or(incident);
+        }
+        incident
     }
 
     fn reject(
@@ -611,7 +692,14 @@ impl Connection {
         Some(Incident::Rejected(reason))
     }
 
-    fn upgrade(&mut self, req: &Request, cx: &mut Context<'_>) -> Option<Incident> {
+    /// `resolved`: the upgrade already waited for its session (second pass, after
+    /// [`Phase::Resolving`]).
+    fn upgrade(
+        &mut self,
+        req: &Request,
+        resolved: Option<Resolution>,
+        cx: &mut Context<'_>,
+    ) -> Option<Incident> {
         let realtime = req.path == "/v1/realtime" || req.path.starts_with("/v1/realtime/");
         let echo = cx.cfg.echo_path.as_deref() == Some(req.path.as_str());
         if !realtime && !echo {
@@ -647,6 +735,17 @@ impl Connection {
                 }
             }
         }
+        if realtime
+            && resolved.is_none()
+            && let Some(request) = self.session_to_resolve(req, cx)
+        {
+            self.phase = Phase::Resolving;
+            self.deadline = cx
+                .now
+                .saturating_add(cx.cfg.resolve_timeout_secs.saturating_add(1));
+            cx.resolves.push(request);
+            return None;
+        }
         cx.out
             .push(OutFrame::raw(Bytes::from(handshake::accept_response(key))));
         self.phase = Phase::Open;
@@ -655,12 +754,170 @@ impl Connection {
             self.kind = Kind::Echo;
             return None;
         }
-        self.open_session(req, cx)
+        self.open_session(req, resolved, cx)
+    }
+
+    /// The Appwrite session an upgrade must wait for: one the request carries for its project,
+    /// with a resolver configured and no JWT (a JWT is verified here; with a cookie too it is
+    /// refused later, as Appwrite does).
+    fn session_to_resolve(&self, req: &Request, cx: &Context<'_>) -> Option<IdentityRequest> {
+        if !cx.cfg.resolver || !req.session || req.jwt.is_some() {
+            return None;
+        }
+        let q = crate::query::parse(&req.query, cx.cfg.limits.max_channels);
+        if q.jwt.is_some() {
+            return None;
+        }
+        let project = req
+            .project
+            .as_deref()
+            .or(q.project.as_deref())
+            .unwrap_or(&cx.cfg.default_project);
+        if !crate::event::is_valid_id(project) {
+            return None;
+        }
+        let session = crate::identity::request_session(
+            req.cookie.as_deref(),
+            req.appwrite_session.as_deref(),
+            req.fallback_cookies.as_deref(),
+            project,
+        )?;
+        Some(IdentityRequest {
+            shard: 0,
+            key: cx.key,
+            serial: self.serial,
+            purpose: ResolvePurpose::Handshake,
+            project: project.into(),
+            session: session.into(),
+        })
+    }
+
+    /// The resolver answered (contract, step 6). Answers for an earlier connection in this
+    /// slot, for an upgrade that stopped waiting, or for an `authentication` that a later one
+    /// replaced, are ignored.
+    pub fn on_identity_answer(
+        &mut self,
+        answer: IdentityAnswer,
+        cx: &mut Context<'_>,
+    ) -> Option<Incident> {
+        if answer.serial != self.serial {
+            return None;
+        }
+        let resolved = resolution(&answer.outcome, &answer.session, cx);
+        match answer.purpose {
+            ResolvePurpose::Handshake if self.phase == Phase::Resolving => {
+                let guest = Resolution {
+                    identity: cx.cfg.guest.clone(),
+                    account: None,
+                };
+                self.finish_upgrade(resolved.unwrap_or(guest), cx)
+            }
+            ResolvePurpose::Authentication(seq) if seq == self.auth_seq => {
+                if self.receives_events() {
+                    self.on_authentication_answer(resolved, cx);
+                }
+                None
+            }
+            ResolvePurpose::Refresh if self.receives_events() => {
+                self.on_refresh_answer(&answer.session, resolved, cx);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// An `authentication` with a session resolved: the connection becomes the user, keeping
+    /// its project and subscription ids; or it is told why not and stays as it was.
+    fn on_authentication_answer(
+        &mut self,
+        resolved: Result<Resolution, ResolveError>,
+        cx: &mut Context<'_>,
+    ) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        match resolved {
+            Ok(r) => {
+                let before = session.channels();
+                let registry = &mut *cx.registry;
+                session.authenticate(r.identity, &mut |c| registry.intern(c));
+                cx.registry
+                    .update(&session.project, cx.key, &before, &session.channels());
+                let user = r.account.unwrap_or_else(|| session.identity.user_json());
+                cx.out
+                    .push(OutFrame::text(protocol::authentication_response(&user)));
+            }
+            Err(e) => {
+                let code = match e {
+                    ResolveError::Denied => close_code::UNSUPPORTED_DATA,
+                    ResolveError::Unavailable(_) => close_code::TRY_AGAIN_LATER,
+                };
+                cx.out.push(OutFrame::text(protocol::error_message(
+                    code,
+                    &e.to_string(),
+                )));
+            }
+        }
+    }
+
+    /// A permission change re-resolved this connection's session: its subscriptions are
+    /// re-keyed under the new roles. A session that no longer resolves, for whatever reason,
+    /// leaves a guest: a connection never keeps roles that may have been taken away.
+    fn on_refresh_answer(
+        &mut self,
+        secret: &Arc<str>,
+        resolved: Result<Resolution, ResolveError>,
+        cx: &mut Context<'_>,
+    ) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        if session.identity.session() != Some(secret) {
+            // Authenticated again meanwhile: that answer decides.
+            return;
+        }
+        let identity = match resolved {
+            Ok(r) => r.identity,
+            Err(_) => cx.cfg.guest.clone(),
+        };
+        let before = session.channels();
+        let registry = &mut *cx.registry;
+        session.authenticate(identity, &mut |c| registry.intern(c));
+        cx.registry
+            .update(&session.project, cx.key, &before, &session.channels());
+    }
+
+    /// `user`'s permissions changed in `project`: a connection of that user whose identity
+    /// came from a session asks for it to be resolved again. A JWT's roles are the token's:
+    /// they change when the client presents a new one.
+    pub fn on_permissions_changed(&self, project: &str, user: &str, cx: &mut Context<'_>) {
+        let Some(session) = self.session.as_ref().filter(|_| self.receives_events()) else {
+            return;
+        };
+        if &*session.project != project || session.identity.user_id() != Some(user) {
+            return;
+        }
+        let Some(secret) = session.identity.session() else {
+            return;
+        };
+        cx.resolves.push(IdentityRequest {
+            shard: 0,
+            key: cx.key,
+            serial: self.serial,
+            purpose: ResolvePurpose::Refresh,
+            project: session.project.clone(),
+            session: secret.clone(),
+        });
     }
 
     /// The realtime session of a just-upgraded connection: project, URL channels, a resume.
     /// Names are checked before anything is interned or indexed.
-    fn open_session(&mut self, req: &Request, cx: &mut Context<'_>) -> Option<Incident> {
+    fn open_session(
+        &mut self,
+        req: &Request,
+        resolved: Option<Resolution>,
+        cx: &mut Context<'_>,
+    ) -> Option<Incident> {
         let limits = cx.cfg.limits;
         let q = crate::query::parse(&req.query, limits.max_channels);
         let project = req
@@ -682,9 +939,14 @@ impl Connection {
             );
             return Some(self.refuse_session(close_code::POLICY, &msg, "invalid_channels", cx));
         }
-        let identity = match handshake_identity(req, q.jwt.as_deref(), project, cx) {
-            Ok(identity) => identity,
-            Err((code, msg, reason)) => return Some(self.refuse_session(code, &msg, reason, cx)),
+        let (identity, account) = match resolved {
+            Some(r) => (r.identity, r.account),
+            None => match handshake_identity(req, q.jwt.as_deref(), project, cx) {
+                Ok(identity) => (identity, None),
+                Err((code, msg, reason)) => {
+                    return Some(self.refuse_session(code, &msg, reason, cx));
+                }
+            },
         };
         let slots = match url_slots(&q, &limits) {
             Ok(slots) => slots,
@@ -704,7 +966,7 @@ impl Connection {
             ),
         };
         cx.out.push(OutFrame::text(
-            session.connected_message(numbers.as_deref()),
+            session.connected_message(numbers.as_deref(), account.as_ref()),
         ));
         cx.registry
             .update(&session.project, cx.key, &[], &session.channels());
@@ -929,9 +1191,26 @@ impl Connection {
         };
         let before = session.channels();
         let registry = &mut *cx.registry;
-        let reply = session.handle_text(text, &cx.cfg.limits, &cx.cfg.jwt, &mut |c| {
-            registry.intern(c)
-        });
+        let verifiers = protocol::Verifiers {
+            jwt: &cx.cfg.jwt,
+            sessions: cx.cfg.resolver,
+        };
+        let reply =
+            session.handle_text(text, &cx.cfg.limits, verifiers, &mut |c| registry.intern(c));
+        if reply.authentication {
+            // A later `authentication` wins over an earlier one still resolving.
+            self.auth_seq = self.auth_seq.wrapping_add(1);
+        }
+        if let Some(secret) = &reply.resolve_session {
+            cx.resolves.push(IdentityRequest {
+                shard: 0,
+                key: cx.key,
+                serial: self.serial,
+                purpose: ResolvePurpose::Authentication(self.auth_seq),
+                project: session.project.clone(),
+                session: secret.as_str().into(),
+            });
+        }
         if reply.subscriptions_changed {
             cx.registry
                 .update(&session.project, cx.key, &before, &session.channels());
@@ -1146,6 +1425,14 @@ impl Connection {
                 None
             }
             Phase::Done => None,
+            Phase::Resolving if cx.now >= self.deadline => {
+                // The resolver answers within its timeout; this is the backstop.
+                let guest = Resolution {
+                    identity: cx.cfg.guest.clone(),
+                    account: None,
+                };
+                self.finish_upgrade(guest, cx)
+            }
             phase if cx.now >= self.deadline => {
                 self.phase = Phase::Done;
                 (phase == Phase::Handshake).then_some(Incident::Rejected("timeout"))
@@ -1158,7 +1445,7 @@ impl Connection {
     /// became one is simply dropped.
     pub fn on_shutdown(&mut self, cx: &mut Context<'_>) {
         match self.phase {
-            Phase::Handshake => self.phase = Phase::Done,
+            Phase::Handshake | Phase::Resolving => self.phase = Phase::Done,
             Phase::Open => self.close(close_code::GOING_AWAY, "server shutting down", cx),
             _ => {}
         }

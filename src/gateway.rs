@@ -21,9 +21,13 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::identity::JwtVerifier;
 use crate::limits::{self, FdLimit};
-use crate::mailbox::{REPLAY_QUEUE_CAPACITY, ReplaySender, ShardHandle, replay_channel};
+use crate::mailbox::{
+    REPLAY_QUEUE_CAPACITY, RESOLVE_QUEUE_CAPACITY, ReplaySender, ResolveReceiver, ShardHandle,
+    replay_channel, request_channel,
+};
 use crate::metrics::Metrics;
 use crate::replay::ReplayBell;
+use crate::resolver::{Backend, ResolveBell, Resolver, ResolverSettings};
 use crate::shard::{Common, ConnectionLimit, Shard};
 
 #[derive(Debug, Error)]
@@ -49,6 +53,8 @@ pub enum GatewayError {
     AdminUnprotected(SocketAddr),
     #[error(transparent)]
     Jwt(crate::identity::KeyError),
+    #[error("cannot set up the session resolver: {0}")]
+    Resolver(String),
     #[error("shard {0} stopped unexpectedly")]
     ShardDied(usize),
     #[error("interrupted by a second signal before connections were closed")]
@@ -126,6 +132,15 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
         config.jwt_public_key.as_deref(),
     )
     .map_err(GatewayError::Jwt)?;
+    let backend = session_backend(&config)?;
+    let resolve_bell = Arc::new(ResolveBell::default());
+    let (resolve_tx, resolve_rx) = match &backend {
+        Some(_) => {
+            let (tx, rx) = request_channel(resolve_bell.clone(), RESOLVE_QUEUE_CAPACITY);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     let common = Common {
         limit: Arc::new(ConnectionLimit::new(capacity)),
         ip_limits: Arc::new(IpLimits::new(
@@ -134,12 +149,14 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
             config.trusted_proxies.clone(),
         )),
         jwt: Arc::new(jwt),
+        resolve_tx,
     };
     let (handles, threads) = start_shards(listeners, &config, &metrics, &common, replay_tx)?;
     let hub = Arc::new(Hub::new(handles));
     let ChosenBus { bus, redis } = choose_bus(&config, &hub, &metrics)?;
     crate::replay::spawn(replay_rx, bell, bus.clone(), hub.clone(), metrics.clone())
         .map_err(GatewayError::ControlPlane)?;
+    start_resolver(backend, resolve_rx, resolve_bell, &config, &hub, &metrics)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -197,6 +214,68 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
     outcome?;
     tracing::info!("herald stopped");
     Ok(())
+}
+
+/// The session resolver `--auth-url` or `--appwrite-endpoint` names, checked.
+fn session_backend(config: &Config) -> Result<Option<Arc<dyn Backend>>, GatewayError> {
+    for (flag, url) in [
+        ("--auth-url", &config.auth_url),
+        ("--appwrite-endpoint", &config.appwrite_endpoint),
+    ] {
+        if let Some(url) = url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(GatewayError::Resolver(format!(
+                "{flag} {url:?} must be an http:// or https:// URL"
+            )));
+        }
+    }
+    if config.auth_cache_ttl > crate::resolver::MAX_CACHE_TTL {
+        return Err(GatewayError::Resolver(
+            "--auth-cache-ttl must be at most 1h".into(),
+        ));
+    }
+    crate::resolver::backend(
+        config.auth_url.as_deref(),
+        config.appwrite_endpoint.as_deref(),
+        config.auth_timeout,
+    )
+    .map_err(|e| GatewayError::Resolver(e.to_string()))
+}
+
+/// Starts the resolver thread when a backend is configured.
+fn start_resolver(
+    backend: Option<Arc<dyn Backend>>,
+    requests: Option<ResolveReceiver>,
+    bell: Arc<ResolveBell>,
+    config: &Config,
+    hub: &Arc<Hub>,
+    metrics: &Metrics,
+) -> Result<(), GatewayError> {
+    let (Some(backend), Some(requests)) = (backend, requests) else {
+        return Ok(());
+    };
+    let settings = ResolverSettings {
+        timeout: config.auth_timeout,
+        cache_ttl: config.auth_cache_ttl,
+        concurrency: config.auth_concurrency,
+    };
+    let resolver = Arc::new(Resolver::new(
+        backend,
+        settings,
+        hub.clone(),
+        metrics.clone(),
+    ));
+    tracing::info!(
+        backend = resolver.backend_name(),
+        timeout = ?config.auth_timeout,
+        cache_ttl = ?config.auth_cache_ttl,
+        concurrency = config.auth_concurrency,
+        "Appwrite sessions are resolved off the shards"
+    );
+    resolver
+        .spawn(requests, bell)
+        .map_err(GatewayError::ControlPlane)
 }
 
 /// Beyond the drain timeout, how long shard threads get to finish before herald exits anyway.

@@ -1,16 +1,17 @@
 //! The hub: the control plane's handle on every shard.
 //!
-//! Owns handing one encoded event to all shards (each gets the same `Arc`), and shutdown. It
+//! Owns handing one encoded event to all shards (each gets the same `Arc`), permission
+//! changes, answers to shards' requests, and shutdown. It
 //! must not encode events or know where they come from; buses call it. Broadcasts are
 //! serialized, so every shard sees events in the same order even with several sources.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::event::EncodedEvent;
-use crate::mailbox::{AnswerRefused, Command, ReplayAnswer, ShardHandle};
+use crate::mailbox::{Answer, AnswerRefused, Command, ShardHandle};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum HubError {
@@ -18,9 +19,15 @@ pub enum HubError {
     Overloaded,
 }
 
+/// How long the hub remembers that a user's permissions changed: longer than any cached
+/// session answer may live, so that none fetched before the change is served after it.
+pub const PERMISSION_MEMORY: Duration = Duration::from_secs(3600);
+
 pub struct Hub {
     shards: Vec<ShardHandle>,
     order: Mutex<()>,
+    /// When each (project, user) last had its permissions changed, keyed `project\0user`.
+    changes: Mutex<rustc_hash::FxHashMap<String, Instant>>,
 }
 
 impl Hub {
@@ -28,11 +35,12 @@ impl Hub {
         Self {
             shards,
             order: Mutex::new(()),
+            changes: Mutex::new(Default::default()),
         }
     }
 
-    /// Hands a replay answer to one shard.
-    pub fn send_answer(&self, shard: usize, answer: ReplayAnswer) -> Result<(), AnswerRefused> {
+    /// Hands an answer (a replay, an identity) to one shard.
+    pub fn send_answer(&self, shard: usize, answer: Answer) -> Result<(), AnswerRefused> {
         match self.shards.get(shard) {
             Some(s) => s.try_send_answer(answer),
             None => Err(AnswerRefused::Gone),
@@ -65,6 +73,42 @@ impl Hub {
             s.wake();
         }
         Ok(())
+    }
+
+    /// Tells every shard that `user`'s permissions changed in `project`, in order with the
+    /// events around it: all shards or, when a queue is full, none.
+    pub fn permissions_changed(&self, project: &str, user: &str) -> Result<(), HubError> {
+        let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
+        if self.shards.iter().any(|s| s.room() == 0) {
+            return Err(HubError::Overloaded);
+        }
+        self.record_change(project, user);
+        let (project, user): (Arc<str>, Arc<str>) = (project.into(), user.into());
+        for s in &self.shards {
+            let _ = s.try_send(Command::PermissionsChanged {
+                project: project.clone(),
+                user: user.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn record_change(&self, project: &str, user: &str) {
+        let now = Instant::now();
+        let mut changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        if changes.len() >= 10_000 {
+            changes.retain(|_, at| now.duration_since(*at) < PERMISSION_MEMORY);
+        }
+        changes.insert(format!("{project}\0{user}"), now);
+    }
+
+    /// When `user`'s permissions in `project` last changed, if within [`PERMISSION_MEMORY`].
+    pub fn permissions_changed_at(&self, project: &str, user: &str) -> Option<Instant> {
+        let changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        changes
+            .get(&format!("{project}\0{user}"))
+            .copied()
+            .filter(|at| at.elapsed() < PERMISSION_MEMORY)
     }
 
     /// Asks every shard to close its connections with 1001 and stop; never blocks.

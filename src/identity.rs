@@ -27,6 +27,22 @@ pub struct Identity {
     /// Roles beyond the derived ones (teams, memberships, labels).
     /// Shared by every identity of a shard with the same set ([`Identity::share_roles`]).
     extra: Arc<[Arc<str>]>,
+    /// The Appwrite session this identity was resolved from, kept so that a permission change
+    /// can resolve it again; `None` for guests and JWTs (whose roles are the token's).
+    session: Option<Arc<str>>,
+}
+
+/// Longest Appwrite session value accepted (Appwrite's own limit, `Text(2048)`).
+pub const MAX_SESSION_BYTES: usize = 2048;
+
+/// What the application's resolver said a session is (see `resolver`): the user, whether it
+/// is verified, extra roles, and the Account object clients get as `user`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub user_id: String,
+    pub verified: Option<bool>,
+    pub roles: Vec<String>,
+    pub account: Option<serde_json::Value>,
 }
 
 impl Identity {
@@ -35,7 +51,32 @@ impl Identity {
             user: None,
             verified: None,
             extra: Arc::new([]),
+            session: None,
         }
+    }
+
+    /// The user a resolver answered for `session`; its roles (at most [`MAX_EXTRA_ROLES`],
+    /// valid names only) go through `intern`.
+    pub fn resolved(
+        r: &Resolved,
+        session: Arc<str>,
+        intern: &mut dyn FnMut(&str) -> Arc<str>,
+    ) -> Self {
+        let extra = r
+            .roles
+            .iter()
+            .filter(|role| crate::names::is_valid_name(role))
+            .take(MAX_EXTRA_ROLES)
+            .map(|role| intern(role))
+            .collect();
+        let mut identity = Self::user(&r.user_id, r.verified, extra);
+        identity.session = Some(session);
+        identity
+    }
+
+    /// The session to resolve again when this user's permissions change.
+    pub fn session(&self) -> Option<&Arc<str>> {
+        self.session.as_ref()
     }
 
     /// A user with `extra` roles; `extra` names that are derived ones anyway are dropped.
@@ -44,6 +85,7 @@ impl Identity {
             user: Some(compact_str::CompactString::from(id)),
             verified,
             extra: Arc::new([]),
+            session: None,
         };
         let mut kept: Vec<Arc<str>> = Vec::with_capacity(extra.len());
         for role in extra {
@@ -151,6 +193,37 @@ pub fn unbind_channel<'a>(identity: &Identity, channel: &'a str) -> std::borrow:
         }
     });
     bound.unwrap_or(std::borrow::Cow::Borrowed(channel))
+}
+
+/// The Appwrite session an upgrade request carries for `project`, as Appwrite reads it: the
+/// `a_session_<project>` cookie (or its `_legacy` twin), else the `x-appwrite-session` header,
+/// else the `a_session_<project>` entry of the `x-fallback-cookies` JSON. Values longer than
+/// [`MAX_SESSION_BYTES`] or empty are ignored.
+pub fn request_session(
+    cookie: Option<&str>,
+    header: Option<&str>,
+    fallback: Option<&str>,
+    project: &str,
+) -> Option<String> {
+    let name = format!("a_session_{project}");
+    let legacy = format!("{name}_legacy");
+    let usable = |v: &str| !v.is_empty() && v.len() <= MAX_SESSION_BYTES;
+    let from_cookie = cookie.and_then(|c| {
+        let pairs = || c.split(';').filter_map(|kv| kv.trim().split_once('='));
+        pairs()
+            .find(|(k, _)| *k == name)
+            .or_else(|| pairs().find(|(k, _)| *k == legacy))
+            .map(|(_, v)| v.trim_matches('"').to_owned())
+    });
+    let from_fallback = || {
+        let map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(fallback?).ok()?;
+        map.get(&name)?.as_str().map(str::to_owned)
+    };
+    from_cookie
+        .filter(|v| usable(v))
+        .or_else(|| header.filter(|v| usable(v)).map(str::to_owned))
+        .or_else(|| from_fallback().filter(|v| usable(v)))
 }
 
 /// Why a credential was refused. The text is what the client gets.

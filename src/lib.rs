@@ -37,6 +37,8 @@
 //! - [`bus::redis`]: Redis Streams, for many nodes and replay after restarts.
 //! - [`history`]: recent events in memory, for replay to reconnecting clients.
 //! - [`replay`]: serves shards' replay requests from the bus, off the data plane.
+//! - [`resolver`]: resolves Appwrite sessions into users (`--auth-url`, `--appwrite-endpoint`)
+//!   for shards, off the data plane, with a cache.
 //! - [`admin`]: HTTP publish API, health, readiness, metrics.
 //! - [`metrics`]: Prometheus metrics.
 //!
@@ -47,7 +49,7 @@
 //! `names` know nothing else; `identity` knows `names`; `event` knows `identity`; `protocol`
 //! knows `event` and `identity`; `mailbox` knows `event`; `conn` uses those, `batch`, `outbox`
 //! and `registry`; `shard` drives `conn` and `batch` and talks to the control plane only
-//! through `mailbox`; `hub` and `replay` reach shards only through `mailbox`; buses reach
+//! through `mailbox`; `hub`, `replay` and `resolver` reach shards only through `mailbox`; buses reach
 //! shards only through `hub`; `gateway` wires it all.
 
 pub mod admin;
@@ -72,5 +74,6 @@ pub mod protocol;
 pub mod query;
 pub mod registry;
 pub mod replay;
+pub mod resolver;
 pub mod shard;
 pub mod ws;

@@ -1,9 +1,9 @@
 //! The mailbox: every message that crosses between the control plane and the shards.
 //!
-//! Owns the message types ([`Command`], [`ReplayRequest`], [`ReplayAnswer`] and the replay
-//! query and error they carry), both ends of a shard's queues ([`ShardHandle`] for the control
-//! plane, [`ShardInbox`] for the shard), the channel shards ask for replays on
-//! ([`ReplaySender`]), and the queue capacities. It depends on nothing in the crate but
+//! Owns the message types ([`Command`]; [`ReplayRequest`] and [`IdentityRequest`], and the
+//! [`Answer`]s to them), both ends of a shard's queues ([`ShardHandle`] for the control plane,
+//! [`ShardInbox`] for the shard), the channels shards ask for replays and identities on
+//! ([`ReplaySender`], [`ResolveSender`]), and the queue capacities. It depends on nothing in the crate but
 //! [`event`](crate::event), so the data plane and the control plane both import it and neither
 //! imports the other. It uses no tokio: the shard side is crossbeam channels plus a mio waker,
 //! and the control plane is woken through a [`Doorbell`] it supplies itself.
@@ -17,12 +17,15 @@ use mio::Waker;
 use thiserror::Error;
 
 use crate::event::{EncodedEvent, EventId};
-use crate::identity::Identity;
+use crate::identity::{Identity, Resolved};
 
 /// Inbound queue capacity per shard, in events.
 pub const QUEUE_CAPACITY: usize = 65_536;
-/// Replay answers waiting per shard; the control plane holds the rest back.
+/// Answers (replays, identities) waiting per shard; the control plane holds the rest back.
 pub const ANSWER_CAPACITY: usize = 1024;
+/// Session resolutions waiting for the resolver, all shards together. Beyond it a client is
+/// told to retry (and an upgrade goes on as a guest).
+pub const RESOLVE_QUEUE_CAPACITY: usize = 4096;
 /// Replay requests waiting for the replay thread, all shards together. Beyond it a resuming
 /// client is told to retry (4010) and gets live events meanwhile.
 pub const REPLAY_QUEUE_CAPACITY: usize = 4096;
@@ -32,6 +35,12 @@ pub const REPLAY_QUEUE_CAPACITY: usize = 4096;
 #[derive(Debug)]
 pub enum Command {
     Event(Arc<EncodedEvent>),
+    /// `user`'s permissions changed in `project`: resolve the sessions of its connections
+    /// again (the resolver no longer serves answers cached before the change).
+    PermissionsChanged {
+        project: Arc<str>,
+        user: Arc<str>,
+    },
 }
 
 /// State both ends of a shard see without a queue.
@@ -115,11 +124,63 @@ pub struct ReplayAnswer {
     pub outcome: Result<Vec<Arc<EncodedEvent>>, ReplayError>,
 }
 
-/// Why a replay answer could not be queued.
+/// Why a connection needs its session resolved, which decides what its answer does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolvePurpose {
+    /// The upgrade waits for it: `connected` then carries the user.
+    Handshake,
+    /// An `authentication` message, numbered by the connection so that only the answer to its
+    /// latest one counts.
+    Authentication(u8),
+    /// A permission change: the subscriptions are re-keyed, the client is told nothing.
+    Refresh,
+}
+
+/// A shard's request to resolve an Appwrite session for one of its connections.
+#[derive(Debug)]
+pub struct IdentityRequest {
+    pub shard: usize,
+    pub key: u32,
+    pub serial: u32,
+    pub purpose: ResolvePurpose,
+    pub project: Arc<str>,
+    pub session: Arc<str>,
+}
+
+/// Why a session did not resolve. The text is what the client gets.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum ResolveError {
+    /// The application said no (401 or 403): the session is not valid.
+    #[error("Session is not valid.")]
+    Denied,
+    /// The resolver could not answer now (timeout, unreachable, a malformed answer, busy).
+    #[error("Session could not be verified now: {0}")]
+    Unavailable(String),
+}
+
+/// The identity a session resolved to, for the connection that asked.
+#[derive(Debug)]
+pub struct IdentityAnswer {
+    pub key: u32,
+    pub serial: u32,
+    pub purpose: ResolvePurpose,
+    pub session: Arc<str>,
+    pub outcome: Result<Arc<Resolved>, ResolveError>,
+}
+
+/// What the control plane answers a shard's request with. Answers travel in their own queue,
+/// served after live events and a few per loop iteration.
+#[derive(Debug)]
+pub enum Answer {
+    Replay(ReplayAnswer),
+    Identity(IdentityAnswer),
+}
+
+/// Why an answer could not be queued.
 #[derive(Debug)]
 pub enum AnswerRefused {
     /// The shard's answer queue is full: try again shortly.
-    Full(ReplayAnswer),
+    Full(Answer),
     /// The shard has stopped.
     Gone,
 }
@@ -128,7 +189,7 @@ pub enum AnswerRefused {
 #[derive(Clone)]
 pub struct ShardHandle {
     tx: Sender<Command>,
-    answers: Sender<ReplayAnswer>,
+    answers: Sender<Answer>,
     waker: Arc<Waker>,
     signals: Arc<Signals>,
 }
@@ -137,7 +198,7 @@ pub struct ShardHandle {
 /// marks the shard dead for [`ShardHandle::is_alive`].
 pub struct ShardInbox {
     rx: Receiver<Command>,
-    answers: Receiver<ReplayAnswer>,
+    answers: Receiver<Answer>,
     signals: Arc<Signals>,
 }
 
@@ -183,8 +244,8 @@ impl ShardHandle {
             .map_err(|(TrySendError::Full(c) | TrySendError::Disconnected(c))| c)
     }
 
-    /// Queues a replay answer and wakes the shard.
-    pub fn try_send_answer(&self, answer: ReplayAnswer) -> Result<(), AnswerRefused> {
+    /// Queues an answer and wakes the shard.
+    pub fn try_send_answer(&self, answer: Answer) -> Result<(), AnswerRefused> {
         match self.answers.try_send(answer) {
             Ok(()) => {
                 self.wake();
@@ -252,7 +313,7 @@ impl ShardInbox {
         self.rx.len()
     }
 
-    pub fn try_answer(&self) -> Option<ReplayAnswer> {
+    pub fn try_answer(&self) -> Option<Answer> {
         self.answers.try_recv().ok()
     }
 
@@ -266,58 +327,88 @@ pub trait Doorbell: Send + Sync {
     fn ring(&self);
 }
 
-/// The shards' end of the replay request channel (one per shard, all feeding one receiver).
-#[derive(Clone)]
-pub struct ReplaySender {
-    tx: Sender<ReplayRequest>,
+/// The shards' end of a request channel (one per shard, all feeding one receiver).
+pub struct RequestSender<T> {
+    tx: Sender<T>,
     bell: Arc<dyn Doorbell>,
 }
 
-/// The control plane's end of the replay request channel.
-pub struct ReplayReceiver {
-    rx: Receiver<ReplayRequest>,
+impl<T> Clone for RequestSender<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            bell: self.bell.clone(),
+        }
+    }
 }
 
-/// The replay request channel, holding at most `capacity` requests; `bell` is rung after
-/// every request.
-pub fn replay_channel(bell: Arc<dyn Doorbell>, capacity: usize) -> (ReplaySender, ReplayReceiver) {
+/// The control plane's end of a request channel.
+pub struct RequestReceiver<T> {
+    rx: Receiver<T>,
+}
+
+/// Where shards ask for replays, and where the replay thread takes them.
+pub type ReplaySender = RequestSender<ReplayRequest>;
+pub type ReplayReceiver = RequestReceiver<ReplayRequest>;
+/// Where shards ask for sessions to be resolved, and where the resolver takes them.
+pub type ResolveSender = RequestSender<IdentityRequest>;
+pub type ResolveReceiver = RequestReceiver<IdentityRequest>;
+
+/// A request channel holding at most `capacity` requests; `bell` is rung after every request.
+pub fn request_channel<T>(
+    bell: Arc<dyn Doorbell>,
+    capacity: usize,
+) -> (RequestSender<T>, RequestReceiver<T>) {
     let (tx, rx) = crossbeam_channel::bounded(capacity);
-    (ReplaySender { tx, bell }, ReplayReceiver { rx })
+    (RequestSender { tx, bell }, RequestReceiver { rx })
 }
 
-/// Why a replay request was not queued.
+/// The replay request channel (see [`request_channel`]).
+pub fn replay_channel(bell: Arc<dyn Doorbell>, capacity: usize) -> (ReplaySender, ReplayReceiver) {
+    request_channel(bell, capacity)
+}
+
+/// Why a request was not queued.
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum ReplayRefused {
-    #[error("too many resumes are waiting for history; reconnect with lastEventId shortly")]
+pub enum Refused {
+    #[error("too many requests are waiting")]
     Busy,
     #[error("the control plane is gone")]
     Gone,
 }
 
-impl ReplaySender {
-    /// Queues a request without blocking.
-    pub fn send(&self, request: ReplayRequest) -> Result<(), ReplayRefused> {
+impl<T> std::fmt::Debug for RequestSender<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestSender")
+            .field("queued", &self.tx.len())
+            .finish()
+    }
+}
+
+impl<T> RequestSender<T> {
+    /// Queues a request without blocking; gives it back when it was not queued.
+    pub fn send(&self, request: T) -> Result<(), (Refused, T)> {
         self.tx.try_send(request).map_err(|e| match e {
-            TrySendError::Full(_) => ReplayRefused::Busy,
-            TrySendError::Disconnected(_) => ReplayRefused::Gone,
+            TrySendError::Full(r) => (Refused::Busy, r),
+            TrySendError::Disconnected(r) => (Refused::Gone, r),
         })?;
         self.bell.ring();
         Ok(())
     }
 }
 
-/// What [`ReplayReceiver::try_recv`] found.
+/// What [`RequestReceiver::try_recv`] found.
 #[derive(Debug)]
-pub enum Received {
-    Request(ReplayRequest),
+pub enum Received<T> {
+    Request(T),
     /// Nothing queued now: wait for the doorbell.
     Empty,
     /// Every shard has dropped its sender.
     Closed,
 }
 
-impl ReplayReceiver {
-    pub fn try_recv(&self) -> Received {
+impl<T> RequestReceiver<T> {
+    pub fn try_recv(&self) -> Received<T> {
         match self.rx.try_recv() {
             Ok(r) => Received::Request(r),
             Err(TryRecvError::Empty) => Received::Empty,

@@ -101,6 +101,8 @@ fn publish(args: PublishArgs) -> anyhow::Result<()> {
         events: args.events,
         roles: (!args.roles.is_empty()).then_some(args.roles),
         payload,
+        permissions_changed: false,
+        user_id: None,
     };
     let url = format!("http://{}/v1/events", args.admin);
     let mut post = ureq::post(&url)

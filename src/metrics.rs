@@ -23,6 +23,7 @@ pub struct Metrics {
     pub shard_queue: IntGaugeVec,
     pub fd_limit: IntGauge,
     pub replays: IntCounterVec,
+    pub resolutions: IntCounterVec,
     pub stream_entries_skipped: IntCounter,
     pub bus_reconnects: IntCounter,
     pub stream_gaps: IntCounter,
@@ -149,6 +150,12 @@ impl Metrics {
                 "herald_replays_total",
                 "Resumes of reconnecting clients, by outcome: ok, truncated, ahead, unavailable, cancelled (the client left first), refused (too many waiting)",
                 &["outcome"],
+            ),
+            resolutions: counter_vec(
+                "herald_session_resolutions_total",
+                "Appwrite sessions resolved for connections, by outcome: ok, denied (401/403), \
+                 unavailable (timeout, error, busy), and whether the answer came from the cache",
+                &["outcome", "cached"],
             ),
             stream_entries_skipped,
             bus_reconnects,

@@ -77,6 +77,28 @@ pub struct Reply {
     pub subscribed: bool,
     /// A successful `subscribe` carried `lastEventId` (unvalidated): replay what was missed.
     pub resume_after: Option<String>,
+    /// The message was an `authentication` (whatever its outcome).
+    pub authentication: bool,
+    /// An `authentication` carried this Appwrite session: the caller has it resolved and
+    /// answers once it is (the session stays as it is meanwhile).
+    pub resolve_session: Option<String>,
+}
+
+/// What can check the credentials of an `authentication` message.
+#[derive(Clone, Copy)]
+pub struct Verifiers<'a> {
+    pub jwt: &'a JwtVerifier,
+    /// A session resolver is configured.
+    pub sessions: bool,
+}
+
+/// The `response` to a successful `authentication`, with `user` (an Account object, or
+/// `{"$id"}` when only the id is known).
+pub fn authentication_response(user: &Value) -> String {
+    json!({"type": "response", "data": {
+        "to": "authentication", "success": true, "user": user,
+    }})
+    .to_string()
 }
 
 impl Reply {
@@ -175,7 +197,8 @@ impl Session {
     /// The `connected` message sent right after the upgrade. `slots`: the Gen B slot number of
     /// each subscription, when they are not simply 0, 1, 2... (then `subscriptions` is an
     /// object from slot to id, as Appwrite's PHP encodes it).
-    pub fn connected_message(&self, slots: Option<&[u32]>) -> String {
+    /// `user`: the Account object a resolver returned, instead of what the identity knows.
+    pub fn connected_message(&self, slots: Option<&[u32]>, user: Option<&Value>) -> String {
         let ids = self.subscriptions.iter().map(|s| s.id.as_str());
         let subscriptions = match slots {
             Some(slots) if slots.iter().enumerate().any(|(i, &s)| s as usize != i) => {
@@ -192,7 +215,7 @@ impl Session {
         json!({"type": "connected", "data": {
             "channels": self.channels().iter().map(|c| &**c).collect::<Vec<_>>(),
             "subscriptions": subscriptions,
-            "user": self.identity.user_json(),
+            "user": user.cloned().unwrap_or_else(|| self.identity.user_json()),
         }})
         .to_string()
     }
@@ -256,7 +279,7 @@ impl Session {
         &mut self,
         text: &str,
         limits: &SessionLimits,
-        jwt: &JwtVerifier,
+        verifiers: Verifiers<'_>,
         intern: &mut dyn FnMut(&str) -> Arc<str>,
     ) -> Reply {
         let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(text) else {
@@ -279,7 +302,10 @@ impl Session {
                 reply
             }
             Some("unsubscribe") => self.unsubscribe(data),
-            Some("authentication") => self.authentication(&data, jwt, intern),
+            Some("authentication") => Reply {
+                authentication: true,
+                ..self.authentication(&data, verifiers, intern)
+            },
             Some("presence") => Reply::frame(error_message(
                 1003,
                 "Presence is not supported by this gateway.",
@@ -293,11 +319,11 @@ impl Session {
     fn authentication(
         &mut self,
         data: &Value,
-        jwt: &JwtVerifier,
+        verifiers: Verifiers<'_>,
         intern: &mut dyn FnMut(&str) -> Arc<str>,
     ) -> Reply {
         let Some(token) = data.get("jwt") else {
-            return Reply::frame(session_authentication(data));
+            return session_authentication(data, verifiers.sessions);
         };
         let Some(token) = token.as_str() else {
             return Reply::frame(error_message(
@@ -305,17 +331,11 @@ impl Session {
                 "Payload is not valid. jwt must be a string",
             ));
         };
-        match jwt.verify(token, &self.project, intern) {
+        match verifiers.jwt.verify(token, &self.project, intern) {
             Ok(identity) => {
                 self.authenticate(Arc::new(identity), intern);
                 Reply {
-                    frame: Some(
-                        json!({"type": "response", "data": {
-                            "to": "authentication", "success": true,
-                            "user": self.identity.user_json(),
-                        }})
-                        .to_string(),
-                    ),
+                    frame: Some(authentication_response(&self.identity.user_json())),
                     subscriptions_changed: true,
                     ..Reply::default()
                 }
@@ -488,15 +508,27 @@ fn convert_channels<S: AsRef<str>>(
     out.into_boxed_slice()
 }
 
-/// Appwrite session secrets cannot be checked without a resolver; the connection keeps its
-/// project, identity and subscriptions.
-fn session_authentication(data: &Value) -> String {
+/// An `authentication` with an Appwrite session: handed to the resolver when there is one;
+/// without one it cannot be checked. Either way the connection keeps its project, identity and
+/// subscriptions for now.
+fn session_authentication(data: &Value, resolver: bool) -> Reply {
     match data.get("session").and_then(Value::as_str) {
-        Some(s) if !s.is_empty() && s.len() <= 2048 => error_message(
+        Some(s) if !s.is_empty() && s.len() <= crate::identity::MAX_SESSION_BYTES => {
+            if resolver {
+                return Reply {
+                    resolve_session: Some(s.to_owned()),
+                    ..Reply::default()
+                };
+            }
+            Reply::frame(error_message(
+                1003,
+                "Session is not valid. This server verifies JWTs (`{\"jwt\": ...}`), not session secrets (no --auth-url or --appwrite-endpoint); the connection keeps its identity.",
+            ))
+        }
+        _ => Reply::frame(error_message(
             1003,
-            "Session is not valid. This server verifies JWTs (`{\"jwt\": ...}`), not session secrets; the connection keeps its identity.",
-        ),
-        _ => error_message(1003, "Payload is not valid. Session is required"),
+            "Payload is not valid. Session is required",
+        )),
     }
 }
 
@@ -608,7 +640,10 @@ mod tests {
         let r = s.handle_text(
             text,
             &SessionLimits::default(),
-            &crate::identity::JwtVerifier::none(),
+            Verifiers {
+                jwt: &crate::identity::JwtVerifier::none(),
+                sessions: false,
+            },
             &mut intern,
         );
         (
@@ -620,7 +655,7 @@ mod tests {
     #[test]
     fn connected_lists_url_channels_and_one_minted_id() {
         let s = session(&["files", "documents"]);
-        let v: Value = serde_json::from_str(&s.connected_message(None)).unwrap();
+        let v: Value = serde_json::from_str(&s.connected_message(None, None)).unwrap();
         assert_eq!(v["data"]["channels"], json!(["files", "documents"]));
         let id = v["data"]["subscriptions"][0].as_str().unwrap();
         assert_eq!(id.len(), 20);

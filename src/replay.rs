@@ -14,7 +14,8 @@ use tokio::sync::{Notify, Semaphore};
 use crate::bus::Bus;
 use crate::hub::Hub;
 use crate::mailbox::{
-    AnswerRefused, Doorbell, Received, ReplayAnswer, ReplayError, ReplayReceiver, ReplayRequest,
+    Answer, AnswerRefused, Doorbell, Received, ReplayAnswer, ReplayError, ReplayReceiver,
+    ReplayRequest,
 };
 use crate::metrics::Metrics;
 
@@ -98,11 +99,11 @@ async fn answer(req: ReplayRequest, bus: &dyn Bus, hub: &Hub, metrics: &Metrics)
         Err(ReplayError::Unavailable(_)) => "unavailable",
     };
     metrics.replays.with_label_values(&[label]).inc();
-    let mut answer = ReplayAnswer {
+    let mut answer = Answer::Replay(ReplayAnswer {
         key: req.key,
         serial: req.serial,
         outcome,
-    };
+    });
     // A full answer queue is the shard pacing replays behind live traffic: wait, never drop
     // (the connection would wait forever for its history).
     loop {

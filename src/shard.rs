@@ -2,8 +2,9 @@
 //!
 //! Owns its `SO_REUSEPORT` listener, its connections (in a slab), its channel index and its
 //! scratch buffers, and is the only thread that touches them: no locks on the hot path. It
-//! receives events, shutdown and replay answers through its [`ShardInbox`] (crossbeam channels
-//! plus a mio waker) and asks for replays through a [`ReplaySender`]. It is the I/O driver of
+//! receives events, permission changes, shutdown and answers through its [`ShardInbox`]
+//! (crossbeam channels plus a mio waker) and asks for replays and session resolutions through a
+//! [`ReplaySender`] and a [`ResolveSender`]. It is the I/O driver of
 //! `conn.rs` (see the contract there): it does the system calls and keeps epoll interest, and
 //! makes no protocol decision (who receives an event, with what tail, when to close). It must
 //! not know about HTTP, Redis or the bus.
@@ -24,8 +25,8 @@ use crate::config::Config;
 use crate::conn::{ConnConfig, Connection, Context, Incident, Next, Shared};
 use crate::identity::JwtVerifier;
 use crate::mailbox::{
-    Command, ReplayAnswer, ReplayError, ReplayRequest, ReplaySender, ShardHandle, ShardInbox,
-    shard_mailbox,
+    Answer, Command, IdentityAnswer, Refused, ReplayAnswer, ReplayError, ReplayRequest,
+    ReplaySender, ResolveError, ResolveSender, ShardHandle, ShardInbox, shard_mailbox,
 };
 use crate::metrics::Metrics;
 
@@ -105,6 +106,8 @@ pub struct Common {
     pub limit: Arc<ConnectionLimit>,
     pub ip_limits: Arc<IpLimits>,
     pub jwt: Arc<JwtVerifier>,
+    /// Where sessions are resolved, when a resolver is configured.
+    pub resolve_tx: Option<ResolveSender>,
 }
 
 /// Per-shard metric handles, taken once so the loop only touches atomics.
@@ -180,6 +183,7 @@ pub struct Shard {
     /// Connections whose socket still held data after their share of reads.
     unfinished_reads: Vec<usize>,
     replay_tx: ReplaySender,
+    resolve_tx: Option<ResolveSender>,
     /// What the connections hold in total (their `Slot::held`), and this shard's share of
     /// `--max-buffered-bytes`.
     held_total: usize,
@@ -206,6 +210,7 @@ impl Shard {
             limit,
             ip_limits,
             jwt,
+            resolve_tx,
         } = common;
         let mut conn_config = ConnConfig::from_config(config);
         conn_config.jwt = jwt;
@@ -244,6 +249,7 @@ impl Shard {
             unfinished_reads: Vec::new(),
             sweep_keys: Vec::new(),
             replay_tx,
+            resolve_tx,
             held_total: 0,
             held_cap: config.buffered_cap().map_or(usize::MAX, |cap| {
                 usize::try_from(cap / config.shard_count().max(1) as u64).unwrap_or(usize::MAX)
@@ -288,6 +294,9 @@ impl Shard {
             self.drain_commands();
             if !self.shared.resumes.is_empty() {
                 self.request_replays();
+            }
+            if !self.shared.resolves.is_empty() {
+                self.request_resolves();
             }
             if self.held_total > self.held_cap {
                 self.shed_largest();
@@ -681,6 +690,14 @@ impl Shard {
                     }
                     self.batch.push_event(ev);
                 }
+                Command::PermissionsChanged { project, user } => {
+                    // Events before it go out under the roles they were published for.
+                    self.fan_out();
+                    self.for_each_connection(|conn, cx| {
+                        conn.on_permissions_changed(&project, &user, cx);
+                        None
+                    });
+                }
             }
         }
         if taken == COMMAND_BATCH {
@@ -701,10 +718,11 @@ impl Shard {
             }
         }
         for _ in 0..ANSWERS_PER_ITERATION {
-            let Some(a) = self.inbox.try_answer() else {
-                return;
-            };
-            self.finish_replay(a);
+            match self.inbox.try_answer() {
+                None => return,
+                Some(Answer::Replay(a)) => self.finish_replay(a),
+                Some(Answer::Identity(a)) => self.finish_resolve(a),
+            }
         }
         if self.inbox.has_answers() {
             self.commands_more = true;
@@ -786,6 +804,53 @@ impl Shard {
         self.settle(k);
     }
 
+    fn finish_resolve(&mut self, answer: IdentityAnswer) {
+        let k = answer.key as usize;
+        let Some(slot) = self.slab.get_mut(k) else {
+            return;
+        };
+        let mut cx = self.shared.context(answer.key);
+        if let Some(i) = slot.conn.on_identity_answer(answer, &mut cx) {
+            self.m.record(i);
+        }
+        if let Some(ticket) = self.shared.admitted.take() {
+            slot.ip = ticket;
+        }
+        self.settle(k);
+    }
+
+    /// Hands the session resolutions asked for in this iteration to the resolver; when it
+    /// cannot take them, the connections get their answer (unavailable) at once.
+    fn request_resolves(&mut self) {
+        let requests = std::mem::take(&mut self.shared.resolves);
+        for mut request in requests {
+            request.shard = self.id;
+            let refused = match &self.resolve_tx {
+                Some(tx) => tx.send(request).err(),
+                None => Some((Refused::Gone, request)),
+            };
+            let Some((why, request)) = refused else {
+                continue;
+            };
+            let words = match why {
+                Refused::Busy => "too many sign-ins are waiting; try again shortly",
+                Refused::Gone => "no session resolver is running",
+            };
+            self.m
+                .metrics
+                .resolutions
+                .with_label_values(&["unavailable", "false"])
+                .inc();
+            self.finish_resolve(IdentityAnswer {
+                key: request.key,
+                serial: request.serial,
+                purpose: request.purpose,
+                session: request.session,
+                outcome: Err(ResolveError::Unavailable(words.to_owned())),
+            });
+        }
+    }
+
     /// Hands the resumes started in this iteration to the control plane.
     fn request_replays(&mut self) {
         let mut keys = std::mem::take(&mut self.shared.resumes);
@@ -804,9 +869,15 @@ impl Shard {
                 query,
                 cancellation,
             };
-            if let Err(refused) = self.replay_tx.send(request) {
+            if let Err((refused, _)) = self.replay_tx.send(request) {
                 self.m.metrics.replays.with_label_values(&["refused"]).inc();
-                let outcome = Err(ReplayError::Unavailable(refused.to_string()));
+                let words = match refused {
+                    Refused::Busy => {
+                        "too many resumes are waiting for history; reconnect with lastEventId shortly"
+                    }
+                    Refused::Gone => "the control plane is gone",
+                };
+                let outcome = Err(ReplayError::Unavailable(words.to_owned()));
                 self.finish_replay(ReplayAnswer {
                     key,
                     serial,

@@ -87,7 +87,10 @@ fn seeds_are_accepted_where_meant() {
     assert_eq!(q.channels, ["a", "b", "c"]);
 
     let ev = seed("redis_entry", "appwrite");
-    let ev = herald::bus::redis::parse_appwrite(&ev, "console").unwrap();
+    let ev = herald::bus::redis::parse_appwrite(&ev, "console")
+        .unwrap()
+        .event
+        .unwrap();
     assert_eq!(
         (ev.project.as_str(), &ev.channels[..]),
         ("p1", &["files".to_owned()][..])

@@ -27,7 +27,9 @@ const DATA_PLANE: &[&str] = &[
     "names",
 ];
 /// The control plane, which the data plane must not import.
-const CONTROL_PLANE: &[&str] = &["hub", "bus", "replay", "admin", "history", "gateway"];
+const CONTROL_PLANE: &[&str] = &[
+    "hub", "bus", "replay", "resolver", "admin", "history", "gateway",
+];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     for entry in std::fs::read_dir(dir).expect("src/ is readable") {

@@ -220,11 +220,23 @@ fn handle(session: &mut Session, text: &str, limits: &SessionLimits) {
     // A configured verifier, so that `authentication` messages reach JWT parsing.
     let jwt =
         herald::identity::JwtVerifier::new(Some("fuzz-secret"), None).expect("a non-empty secret");
-    let reply = session.handle_text(text, limits, &jwt, &mut intern);
+    let reply = session.handle_text(
+        text,
+        limits,
+        herald::protocol::Verifiers {
+            jwt: &jwt,
+            sessions: true,
+        },
+        &mut intern,
+    );
     if let Some(frame) = &reply.frame {
         let v: serde_json::Value = serde_json::from_str(frame)
             .unwrap_or_else(|e| panic!("reply {frame:?} is not JSON: {e}"));
         assert!(v.get("type").is_some_and(|t| t.is_string()), "{frame}");
+    }
+    if let Some(secret) = &reply.resolve_session {
+        assert!(!secret.is_empty() && secret.len() <= herald::identity::MAX_SESSION_BYTES);
+        assert!(reply.authentication && reply.frame.is_none());
     }
     assert!(session.subscriptions.len() <= limits.max_subscriptions);
     let mut ids = HashSet::new();
@@ -326,8 +338,8 @@ fn field_value(raw: &[u8]) -> redis::Value {
 /// event keeps the entry id, a valid stream id; and that the encoded event, closed with a
 /// subscription list, is valid JSON.
 pub fn redis_entry(data: &[u8]) {
-    if let Ok(ev) = parse_appwrite(data, DEFAULT_PROJECT) {
-        check_event(&ev);
+    if let Ok(parsed) = parse_appwrite(data, DEFAULT_PROJECT) {
+        check_parsed(&parsed);
     }
 
     let mut lines = data.split(|&b| b == b'\n');
@@ -349,9 +361,23 @@ pub fn redis_entry(data: &[u8]) {
         milliseconds_elapsed_from_delivery: None,
         delivered_count: None,
     };
-    if let Ok(ev) = parse_entry(&entry, DEFAULT_PROJECT) {
-        check_event(&ev);
-        assert_eq!(ev.id, entry.id);
-        assert!(ev.id.parse::<EventId>().is_ok(), "entry id {:?}", ev.id);
+    if let Ok(parsed) = parse_entry(&entry, DEFAULT_PROJECT) {
+        check_parsed(&parsed);
+        if let Some(ev) = &parsed.event {
+            assert_eq!(ev.id, entry.id);
+            assert!(ev.id.parse::<EventId>().is_ok(), "entry id {:?}", ev.id);
+        }
+    }
+}
+
+/// An accepted message carries an event, a permission change of a valid user, or both.
+fn check_parsed(parsed: &herald::bus::redis::Parsed) {
+    assert!(parsed.event.is_some() || parsed.permissions_changed.is_some());
+    if let Some(ev) = &parsed.event {
+        check_event(ev);
+    }
+    if let Some(change) = &parsed.permissions_changed {
+        assert!(herald::names::is_valid_id(&change.user), "{change:?}");
+        assert!(herald::names::is_valid_id(&change.project), "{change:?}");
     }
 }

@@ -52,6 +52,14 @@ impl EmbeddedBus {
     fn publish_now(&self, ev: NewEvent) -> Result<String, BusError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let id = state.ids.next_id().to_string();
+        if let Some(change) = &ev.permissions_changed {
+            self.outlet
+                .permissions_changed(change)
+                .map_err(|_| BusError::Overloaded)?;
+        }
+        if !ev.is_event() {
+            return Ok(id);
+        }
         let encoded = EncodedEvent::encode(&ev.into_event(id.clone(), timestamp_now()));
         self.outlet
             .deliver(&mut state.history, &[encoded])

@@ -44,7 +44,30 @@ pub struct PublishRequest {
     pub events: Vec<String>,
     #[serde(default)]
     pub roles: Option<Vec<String>>,
+    #[serde(default)]
     pub payload: Value,
+    /// With `userId`: that user's memberships changed (Appwrite's `permissionsChanged`), so
+    /// every node resolves the sessions of its connections again. `channels` may then be
+    /// empty: a permission change alone, with no event.
+    #[serde(
+        default,
+        rename = "permissionsChanged",
+        skip_serializing_if = "is_false"
+    )]
+    pub permissions_changed: bool,
+    #[serde(default, rename = "userId", skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// `user`'s roles in `project` changed: connections of that user resolve their session again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermissionChange {
+    pub project: String,
+    pub user: String,
 }
 
 /// A validated publish request with the project resolved.
@@ -55,6 +78,7 @@ pub struct NewEvent {
     pub events: Vec<String>,
     pub roles: Vec<String>,
     pub payload: Value,
+    pub permissions_changed: Option<PermissionChange>,
 }
 
 /// Most channels, roles or event names one event may carry (each subscriber's match walks them).
@@ -75,8 +99,13 @@ impl PublishRequest {
     /// place that says what a valid event is, so every source refuses with the same words.
     pub fn validate(self, default_project: &str) -> Result<NewEvent, BusError> {
         let invalid = |m: &str| Err(BusError::Invalid(m.to_owned()));
-        if self.channels.is_empty() {
+        if self.channels.is_empty() && !self.permissions_changed {
             return invalid("channels must list at least one channel");
+        }
+        if self.permissions_changed && !self.user_id.as_deref().is_some_and(is_valid_id) {
+            return Err(BusError::Invalid(format!(
+                "permissionsChanged needs the userId whose permissions changed: {ID_RULE}"
+            )));
         }
         if self.channels.iter().any(|c| c.is_empty()) {
             return invalid("channels must not contain empty names");
@@ -90,9 +119,12 @@ impl PublishRequest {
         if let Some(m) = over_limits("events", &self.events) {
             return Err(BusError::Invalid(m));
         }
-        if !self.payload.is_object() {
-            return invalid("payload must be a JSON object");
-        }
+        let payload = match self.payload {
+            // A permission change alone carries no event, so it needs no payload.
+            Value::Null if self.channels.is_empty() => Value::Object(Default::default()),
+            p if p.is_object() => p,
+            _ => return invalid("payload must be a JSON object"),
+        };
         let roles = match self.roles {
             None => vec![crate::event::ANY_ROLE.to_owned()],
             Some(r) if r.is_empty() => return invalid("roles, when given, must not be empty"),
@@ -110,17 +142,30 @@ impl PublishRequest {
                 "project must be a project id: {ID_RULE}"
             )));
         }
+        let permissions_changed = match (self.permissions_changed, self.user_id) {
+            (true, Some(user)) => Some(PermissionChange {
+                project: project.clone(),
+                user,
+            }),
+            _ => None,
+        };
         Ok(NewEvent {
             project,
             channels: self.channels,
             events: self.events,
             roles,
-            payload: self.payload,
+            payload,
+            permissions_changed,
         })
     }
 }
 
 impl NewEvent {
+    /// Whether there is an event to deliver (a permission change alone has no channels).
+    pub fn is_event(&self) -> bool {
+        !self.channels.is_empty()
+    }
+
     /// The event with the id and timestamp its bus assigned.
     pub fn into_event(self, id: String, timestamp: String) -> Event {
         Event {
@@ -146,6 +191,13 @@ pub struct Outlet {
 impl Outlet {
     pub fn new(hub: Arc<Hub>, metrics: Metrics) -> Self {
         Self { hub, metrics }
+    }
+
+    /// Tells every shard (and, through the hub, the session resolver) that a user's
+    /// permissions changed; fails, doing nothing, when a shard queue is full.
+    pub fn permissions_changed(&self, change: &PermissionChange) -> Result<(), HubError> {
+        tracing::debug!(project = %change.project, user = %change.user, "permissions changed");
+        self.hub.permissions_changed(&change.project, &change.user)
     }
 
     /// Hands `events` to every shard and records them in `history`, or, when a shard queue is

@@ -12,6 +12,9 @@
 //! - `project`: string, optional (the default project)
 //! - `events`: JSON array of strings, optional
 //! - `roles`: JSON array of strings, optional (`["any"]`)
+//! - `permissionsChanged` (`true`) with `userId`: that user's permissions changed; every node
+//!   resolves the sessions of its connections again. `channels` may then be `[]` (or absent):
+//!   a permission change alone, with no event.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -23,7 +26,9 @@ use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, RedisResult};
 use serde_json::Value;
 
-use super::{BoxFuture, Bus, BusError, NewEvent, Outlet, PublishRequest, select_replay};
+use super::{
+    BoxFuture, Bus, BusError, NewEvent, Outlet, PermissionChange, PublishRequest, select_replay,
+};
 use crate::event::{
     EncodedEvent, Event, EventId, EventIdGenerator, timestamp_from_ms, timestamp_now,
 };
@@ -68,15 +73,40 @@ pub struct RedisBus {
 }
 
 /// The fields a stream entry may have (the module header says what each holds).
-const ENTRY_FIELDS: [&str; 5] = ["channels", "payload", "project", "events", "roles"];
+const ENTRY_FIELDS: [&str; 7] = [
+    "channels",
+    "payload",
+    "project",
+    "events",
+    "roles",
+    "permissionsChanged",
+    "userId",
+];
+
+/// What one stream entry or pub/sub message carries: an event, a permission change, or both.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    pub event: Option<Event>,
+    pub permissions_changed: Option<PermissionChange>,
+}
+
+impl Parsed {
+    fn new(event: NewEvent, id: String, timestamp: String) -> Self {
+        let permissions_changed = event.permissions_changed.clone();
+        Self {
+            event: event.is_event().then(|| event.into_event(id, timestamp)),
+            permissions_changed,
+        }
+    }
+}
 
 /// An entry that violates the format; it is skipped and counted.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct BadEntry(String);
 
-/// Parses a stream entry into an event whose id is the entry id.
-pub fn parse_entry(entry: &StreamId, default_project: &str) -> Result<Event, BadEntry> {
+/// Parses a stream entry: its event gets the entry id.
+pub fn parse_entry(entry: &StreamId, default_project: &str) -> Result<Parsed, BadEntry> {
     let id: EventId = entry
         .id
         .parse()
@@ -111,20 +141,45 @@ pub fn parse_entry(entry: &StreamId, default_project: &str) -> Result<Event, Bad
             ENTRY_FIELDS.join(", ")
         )));
     }
-    let payload = text("payload")?.ok_or_else(|| BadEntry("missing field payload".into()))?;
+    let permissions_changed = match text("permissionsChanged")?.as_deref() {
+        None | Some("false" | "0") => false,
+        Some("true" | "1") => true,
+        Some(_) => {
+            return Err(BadEntry(
+                "field permissionsChanged is not true or false".into(),
+            ));
+        }
+    };
+    let channels = match list("channels")? {
+        Some(c) => c,
+        None if permissions_changed => Vec::new(),
+        None => return Err(BadEntry("missing field channels".into())),
+    };
+    let payload = match text("payload")? {
+        Some(p) => {
+            serde_json::from_str(&p).map_err(|e| BadEntry(format!("payload is not JSON: {e}")))?
+        }
+        None if channels.is_empty() => Value::Null,
+        None => return Err(BadEntry("missing field payload".into())),
+    };
     let request = PublishRequest {
         project: text("project")?,
-        channels: list("channels")?.ok_or_else(|| BadEntry("missing field channels".into()))?,
+        channels,
         events: list("events")?.unwrap_or_default(),
         roles: list("roles")?,
-        payload: serde_json::from_str(&payload)
-            .map_err(|e| BadEntry(format!("payload is not JSON: {e}")))?,
+        payload,
+        permissions_changed,
+        user_id: text("userId")?,
     };
     let event = request
         .validate(default_project)
         .map_err(|e| BadEntry(e.to_string()))?;
     // The entry id carries the time of the XADD, so every node stamps the same time.
-    Ok(event.into_event(entry.id.clone(), timestamp_from_ms(id.ms)))
+    Ok(Parsed::new(
+        event,
+        entry.id.clone(),
+        timestamp_from_ms(id.ms),
+    ))
 }
 
 impl RedisBus {
@@ -284,7 +339,14 @@ impl RedisBus {
                     continue;
                 };
                 match parse_entry(&entry, &self.settings.default_project) {
-                    Ok(ev) => batch.push(EncodedEvent::encode(&ev)),
+                    Ok(parsed) => {
+                        if let Some(change) = &parsed.permissions_changed {
+                            // In stream order: the events before it first.
+                            self.deliver(std::mem::take(&mut batch)).await;
+                            self.change_permissions(change).await;
+                        }
+                        batch.extend(parsed.event.map(|ev| EncodedEvent::encode(&ev)));
+                    }
                     Err(e) => {
                         self.metrics.stream_entries_skipped.inc();
                         tracing::warn!(id = %entry.id, error = %e, "skipping a malformed stream entry");
@@ -340,6 +402,13 @@ impl RedisBus {
         self.history.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Tells the shards that a user's permissions changed, waiting while their queues are full.
+    async fn change_permissions(&self, change: &PermissionChange) {
+        while self.outlet.permissions_changed(change).is_err() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Hands events to the shards in one batch, waiting while their queues are full (the
     /// stream holds everything meanwhile, so back-pressure costs latency, never events).
     async fn deliver(&self, events: Vec<Arc<EncodedEvent>>) {
@@ -376,10 +445,15 @@ impl RedisBus {
                                 msg.get_payload_bytes(),
                                 &self.settings.default_project,
                             ) {
-                                Ok(mut ev) => {
-                                    // Pub/sub has no history: these ids are not stream positions.
-                                    ev.id = format!("appwrite-{}", ids.next_id());
-                                    self.deliver(vec![EncodedEvent::encode(&ev)]).await;
+                                Ok(parsed) => {
+                                    if let Some(change) = &parsed.permissions_changed {
+                                        self.change_permissions(change).await;
+                                    }
+                                    if let Some(mut ev) = parsed.event {
+                                        // Pub/sub has no history: these ids are not positions.
+                                        ev.id = format!("appwrite-{}", ids.next_id());
+                                        self.deliver(vec![EncodedEvent::encode(&ev)]).await;
+                                    }
                                 }
                                 Err(e) => {
                                     self.metrics.stream_entries_skipped.inc();
@@ -473,7 +547,7 @@ impl RedisBus {
             let events = page
                 .ids
                 .iter()
-                .filter_map(|e| parse_entry(e, &self.settings.default_project).ok())
+                .filter_map(|e| parse_entry(e, &self.settings.default_project).ok()?.event)
                 .map(|e| EncodedEvent::encode(&e));
             select_replay(events, &q, &mut selected, &mut bytes)?;
             if page.ids.len() < BATCH {
@@ -542,8 +616,9 @@ fn info_field(info: &redis::Value, name: &str) -> Option<String> {
     })
 }
 
-/// Maps one of Appwrite's `PUBLISH realtime` messages onto an event (id assigned by the caller).
-pub fn parse_appwrite(bytes: &[u8], default_project: &str) -> Result<Event, BadEntry> {
+/// Maps one of Appwrite's `PUBLISH realtime` messages onto an event (id assigned by the caller)
+/// and, with `permissionsChanged: true`, a permission change of its `userId`.
+pub fn parse_appwrite(bytes: &[u8], default_project: &str) -> Result<Parsed, BadEntry> {
     let v: Value = serde_json::from_slice(bytes).map_err(|e| BadEntry(format!("not JSON: {e}")))?;
     let strings = |field: &str, v: Option<&Value>| -> Result<Option<Vec<String>>, BadEntry> {
         let Some(v) = v else { return Ok(None) };
@@ -567,6 +642,8 @@ pub fn parse_appwrite(bytes: &[u8], default_project: &str) -> Result<Event, BadE
         events: strings("data.events", data.get("events"))?.unwrap_or_default(),
         roles: Some(roles),
         payload: data.get("payload").cloned().unwrap_or(Value::Null),
+        permissions_changed: v.get("permissionsChanged") == Some(&Value::Bool(true)),
+        user_id: v.get("userId").and_then(Value::as_str).map(str::to_owned),
     };
     let timestamp = data
         .get("timestamp")
@@ -576,7 +653,7 @@ pub fn parse_appwrite(bytes: &[u8], default_project: &str) -> Result<Event, BadE
         .validate(default_project)
         .map_err(|e| BadEntry(e.to_string()))?;
     // The caller assigns the id.
-    Ok(event.into_event(String::new(), timestamp))
+    Ok(Parsed::new(event, String::new(), timestamp))
 }
 
 impl Bus for RedisBus {
@@ -603,6 +680,12 @@ impl Bus for RedisBus {
                 .arg(json(&event.roles))
                 .arg("payload")
                 .arg(event.payload.to_string());
+            if let Some(change) = &event.permissions_changed {
+                cmd.arg("permissionsChanged")
+                    .arg("true")
+                    .arg("userId")
+                    .arg(&change.user);
+            }
             self.command::<String>(&cmd)
                 .await
                 .map_err(|e| BusError::Unavailable(format!("Redis: {e}")))
@@ -649,6 +732,8 @@ mod tests {
             &entry(&[("channels", r#"["files"]"#), ("payload", r#"{"a":1}"#)]),
             "console",
         )
+        .unwrap()
+        .event
         .unwrap();
         assert_eq!(ev.project, "console");
         assert_eq!(ev.roles, vec!["any"]);
@@ -677,11 +762,47 @@ mod tests {
             br#"{"project":"p1","roles":["any"],"permissionsChanged":false,"userId":null,"data":{"events":["e"],"channels":["documents"],"timestamp":"2026-08-21T12:00:00.123+00:00","payload":{"$id":"d"}}}"#,
             "console",
         )
+        .unwrap()
+        .event
         .unwrap();
         assert_eq!(ev.project, "p1");
         assert_eq!(ev.channels, vec!["documents"]);
         assert_eq!(ev.timestamp, "2026-08-21T12:00:00.123+00:00");
         assert!(parse_appwrite(br#"{"data":{"channels":["a"],"payload":{}}}"#, "c").is_err());
+        let change = parse_appwrite(
+            br#"{"project":"p1","roles":["team:t"],"permissionsChanged":true,"userId":"ann","data":{"events":["teams.t.memberships.m.delete"],"channels":["teams"],"payload":{"$id":"m"}}}"#,
+            "console",
+        )
+        .unwrap();
+        assert_eq!(
+            change.permissions_changed,
+            Some(PermissionChange {
+                project: "p1".into(),
+                user: "ann".into()
+            })
+        );
+        assert!(change.event.is_some());
+    }
+
+    #[test]
+    fn a_permission_change_alone_is_an_entry_without_an_event() {
+        let parsed = parse_entry(
+            &entry(&[("permissionsChanged", "true"), ("userId", "ann")]),
+            "console",
+        )
+        .unwrap();
+        assert_eq!(parsed.event, None);
+        assert_eq!(
+            parsed.permissions_changed.map(|c| (c.project, c.user)),
+            Some(("console".into(), "ann".into()))
+        );
+        for bad in [
+            vec![("permissionsChanged", "true")],
+            vec![("permissionsChanged", "yes"), ("userId", "ann")],
+            vec![("permissionsChanged", "false"), ("userId", "ann")],
+        ] {
+            assert!(parse_entry(&entry(&bad), "console").is_err(), "{bad:?}");
+        }
     }
 
     #[test]

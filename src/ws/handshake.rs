@@ -48,6 +48,11 @@ pub struct Request {
     /// An Appwrite session came with the request: an `a_session_*` cookie, `x-appwrite-session`
     /// or `x-fallback-cookies`.
     pub session: bool,
+    /// `Cookie`, `x-appwrite-session` and `x-fallback-cookies` as sent, for a resolver to read
+    /// the session of the request's project from.
+    pub cookie: Option<String>,
+    pub appwrite_session: Option<String>,
+    pub fallback_cookies: Option<String>,
 }
 
 /// Parses a request head from the start of `buf`. `Ok(None)` means it is incomplete; bytes
@@ -110,11 +115,19 @@ pub fn parse_request(
             out.session |= value
                 .split(';')
                 .any(|c| c.trim_start().starts_with("a_session_"));
-        } else if (name.eq_ignore_ascii_case("x-appwrite-session")
-            || name.eq_ignore_ascii_case("x-fallback-cookies"))
-            && !value.is_empty()
-        {
+            match &mut out.cookie {
+                Some(all) => {
+                    all.push_str("; ");
+                    all.push_str(value);
+                }
+                None => out.cookie = Some(value.to_owned()),
+            }
+        } else if name.eq_ignore_ascii_case("x-appwrite-session") && !value.is_empty() {
             out.session = true;
+            out.appwrite_session = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("x-fallback-cookies") && !value.is_empty() {
+            out.session = true;
+            out.fallback_cookies = Some(value.to_owned());
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
             match &mut out.forwarded_for {
                 Some(list) => {

@@ -1195,7 +1195,15 @@ mod tests {
         let mut session = herald::protocol::Session::new("p".into(), guest, &[], intern);
         let limits = herald::protocol::SessionLimits::default();
         let jwt = herald::identity::JwtVerifier::none();
-        let reply = session.handle_text(&msg, &limits, &jwt, intern);
+        let reply = session.handle_text(
+            &msg,
+            &limits,
+            herald::protocol::Verifiers {
+                jwt: &jwt,
+                sessions: false,
+            },
+            intern,
+        );
         assert!(reply.subscriptions_changed, "{:?}", reply.frame);
         assert_eq!(session.channels().len(), all.len());
         // Without the victim channel: every one of the 1,000 channels is distinct.

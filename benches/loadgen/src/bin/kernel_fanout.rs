@@ -149,7 +149,7 @@ fn main() -> anyhow::Result<()> {
         .first()
         .map_or_else(mint_id, |s| s.id.clone())
         .to_string();
-    let connected = text_frame(session.connected_message(None).as_bytes());
+    let connected = text_frame(session.connected_message(None, None).as_bytes());
     let counters = Arc::new(Counters::default());
     let mut handles = Vec::new();
     let mut threads = Vec::new();

@@ -317,7 +317,7 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
         .subscriptions
         .first()
         .map_or_else(String::new, |s| s.id.to_string());
-    let connected = session.connected_message(None);
+    let connected = session.connected_message(None, None);
     if ws.send(Message::text(connected)).await.is_err() {
         return;
     }
