@@ -273,6 +273,12 @@ fn start_resolver(
         concurrency = config.auth_concurrency,
         "Appwrite sessions are resolved off the shards"
     );
+    if config.allowed_origins.is_empty() {
+        tracing::warn!(
+            "sessions in cookies are resolved but any web page may connect: a page on another \
+             site could open connections with its visitors' cookies; set --allowed-origins"
+        );
+    }
     resolver
         .spawn(requests, bell)
         .map_err(GatewayError::ControlPlane)
