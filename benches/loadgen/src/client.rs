@@ -53,6 +53,8 @@ const HIST_MAX_US: u64 = 120_000_000;
 pub(crate) struct Slot {
     pub target: u16,
     pub chan: u16,
+    /// Subscribes with the run's query (`fanout --query-fraction`).
+    pub filtered: bool,
 }
 
 pub(crate) struct EngineOptions {
@@ -61,7 +63,8 @@ pub(crate) struct EngineOptions {
     pub max_inflight: usize,
     pub handshake_timeout: Duration,
     /// Gen C: per channel the `subscribe` message sent after `connected` (the connection counts
-    /// as open once the server confirms it). `None`: Gen A, channels in the URL.
+    /// as open once the server confirms it), then per channel the one with the run's query for
+    /// filtered slots, if any. `None`: Gen A, channels in the URL.
     pub subscribe: Option<Vec<String>>,
     pub track_events: bool,
     /// `connect` mode: close each connection as soon as it is open and record it.
@@ -172,6 +175,7 @@ struct Conn {
     phase: Phase,
     chan: u16,
     target: u16,
+    filtered: bool,
     slot: u32,
     /// Microseconds since the engine's start when the connect began.
     started_us: u64,
@@ -502,7 +506,8 @@ impl Conn {
                 match ctx.subscribe {
                     None => self.opened(ctx),
                     Some(messages) => {
-                        let text = &messages[usize::from(self.chan)];
+                        let half = if self.filtered { messages.len() / 2 } else { 0 };
+                        let text = &messages[usize::from(self.chan) + half];
                         let frame = encode_client_frame(true, OP_TEXT, text.as_bytes(), mask());
                         if let Err(e) = self.send(&frame) {
                             return io_fail(e);
@@ -744,7 +749,11 @@ impl Engine {
             self.next_source += 1;
             ip
         });
-        let Slot { target, chan } = self.slots[slot as usize];
+        let Slot {
+            target,
+            chan,
+            filtered,
+        } = self.slots[slot as usize];
         let mut stream = match start_connect(self.targets[usize::from(target)].addr, source) {
             Ok(s) => s,
             Err(reason) => {
@@ -770,6 +779,7 @@ impl Engine {
             phase: Phase::Connecting,
             chan,
             target,
+            filtered,
             slot,
             started_us,
             inbuf: Vec::new(),

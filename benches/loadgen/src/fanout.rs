@@ -91,6 +91,17 @@ pub(crate) struct FanoutArgs {
     /// Subscribe with a Gen C `subscribe` message after `connected` instead of URL channels.
     #[arg(long)]
     subscribe_message: bool,
+    /// This fraction of the connections subscribes with `--query` (needs
+    /// `--subscribe-message`), spread evenly over channels and workers.
+    #[arg(long, default_value_t = 0.0)]
+    query_fraction: f64,
+    /// The Appwrite query of filtered subscriptions. The default matches every bench event
+    /// (each payload carries `"kind":"bench"`), so filtered and unfiltered runs deliver alike.
+    #[arg(
+        long,
+        default_value = r#"{"method":"equal","attribute":"kind","values":["bench"]}"#
+    )]
+    query: String,
     /// Fixed-rate phases, events per second, e.g. 10,50,100.
     #[arg(long, value_delimiter = ',')]
     rates: Vec<f64>,
@@ -334,6 +345,14 @@ fn validate(args: &FanoutArgs) -> anyhow::Result<()> {
     ensure!(args.connections > 0, "--connections must be at least 1");
     ensure!(args.connect_rate > 0.0, "--connect-rate must be positive");
     ensure!(args.channels >= 1, "--channels must be at least 1");
+    ensure!(
+        (0.0..=1.0).contains(&args.query_fraction),
+        "--query-fraction is a fraction from 0 to 1"
+    );
+    ensure!(
+        args.query_fraction == 0.0 || args.subscribe_message,
+        "--query-fraction needs --subscribe-message (queries ride on Gen C subscribe rows)"
+    );
     ensure!(
         args.channels <= usize::from(u16::MAX),
         "--channels must be at most {}",
@@ -656,6 +675,8 @@ impl Coordinator<'_> {
                 channels: self.channel_names.clone(),
                 zipf: args.zipf,
                 subscribe_message: args.subscribe_message,
+                query_fraction: args.query_fraction,
+                query: args.query.clone(),
                 rate: args.connect_rate / workers as f64,
                 max_inflight: args.max_inflight.div_ceil(workers),
                 handshake_timeout_ms: args.handshake_timeout.as_millis() as u64,

@@ -32,6 +32,11 @@ pub(crate) struct WorkerSpec {
     pub zipf: f64,
     /// Gen C: subscribe with a message after `connected` instead of URL channels.
     pub subscribe_message: bool,
+    /// The fraction of connections whose subscribe carries `query` (Gen C only).
+    #[serde(default)]
+    pub query_fraction: f64,
+    #[serde(default)]
+    pub query: String,
     pub rate: f64,
     pub max_inflight: usize,
     pub handshake_timeout_ms: u64,

@@ -307,7 +307,8 @@ impl Pool {
     }
 }
 
-/// The payload of one bench event: `hb` = phase.index.channel.sequence.sent_us, plus padding.
+/// The payload of one bench event: `hb` = phase.index.channel.sequence.sent_us, `kind` (what
+/// `fanout --query` filters on), plus padding.
 pub(crate) fn payload(
     phase: u32,
     index: u64,
@@ -316,7 +317,7 @@ pub(crate) fn payload(
     sent_us: u64,
     pad: usize,
 ) -> String {
-    let mut p = format!(r#"{{"hb":"{phase}.{index}.{chan}.{seq}.{sent_us}""#);
+    let mut p = format!(r#"{{"hb":"{phase}.{index}.{chan}.{seq}.{sent_us}","kind":"bench""#);
     if pad > 0 {
         p.push_str(r#","pad":""#);
         p.extend(std::iter::repeat_n('x', pad));
@@ -392,7 +393,10 @@ mod tests {
     #[test]
     fn payload_round_trips_through_the_scanner() {
         let p = payload(2, 10, 3, 7, 1_700_000_000_000_001, 5);
-        assert_eq!(p, r#"{"hb":"2.10.3.7.1700000000000001","pad":"xxxxx"}"#);
+        assert_eq!(
+            p,
+            r#"{"hb":"2.10.3.7.1700000000000001","kind":"bench","pad":"xxxxx"}"#
+        );
         let v: Value = serde_json::from_str(&p).unwrap();
         let event = json!({"type": "event", "data": {"payload": v}}).to_string();
         assert_eq!(

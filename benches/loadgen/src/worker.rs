@@ -41,7 +41,14 @@ pub(crate) fn slot_of(i: usize, total: usize, targets: usize, cdf: &[f64]) -> Sl
     Slot {
         target: (i % targets) as u16,
         chan: chan as u16,
+        filtered: false,
     }
+}
+
+/// Whether global connection `i` is one of the `fraction` that subscribe with a query: spread
+/// evenly over the connections, so over channels and workers too.
+pub(crate) fn is_filtered(i: usize, fraction: f64) -> bool {
+    fraction > 0.0 && ((i + 1) as f64 * fraction).floor() > (i as f64 * fraction).floor()
 }
 
 /// Cumulative Zipf(s) weights over `n` channels (s = 0: uniform).
@@ -67,19 +74,28 @@ pub(crate) fn worker_slots(spec: &WorkerSpec) -> Vec<Slot> {
     let cdf = zipf_cdf(spec.channels.len().max(1), spec.zipf);
     (spec.index..spec.total)
         .step_by(spec.workers)
-        .map(|i| slot_of(i, spec.total, spec.targets.len(), &cdf))
+        .map(|i| Slot {
+            filtered: is_filtered(i, spec.query_fraction),
+            ..slot_of(i, spec.total, spec.targets.len(), &cdf)
+        })
         .collect()
 }
 
-/// The `subscribe` message for each channel (Gen C).
-pub(crate) fn subscribe_messages(channels: &[String]) -> Vec<String> {
-    channels
-        .iter()
-        .map(|c| {
-            json!({"type": "subscribe", "data": [{"subscriptionId": "hb", "channels": [c]}]})
-                .to_string()
+/// The `subscribe` message for each channel (Gen C), then, with a `query`, the same with it.
+pub(crate) fn subscribe_messages(channels: &[String], query: Option<&str>) -> Vec<String> {
+    let plain = channels.iter().map(|c| {
+        json!({"type": "subscribe", "data": [{"subscriptionId": "hb", "channels": [c]}]})
+            .to_string()
+    });
+    let filtered = query.into_iter().flat_map(|q| {
+        channels.iter().map(move |c| {
+            json!({"type": "subscribe", "data": [
+                {"subscriptionId": "hb", "channels": [c], "queries": [q]}
+            ]})
+            .to_string()
         })
-        .collect()
+    });
+    plain.chain(filtered).collect()
 }
 
 fn emit(report: &WorkerReport) {
@@ -162,9 +178,10 @@ impl Worker {
                 rate: spec.rate,
                 max_inflight: spec.max_inflight,
                 handshake_timeout: Duration::from_millis(spec.handshake_timeout_ms),
-                subscribe: spec
-                    .subscribe_message
-                    .then(|| subscribe_messages(&spec.channels)),
+                subscribe: spec.subscribe_message.then(|| {
+                    let query = (spec.query_fraction > 0.0).then_some(spec.query.as_str());
+                    subscribe_messages(&spec.channels, query)
+                }),
                 track_events: true,
                 close_on_open: false,
             },
@@ -372,6 +389,8 @@ mod tests {
             channels: vec!["a".into()],
             zipf: 1.0,
             subscribe_message: false,
+            query_fraction: 0.0,
+            query: String::new(),
             rate: 1.0,
             max_inflight: 1,
             handshake_timeout_ms: 1,
@@ -379,5 +398,17 @@ mod tests {
         };
         let sizes: Vec<usize> = (0..3).map(|i| worker_slots(&spec(i)).len()).collect();
         assert_eq!(sizes, [4, 3, 3]);
+    }
+
+    #[test]
+    fn a_query_fraction_picks_that_share_of_connections_evenly() {
+        let picked: Vec<bool> = (0..6).map(|i| is_filtered(i, 0.5)).collect();
+        assert_eq!(picked, [false, true, false, true, false, true]);
+        assert_eq!((0..1000).filter(|&i| is_filtered(i, 0.25)).count(), 250);
+        assert!((0..1000).all(|i| !is_filtered(i, 0.0)));
+        assert!((0..1000).all(|i| is_filtered(i, 1.0)));
+        let messages = subscribe_messages(&["a".into(), "b".into()], Some("{}"));
+        assert_eq!(messages.len(), 4);
+        assert!(messages[3].contains(r#""queries":["{}"]"#) && messages[3].contains(r#"["b"]"#));
     }
 }
