@@ -58,7 +58,7 @@ use crate::batch::Verdict;
 use crate::config::Config;
 use crate::event::{EncodedEvent, EventId, is_valid_name, write_tail};
 use crate::filter::{Filter, FilterLimits};
-use crate::identity::{Identity, JwtVerifier};
+use crate::identity::{Identity, JwtVerifier, SessionSecret};
 use crate::mailbox::{
     Cancellation, IdentityAnswer, IdentityRequest, ReplayError, ReplayQuery, ResolveError,
     ResolvePurpose,
@@ -431,7 +431,7 @@ struct Resolution {
 /// The identity a resolver's answer makes, with its roles interned by the shard.
 fn resolution(
     outcome: &Result<Arc<crate::identity::Resolved>, ResolveError>,
-    session: &Arc<str>,
+    session: &SessionSecret,
     cx: &mut Context<'_>,
 ) -> Result<Resolution, ResolveError> {
     let r = outcome.as_ref().map_err(Clone::clone)?;
@@ -469,6 +469,10 @@ pub struct Connection {
     deadline: u32,
     /// Numbers `authentication` messages: only the answer to the latest counts.
     auth_seq: u8,
+    /// A session of an `authentication` is being resolved (one at a time per connection).
+    auth_pending: bool,
+    /// Numbers permission-change resolutions likewise.
+    refresh_seq: u8,
     /// A request head split across reads. Boxed so the common case (no split) costs one
     /// pointer in every connection instead of a 24-byte `Vec`.
     #[allow(clippy::box_collection)]
@@ -496,6 +500,8 @@ impl Connection {
             rate_window_start: now,
             last_read: now,
             auth_seq: 0,
+            auth_pending: false,
+            refresh_seq: 0,
             deadline: now.saturating_add(cfg.handshake_timeout_secs),
             handshake: None,
             decoder: Decoder::default(),
@@ -788,7 +794,7 @@ impl Connection {
             serial: self.serial,
             purpose: ResolvePurpose::Handshake,
             project: project.into(),
-            session: session.into(),
+            session: SessionSecret::new(&session),
         })
     }
 
@@ -813,12 +819,13 @@ impl Connection {
                 self.finish_upgrade(resolved.unwrap_or(guest), cx)
             }
             ResolvePurpose::Authentication(seq) if seq == self.auth_seq => {
+                self.auth_pending = false;
                 if self.receives_events() {
                     self.on_authentication_answer(resolved, cx);
                 }
                 None
             }
-            ResolvePurpose::Refresh if self.receives_events() => {
+            ResolvePurpose::Refresh(seq) if seq == self.refresh_seq && self.receives_events() => {
                 self.on_refresh_answer(&answer.session, resolved, cx);
                 None
             }
@@ -861,11 +868,13 @@ impl Connection {
     }
 
     /// A permission change re-resolved this connection's session: its subscriptions are
-    /// re-keyed under the new roles. A session that no longer resolves, for whatever reason,
-    /// leaves a guest: a connection never keeps roles that may have been taken away.
+    /// re-keyed under the new roles. A session that is no longer valid leaves a guest; one
+    /// that cannot be resolved now closes the connection with 1013, so that the client
+    /// reconnects and is resolved afresh: a connection never keeps roles that may have been
+    /// taken away, and never silently loses its user over a passing failure.
     fn on_refresh_answer(
         &mut self,
-        secret: &Arc<str>,
+        secret: &SessionSecret,
         resolved: Result<Resolution, ResolveError>,
         cx: &mut Context<'_>,
     ) {
@@ -878,7 +887,16 @@ impl Connection {
         }
         let identity = match resolved {
             Ok(r) => r.identity,
-            Err(_) => cx.cfg.guest.clone(),
+            Err(ResolveError::Denied) => cx.cfg.guest.clone(),
+            Err(e @ ResolveError::Unavailable(_)) => {
+                let code = close_code::TRY_AGAIN_LATER;
+                cx.out.push(OutFrame::text(protocol::error_message(
+                    code,
+                    &e.to_string(),
+                )));
+                self.close(code, "permissions changed; reconnect", cx);
+                return;
+            }
         };
         let before = session.channels();
         let registry = &mut *cx.registry;
@@ -890,7 +908,7 @@ impl Connection {
     /// `user`'s permissions changed in `project`: a connection of that user whose identity
     /// came from a session asks for it to be resolved again. A JWT's roles are the token's:
     /// they change when the client presents a new one.
-    pub fn on_permissions_changed(&self, project: &str, user: &str, cx: &mut Context<'_>) {
+    pub fn on_permissions_changed(&mut self, project: &str, user: &str, cx: &mut Context<'_>) {
         let Some(session) = self.session.as_ref().filter(|_| self.receives_events()) else {
             return;
         };
@@ -900,11 +918,12 @@ impl Connection {
         let Some(secret) = session.identity.session() else {
             return;
         };
+        self.refresh_seq = self.refresh_seq.wrapping_add(1);
         cx.resolves.push(IdentityRequest {
             shard: 0,
             key: cx.key,
             serial: self.serial,
-            purpose: ResolvePurpose::Refresh,
+            purpose: ResolvePurpose::Refresh(self.refresh_seq),
             project: session.project.clone(),
             session: secret.clone(),
         });
@@ -1197,9 +1216,19 @@ impl Connection {
         };
         let reply =
             session.handle_text(text, &cx.cfg.limits, verifiers, &mut |c| registry.intern(c));
+        if reply.authentication && reply.resolve_session.is_some() && self.auth_pending {
+            // One resolution per connection at a time: a client cannot fill the resolver's
+            // queue for everyone else.
+            cx.out.push(OutFrame::text(protocol::error_message(
+                close_code::TRY_AGAIN_LATER,
+                "Another authentication is in progress on this connection.",
+            )));
+            return ControlFlow::Continue(());
+        }
         if reply.authentication {
             // A later `authentication` wins over an earlier one still resolving.
             self.auth_seq = self.auth_seq.wrapping_add(1);
+            self.auth_pending = reply.resolve_session.is_some();
         }
         if let Some(secret) = &reply.resolve_session {
             cx.resolves.push(IdentityRequest {
@@ -1208,7 +1237,7 @@ impl Connection {
                 serial: self.serial,
                 purpose: ResolvePurpose::Authentication(self.auth_seq),
                 project: session.project.clone(),
-                session: secret.as_str().into(),
+                session: SessionSecret::new(secret),
             });
         }
         if reply.subscriptions_changed {
@@ -1725,6 +1754,212 @@ mod tests {
 
     fn json(text: &str) -> serde_json::Value {
         serde_json::from_str(text).unwrap()
+    }
+
+    /// A driver whose config has a session resolver.
+    fn resolving() -> Driver {
+        let mut cfg = ConnConfig::from_config(&Config::for_tests());
+        cfg.resolver = true;
+        cfg.resolve_timeout_secs = 2;
+        Driver::new(cfg)
+    }
+
+    /// An upgrade request with the cookie of project `p`'s session `value`, followed at once by
+    /// `then` (bytes a client pipelined after the head).
+    fn upgrade_with_session(value: &str, then: &[u8]) -> Vec<u8> {
+        let mut req = String::from_utf8(upgrade("/v1/realtime?project=p&channels[]=a")).unwrap();
+        req.truncate(req.len() - 2);
+        req.push_str(&format!("Cookie: theme=dark; a_session_p={value}\r\n\r\n"));
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(then);
+        bytes
+    }
+
+    fn answer(
+        purpose: ResolvePurpose,
+        outcome: Result<crate::identity::Resolved, ResolveError>,
+    ) -> IdentityAnswer {
+        IdentityAnswer {
+            key: KEY,
+            serial: SERIAL,
+            purpose,
+            project: "p".into(),
+            session: SessionSecret::new("s%3D"),
+            fetched: Instant::now(),
+            outcome: outcome.map(Arc::new),
+        }
+    }
+
+    fn ann() -> crate::identity::Resolved {
+        crate::identity::Resolved {
+            user_id: "ann".into(),
+            verified: Some(true),
+            roles: vec!["team:t1".into()],
+            account: Some(serde_json::json!({"$id": "ann", "name": "Ann"})),
+        }
+    }
+
+    #[test]
+    fn an_upgrade_with_a_session_waits_for_it_without_reading_then_opens_as_the_user() {
+        let mut d = resolving();
+        let ping = encode_client_frame(true, TEXT, br#"{"type":"ping"}"#, [1, 2, 3, 4]);
+        d.read(&upgrade_with_session("s%3D", &ping));
+        assert!(
+            d.wire.out.is_empty(),
+            "nothing is answered before the session resolves"
+        );
+        assert!(!d.conn.wants_input(&d.shared.cfg));
+        let asked: Vec<_> = std::mem::take(&mut d.shared.resolves);
+        assert_eq!(asked.len(), 1);
+        assert_eq!(asked[0].purpose, ResolvePurpose::Handshake);
+        // Appwrite's cookies arrive URL-encoded; the session is the decoded value.
+        assert_eq!(asked[0].session.expose(), "s=");
+        assert!(d.conn.held_bytes() > 0, "the request is held, and counted");
+        // An answer for an earlier connection in the slot changes nothing.
+        let mut stale = answer(ResolvePurpose::Handshake, Ok(ann()));
+        stale.serial = SERIAL - 1;
+        let mut cx = d.shared.context(KEY);
+        d.conn.on_identity_answer(stale, &mut cx);
+        d.transmit();
+        assert!(d.wire.out.is_empty());
+        let mut cx = d.shared.context(KEY);
+        d.conn
+            .on_identity_answer(answer(ResolvePurpose::Handshake, Ok(ann())), &mut cx);
+        d.transmit();
+        assert!(d.http_head().starts_with("HTTP/1.1 101"));
+        let frames = d.frames();
+        let text = |i: usize| json(std::str::from_utf8(&frames[i].1).unwrap());
+        assert_eq!(
+            text(0)["data"]["user"],
+            serde_json::json!({"$id": "ann", "name": "Ann"})
+        );
+        // The message pipelined after the head is handled once the connection is open.
+        assert_eq!(text(1)["type"], "pong");
+        assert_eq!(frames.len(), 2);
+        assert!(d.conn.wants_input(&d.shared.cfg));
+        assert_eq!(d.subscribers("a"), vec![KEY]);
+        let identity = d.conn.session.as_ref().unwrap().identity.clone();
+        assert!(identity.has_role("team:t1") && identity.has_role("users/verified"));
+    }
+
+    #[test]
+    fn a_session_that_does_not_resolve_in_time_opens_as_a_guest() {
+        let mut d = resolving();
+        d.read(&upgrade_with_session("s", b""));
+        assert_eq!(d.shared.resolves.len(), 1);
+        d.tick(1);
+        assert!(d.wire.out.is_empty());
+        d.tick(3);
+        assert!(d.http_head().starts_with("HTTP/1.1 101"));
+        assert_eq!(json(&d.text())["data"]["user"], serde_json::Value::Null);
+        // The late answer is ignored.
+        let mut cx = d.shared.context(KEY);
+        d.conn
+            .on_identity_answer(answer(ResolvePurpose::Handshake, Ok(ann())), &mut cx);
+        d.transmit();
+        assert!(d.frames().is_empty());
+    }
+
+    #[test]
+    fn a_connection_waiting_for_its_session_is_dropped_by_shutdown_and_shedding() {
+        let mut d = resolving();
+        d.read(&upgrade_with_session("s", b""));
+        let mut cx = d.shared.context(KEY);
+        d.conn.on_shutdown(&mut cx);
+        assert_eq!(d.transmit().next, Next::Drop);
+        let mut d = resolving();
+        d.read(&upgrade_with_session("s", b""));
+        assert!(d.conn.sheddable());
+        let mut cx = d.shared.context(KEY);
+        assert_eq!(d.conn.shed(&mut cx), None);
+        assert_eq!(d.transmit().next, Next::Drop);
+    }
+
+    #[test]
+    fn only_the_latest_session_authentication_counts_and_one_resolves_at_a_time() {
+        let mut cfg = ConnConfig::from_config(&Config::for_tests());
+        cfg.resolver = true;
+        let mut d = Driver::open_with(cfg, "channels[]=a");
+        let auth = |s: &str| format!(r#"{{"type":"authentication","data":{{"session":"{s}"}}}}"#);
+        d.send(TEXT, auth("one").as_bytes());
+        assert!(d.frames().is_empty(), "answered once resolved");
+        d.send(TEXT, auth("two").as_bytes());
+        let busy = json(&d.text());
+        assert_eq!(busy["data"]["code"], 1013, "{busy}");
+        let asked = std::mem::take(&mut d.shared.resolves);
+        assert_eq!(asked.len(), 1);
+        let ResolvePurpose::Authentication(seq) = asked[0].purpose else {
+            panic!("{:?}", asked[0].purpose)
+        };
+        // A JWT authentication meanwhile supersedes it: the session's answer is dropped.
+        d.send(TEXT, br#"{"type":"authentication","data":{"jwt":"x"}}"#);
+        assert_eq!(json(&d.text())["type"], "error");
+        let mut cx = d.shared.context(KEY);
+        d.conn.on_identity_answer(
+            answer(ResolvePurpose::Authentication(seq), Ok(ann())),
+            &mut cx,
+        );
+        d.transmit();
+        assert!(d.frames().is_empty());
+        // The next one is answered, with the Account object.
+        d.send(TEXT, auth("three").as_bytes());
+        let asked = std::mem::take(&mut d.shared.resolves);
+        let mut cx = d.shared.context(KEY);
+        d.conn
+            .on_identity_answer(answer(asked[0].purpose, Ok(ann())), &mut cx);
+        d.transmit();
+        let ok = json(&d.text());
+        assert_eq!(ok["data"]["user"]["name"], "Ann", "{ok}");
+    }
+
+    #[test]
+    fn a_permission_change_rekeys_or_ends_a_session_users_connection() {
+        let mut cfg = ConnConfig::from_config(&Config::for_tests());
+        cfg.resolver = true;
+        let mut d = Driver::new(cfg);
+        d.read(&upgrade_with_session("s%3D", b""));
+        let mut cx = d.shared.context(KEY);
+        d.conn
+            .on_identity_answer(answer(ResolvePurpose::Handshake, Ok(ann())), &mut cx);
+        d.transmit();
+        d.http_head();
+        d.text();
+        d.shared.resolves.clear();
+        let change = |d: &mut Driver, user: &str| {
+            let mut cx = d.shared.context(KEY);
+            d.conn.on_permissions_changed("p", user, &mut cx);
+            std::mem::take(&mut d.shared.resolves)
+        };
+        assert!(change(&mut d, "bob").is_empty(), "another user's change");
+        let first = change(&mut d, "ann");
+        let second = change(&mut d, "ann");
+        assert_eq!(second.len(), 1);
+        // The newer answer wins: the older one, arriving last, is ignored.
+        let mut left = ann();
+        left.roles.clear();
+        let mut cx = d.shared.context(KEY);
+        d.conn
+            .on_identity_answer(answer(second[0].purpose, Ok(left)), &mut cx);
+        d.conn
+            .on_identity_answer(answer(first[0].purpose, Ok(ann())), &mut cx);
+        let identity = d.conn.session.as_ref().unwrap().identity.clone();
+        assert!(!identity.has_role("team:t1"));
+        assert!(identity.has_role("user:ann"));
+        assert!(d.frames().is_empty(), "the client is not told");
+        // A resolver that cannot answer ends the connection (the client reconnects).
+        let third = change(&mut d, "ann");
+        let failed = Err(ResolveError::Unavailable("test".into()));
+        let mut cx = d.shared.context(KEY);
+        d.conn
+            .on_identity_answer(answer(third[0].purpose, failed), &mut cx);
+        d.transmit();
+        let frames = d.frames();
+        assert_eq!(
+            json(std::str::from_utf8(&frames[0].1).unwrap())["data"]["code"],
+            1013
+        );
+        assert_eq!(frames[1].0, CLOSE);
+        assert_eq!(close_code_of(&frames[1].1), 1013);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! must not encode events or know where they come from; buses call it. Broadcasts are
 //! serialized, so every shard sees events in the same order even with several sources.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,13 +22,15 @@ pub enum HubError {
 
 /// How long the hub remembers that a user's permissions changed: longer than any cached
 /// session answer may live, so that none fetched before the change is served after it.
-pub const PERMISSION_MEMORY: Duration = Duration::from_secs(3600);
+pub const PERMISSION_MEMORY: Duration = Duration::from_secs(2 * 3600);
 
 pub struct Hub {
     shards: Vec<ShardHandle>,
     order: Mutex<()>,
     /// When each (project, user) last had its permissions changed, keyed `project\0user`.
     changes: Mutex<rustc_hash::FxHashMap<String, Instant>>,
+    /// How many changes were left after the last pruning of `changes`.
+    pruned_at: AtomicUsize,
 }
 
 impl Hub {
@@ -36,6 +39,7 @@ impl Hub {
             shards,
             order: Mutex::new(()),
             changes: Mutex::new(Default::default()),
+            pruned_at: AtomicUsize::new(0),
         }
     }
 
@@ -96,8 +100,10 @@ impl Hub {
     fn record_change(&self, project: &str, user: &str) {
         let now = Instant::now();
         let mut changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
-        if changes.len() >= 10_000 {
+        // Pruned when it has doubled since the last pruning: amortized O(1) per change.
+        if changes.len() >= 10_000 && changes.len() >= 2 * self.pruned_at.load(Ordering::Relaxed) {
             changes.retain(|_, at| now.duration_since(*at) < PERMISSION_MEMORY);
+            self.pruned_at.store(changes.len(), Ordering::Relaxed);
         }
         changes.insert(format!("{project}\0{user}"), now);
     }

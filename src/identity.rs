@@ -29,7 +29,27 @@ pub struct Identity {
     extra: Arc<[Arc<str>]>,
     /// The Appwrite session this identity was resolved from, kept so that a permission change
     /// can resolve it again; `None` for guests and JWTs (whose roles are the token's).
-    session: Option<Arc<str>>,
+    session: Option<SessionSecret>,
+}
+
+/// An Appwrite session value: shown in no log or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionSecret(Arc<str>);
+
+impl SessionSecret {
+    pub fn new(value: &str) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SessionSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionSecret(..)")
+    }
 }
 
 /// Longest Appwrite session value accepted (Appwrite's own limit, `Text(2048)`).
@@ -59,7 +79,7 @@ impl Identity {
     /// valid names only) go through `intern`.
     pub fn resolved(
         r: &Resolved,
-        session: Arc<str>,
+        session: SessionSecret,
         intern: &mut dyn FnMut(&str) -> Arc<str>,
     ) -> Self {
         let extra = r
@@ -75,7 +95,7 @@ impl Identity {
     }
 
     /// The session to resolve again when this user's permissions change.
-    pub fn session(&self) -> Option<&Arc<str>> {
+    pub fn session(&self) -> Option<&SessionSecret> {
         self.session.as_ref()
     }
 
@@ -213,7 +233,13 @@ pub fn request_session(
         pairs()
             .find(|(k, _)| *k == name)
             .or_else(|| pairs().find(|(k, _)| *k == legacy))
-            .map(|(_, v)| v.trim_matches('"').to_owned())
+            // Appwrite's cookies are set URL-encoded (`%3D` for `=`) and read decoded.
+            .map(|(_, v)| {
+                let v = v.trim_matches('"');
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8()
+                    .map_or_else(|_| v.to_owned(), |d| d.into_owned())
+            })
     });
     let from_fallback = || {
         let map: serde_json::Map<String, serde_json::Value> =

@@ -17,7 +17,7 @@ use mio::Waker;
 use thiserror::Error;
 
 use crate::event::{EncodedEvent, EventId};
-use crate::identity::{Identity, Resolved};
+use crate::identity::{Identity, Resolved, SessionSecret};
 
 /// Inbound queue capacity per shard, in events.
 pub const QUEUE_CAPACITY: usize = 65_536;
@@ -133,7 +133,8 @@ pub enum ResolvePurpose {
     /// latest one counts.
     Authentication(u8),
     /// A permission change: the subscriptions are re-keyed, the client is told nothing.
-    Refresh,
+    /// Numbered like `Authentication`, so that an older answer never overrides a newer one.
+    Refresh(u8),
 }
 
 /// A shard's request to resolve an Appwrite session for one of its connections.
@@ -144,7 +145,7 @@ pub struct IdentityRequest {
     pub serial: u32,
     pub purpose: ResolvePurpose,
     pub project: Arc<str>,
-    pub session: Arc<str>,
+    pub session: SessionSecret,
 }
 
 /// Why a session did not resolve. The text is what the client gets.
@@ -154,7 +155,8 @@ pub enum ResolveError {
     #[error("Session is not valid.")]
     Denied,
     /// The resolver could not answer now (timeout, unreachable, a malformed answer, busy).
-    #[error("Session could not be verified now: {0}")]
+    /// What went wrong is logged, not told to the client.
+    #[error("Session could not be verified now; try again later.")]
     Unavailable(String),
 }
 
@@ -164,7 +166,11 @@ pub struct IdentityAnswer {
     pub key: u32,
     pub serial: u32,
     pub purpose: ResolvePurpose,
-    pub session: Arc<str>,
+    pub project: Arc<str>,
+    pub session: SessionSecret,
+    /// When the answer was fetched (a cached one: when it was first fetched); a permission
+    /// change of its user after this makes it stale.
+    pub fetched: std::time::Instant,
     pub outcome: Result<Arc<Resolved>, ResolveError>,
 }
 

@@ -26,11 +26,18 @@ use crate::mailbox::{
 };
 use crate::metrics::Metrics;
 
-/// Longest a cached answer may live (`--auth-cache-ttl` is capped to it): no longer than the
-/// hub remembers a permission change.
-pub const MAX_CACHE_TTL: Duration = crate::hub::PERMISSION_MEMORY;
-/// Sessions whose answers are cached at once.
-const CACHE_ENTRIES: u64 = 100_000;
+/// Longest a cached answer may live (`--auth-cache-ttl` is capped to it): well within how long
+/// the hub remembers a permission change, so no answer outlives the memory of one.
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(3600);
+/// Bytes of answers cached at once (an answer weighs its Account object and roles).
+const CACHE_BYTES: u64 = 64 << 20;
+/// Largest Account object kept for clients; a bigger one (large `prefs`) is cut to its `$id`
+/// and name, so that neither the cache nor a connection's answer holds it.
+const MAX_ACCOUNT_BYTES: usize = 16 * 1024;
+/// Membership lists read at once for one user.
+const TEAM_LOOKUPS: usize = 8;
+/// Fetches of one answer when permission changes keep making the fetched one stale.
+const FETCH_ATTEMPTS: usize = 3;
 /// Largest answer body read from a resolver.
 const MAX_ANSWER_BYTES: usize = 256 * 1024;
 /// Most teams whose memberships are read for one Appwrite user.
@@ -148,7 +155,7 @@ impl Backend for AuthUrl {
                 .await
                 .map_err(|e| transport("--auth-url", &e))?;
             let a: AuthUrlAnswer = json_answer(response, "--auth-url").await?;
-            let user = a.user.filter(Value::is_object);
+            let user = a.user.filter(Value::is_object).map(bounded_account);
             Ok(Resolved {
                 user_id: checked_user(a.user_id, "--auth-url")?,
                 verified: a.verified,
@@ -248,6 +255,12 @@ impl AppwriteEndpoint {
         project: &str,
         session: &str,
     ) -> Result<Vec<String>, ResolveError> {
+        if !crate::names::is_valid_id(team) {
+            return Err(unavailable(format!(
+                "Appwrite GET /teams answered a team id that is not {}",
+                crate::names::ID_RULE
+            )));
+        }
         let query = json!({"method": "equal", "attribute": "userId", "values": [user]});
         let path = format!("/teams/{team}/memberships");
         let list: MembershipList = self.get(&path, Some(query), project, session).await?;
@@ -281,14 +294,21 @@ impl Backend for AppwriteEndpoint {
             let id = checked_user(account.id, "Appwrite GET /account")?;
             let limit = json!({"method": "limit", "values": [MAX_TEAMS]});
             let teams: TeamList = self.get("/teams", Some(limit), project, session).await?;
-            let lookups = teams
+            let ids: Vec<String> = teams
                 .teams
-                .iter()
+                .into_iter()
                 .take(MAX_TEAMS)
-                .map(|t| self.team_roles(&t.id, &id, project, session));
+                .map(|t| t.id)
+                .collect();
             let mut roles: Vec<String> = Vec::new();
-            for team in futures_util::future::join_all(lookups).await {
-                roles.extend(team?);
+            for chunk in ids.chunks(TEAM_LOOKUPS) {
+                let mut lookups = Vec::with_capacity(chunk.len());
+                for team in chunk {
+                    lookups.push(self.team_roles(team, &id, project, session));
+                }
+                for team in futures_util::future::join_all(lookups).await {
+                    roles.extend(team?);
+                }
             }
             roles.extend(account.labels.iter().map(|l| format!("label:{l}")));
             roles.truncate(MAX_EXTRA_ROLES);
@@ -296,10 +316,30 @@ impl Backend for AppwriteEndpoint {
                 user_id: id,
                 verified: Some(account.email_verification || account.phone_verification),
                 roles,
-                account: Some(user),
+                account: Some(bounded_account(user)),
             })
         })
     }
+}
+
+/// The Account object as clients get it, cut to `$id` and `name` beyond [`MAX_ACCOUNT_BYTES`].
+fn bounded_account(account: Value) -> Value {
+    if account.to_string().len() <= MAX_ACCOUNT_BYTES {
+        return account;
+    }
+    json!({"$id": account["$id"], "name": account["name"]})
+}
+
+/// What a cached answer costs, roughly, for the cache's byte budget.
+fn weight(cached: &Cached) -> u32 {
+    let bytes = match &cached.outcome {
+        Ok(r) => {
+            let account = r.account.as_ref().map_or(0, |a| a.to_string().len());
+            128 + account + r.roles.iter().map(|x| x.len() + 24).sum::<usize>()
+        }
+        Err(_) => 128,
+    };
+    u32::try_from(bytes).unwrap_or(u32::MAX)
 }
 
 /// Settings of the resolver (from `--auth-*`).
@@ -344,7 +384,8 @@ impl Resolver {
         metrics: Metrics,
     ) -> Self {
         let cache = moka::future::Cache::builder()
-            .max_capacity(CACHE_ENTRIES)
+            .max_capacity(CACHE_BYTES)
+            .weigher(|_, v: &Cached| weight(v))
             .time_to_live(
                 settings
                     .cache_ttl
@@ -380,10 +421,7 @@ impl Resolver {
                 return;
             };
             let me = self.clone();
-            tokio::spawn(async move {
-                me.answer(req).await;
-                drop(permit);
-            });
+            tokio::spawn(async move { me.answer(req, permit).await });
         }
     }
 
@@ -402,13 +440,18 @@ impl Resolver {
         Ok(())
     }
 
-    async fn answer(&self, req: IdentityRequest) {
-        let outcome = self.resolve(&req.project, &req.session).await;
+    /// Resolves one request under its concurrency permit, then hands the answer back (the
+    /// permit is let go first: a shard slow to take answers must not stall the others).
+    async fn answer(&self, req: IdentityRequest, permit: tokio::sync::OwnedSemaphorePermit) {
+        let (outcome, fetched) = self.resolve(&req.project, req.session.expose()).await;
+        drop(permit);
         let mut answer = Answer::Identity(IdentityAnswer {
             key: req.key,
             serial: req.serial,
             purpose: req.purpose,
+            project: req.project,
             session: req.session,
+            fetched,
             outcome,
         });
         loop {
@@ -422,21 +465,52 @@ impl Resolver {
         }
     }
 
-    /// The user `session` is in `project`: from the cache unless stale, else from the backend
-    /// (one call for concurrent requests of the same session), within the timeout.
+    /// The user `session` is in `project`, and when that answer was fetched: from the cache
+    /// unless stale, else from the backend (one call for concurrent requests of the same
+    /// session, which may have begun before a permission change: then it is fetched again),
+    /// within the timeout.
     pub async fn resolve(
         &self,
         project: &str,
         session: &str,
-    ) -> Result<Arc<Resolved>, ResolveError> {
+    ) -> (Result<Arc<Resolved>, ResolveError>, Instant) {
         let key = cache_key(project, session);
         if let Some(hit) = self.cache.get(&key).await {
             if !self.is_stale(project, &hit) {
                 self.count(&hit.outcome, true);
-                return hit.outcome;
+                return (hit.outcome, hit.fetched);
             }
             self.cache.invalidate(&key).await;
         }
+        for _ in 1..FETCH_ATTEMPTS {
+            match self.fetch(key, project, session).await {
+                Ok(c) if self.is_stale(project, &c) => self.cache.invalidate(&key).await,
+                Ok(c) => return self.counted(c.outcome, c.fetched),
+                Err(e) => return self.counted(Err(e), Instant::now()),
+            }
+        }
+        match self.fetch(key, project, session).await {
+            Ok(c) => self.counted(c.outcome, c.fetched),
+            Err(e) => self.counted(Err(e), Instant::now()),
+        }
+    }
+
+    fn counted(
+        &self,
+        outcome: Result<Arc<Resolved>, ResolveError>,
+        fetched: Instant,
+    ) -> (Result<Arc<Resolved>, ResolveError>, Instant) {
+        self.count(&outcome, false);
+        (outcome, fetched)
+    }
+
+    /// One answer through the cache: joins a call in flight for the same key, or makes one.
+    async fn fetch(
+        &self,
+        key: [u8; 32],
+        project: &str,
+        session: &str,
+    ) -> Result<Cached, ResolveError> {
         let fetch = async {
             let started = Instant::now();
             let called = self.backend.resolve(project, session);
@@ -453,12 +527,10 @@ impl Resolver {
             }
         };
         // Refusals are cached like users; failures are not, so the next attempt asks again.
-        let outcome = match self.cache.try_get_with(key, fetch).await {
-            Ok(cached) => cached.outcome,
-            Err(e) => Err((*e).clone()),
-        };
-        self.count(&outcome, false);
-        outcome
+        self.cache
+            .try_get_with(key, fetch)
+            .await
+            .map_err(|e| (*e).clone())
     }
 
     fn is_stale(&self, project: &str, hit: &Cached) -> bool {

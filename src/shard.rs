@@ -110,6 +110,10 @@ pub struct Common {
     pub resolve_tx: Option<ResolveSender>,
 }
 
+/// How long a shard remembers a permission change for answers fetched before it: far longer
+/// than an answer can be on its way (the resolver's timeout plus its queue).
+const RECENT_CHANGE_MEMORY: Duration = Duration::from_secs(600);
+
 /// Per-shard metric handles, taken once so the loop only touches atomics.
 struct ShardMetrics {
     metrics: Metrics,
@@ -184,6 +188,8 @@ pub struct Shard {
     unfinished_reads: Vec<usize>,
     replay_tx: ReplaySender,
     resolve_tx: Option<ResolveSender>,
+    /// Permission changes seen lately, by (project, user), for answers fetched before them.
+    recent_changes: rustc_hash::FxHashMap<(Arc<str>, Arc<str>), Instant>,
     /// What the connections hold in total (their `Slot::held`), and this shard's share of
     /// `--max-buffered-bytes`.
     held_total: usize,
@@ -250,6 +256,7 @@ impl Shard {
             sweep_keys: Vec::new(),
             replay_tx,
             resolve_tx,
+            recent_changes: Default::default(),
             held_total: 0,
             held_cap: config.buffered_cap().map_or(usize::MAX, |cap| {
                 usize::try_from(cap / config.shard_count().max(1) as u64).unwrap_or(usize::MAX)
@@ -324,7 +331,12 @@ impl Shard {
     }
 
     fn poll_timeout(&self) -> Duration {
-        if self.commands_more || self.accept_more || !self.unfinished_reads.is_empty() {
+        if self.commands_more
+            || self.accept_more
+            || !self.unfinished_reads.is_empty()
+            || !self.shared.resumes.is_empty()
+            || !self.shared.resolves.is_empty()
+        {
             return Duration::ZERO;
         }
         let now = Instant::now();
@@ -693,10 +705,7 @@ impl Shard {
                 Command::PermissionsChanged { project, user } => {
                     // Events before it go out under the roles they were published for.
                     self.fan_out();
-                    self.for_each_connection(|conn, cx| {
-                        conn.on_permissions_changed(&project, &user, cx);
-                        None
-                    });
+                    self.on_permissions_changed(project, user);
                 }
             }
         }
@@ -804,14 +813,41 @@ impl Shard {
         self.settle(k);
     }
 
+    /// Every connection of `user` in `project` with a session asks for it to be resolved
+    /// again. A walk over the shard's connections (no output, so no transmit): permission
+    /// changes are rare next to events. The change is remembered for answers already on
+    /// their way, fetched before it.
+    fn on_permissions_changed(&mut self, project: Arc<str>, user: Arc<str>) {
+        for (k, slot) in self.slab.iter_mut() {
+            let mut cx = self.shared.context(k as u32);
+            slot.conn.on_permissions_changed(&project, &user, &mut cx);
+        }
+        let now = Instant::now();
+        if self.recent_changes.len() >= 10_000 {
+            self.recent_changes
+                .retain(|_, at| now.duration_since(*at) < RECENT_CHANGE_MEMORY);
+        }
+        self.recent_changes.insert((project, user), now);
+    }
+
     fn finish_resolve(&mut self, answer: IdentityAnswer) {
         let k = answer.key as usize;
         let Some(slot) = self.slab.get_mut(k) else {
             return;
         };
+        // Fetched before a permission change this shard has seen since: once applied, it is
+        // resolved again.
+        let stale = answer.outcome.as_ref().ok().and_then(|r| {
+            let key = (answer.project.clone(), Arc::<str>::from(r.user_id.as_str()));
+            let at = self.recent_changes.get(&key)?;
+            (*at >= answer.fetched).then_some(key)
+        });
         let mut cx = self.shared.context(answer.key);
         if let Some(i) = slot.conn.on_identity_answer(answer, &mut cx) {
             self.m.record(i);
+        }
+        if let Some((project, user)) = stale {
+            slot.conn.on_permissions_changed(&project, &user, &mut cx);
         }
         if let Some(ticket) = self.shared.admitted.take() {
             slot.ip = ticket;
@@ -845,7 +881,9 @@ impl Shard {
                 key: request.key,
                 serial: request.serial,
                 purpose: request.purpose,
+                project: request.project,
                 session: request.session,
+                fetched: Instant::now(),
                 outcome: Err(ResolveError::Unavailable(words.to_owned())),
             });
         }

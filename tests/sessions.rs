@@ -41,7 +41,10 @@ struct Directory {
     /// session value -> (user id, verified, labels)
     sessions: HashMap<String, (String, bool, Vec<String>)>,
     memberships: HashMap<String, Vec<Member>>,
-    account_calls: usize,
+    /// GET /v1/account calls, per user.
+    account_calls: HashMap<String, usize>,
+    /// Answer 500 to everything (Appwrite down).
+    failing: bool,
 }
 
 /// A stand-in for Appwrite's REST API (see the module header).
@@ -77,6 +80,13 @@ async fn session_user(dir: &Mutex<Directory>, headers: &HeaderMap) -> Result<Str
         .unwrap_or("");
     match session {
         SLOW => tokio::time::sleep(Duration::from_secs(3)).await,
+        _ if dir.lock().unwrap().failing => {
+            return Err(appwrite_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Server Error",
+                "general_unknown",
+            ));
+        }
         FAILING => {
             return Err(appwrite_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -105,7 +115,7 @@ async fn account(State(app): State<Appwrite>, headers: HeaderMap) -> Response {
         Err(r) => return r,
     };
     let mut dir = app.dir.lock().unwrap();
-    dir.account_calls += 1;
+    *dir.account_calls.entry(user.clone()).or_default() += 1;
     let (_, verified, labels) = dir
         .sessions
         .values()
@@ -220,8 +230,13 @@ impl Appwrite {
             .retain(|m| m.team != team);
     }
 
-    fn account_calls(&self) -> usize {
-        self.dir.lock().unwrap().account_calls
+    fn account_calls(&self, user: &str) -> usize {
+        let dir = self.dir.lock().unwrap();
+        dir.account_calls.get(user).copied().unwrap_or(0)
+    }
+
+    fn revoke(&self, session: &str) {
+        self.dir.lock().unwrap().sessions.remove(session);
     }
 }
 
@@ -340,6 +355,11 @@ async fn the_session_header_and_fallback_cookies_carry_a_session_too() {
     let server = Server::start(&["--appwrite-endpoint", &appwrite.url]);
     let url = server.url("/v1/realtime?project=p&channels[]=c");
     let (_a, hello) = connect_with(&url, &[("x-appwrite-session", ANN)]).await;
+    assert_eq!(hello["data"]["user"]["$id"], "ann");
+    // As browsers send Appwrite's cookie: URL-encoded, and before the header.
+    let encoded = format!("a_session_p={}", ANN.replace('=', "%3D"));
+    let (_e, hello) =
+        connect_with(&url, &[("cookie", &encoded), ("x-appwrite-session", BOB)]).await;
     assert_eq!(hello["data"]["user"]["$id"], "ann");
     let fallback = json!({"a_session_p": BOB}).to_string();
     let (_b, hello) = connect_with(&url, &[("x-fallback-cookies", &fallback)]).await;
@@ -469,13 +489,16 @@ async fn a_session_is_resolved_once_per_cache_lifetime() {
     let server = Server::start(&["--appwrite-endpoint", &appwrite.url]);
     let url = server.url("/v1/realtime?project=p&channels[]=c");
     let cookie = format!("a_session_p={ANN}");
-    let mut clients = Vec::new();
-    for _ in 0..5 {
-        let (ws, hello) = connect_with(&url, &[("cookie", &cookie)]).await;
+    // Five at once: one call to Appwrite between them.
+    let clients = futures_util::future::join_all((0..5).map(|_| {
+        let (url, cookie) = (url.clone(), cookie.clone());
+        async move { connect_with(&url, &[("cookie", &cookie)]).await }
+    }))
+    .await;
+    for (_, hello) in &clients {
         assert_eq!(hello["data"]["user"]["$id"], "ann");
-        clients.push(ws);
     }
-    assert_eq!(appwrite.account_calls(), 1);
+    assert_eq!(appwrite.account_calls("ann"), 1);
 
     let server = Server::start(&[
         "--appwrite-endpoint",
@@ -489,7 +512,7 @@ async fn a_session_is_resolved_once_per_cache_lifetime() {
         assert_eq!(hello["data"]["user"]["$id"], "ann");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(appwrite.account_calls(), 3);
+    assert_eq!(appwrite.account_calls("ann"), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -628,10 +651,51 @@ async fn a_permission_change_reaches_every_node_and_user_events_reach_only_that_
         ],
     );
     until_received(&nodes[0], &mut [a0, a1], &[&["team:t1"]], &[0]).await;
-    // Bob's connections were left as they were.
+    // Bob's connections were left as they were, and his session was not asked about again.
+    assert_eq!(appwrite.account_calls("bob"), 2);
     drain(b0).await;
     drain(b1).await;
     let got = received(&nodes[1], &mut [b0, b1], &[&["team:t1"], &["user:bob"]]).await;
     assert_eq!(indices(&got[0]), vec![1]);
     assert_eq!(indices(&got[1]), vec![1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_permission_change_a_revoked_session_is_a_guest_and_a_failing_appwrite_closes_1013()
+{
+    let appwrite = Appwrite::start().await;
+    let server = Server::start(&["--appwrite-endpoint", &appwrite.url]);
+    let url = server.url("/v1/realtime?project=p&channels[]=c");
+    let (mut ann, _) = connect_with(&url, &[("cookie", &format!("a_session_p={ANN}"))]).await;
+    let (mut bob, _) = connect_with(&url, &[("cookie", &format!("a_session_p={BOB}"))]).await;
+    let change = |user: &str| {
+        let body = json!({"project": "p", "userId": user, "permissionsChanged": true});
+        let (status, reply) = server.publish_raw(&body.to_string());
+        assert_eq!(status, 200, "{reply}");
+    };
+    // Ann signed out everywhere: her session no longer resolves, so she is a guest now.
+    appwrite.revoke(ANN);
+    change("ann");
+    until_received(
+        &server,
+        &mut [&mut ann],
+        &[&["user:ann"], &["guests"]],
+        &[1],
+    )
+    .await;
+    drain(&mut bob).await;
+    // Appwrite cannot answer: bob's connection is closed (1013), never kept with old roles.
+    appwrite.dir.lock().unwrap().failing = true;
+    change("bob");
+    let e = next_json(&mut bob).await;
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["data"]["code"], 1013);
+    assert_eq!(
+        e["data"]["message"],
+        "Session could not be verified now; try again later."
+    );
+    assert_eq!(
+        common::expect_close(&mut bob, Duration::from_secs(5)).await,
+        1013
+    );
 }

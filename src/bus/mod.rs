@@ -39,6 +39,7 @@ pub enum BusError {
 pub struct PublishRequest {
     #[serde(default)]
     pub project: Option<String>,
+    #[serde(default)]
     pub channels: Vec<String>,
     #[serde(default)]
     pub events: Vec<String>,
