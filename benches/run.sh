@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark suite (issue 4): herald against its baselines, measured in the same run.
 #
-#   benches/run.sh idle|fanout|channels|churn|connect|all
+#   benches/run.sh idle|fanout|channels|churn|connect|queries|all
 #
 # Scenarios (each prints one summary line on stdout and appends one JSON line to
 # $OUT/results.jsonl; raw results and HTML reports go to $OUT, reports/bench by default):
@@ -23,6 +23,11 @@
 #             count; and after closing everything (herald runs with MIMALLOC_ALLOW_THP=0 here).
 #   connect   handshake rate (connect, upgrade, `connected`, reset) of herald, naive_server and
 #             kernel_fanout against a plain TCP accept loop (`herald-bench accept-loop`).
+#   queries   one channel, 19,000 Gen C subscribers, at fixed event rates: herald with no
+#             subscription queries, then with half of the subscribers carrying an `equal` query
+#             that every event matches (so both deliver the same): herald's CPU per delivered
+#             message, filtered/unfiltered at equal rates (target <= 1.5), and with BEFORE, the
+#             unfiltered run of that build too (herald/before: unchanged within noise).
 #
 # Loopback only; clients bind source addresses 127.0.0.2-127.0.0.60. Every server and client
 # process is started here and stopped by PID; every load loop is bounded in count and time.
@@ -44,9 +49,9 @@ cd "$(dirname "$0")/.."
 
 SCENARIO=${1:-}
 case $SCENARIO in
-    idle | fanout | channels | churn | connect | all) ;;
+    idle | fanout | channels | churn | connect | queries | all) ;;
     *)
-        echo "usage: benches/run.sh idle|fanout|channels|churn|connect|all" >&2
+        echo "usage: benches/run.sh idle|fanout|channels|churn|connect|queries|all" >&2
         exit 2
         ;;
 esac
@@ -238,18 +243,20 @@ idle_run() {
     if [[ $STRICT == 1 && ${failed:-1} != 0 ]]; then fail "idle: $failed connections failed"; fi
 }
 
-# One fanout-style run against one server: NAME SCENARIO EXTRA-ARGS...
+# One fanout-style run against one server: NAME SCENARIO EXTRA-ARGS... (LABEL, when set, names
+# the run and its files instead of NAME).
 fanout_run() {
     local name=$1 scenario=$2
     shift 2
+    local label=${LABEL:-$name}
     local env_args=()
     [[ $scenario == churn && $name == herald ]] && env_args=(MIMALLOC_ALLOW_THP=0)
     start_server "$name" "${env_args[@]}"
     local pid=$SERVER_PID
-    bench "$scenario-$name" "$OUT/$scenario-$name.json" fanout --label "$name" \
+    bench "$scenario-$label" "$OUT/$scenario-$label.json" fanout --label "$label" \
         --target "$WS_URL" --admin "$ADMIN" --connections "$N" --connect-rate "$CONNECT_RATE" \
         --source-ips "$SOURCES" --server-pid "$pid" --max-time "${RUN_LIMIT}s" \
-        --html "$OUT/$scenario-$name.html" "$@"
+        --html "$OUT/$scenario-$label.html" "$@"
     stop_server
 }
 
@@ -306,9 +313,32 @@ scenario_connect() {
     compare connect --subject herald "${runs[@]}"
 }
 
+scenario_queries() {
+    local rates=${QUERY_RATES:-20,50,100,150}
+    [[ $QUICK == 1 ]] && rates=5
+    local phase=$PHASE_TIME
+    [[ $QUICK == 1 ]] && phase=1s
+    echo "== queries: one channel, $N Gen C subscribers at $rates events/s; unfiltered, then half with an equal query" >&2
+    local runs=()
+    local common=(--subscribe-message --rates "$rates" --phase-time "$phase")
+    # Unfiltered and filtered alternate, so that a noisy stretch of the machine hits both.
+    for round in 1 2; do
+        LABEL=unfiltered-$round fanout_run herald queries "${common[@]}"
+        LABEL=filtered-$round fanout_run herald queries "${common[@]}" --query-fraction 0.5
+        runs+=("unfiltered-$round=$OUT/queries-unfiltered-$round.json" "filtered-$round=$OUT/queries-filtered-$round.json")
+        if [[ -n ${BEFORE:-} ]]; then
+            LABEL=before-$round fanout_run before queries "${common[@]}"
+            runs+=("before-$round=$OUT/queries-before-$round.json")
+        fi
+    done
+    for round in 1 2; do
+        compare queries --subject "filtered-$round" "${runs[@]}"
+    done
+}
+
 case $SCENARIO in
     all)
-        for s in idle fanout channels churn connect; do "scenario_$s"; done
+        for s in idle fanout channels churn connect queries; do "scenario_$s"; done
         ;;
     *) "scenario_$SCENARIO" ;;
 esac

@@ -1351,7 +1351,14 @@ impl Connection {
             after: replay.after,
             upto: replay.upto,
             project: session.project.to_string(),
-            channels: session.channels().iter().map(|c| c.to_string()).collect(),
+            subscriptions: session
+                .subscriptions
+                .iter()
+                .map(|s| crate::mailbox::ReplaySubscription {
+                    channels: s.channels.iter().map(|c| c.to_string()).collect(),
+                    filter: s.filter.as_deref().cloned(),
+                })
+                .collect(),
             identity: session.identity.clone(),
             max_events: cfg.replay_max_events,
             max_bytes: cfg.replay_max_bytes,

@@ -117,16 +117,6 @@ impl EncodedEvent {
         })
     }
 
-    /// Whether this event is for `project`, allowed for `who` and on one of `channels`.
-    pub fn matches_filter(&self, project: &str, who: &Identity, channels: &[String]) -> bool {
-        &*self.project == project
-            && self.allows(who)
-            && self
-                .channels
-                .iter()
-                .any(|c| channels.iter().any(|f| f == &**c))
-    }
-
     /// Whether `other` goes to exactly the same connections with the same `subscriptions`
     /// lists: same project, channels and roles.
     pub fn same_route(&self, other: &EncodedEvent) -> bool {

@@ -47,7 +47,7 @@
 //!
 //! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `filter`, `origin`,
 //! `names` know nothing else; `identity` knows `names`; `event` knows `identity`; `protocol`
-//! knows `event` and `identity`; `mailbox` knows `event`; `conn` uses those, `batch`, `outbox`
+//! knows `event` and `identity`; `mailbox` knows `event`, `identity` and `filter`; `conn` uses those, `batch`, `outbox`
 //! and `registry`; `shard` drives `conn` and `batch` and talks to the control plane only
 //! through `mailbox`; `hub`, `replay` and `resolver` reach shards only through `mailbox`; buses reach
 //! shards only through `hub`; `gateway` wires it all.

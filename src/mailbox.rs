@@ -4,7 +4,8 @@
 //! [`Answer`]s to them), both ends of a shard's queues ([`ShardHandle`] for the control plane,
 //! [`ShardInbox`] for the shard), the channels shards ask for replays and identities on
 //! ([`ReplaySender`], [`ResolveSender`]), and the queue capacities. It depends on nothing in the crate but
-//! [`event`](crate::event), so the data plane and the control plane both import it and neither
+//! [`event`](crate::event), [`identity`](crate::identity) and [`filter`](crate::filter) (what
+//! its messages carry), so the data plane and the control plane both import it and neither
 //! imports the other. It uses no tokio: the shard side is crossbeam channels plus a mio waker,
 //! and the control plane is woken through a [`Doorbell`] it supplies itself.
 
@@ -17,6 +18,7 @@ use mio::Waker;
 use thiserror::Error;
 
 use crate::event::{EncodedEvent, EventId};
+use crate::filter::Filter;
 use crate::identity::{Identity, Resolved, SessionSecret};
 
 /// Inbound queue capacity per shard, in events.
@@ -62,10 +64,34 @@ pub struct ReplayQuery {
     /// `None`: the shard has processed no event yet, so replay up to where the bus started.
     pub upto: Option<EventId>,
     pub project: String,
-    pub channels: Vec<String>,
+    /// The connection's subscriptions: an event is replayed when one of them takes it (a
+    /// channel in common and its queries, if any, matching), so the limits count only what
+    /// the client gets.
+    pub subscriptions: Vec<ReplaySubscription>,
     pub identity: Arc<Identity>,
     pub max_events: usize,
     pub max_bytes: usize,
+}
+
+/// One subscription of a resuming connection, as its replay judges events.
+#[derive(Debug, Clone)]
+pub struct ReplaySubscription {
+    pub channels: Vec<String>,
+    pub filter: Option<Filter>,
+}
+
+impl ReplayQuery {
+    /// Whether `event` reaches the connection: its project, its roles, one subscription.
+    pub fn wants(&self, event: &EncodedEvent) -> bool {
+        *event.project == *self.project
+            && event.allows(&self.identity)
+            && self.subscriptions.iter().any(|s| {
+                s.channels
+                    .iter()
+                    .any(|c| event.channels.iter().any(|e| **e == **c))
+                    && s.filter.as_ref().is_none_or(|f| f.matches(event.payload()))
+            })
+    }
 }
 
 /// Why a replay cannot be served; the client gets the message and then live events.

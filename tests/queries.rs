@@ -207,3 +207,35 @@ async fn gen_b_url_slots_are_subscriptions_with_their_queries() {
         1008
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_replays_only_what_the_queries_match_and_its_limits_count_only_that() {
+    let server = Server::start(&["--replay-max-events", "2"]);
+    let publish = |n: i64, status: &str| {
+        server.publish(json!({"project": "p", "channels": ["docs"],
+                              "payload": {"n": n, "status": status}}))
+    };
+    let before = publish(0, "open");
+    // Five the subscription's query does not take, two it does: within a limit of 2.
+    for n in 1..=5 {
+        publish(n, "closed");
+    }
+    publish(6, "open");
+    publish(7, "open");
+    let (mut ws, _) = connect(&server.url("/v1/realtime?project=p")).await;
+    send(
+        &mut ws,
+        &json!({"type": "subscribe", "lastEventId": before, "data": [
+            {"subscriptionId": "open", "channels": ["docs"],
+             "queries": [query("equal", "status", json!(["open"]))]}
+        ]})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["data"]["to"], "subscribe");
+    assert_eq!(
+        events(&mut ws).await,
+        vec![(6, json!(["open"])), (7, json!(["open"]))],
+        "no 4010: the five unmatched events are not counted"
+    );
+}

@@ -225,7 +225,7 @@ pub fn select_replay(
     bytes: &mut usize,
 ) -> Result<(), ReplayError> {
     for e in events {
-        if !e.matches_filter(&query.project, &query.identity, &query.channels) {
+        if !query.wants(&e) {
             continue;
         }
         *bytes += e.frame_bytes();

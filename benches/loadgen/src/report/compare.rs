@@ -301,8 +301,11 @@ fn read_runs(specs: &[String]) -> anyhow::Result<Vec<(String, Run)>> {
 pub(crate) fn compare(args: &CompareArgs) -> anyhow::Result<u8> {
     let scenario = args.scenario.as_str();
     ensure!(
-        matches!(scenario, "fanout" | "channels" | "churn" | "connect"),
-        "--scenario must be fanout, channels, churn or connect"
+        matches!(
+            scenario,
+            "fanout" | "channels" | "churn" | "connect" | "queries"
+        ),
+        "--scenario must be fanout, channels, churn, connect or queries"
     );
     let runs = read_runs(&args.runs)?;
     let subject = args.subject.clone().unwrap_or_else(|| runs[0].0.clone());
