@@ -2213,7 +2213,8 @@ mod tests {
         let (query, cancellation) = d.conn.replay_query(&d.shared.cfg).unwrap();
         assert!(!cancellation.is_cancelled());
         assert_eq!(query.after, "1-0".parse().unwrap());
-        assert_eq!(query.channels, vec!["a".to_owned()]);
+        assert_eq!(query.subscriptions.len(), 1);
+        assert_eq!(query.subscriptions[0].channels, vec!["a".to_owned()]);
         assert_eq!(query.project, "p");
 
         assert_eq!(d.deliver(&[event("4-0", "a")]), vec![Verdict::Hold]);
