@@ -579,6 +579,7 @@ async fn a_permission_change_reaches_every_node_and_user_events_reach_only_that_
         url.as_str(),
         "--appwrite-endpoint",
         appwrite.url.as_str(),
+        "--appwrite-pubsub",
     ];
     let nodes = [Server::start(&args), Server::start(&args)];
     for n in &nodes {
@@ -651,6 +652,26 @@ async fn a_permission_change_reaches_every_node_and_user_events_reach_only_that_
         ],
     );
     until_received(&nodes[0], &mut [a0, a1], &[&["team:t1"]], &[0]).await;
+
+    // Out again, told by Appwrite itself: its pub/sub message for the membership's deletion.
+    appwrite.remove_from_team("ann", "t1");
+    let message = json!({
+        "project": "p", "roles": ["team:t1"], "permissionsChanged": true, "userId": "ann",
+        "data": {"events": ["teams.t1.memberships.m9.delete"], "channels": ["memberships"],
+                 "timestamp": "2026-12-01T12:00:00.000+00:00", "payload": {"$id": "m9"}}
+    });
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("realtime")
+        .arg(message.to_string())
+        .query(&mut redis.conn())
+        .expect("PUBLISH");
+    until_received(
+        &nodes[1],
+        &mut [a0, a1],
+        &[&["team:t1"], &["user:ann"]],
+        &[1],
+    )
+    .await;
     // Bob's connections were left as they were, and his session was not asked about again.
     assert_eq!(appwrite.account_calls("bob"), 2);
     drain(b0).await;
