@@ -12,12 +12,13 @@
 # Every process it starts is stopped by PID; it finishes by itself in about a minute after the
 # build.
 #
-# herald allocates with mimalloc, which backs its arena with transparent huge pages: RSS then moves
-# in 2 MiB steps, i.e. +-116 B per connection over 18,000 connections. So by default herald runs
-# with MIMALLOC_ALLOW_THP=0 here (4 KiB steps); HERALD_THP=1 measures the default instead.
+# herald switches transparent huge pages off for itself by default (with them mimalloc's heap
+# would grow in 2 MiB steps), so its default build and settings are measured as they are.
+# HERALD_THP=1 runs it with MIMALLOC_ALLOW_THP=1 (huge pages allowed) for comparison;
+# HERALD_THP=0 sets MIMALLOC_ALLOW_THP=0, which is what herald does anyway.
 #
 # Settings (environment): SMALL (1000), LARGE (19000), BENCH_PROCS (2), SETTLE_SECS (3),
-# HERALD_THP (0), AS_USER (0; 1: signed-in users with a JWT of 5 roles instead of guests), BIN_DIR (use prebuilt herald and herald-bench from there instead of building;
+# HERALD_THP (unset: herald's default), AS_USER (0; 1: signed-in users with a JWT of 5 roles instead of guests), BIN_DIR (use prebuilt herald and herald-bench from there instead of building;
 # otherwise it builds with cargo, honouring CARGO_TARGET_DIR).
 set -euo pipefail
 # Load generators open thousands of connections from a few loopback addresses: herald's per-IP
@@ -28,7 +29,7 @@ SMALL=${SMALL:-1000}
 LARGE=${LARGE:-19000}
 BENCH_PROCS=${BENCH_PROCS:-2}
 SETTLE_SECS=${SETTLE_SECS:-3}
-HERALD_THP=${HERALD_THP:-0}
+HERALD_THP=${HERALD_THP:-}
 # AS_USER=1: every connection carries a JWT (a signed-in user with 5 roles) instead of a guest.
 AS_USER=${AS_USER:-0}
 JWT_SECRET=bench-jwt-secret
@@ -113,7 +114,9 @@ PY
 }
 
 echo "== starting herald" >&2
-HERALD_JWT_SECRET=$JWT_SECRET MIMALLOC_ALLOW_THP=$HERALD_THP "$BIN/herald" serve --shards 2 --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s \
+THP_ENV=()
+[[ -n $HERALD_THP ]] && THP_ENV=(MIMALLOC_ALLOW_THP="$HERALD_THP")
+env "${THP_ENV[@]}" HERALD_JWT_SECRET=$JWT_SECRET "$BIN/herald" serve --shards 2 --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s \
     >"$WORK/herald.out" 2>"$WORK/herald.err" &
 HERALD_PID=$!
 PIDS+=("$HERALD_PID")
@@ -127,7 +130,7 @@ if [[ $AS_USER == 1 ]]; then
     echo "connections are signed-in users (a JWT: 5 roles each)" >&2
 fi
 echo "$STARTUP" >&2
-echo "herald runs with MIMALLOC_ALLOW_THP=$HERALD_THP" >&2
+echo "herald runs with MIMALLOC_ALLOW_THP=${HERALD_THP:-unset (its default: huge pages off)}" >&2
 sleep 1
 RSS0=$(rss_kb "$HERALD_PID")
 
@@ -206,7 +209,7 @@ PAGE=$(getconf PAGESIZE)
 awk -v rss0="$RSS0" -v rs="$RSS_SMALL" -v rl="$RSS_LARGE" -v ss="$SLAB_SMALL" -v sl="$SLAB_LARGE" \
     -v us="$SUNRECL_SMALL" -v ul="$SUNRECL_LARGE" -v ts="$TCPMEM_SMALL" -v tl="$TCPMEM_LARGE" \
     -v page="$PAGE" -v small="$SMALL" -v large="$LARGE" -v grow="$GROW" -v cs="$CONN_SMALL" \
-    -v cl="$CONN_LARGE" -v brss="$BENCH_RSS_KB" -v ok="$CONNECTED_TOTAL" -v failed="$FAILED_TOTAL" -v thp="$HERALD_THP" '
+    -v cl="$CONN_LARGE" -v brss="$BENCH_RSS_KB" -v ok="$CONNECTED_TOTAL" -v failed="$FAILED_TOTAL" -v thp="${HERALD_THP:-unset}" '
 BEGIN {
     user = (rl - rs) * 1024 / grow
     slab = (sl - ss) * 1024 / grow

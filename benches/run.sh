@@ -20,7 +20,7 @@
 #   churn     19,000 connections, 10% closing and reopening every second for 20 s while 10
 #             events/s flow: every live subscriber must get every event; herald's RSS before churn
 #             (after a 10 s warm-up at the same event rate) and after it, at the same connection
-#             count; and after closing everything (herald runs with MIMALLOC_ALLOW_THP=0 here).
+#             count; and after closing everything.
 #   connect   handshake rate (connect, upgrade, `connected`, reset) of herald, naive_server and
 #             kernel_fanout against a plain TCP accept loop (`herald-bench accept-loop`).
 #   queries   one channel, 19,000 Gen C subscribers, at fixed event rates: herald with no
@@ -249,9 +249,7 @@ fanout_run() {
     local name=$1 scenario=$2
     shift 2
     local label=${LABEL:-$name}
-    local env_args=()
-    [[ $scenario == churn && $name == herald ]] && env_args=(MIMALLOC_ALLOW_THP=0)
-    start_server "$name" "${env_args[@]}"
+    start_server "$name"
     local pid=$SERVER_PID
     bench "$scenario-$label" "$OUT/$scenario-$label.json" fanout --label "$label" \
         --target "$WS_URL" --admin "$ADMIN" --connections "$N" --connect-rate "$CONNECT_RATE" \

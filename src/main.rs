@@ -54,6 +54,8 @@ struct PublishArgs {
 }
 
 fn main() -> anyhow::Result<()> {
+    // First, before threads and heaps grow: the lean memory default.
+    let thp = herald::limits::disable_transparent_huge_pages();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
@@ -62,6 +64,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    match thp {
+        Ok(true) => {}
+        Ok(false) => tracing::info!("transparent huge pages allowed (MIMALLOC_ALLOW_THP=1)"),
+        Err(e) => tracing::warn!(error = %e, "cannot switch transparent huge pages off"),
+    }
     if let Some(path) = config_file_arg() {
         herald::config::load_file_into_env(&path)?;
     }
