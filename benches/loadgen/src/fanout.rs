@@ -341,8 +341,27 @@ pub(crate) fn run(args: &FanoutArgs) -> anyhow::Result<u8> {
     Ok(u8::from(!ok))
 }
 
+/// The `project` a target URL's query names, if any.
+fn url_project(url: &str) -> Option<&str> {
+    let query = url.split_once('?')?.1;
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("project="))
+        .filter(|p| !p.is_empty())
+}
+
 fn validate(args: &FanoutArgs) -> anyhow::Result<()> {
     ensure!(args.connections > 0, "--connections must be at least 1");
+    for url in &args.target {
+        if let Some(p) = url_project(url) {
+            ensure!(
+                p == args.project,
+                "--project is {:?} but the target {url} connects to project {p:?}: every event \
+                 would go to another project and reach nobody; pass --project {p}",
+                args.project
+            );
+        }
+    }
     ensure!(args.connect_rate > 0.0, "--connect-rate must be positive");
     ensure!(args.channels >= 1, "--channels must be at least 1");
     ensure!(
@@ -645,6 +664,9 @@ impl Coordinator<'_> {
         })
     }
 
+    /// How long the connect phase may take before anything is heard of it: the time the
+    /// requested rate needs, plus slack. While connections keep opening, [`Self::wait_all`]
+    /// waits longer (the measured rate may be below the requested one).
     fn connect_timeout(&self) -> Duration {
         let args = self.args;
         Duration::from_secs_f64(args.connections as f64 / args.connect_rate)
@@ -799,9 +821,18 @@ impl Coordinator<'_> {
         timeout: Duration,
         pick: impl Fn(WorkerReport) -> Option<T>,
     ) -> anyhow::Result<Vec<T>> {
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Instant::now() + timeout;
         let mut got: Vec<Option<T>> = (0..self.workers.len()).map(|_| None).collect();
+        // Connections still opening or failing are progress: the wait goes on while they do.
+        let settled = |p: Progress| p.open + p.failed;
+        let mut seen = settled(self.totals());
+        let grace = self.args.handshake_timeout + Duration::from_secs(30);
         loop {
+            let now_settled = settled(self.totals());
+            if now_settled != seen {
+                seen = now_settled;
+                deadline = deadline.max(Instant::now() + grace);
+            }
             let mut kept = VecDeque::with_capacity(self.inbox.len());
             for (i, msg) in std::mem::take(&mut self.inbox) {
                 match msg {
@@ -934,6 +965,20 @@ impl Coordinator<'_> {
         let secs = (last.saturating_sub(first)) as f64 / 1e6;
         if !failures.is_empty() {
             eprintln!("herald-bench: connection failures: {failures:?}");
+            let timeouts: u64 = failures
+                .iter()
+                .filter(|(k, _)| k.starts_with("timeout"))
+                .map(|(_, v)| v)
+                .sum();
+            if timeouts > 0 {
+                eprintln!(
+                    "herald-bench: {timeouts} connections got no answer in time. A server that is \
+                     full (herald: its connection capacity or open-file limit, see \
+                     herald_accept_errors_total) leaves new connections waiting in its backlog \
+                     until they time out: spread the load over more server processes, or raise \
+                     the limits"
+                );
+            }
         }
         ConnectMerged {
             requested: self.args.connections,
@@ -1641,5 +1686,19 @@ mod tests {
         assert_eq!(a.next(), b.next());
         let mean: f64 = (0..10_000).map(|_| a.unit()).sum::<f64>() / 10_000.0;
         assert!((mean - 0.5).abs() < 0.02);
+    }
+
+    #[test]
+    fn the_project_of_a_target_url() {
+        assert_eq!(
+            url_project("ws://h:1/v1/realtime?project=bench"),
+            Some("bench")
+        );
+        assert_eq!(
+            url_project("ws://h:1/v1/realtime?a=1&project=p&b=2"),
+            Some("p")
+        );
+        assert_eq!(url_project("ws://h:1/v1/realtime"), None);
+        assert_eq!(url_project("ws://h:1/v1/realtime?project="), None);
     }
 }
