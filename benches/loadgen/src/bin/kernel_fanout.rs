@@ -22,6 +22,9 @@
 //! and every event. The admin listener is a blocking thread per HTTP/1.1 connection
 //! (keep-alive): `POST /v1/events` frames the event, hands it to every shard over a crossbeam
 //! channel and wakes the shard (mio `Waker`), and replies `{"id":"<ms>-<seq>"}`; `GET /healthz`.
+//! With `--redis URL` it also reads events from a Redis stream (`--stream`, entries as herald's
+//! publish API writes them), like a herald node: many processes then share one event source, as
+//! herald's fleet does in the million-connection benchmark.
 //! SIGTERM/SIGINT: each shard sends close 1001 to every connection, waits up to 2 s for the
 //! clients to hang up, and the process exits 0.
 //!
@@ -84,6 +87,11 @@ struct Cli {
     /// Unsent bytes one connection may hold before it is closed (and counted).
     #[arg(long, default_value_t = 64 << 20)]
     max_outbound_bytes: usize,
+    /// Also deliver the entries of this Redis stream (from its end at start).
+    #[arg(long)]
+    redis: Option<String>,
+    #[arg(long, default_value = "herald:events")]
+    stream: String,
 }
 
 /// What the admin side and the signal handler send to a shard.
@@ -181,6 +189,17 @@ fn main() -> anyhow::Result<()> {
         ids: Mutex::new(EventIdGenerator::default()),
         subscription,
     });
+    if let Some(url) = cli.redis.clone() {
+        let (stream, publisher) = (cli.stream.clone(), publisher.clone());
+        std::thread::Builder::new()
+            .name("redis".into())
+            .spawn(move || {
+                if let Err(e) = redis_loop(&url, &stream, &publisher) {
+                    eprintln!("kernel_fanout: the Redis reader stopped: {e:#}");
+                    std::process::exit(2);
+                }
+            })?;
+    }
     std::thread::Builder::new()
         .name("admin".into())
         .spawn(move || admin_loop(admin, publisher))?;
@@ -658,6 +677,54 @@ impl Publisher {
         }
         drop(ids);
         (200, json!({"id": id}))
+    }
+}
+
+/// Reads `stream` from its end, publishing each entry as `POST /v1/events` would.
+fn redis_loop(url: &str, stream: &str, publisher: &Publisher) -> anyhow::Result<()> {
+    use redis::streams::{StreamRangeReply, StreamReadReply};
+    let mut con = redis::Client::open(url)?.get_connection()?;
+    let newest: StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(stream)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(&mut con)?;
+    let mut last = newest
+        .ids
+        .first()
+        .map_or_else(|| "0-0".to_owned(), |e| e.id.clone());
+    loop {
+        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(1000)
+            .arg("BLOCK")
+            .arg(5000)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(&last)
+            .query(&mut con)?;
+        for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+            last = entry.id.clone();
+            let field = |name: &str| -> Value {
+                entry
+                    .map
+                    .get(name)
+                    .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                    .and_then(|t| serde_json::from_str(&t).ok())
+                    .unwrap_or(Value::Null)
+            };
+            let body = json!({
+                "channels": field("channels"),
+                "events": field("events").as_array().cloned().unwrap_or_default(),
+                "payload": field("payload"),
+            });
+            let (status, reply) = publisher.publish(body.to_string().as_bytes());
+            if status != 200 {
+                eprintln!("kernel_fanout: skipping stream entry {}: {reply}", entry.id);
+            }
+        }
     }
 }
 

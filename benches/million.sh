@@ -1,0 +1,280 @@
+#!/usr/bin/env bash
+# A million connections on this machine, as one command (issue 16):
+#
+#   benches/million.sh [--connections N]          # 1,000,000 by default; 100000, 300000 ...
+#
+# Starts a Redis (redis-server, no persistence) and ceil(N / PER_PROCESS) herald processes
+# (`herald serve --shards 1 --redis ...`, herald's defaults otherwise), each on its own port,
+# because this machine caps open files at 20,000 per process. herald-bench opens N subscribers
+# spread evenly over them (one --target per process) from many loopback source addresses,
+# publishes into the shared stream, and measures: the connect rate and failures, single events
+# (time to the last of N subscribers), and a fixed-rate phase (loss and latency). Then the same
+# again against kernel_fanout processes reading the same stream: the kernel's ceiling (one
+# pre-encoded frame written to every socket) at the same scale, so herald's figures are ratios.
+# Machine memory, kernel Slab and the servers' RSS are sampled every 2 s throughout.
+#
+# Writes $OUT/million-<server>.json and .html (herald-bench's report: connections, memory and
+# delivery over time), $OUT/memory-<server>.csv, and one summary line on stdout, also appended
+# as JSON to $OUT/results.jsonl.
+#
+# Needs about 8.5 GB of memory at 1M (both ends of every socket are on this machine) and ~100
+# processes: run nothing else heavy beside it. The sysctls it needs (sysctl/herald.conf: port
+# range, backlogs, conntrack, tcp_mem, file-max) are printed, set, and restored at exit.
+#
+# On a machine without a hard cap on open files, one herald holds all of them: raise its limit
+# (systemd `LimitNOFILE=1100000`, or `ulimit -n 1100000` as root), start one
+# `herald serve` and run herald-bench fanout with its one --target; PER_PROCESS=N here does that.
+#
+# Settings (environment): PER_PROCESS (19500), CONNECT_RATE (15000/s), SOURCES
+# (127.0.0.2-127.0.0.120), SINGLE (5 single events), RATE (0.2 events/s) for RATE_TIME (60s),
+# CEILING (1: also measure kernel_fanout), OUT (reports/million), RUN_LIMIT (1800 s per
+# herald-bench run), BIN_DIR (prebuilt herald, herald-bench, kernel_fanout; otherwise built).
+set -euo pipefail
+# The load comes from a few loopback addresses: herald's per-IP limits are switched off here.
+export HERALD_MAX_CONNECTIONS_PER_IP=0 HERALD_HANDSHAKES_PER_IP=0
+cd "$(dirname "$0")/.."
+
+CONNECTIONS=1000000
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --connections) CONNECTIONS=$2; shift 2 ;;
+        --connections=*) CONNECTIONS=${1#*=}; shift ;;
+        *) echo "usage: benches/million.sh [--connections N]" >&2; exit 2 ;;
+    esac
+done
+PER_PROCESS=${PER_PROCESS:-19500}
+CONNECT_RATE=${CONNECT_RATE:-15000}
+SOURCES=${SOURCES:-127.0.0.2-127.0.0.120}
+SINGLE=${SINGLE:-5}
+RATE=${RATE:-0.2}
+RATE_TIME=${RATE_TIME:-60s}
+CEILING=${CEILING:-1}
+OUT=${OUT:-reports/million}
+RUN_LIMIT=${RUN_LIMIT:-1800}
+STREAM=herald:million
+PROCS=$(((CONNECTIONS + PER_PROCESS - 1) / PER_PROCESS))
+
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+if [[ -n ${BIN_DIR:-} ]]; then
+    BIN=$BIN_DIR
+else
+    echo "== building (release)" >&2
+    cargo build --release --workspace --bins >&2
+    BIN="${CARGO_TARGET_DIR:-target}/release"
+fi
+for f in herald herald-bench kernel_fanout; do
+    [[ -x $BIN/$f ]] || { echo "missing $BIN/$f" >&2; exit 2; }
+done
+command -v redis-server >/dev/null || { echo "needs redis-server (apt-get install redis-server)" >&2; exit 2; }
+
+source benches/lib.sh
+SAMPLER=""
+SYSCTL_SAVED=()
+restore_sysctls() {
+    local kv
+    for kv in "${SYSCTL_SAVED[@]}"; do
+        sysctl -q -w "$kv" >/dev/null 2>&1 || true
+    done
+    [[ ${#SYSCTL_SAVED[@]} -eq 0 ]] || echo "== sysctls restored: ${SYSCTL_SAVED[*]}" >&2
+}
+finish() {
+    [[ -n $SAMPLER ]] && kill "$SAMPLER" 2>/dev/null || true
+    cleanup
+    restore_sysctls
+}
+trap finish EXIT
+
+# The machine's settings for this many sockets (sysctl/herald.conf), remembered and restored.
+apply_sysctls() {
+    local line key value old
+    while IFS= read -r line; do
+        line=${line%%#*}
+        [[ $line == *=* ]] || continue
+        key=$(echo "${line%%=*}" | sed 's/^ *-\?//; s/ *$//')
+        value=$(echo "${line#*=}" | sed 's/^ *//; s/ *$//')
+        old=$(sysctl -n "$key" 2>/dev/null | tr '\t' ' ') || continue
+        [[ $old == "$value" ]] && continue
+        if sysctl -q -w "$key=$value" >/dev/null 2>&1; then
+            SYSCTL_SAVED+=("$key=$old")
+            echo "   sysctl $key: $old -> $value" >&2
+        fi
+    done <sysctl/herald.conf
+}
+
+meminfo() { awk -v k="$1" '$1 == k":" { print $2 }' /proc/meminfo; }
+used_kb() { echo $(($(meminfo MemTotal) - $(meminfo MemAvailable))); }
+rss_sum_kb() {
+    local total=0 pid v
+    for pid in "$@"; do
+        v=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
+        total=$((total + ${v:-0}))
+    done
+    echo "$total"
+}
+
+# start_fleet KIND: KIND (herald | kernel) processes reading the stream; sets FLEET (PIDs) and
+# TARGETS (--target arguments).
+start_fleet() {
+    local kind=$1 i out line ws
+    FLEET=()
+    TARGETS=()
+    for ((i = 0; i < PROCS; i++)); do
+        out=$WORK/$kind-$i.out
+        case $kind in
+            herald) "$BIN/herald" serve --shards 1 --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
+                --redis "$REDIS_URL" --stream "$STREAM" --drain-timeout 5s \
+                >"$out" 2>"$WORK/$kind-$i.err" & ;;
+            kernel) "$BIN/kernel_fanout" --shards 1 --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
+                --redis "$REDIS_URL" --stream "$STREAM" >"$out" 2>"$WORK/$kind-$i.err" & ;;
+        esac
+        FLEET+=($!)
+        PIDS+=($!)
+    done
+    for ((i = 0; i < PROCS; i++)); do
+        out=$WORK/$kind-$i.out
+        for _ in $(seq 300); do
+            line=$(head -1 "$out" 2>/dev/null || true)
+            [[ $line == *"listening on"* ]] && break
+            sleep 0.05
+        done
+        [[ $line == *"listening on"* ]] || { echo "$kind $i did not start:" >&2; tail -5 "$WORK/$kind-$i.err" >&2; exit 2; }
+        ws=$(grep -o 'ws://[0-9.]*:[0-9]*' <<<"$line" | head -1)
+        TARGETS+=(--target "$ws/v1/realtime?project=p")
+    done
+    echo "   $PROCS $kind processes listening; e.g. $line" >&2
+}
+
+stop_fleet() {
+    local pid
+    for pid in "${FLEET[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${FLEET[@]}"; do
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+}
+
+# sample KIND: machine memory, Slab and the fleet's RSS every 2 s, into memory-KIND.csv.
+sample() {
+    local csv=$OUT/memory-$1.csv start
+    start=$(date +%s)
+    echo "t_s,machine_used_kb,slab_kb,servers_rss_kb" >"$csv"
+    while true; do
+        echo "$(($(date +%s) - start)),$(used_kb),$(meminfo Slab),$(rss_sum_kb "${FLEET[@]}")" >>"$csv"
+        sleep 2
+    done
+}
+
+# run KIND: the fleet, herald-bench against it, and the memory figures; sets RESULT_<KIND>.
+run() {
+    local kind=$1
+    echo "== $kind: $CONNECTIONS connections over $PROCS processes at $CONNECT_RATE/s" >&2
+    local used0 slab0
+    used0=$(used_kb)
+    slab0=$(meminfo Slab)
+    start_fleet "$kind"
+    sleep 2
+    local base
+    base=$(rss_sum_kb "${FLEET[@]}")
+    sample "$kind" &
+    SAMPLER=$!
+    local pid_args=() pid rc=0
+    for pid in "${FLEET[@]}"; do pid_args+=(--server-pid "$pid"); done
+    timeout -s TERM -k 30 "$RUN_LIMIT" "$BIN/herald-bench" fanout --label "$kind" \
+        "${TARGETS[@]}" --redis "$REDIS_URL" --stream "$STREAM" --project p \
+        --connections "$CONNECTIONS" --connect-rate "$CONNECT_RATE" --source-ips "$SOURCES" \
+        --single "$SINGLE" --single-gap 1s --rates "$RATE" --phase-time "$RATE_TIME" \
+        --drain-timeout 120s --max-lag 60s --settle 5s "${pid_args[@]}" \
+        --max-time "${RUN_LIMIT}s" --html "$OUT/million-$kind.html" \
+        >"$OUT/million-$kind.json" 2>"$WORK/bench-$kind.err" || rc=$?
+    grep -E '^herald-bench.*(phase|connect)|failures|no answer' "$WORK/bench-$kind.err" | grep -v '^herald-bench \[.*\] *[0-9.]*s ' | sed 's/^/   /' >&2 || true
+    [[ $rc -le 1 ]] || { tail -20 "$WORK/bench-$kind.err" >&2; echo "herald-bench exited with $rc" >&2; }
+    local peak_used peak_slab connected_rss
+    peak_used=$(tail -n +2 "$OUT/memory-$kind.csv" | cut -d, -f2 | sort -n | tail -1)
+    peak_slab=$(tail -n +2 "$OUT/memory-$kind.csv" | cut -d, -f3 | sort -n | tail -1)
+    connected_rss=$(rss_sum_kb "${FLEET[@]}")
+    kill "$SAMPLER" 2>/dev/null || true
+    wait "$SAMPLER" 2>/dev/null || true
+    SAMPLER=""
+    stop_fleet
+    python3 - "$OUT/million-$kind.json" "$kind" "$CONNECTIONS" "$PROCS" "$base" "$connected_rss" \
+        "$used0" "$peak_used" "$slab0" "$peak_slab" >"$WORK/summary-$kind.json" <<'PY'
+import json, sys
+path, kind, n, procs, base, rss, used0, used, slab0, slab = sys.argv[1:]
+n, procs = int(n), int(procs)
+base, rss, used0, used, slab0, slab = (int(x) * 1024 for x in (base, rss, used0, used, slab0, slab))
+try:
+    r = json.load(open(path))
+except Exception as e:
+    r = {"error": str(e)}
+single = r.get("single") or {}
+conn = r.get("connect") or {}
+rate = [p for p in r.get("phases", []) if p.get("kind") == "rate"]
+def q(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+out = {
+    "server": kind, "connections": n, "processes": procs,
+    "connected": conn.get("connected"), "failed": conn.get("failed"),
+    "connect_rate_per_s": conn.get("rate_per_s"),
+    "single": single,
+    "rate_phase": [{k: p.get(k) for k in ("rate", "expected", "delivered", "missing", "duplicates",
+                                            "latency_ms", "time_to_last_subscriber_ms", "sustained")}
+                   for p in rate],
+    "servers_rss_base_bytes": base, "servers_rss_after_bytes": rss,
+    "servers_rss_base_per_process_bytes": base // max(procs, 1),
+    "servers_user_bytes_per_connection": (rss - base) / n if n else None,
+    "machine_used_peak_bytes": used, "machine_used_growth_bytes": used - used0,
+    "kernel_slab_growth_bytes": slab - slab0,
+    "checks_failed": r.get("checks_failed"),
+}
+print(json.dumps(out))
+PY
+    echo "   $(cat "$WORK/summary-$kind.json")" >&2
+}
+
+apply_sysctls
+REDIS_PORT=$((20000 + RANDOM % 20000))
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    --logfile "$WORK/redis.log" --daemonize no >/dev/null 2>&1 &
+PIDS+=($!)
+REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+
+run herald
+[[ $CEILING == 1 ]] && run kernel
+
+python3 - "$WORK/summary-herald.json" "$WORK/summary-kernel.json" "$(date -u +%FT%TZ)" \
+    "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >>"$OUT/results.jsonl" <<'PY'
+import json, os, sys
+h = json.load(open(sys.argv[1]))
+k = json.load(open(sys.argv[2])) if os.path.exists(sys.argv[2]) else None
+def ttl(s, key):
+    return (((s or {}).get("single") or {}).get("time_to_last_subscriber_ms") or {}).get(key)
+line = {"scenario": "million", "date": sys.argv[3], "commit": sys.argv[4], "herald": h, "kernel": k}
+summary = (f"million: herald {h.get('connected')}/{h.get('connections')} connected "
+           f"({h.get('failed')} failed) at {h.get('connect_rate_per_s') or 0:.0f}/s over "
+           f"{h.get('processes')} processes; last subscriber p50 {ttl(h, 'p50')} ms max "
+           f"{ttl(h, 'max')} ms")
+if k:
+    summary += f"; kernel ceiling p50 {ttl(k, 'p50')} ms max {ttl(k, 'max')} ms"
+    for key in ("p50", "max"):
+        a, b = ttl(h, key), ttl(k, key)
+        if a and b:
+            line[f"time_to_last_subscriber_{key}_herald_over_kernel"] = a / b
+            summary += f"; herald/kernel {key} {a / b:.2f}x"
+per = h.get("servers_user_bytes_per_connection")
+summary += (f"; herald user space {per:.0f} B per connection net of "
+            f"{h.get('servers_rss_base_per_process_bytes', 0) / 2**20:.1f} MiB per process"
+            if per is not None else "")
+summary += f"; machine memory peak {h.get('machine_used_peak_bytes', 0) / 2**30:.2f} GiB"
+line["summary"] = summary
+print(json.dumps(line))
+print(summary, file=sys.stderr)
+PY
+tail -1 "$OUT/results.jsonl"
+echo "reports in $OUT" >&2
