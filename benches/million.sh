@@ -26,9 +26,13 @@
 # `herald serve` and run herald-bench fanout with its one --target; PER_PROCESS=N here does that.
 #
 # Settings (environment): PER_PROCESS (19500), CONNECT_RATE (15000/s), SOURCES
-# (127.0.0.2-127.0.0.120), SINGLE (5 single events), RATE (0.2 events/s) for RATE_TIME (60s),
-# CEILING (1: also measure kernel_fanout), OUT (reports/million), RUN_LIMIT (1800 s per
-# herald-bench run), BIN_DIR (prebuilt herald, herald-bench, kernel_fanout; otherwise built).
+# (127.0.0.2-127.0.0.120), SINGLE (5 single events), RATE (0.05 events/s: each event is a
+# million deliveries, and the load generator on this 2-core machine receives about 100-175k
+# messages a second, for herald and the ceiling alike) for RATE_TIME (60s), CEILING (1: also
+# measure kernel_fanout), HERALD_ARGS (extra `herald serve` arguments: a tuned variant, which
+# then carries LABEL in its file names and summary, e.g. LABEL=herald-no-pings HERALD_ARGS="--ping-interval 0
+# --idle-timeout 0"), OUT (reports/million), RUN_LIMIT (1800 s per herald-bench run), BIN_DIR
+# (prebuilt herald, herald-bench, kernel_fanout; otherwise built).
 set -euo pipefail
 # The load comes from a few loopback addresses: herald's per-IP limits are switched off here.
 export HERALD_MAX_CONNECTIONS_PER_IP=0 HERALD_HANDSHAKES_PER_IP=0
@@ -46,7 +50,9 @@ PER_PROCESS=${PER_PROCESS:-19500}
 CONNECT_RATE=${CONNECT_RATE:-15000}
 SOURCES=${SOURCES:-127.0.0.2-127.0.0.120}
 SINGLE=${SINGLE:-5}
-RATE=${RATE:-0.2}
+RATE=${RATE:-0.05}
+HERALD_ARGS=${HERALD_ARGS:-}
+LABEL=${LABEL:-herald}
 RATE_TIME=${RATE_TIME:-60s}
 CEILING=${CEILING:-1}
 OUT=${OUT:-reports/million}
@@ -122,8 +128,9 @@ start_fleet() {
     for ((i = 0; i < PROCS; i++)); do
         out=$WORK/$kind-$i.out
         case $kind in
+            # shellcheck disable=SC2086 # HERALD_ARGS is a list of arguments
             herald) "$BIN/herald" serve --shards 1 --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
-                --redis "$REDIS_URL" --stream "$STREAM" --drain-timeout 5s \
+                --redis "$REDIS_URL" --stream "$STREAM" --drain-timeout 5s $HERALD_ARGS \
                 >"$out" 2>"$WORK/$kind-$i.err" & ;;
             kernel) "$BIN/kernel_fanout" --shards 1 --listen 127.0.0.1:0 --admin 127.0.0.1:0 \
                 --redis "$REDIS_URL" --stream "$STREAM" >"$out" 2>"$WORK/$kind-$i.err" & ;;
@@ -168,7 +175,8 @@ sample() {
 
 # run KIND: the fleet, herald-bench against it, and the memory figures; sets RESULT_<KIND>.
 run() {
-    local kind=$1
+    local kind=$1 name=$1
+    [[ $kind == herald ]] && name=$LABEL
     echo "== $kind: $CONNECTIONS connections over $PROCS processes at $CONNECT_RATE/s" >&2
     local used0 slab0
     used0=$(used_kb)
@@ -177,28 +185,28 @@ run() {
     sleep 2
     local base
     base=$(rss_sum_kb "${FLEET[@]}")
-    sample "$kind" &
+    sample "$name" &
     SAMPLER=$!
     local pid_args=() pid rc=0
     for pid in "${FLEET[@]}"; do pid_args+=(--server-pid "$pid"); done
-    timeout -s TERM -k 30 "$RUN_LIMIT" "$BIN/herald-bench" fanout --label "$kind" \
+    timeout -s TERM -k 30 "$RUN_LIMIT" "$BIN/herald-bench" fanout --label "$name" \
         "${TARGETS[@]}" --redis "$REDIS_URL" --stream "$STREAM" --project p \
         --connections "$CONNECTIONS" --connect-rate "$CONNECT_RATE" --source-ips "$SOURCES" \
         --single "$SINGLE" --single-gap 1s --rates "$RATE" --phase-time "$RATE_TIME" \
         --drain-timeout 120s --max-lag 60s --settle 5s "${pid_args[@]}" \
-        --max-time "${RUN_LIMIT}s" --html "$OUT/million-$kind.html" \
-        >"$OUT/million-$kind.json" 2>"$WORK/bench-$kind.err" || rc=$?
+        --max-time "${RUN_LIMIT}s" --html "$OUT/million-$name.html" \
+        >"$OUT/million-$name.json" 2>"$WORK/bench-$kind.err" || rc=$?
     grep -E '^herald-bench.*(phase|connect)|failures|no answer' "$WORK/bench-$kind.err" | grep -v '^herald-bench \[.*\] *[0-9.]*s ' | sed 's/^/   /' >&2 || true
     [[ $rc -le 1 ]] || { tail -20 "$WORK/bench-$kind.err" >&2; echo "herald-bench exited with $rc" >&2; }
     local peak_used peak_slab connected_rss
-    peak_used=$(tail -n +2 "$OUT/memory-$kind.csv" | cut -d, -f2 | sort -n | tail -1)
-    peak_slab=$(tail -n +2 "$OUT/memory-$kind.csv" | cut -d, -f3 | sort -n | tail -1)
+    peak_used=$(tail -n +2 "$OUT/memory-$name.csv" | cut -d, -f2 | sort -n | tail -1)
+    peak_slab=$(tail -n +2 "$OUT/memory-$name.csv" | cut -d, -f3 | sort -n | tail -1)
     connected_rss=$(rss_sum_kb "${FLEET[@]}")
     kill "$SAMPLER" 2>/dev/null || true
     wait "$SAMPLER" 2>/dev/null || true
     SAMPLER=""
     stop_fleet
-    python3 - "$OUT/million-$kind.json" "$kind" "$CONNECTIONS" "$PROCS" "$base" "$connected_rss" \
+    python3 - "$OUT/million-$name.json" "$name" "$CONNECTIONS" "$PROCS" "$base" "$connected_rss" \
         "$used0" "$peak_used" "$slab0" "$peak_slab" >"$WORK/summary-$kind.json" <<'PY'
 import json, sys
 path, kind, n, procs, base, rss, used0, used, slab0, slab = sys.argv[1:]
@@ -256,7 +264,7 @@ k = json.load(open(sys.argv[2])) if os.path.exists(sys.argv[2]) else None
 def ttl(s, key):
     return (((s or {}).get("single") or {}).get("time_to_last_subscriber_ms") or {}).get(key)
 line = {"scenario": "million", "date": sys.argv[3], "commit": sys.argv[4], "herald": h, "kernel": k}
-summary = (f"million: herald {h.get('connected')}/{h.get('connections')} connected "
+summary = (f"million: {h.get('server')} {h.get('connected')}/{h.get('connections')} connected "
            f"({h.get('failed')} failed) at {h.get('connect_rate_per_s') or 0:.0f}/s over "
            f"{h.get('processes')} processes; last subscriber p50 {ttl(h, 'p50')} ms max "
            f"{ttl(h, 'max')} ms")
