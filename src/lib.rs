@@ -36,6 +36,7 @@
 //!   one validation of events, and the [`bus::Outlet`] every bus delivers through.
 //! - [`bus::redis`]: Redis Streams, for many nodes and replay after restarts.
 //! - [`history`]: recent events in memory, for replay to reconnecting clients.
+//! - [`doorbell`]: how a shard's request wakes the control-plane task that serves it.
 //! - [`replay`]: serves shards' replay requests from the bus, off the data plane.
 //! - [`resolver`]: resolves Appwrite sessions into users (`--auth-url`, `--appwrite-endpoint`)
 //!   for shards, off the data plane, with a cache.
@@ -58,6 +59,7 @@ pub mod batch;
 pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod doorbell;
 pub mod event;
 pub mod filter;
 pub mod gateway;

@@ -9,13 +9,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::bus::Bus;
+use crate::doorbell::{Bell, next_request};
 use crate::hub::Hub;
 use crate::mailbox::{
-    Answer, AnswerRefused, Doorbell, Received, ReplayAnswer, ReplayError, ReplayReceiver,
-    ReplayRequest,
+    Answer, AnswerRefused, ReplayAnswer, ReplayError, ReplayReceiver, ReplayRequest,
 };
 use crate::metrics::Metrics;
 
@@ -25,16 +25,8 @@ const CONCURRENCY: usize = 64;
 /// Pause before offering an answer again to a shard whose answer queue is full.
 const RETRY: Duration = Duration::from_millis(2);
 
-/// Wakes [`serve`] when a shard queued a request. A ring while nobody waits is kept (one
-/// permit), so a request is never left unseen.
-#[derive(Debug, Default)]
-pub struct ReplayBell(Notify);
-
-impl Doorbell for ReplayBell {
-    fn ring(&self) {
-        self.0.notify_one();
-    }
-}
+/// Wakes [`serve`] when a shard queued a replay request.
+pub type ReplayBell = Bell;
 
 /// Runs until every shard has dropped its sender.
 pub async fn serve(
@@ -45,15 +37,7 @@ pub async fn serve(
     metrics: Metrics,
 ) {
     let permits = Arc::new(Semaphore::new(CONCURRENCY));
-    loop {
-        let req = match requests.try_recv() {
-            Received::Request(r) => r,
-            Received::Empty => {
-                bell.0.notified().await;
-                continue;
-            }
-            Received::Closed => return,
-        };
+    while let Some(req) = next_request(&requests, &bell).await {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };

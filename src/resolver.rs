@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 
+use crate::doorbell::{Bell, next_request};
 use crate::hub::Hub;
 use crate::identity::{MAX_EXTRA_ROLES, Resolved};
 use crate::mailbox::{
-    Answer, AnswerRefused, Doorbell, IdentityAnswer, IdentityRequest, Received, ResolveError,
-    ResolveReceiver,
+    Answer, AnswerRefused, IdentityAnswer, IdentityRequest, ResolveError, ResolveReceiver,
 };
 use crate::metrics::Metrics;
 
@@ -357,15 +357,8 @@ struct Cached {
     fetched: Instant,
 }
 
-/// Wakes [`Resolver::serve`] when a shard queued a request (a ring while nobody waits is kept).
-#[derive(Debug, Default)]
-pub struct ResolveBell(Notify);
-
-impl Doorbell for ResolveBell {
-    fn ring(&self) {
-        self.0.notify_one();
-    }
-}
+/// Wakes [`Resolver::serve`] when a shard queued a request.
+pub type ResolveBell = Bell;
 
 /// The resolver: a backend, its cache, and the way back to the shards.
 pub struct Resolver {
@@ -408,15 +401,7 @@ impl Resolver {
     /// Runs until every shard has dropped its sender.
     pub async fn serve(self: Arc<Self>, requests: ResolveReceiver, bell: Arc<ResolveBell>) {
         let permits = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
-        loop {
-            let req = match requests.try_recv() {
-                Received::Request(r) => r,
-                Received::Empty => {
-                    bell.0.notified().await;
-                    continue;
-                }
-                Received::Closed => return,
-            };
+        while let Some(req) = next_request(&requests, &bell).await {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 return;
             };

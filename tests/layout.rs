@@ -28,7 +28,7 @@ const DATA_PLANE: &[&str] = &[
 ];
 /// The control plane, which the data plane must not import.
 const CONTROL_PLANE: &[&str] = &[
-    "hub", "bus", "replay", "resolver", "admin", "history", "gateway",
+    "hub", "bus", "replay", "resolver", "doorbell", "admin", "history", "gateway",
 ];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {

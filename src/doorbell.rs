@@ -1,0 +1,33 @@
+//! The control plane's end of the shards' request channels: a doorbell a shard rings after
+//! queuing a request, and the wait for the next request.
+//!
+//! Owns waking a tokio task from a shard thread without a lock or a runtime on the shard side
+//! (the shard only calls [`Doorbell::ring`]). Must not know what the requests are: the replay
+//! thread and the session resolver both take theirs through it.
+
+use tokio::sync::Notify;
+
+use crate::mailbox::{Doorbell, Received, RequestReceiver};
+
+/// Wakes the task waiting in [`next_request`]. A ring while nobody waits is kept (one permit),
+/// so a request is never left unseen.
+#[derive(Debug, Default)]
+pub struct Bell(Notify);
+
+impl Doorbell for Bell {
+    fn ring(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// The next request, waiting for the bell while none is queued; `None` once every shard has
+/// dropped its sender.
+pub async fn next_request<T>(requests: &RequestReceiver<T>, bell: &Bell) -> Option<T> {
+    loop {
+        match requests.try_recv() {
+            Received::Request(r) => return Some(r),
+            Received::Empty => bell.0.notified().await,
+            Received::Closed => return None,
+        }
+    }
+}
