@@ -1229,6 +1229,12 @@ impl Connection {
             // A later `authentication` wins over an earlier one still resolving.
             self.auth_seq = self.auth_seq.wrapping_add(1);
             self.auth_pending = reply.resolve_session.is_some();
+            // A token's roles, shared per shard like those of a token at the handshake (the
+            // identity was just made, so it is held only here).
+            if let Some(identity) = Arc::get_mut(&mut session.identity) {
+                let registry = &mut *cx.registry;
+                identity.share_roles_in_place(|roles| registry.intern_roles(roles));
+            }
         }
         if let Some(secret) = &reply.resolve_session {
             cx.resolves.push(IdentityRequest {

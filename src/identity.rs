@@ -120,10 +120,18 @@ impl Identity {
     /// Swaps this identity's extra roles for the shard's shared copy of the same set, so that
     /// the connections of users with the same teams and labels hold one list between them.
     pub fn share_roles(mut self, intern: impl FnOnce(&Arc<[Arc<str>]>) -> Arc<[Arc<str>]>) -> Self {
+        self.share_roles_in_place(intern);
+        self
+    }
+
+    /// [`Identity::share_roles`] on an identity held in place.
+    pub fn share_roles_in_place(
+        &mut self,
+        intern: impl FnOnce(&Arc<[Arc<str>]>) -> Arc<[Arc<str>]>,
+    ) {
         if !self.extra.is_empty() {
             self.extra = intern(&self.extra);
         }
-        self
     }
 
     pub fn user_id(&self) -> Option<&str> {
