@@ -90,6 +90,8 @@ finish() {
     restore_sysctls
 }
 trap finish EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
 
 # The machine's settings for this many sockets (sysctl/herald.conf), remembered and restored.
 apply_sysctls() {
@@ -153,13 +155,19 @@ start_fleet() {
 }
 
 stop_fleet() {
-    local pid
+    local pid keep=() p
     for pid in "${FLEET[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${FLEET[@]}"; do
         for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
     done
+    # Reaped: the exit cleanup must not signal these PIDs again (they may be reused).
+    for p in "${PIDS[@]}"; do
+        [[ " ${FLEET[*]} " == *" $p "* ]] || keep+=("$p")
+    done
+    PIDS=("${keep[@]}")
+    FLEET=()
 }
 
 # sample KIND: machine memory, Slab and the fleet's RSS every 2 s, into memory-KIND.csv.
@@ -194,13 +202,15 @@ run() {
         --connections "$CONNECTIONS" --connect-rate "$CONNECT_RATE" --source-ips "$SOURCES" \
         --single "$SINGLE" --single-gap 1s --rates "$RATE" --phase-time "$RATE_TIME" \
         --drain-timeout 120s --max-lag 60s --settle 5s "${pid_args[@]}" \
-        --max-time "${RUN_LIMIT}s" --html "$OUT/million-$name.html" \
+        --max-time "$((RUN_LIMIT - 30))s" --html "$OUT/million-$name.html" \
         >"$OUT/million-$name.json" 2>"$WORK/bench-$kind.err" || rc=$?
     grep -E '^herald-bench.*(phase|connect)|failures|no answer' "$WORK/bench-$kind.err" | grep -v '^herald-bench \[.*\] *[0-9.]*s ' | sed 's/^/   /' >&2 || true
     [[ $rc -le 1 ]] || { tail -20 "$WORK/bench-$kind.err" >&2; echo "herald-bench exited with $rc" >&2; }
     local peak_used peak_slab connected_rss
     peak_used=$(tail -n +2 "$OUT/memory-$name.csv" | cut -d, -f2 | sort -n | tail -1)
     peak_slab=$(tail -n +2 "$OUT/memory-$name.csv" | cut -d, -f3 | sort -n | tail -1)
+    peak_used=${peak_used:-$used0}
+    peak_slab=${peak_slab:-$slab0}
     connected_rss=$(rss_sum_kb "${FLEET[@]}")
     kill "$SAMPLER" 2>/dev/null || true
     wait "$SAMPLER" 2>/dev/null || true
@@ -225,6 +235,13 @@ def q(d, *keys):
             return None
         d = d.get(k)
     return d
+# Per connection: the servers' RSS with every connection open, before any event, minus before
+# any client (herald-bench's own samples), over the connections that opened.
+mem = r.get("memory") or {}
+at_start = (mem.get("server_at_start") or {}).get("rss")
+connected_rss = (mem.get("server_connected") or {}).get("rss")
+settled_rss = (mem.get("server_settled") or {}).get("rss")
+opened = conn.get("connected") or 0
 out = {
     "server": kind, "connections": n, "processes": procs,
     "connected": conn.get("connected"), "failed": conn.get("failed"),
@@ -233,9 +250,12 @@ out = {
     "rate_phase": [{k: p.get(k) for k in ("rate", "expected", "delivered", "missing", "duplicates",
                                             "latency_ms", "time_to_last_subscriber_ms", "sustained")}
                    for p in rate],
-    "servers_rss_base_bytes": base, "servers_rss_after_bytes": rss,
-    "servers_rss_base_per_process_bytes": base // max(procs, 1),
-    "servers_user_bytes_per_connection": (rss - base) / n if n else None,
+    "servers_rss_before_clients_bytes": at_start or base,
+    "servers_rss_connected_bytes": connected_rss,
+    "servers_rss_after_events_bytes": settled_rss,
+    "servers_rss_base_per_process_bytes": (at_start or base) // max(procs, 1),
+    "servers_user_bytes_per_connection": ((connected_rss - at_start) / opened
+                                          if connected_rss and at_start and opened else None),
     "machine_used_peak_bytes": used, "machine_used_growth_bytes": used - used0,
     "kernel_slab_growth_bytes": slab - slab0,
     "checks_failed": r.get("checks_failed"),
@@ -251,7 +271,12 @@ redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
     --logfile "$WORK/redis.log" --daemonize no >/dev/null 2>&1 &
 PIDS+=($!)
 REDIS_URL=redis://127.0.0.1:$REDIS_PORT
-for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
+redis_up=0
+for _ in $(seq 100); do
+    if [[ $(redis-cli -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]; then redis_up=1; break; fi
+    sleep 0.05
+done
+[[ $redis_up == 1 ]] || { echo "redis-server did not start on port $REDIS_PORT" >&2; tail -5 "$WORK/redis.log" >&2; exit 2; }
 
 run herald
 [[ $CEILING == 1 ]] && run kernel
@@ -276,7 +301,7 @@ if k:
             line[f"time_to_last_subscriber_{key}_herald_over_kernel"] = a / b
             summary += f"; herald/kernel {key} {a / b:.2f}x"
 per = h.get("servers_user_bytes_per_connection")
-summary += (f"; herald user space {per:.0f} B per connection net of "
+summary += (f"; user space {per:.0f} B per idle connection net of "
             f"{h.get('servers_rss_base_per_process_bytes', 0) / 2**20:.1f} MiB per process"
             if per is not None else "")
 summary += f"; machine memory peak {h.get('machine_used_peak_bytes', 0) / 2**30:.2f} GiB"

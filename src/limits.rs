@@ -28,9 +28,14 @@ pub fn raise_nofile() -> std::io::Result<FdLimit> {
     Ok(FdLimit { soft, hard })
 }
 
-/// Whether transparent huge pages stay off: unless `MIMALLOC_ALLOW_THP=1` asks for them.
+/// Whether `MIMALLOC_ALLOW_THP` asks for transparent huge pages (as mimalloc reads it).
 fn thp_wanted() -> bool {
-    std::env::var("MIMALLOC_ALLOW_THP").is_ok_and(|v| v.trim() == "1")
+    std::env::var("MIMALLOC_ALLOW_THP").is_ok_and(|v| {
+        matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "1" | "true" | "yes" | "on"
+        )
+    })
 }
 
 /// Switches transparent huge pages off for this process (`PR_SET_THP_DISABLE`), as herald's

@@ -660,11 +660,12 @@ async fn a_permission_change_reaches_every_node_and_user_events_reach_only_that_
         "data": {"events": ["teams.t1.memberships.m9.delete"], "channels": ["memberships"],
                  "timestamp": "2026-12-01T12:00:00.000+00:00", "payload": {"$id": "m9"}}
     });
-    let _: i64 = redis::cmd("PUBLISH")
+    let listeners: i64 = redis::cmd("PUBLISH")
         .arg("realtime")
         .arg(message.to_string())
         .query(&mut redis.conn())
         .expect("PUBLISH");
+    assert_eq!(listeners, 2, "both nodes listen to Appwrite's pub/sub");
     until_received(
         &nodes[1],
         &mut [a0, a1],

@@ -821,17 +821,22 @@ impl Coordinator<'_> {
         timeout: Duration,
         pick: impl Fn(WorkerReport) -> Option<T>,
     ) -> anyhow::Result<Vec<T>> {
-        let mut deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let mut deadline = started + timeout;
         let mut got: Vec<Option<T>> = (0..self.workers.len()).map(|_| None).collect();
-        // Connections still opening or failing are progress: the wait goes on while they do.
+        // While connecting, connections still opening or failing are progress: the wait goes
+        // on while their count grows (the measured rate may be below the requested one), up
+        // to three times the planned wait.
+        let connecting = matches!(kind, "ready" | "refilled");
         let settled = |p: Progress| p.open + p.failed;
         let mut seen = settled(self.totals());
         let grace = self.args.handshake_timeout + Duration::from_secs(30);
+        let cap = started + timeout * 3;
         loop {
             let now_settled = settled(self.totals());
-            if now_settled != seen {
+            if connecting && now_settled > seen {
                 seen = now_settled;
-                deadline = deadline.max(Instant::now() + grace);
+                deadline = deadline.max((Instant::now() + grace).min(cap));
             }
             let mut kept = VecDeque::with_capacity(self.inbox.len());
             for (i, msg) in std::mem::take(&mut self.inbox) {
@@ -856,7 +861,8 @@ impl Coordinator<'_> {
             }
             if Instant::now() >= deadline {
                 let missing: Vec<usize> = (0..got.len()).filter(|&i| got[i].is_none()).collect();
-                bail!("workers {missing:?} did not report {kind:?} within {timeout:?}");
+                let waited = started.elapsed();
+                bail!("workers {missing:?} did not report {kind:?} within {waited:.0?}");
             }
             self.pump((Instant::now() + Duration::from_millis(50)).min(deadline))?;
         }

@@ -194,9 +194,13 @@ fn main() -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("redis".into())
             .spawn(move || {
-                if let Err(e) = redis_loop(&url, &stream, &publisher) {
-                    eprintln!("kernel_fanout: the Redis reader stopped: {e:#}");
-                    std::process::exit(2);
+                // Like a herald node: a lost connection is retried, from the last entry read.
+                let mut last = None;
+                loop {
+                    if let Err(e) = redis_loop(&url, &stream, &publisher, &mut last) {
+                        eprintln!("kernel_fanout: lost the Redis stream ({e:#}); retrying in 1 s");
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
                 }
             })?;
     }
@@ -680,21 +684,32 @@ impl Publisher {
     }
 }
 
-/// Reads `stream` from its end, publishing each entry as `POST /v1/events` would.
-fn redis_loop(url: &str, stream: &str, publisher: &Publisher) -> anyhow::Result<()> {
+/// Reads `stream` after `last` (from its end the first time), publishing each entry as
+/// `POST /v1/events` would, until an error.
+fn redis_loop(
+    url: &str,
+    stream: &str,
+    publisher: &Publisher,
+    last: &mut Option<String>,
+) -> anyhow::Result<()> {
     use redis::streams::{StreamRangeReply, StreamReadReply};
     let mut con = redis::Client::open(url)?.get_connection()?;
-    let newest: StreamRangeReply = redis::cmd("XREVRANGE")
-        .arg(stream)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query(&mut con)?;
-    let mut last = newest
-        .ids
-        .first()
-        .map_or_else(|| "0-0".to_owned(), |e| e.id.clone());
+    if last.is_none() {
+        let newest: StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query(&mut con)?;
+        *last = Some(
+            newest
+                .ids
+                .first()
+                .map_or_else(|| "0-0".to_owned(), |e| e.id.clone()),
+        );
+    }
+    let last = last.get_or_insert_with(|| "0-0".to_owned());
     loop {
         let reply: Option<StreamReadReply> = redis::cmd("XREAD")
             .arg("COUNT")
@@ -703,10 +718,10 @@ fn redis_loop(url: &str, stream: &str, publisher: &Publisher) -> anyhow::Result<
             .arg(5000)
             .arg("STREAMS")
             .arg(stream)
-            .arg(&last)
+            .arg(&*last)
             .query(&mut con)?;
         for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
-            last = entry.id.clone();
+            *last = entry.id.clone();
             let field = |name: &str| -> Value {
                 entry
                     .map
