@@ -72,6 +72,8 @@ CHANNEL=bench
 
 if [[ $PHASE_TIME =~ ^([0-9]+)s?$ ]]; then
     PHASE_SECS=${BASH_REMATCH[1]}
+    # herald-bench wants the unit.
+    PHASE_TIME=${PHASE_SECS}s
 else
     echo "PHASE_TIME must be whole seconds, e.g. 20s" >&2
     exit 2
@@ -93,20 +95,14 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 RESULTS=$OUT/hostile.jsonl
 
-if [[ -n ${BIN_DIR:-} ]]; then
-    BIN=$BIN_DIR
-else
-    echo "== building (release: the workspace's binaries)" >&2
-    cargo build --release --workspace --bins >&2
-    BIN="${CARGO_TARGET_DIR:-target}/release"
-fi
+# WORK, PIDS and the cleanup at exit; BIN.
+. benches/lib.sh
+release_binaries
 BENCH=$BIN/herald-bench
 for f in "$BIN/herald" "$BENCH"; do
     [[ -x $f ]] || { echo "missing $f (cargo build --release --workspace --bins)" >&2; exit 2; }
 done
 
-# WORK, PIDS and the cleanup at exit.
-. benches/lib.sh
 
 forget_pid() {
     local keep=() p

@@ -39,17 +39,11 @@ HOLD=${HOLD:-300s}
 cd "$(dirname "$0")/.."
 (( LARGE > SMALL )) || { echo "LARGE must exceed SMALL" >&2; exit 2; }
 
-if [[ -n ${BIN_DIR:-} ]]; then
-    BIN=$BIN_DIR
-else
-    echo "== building (release)" >&2
-    cargo build --release --workspace --bins >&2
-    BIN="${CARGO_TARGET_DIR:-target}/release"
-fi
+# WORK, PIDS and the cleanup at exit; BIN.
+. benches/lib.sh
+release_binaries
 [[ -x $BIN/herald && -x $BIN/herald-bench ]] || { echo "no herald or herald-bench in $BIN" >&2; exit 2; }
 
-# WORK, PIDS and the cleanup at exit.
-. benches/lib.sh
 
 rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 meminfo_kb() { awk -v k="$1:" '$1 == k { print $2 }' /proc/meminfo; }

@@ -20,3 +20,15 @@ cleanup() {
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+
+# Sets BIN, where herald, herald-bench and the baselines are: BIN_DIR when it is set, otherwise
+# a release build of the workspace's binaries made now.
+release_binaries() {
+    if [[ -n ${BIN_DIR:-} ]]; then
+        BIN=$BIN_DIR
+    else
+        echo "== building (release: the workspace's binaries)" >&2
+        cargo build --release --workspace --bins >&2
+        BIN="${CARGO_TARGET_DIR:-target}/release"
+    fi
+}

@@ -62,19 +62,14 @@ PROCS=$(((CONNECTIONS + PER_PROCESS - 1) / PER_PROCESS))
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-if [[ -n ${BIN_DIR:-} ]]; then
-    BIN=$BIN_DIR
-else
-    echo "== building (release)" >&2
-    cargo build --release --workspace --bins >&2
-    BIN="${CARGO_TARGET_DIR:-target}/release"
-fi
+# WORK, PIDS and the cleanup at exit; BIN.
+. benches/lib.sh
+release_binaries
 for f in herald herald-bench kernel_fanout; do
     [[ -x $BIN/$f ]] || { echo "missing $BIN/$f" >&2; exit 2; }
 done
 command -v redis-server >/dev/null || { echo "needs redis-server (apt-get install redis-server)" >&2; exit 2; }
 
-source benches/lib.sh
 SAMPLER=""
 SYSCTL_SAVED=()
 restore_sysctls() {

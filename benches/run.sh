@@ -76,13 +76,9 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 RESULTS=$OUT/results.jsonl
 
-if [[ -n ${BIN_DIR:-} ]]; then
-    BIN=$BIN_DIR
-else
-    echo "== building (release: the workspace's binaries)" >&2
-    cargo build --release --workspace --bins >&2
-    BIN="${CARGO_TARGET_DIR:-target}/release"
-fi
+# WORK, PIDS and the cleanup at exit; BIN.
+. benches/lib.sh
+release_binaries
 # The baselines are binaries of the load generator's package, next to herald-bench; a tree built
 # before they moved there has them under examples/.
 EX=$BIN
@@ -94,8 +90,6 @@ for f in "$BIN/herald" "$BENCH" "$EX/naive_server" "$EX/kernel_fanout"; do
     [[ -x $f ]] || { echo "missing $f (cargo build --release --workspace --bins)" >&2; exit 2; }
 done
 
-# WORK, PIDS and the cleanup at exit.
-. benches/lib.sh
 
 FAILURES=0
 fail() {
