@@ -188,6 +188,10 @@ pub struct Shard {
     unfinished_reads: Vec<usize>,
     replay_tx: ReplaySender,
     resolve_tx: Option<ResolveSender>,
+    /// Whether this tick's second saw a fan-out, and whether one happened since memory was last
+    /// given back (see `give_back_memory`).
+    fanned_out_since_tick: bool,
+    memory_to_give_back: bool,
     /// Permission changes seen lately, by (project, user), for answers fetched before them.
     recent_changes: rustc_hash::FxHashMap<(Arc<str>, Arc<str>), Instant>,
     /// What the connections hold in total (their `Slot::held`), and this shard's share of
@@ -256,6 +260,8 @@ impl Shard {
             sweep_keys: Vec::new(),
             replay_tx,
             resolve_tx,
+            fanned_out_since_tick: false,
+            memory_to_give_back: false,
             recent_changes: Default::default(),
             held_total: 0,
             held_cap: config.buffered_cap().map_or(usize::MAX, |cap| {
@@ -800,6 +806,7 @@ impl Shard {
             }
         }
         self.m.delivered.inc_by(staged);
+        self.fanned_out_since_tick |= staged > 0;
     }
 
     fn finish_replay(&mut self, answer: ReplayAnswer) {
@@ -928,6 +935,7 @@ impl Shard {
 
     fn tick(&mut self) {
         self.for_each_connection(Connection::on_tick);
+        self.give_back_memory();
         let c = std::mem::take(&mut self.shared.counters);
         self.m.rate_limited.inc_by(c.rate_limited);
         self.m.idle_closed.inc_by(c.idle_closed);
@@ -938,6 +946,18 @@ impl Shard {
         // One shard is enough to keep the process-wide table small.
         if self.id == 0 {
             self.ip_limits.sweep(Instant::now());
+        }
+    }
+
+    /// After a burst of fan-out, once a second passes with none, hands the pages the burst
+    /// freed in this thread's heap back to the system: the allocator would otherwise keep them
+    /// resident (a burst to 19,000 subscribers left about 2 MiB per process).
+    fn give_back_memory(&mut self) {
+        if std::mem::take(&mut self.fanned_out_since_tick) {
+            self.memory_to_give_back = true;
+        } else if std::mem::take(&mut self.memory_to_give_back) {
+            // SAFETY: mimalloc's own collection of the calling thread's heap; takes no pointers.
+            unsafe { libmimalloc_sys::mi_collect(true) };
         }
     }
 
