@@ -2,8 +2,10 @@
 //! queuing a request, and the wait for the next request.
 //!
 //! Owns waking a tokio task from a shard thread without a lock or a runtime on the shard side
-//! (the shard only calls [`Doorbell::ring`]). Must not know what the requests are: the replay
+//! (the shard only calls [`Doorbell::ring`]), and the thread and runtime such a task runs on. Must not know what the requests are: the replay
 //! thread and the session resolver both take theirs through it.
+
+use std::future::Future;
 
 use tokio::sync::Notify;
 
@@ -18,6 +20,21 @@ impl Doorbell for Bell {
     fn ring(&self) {
         self.0.notify_one();
     }
+}
+
+/// Runs `serve` (a loop over [`next_request`]) on a thread named `name` with a runtime of its
+/// own, so that its work never waits behind the rest of the control plane.
+pub fn serve_on_own_thread(
+    name: &str,
+    serve: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || runtime.block_on(serve))?;
+    Ok(())
 }
 
 /// The next request, waiting for the bell while none is queued; `None` once every shard has

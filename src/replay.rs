@@ -61,13 +61,7 @@ pub fn spawn(
     hub: Arc<Hub>,
     metrics: Metrics,
 ) -> std::io::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    std::thread::Builder::new()
-        .name("herald-replay".into())
-        .spawn(move || runtime.block_on(serve(requests, bell, bus, hub, metrics)))?;
-    Ok(())
+    crate::doorbell::serve_on_own_thread("herald-replay", serve(requests, bell, bus, hub, metrics))
 }
 
 async fn answer(req: ReplayRequest, bus: &dyn Bus, hub: &Hub, metrics: &Metrics) {

@@ -416,13 +416,7 @@ impl Resolver {
         requests: ResolveReceiver,
         bell: Arc<ResolveBell>,
     ) -> std::io::Result<()> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        std::thread::Builder::new()
-            .name("herald-resolver".into())
-            .spawn(move || runtime.block_on(self.serve(requests, bell)))?;
-        Ok(())
+        crate::doorbell::serve_on_own_thread("herald-resolver", self.serve(requests, bell))
     }
 
     /// Resolves one request under its concurrency permit, then hands the answer back (the
