@@ -9,7 +9,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use herald::batch::Batch;
 use herald::event::{EncodedEvent, Event, write_tail};
 use herald::outbox::OutFrame;
-use herald::protocol::Session;
+use herald::protocol::{Session, UrlId};
 use herald::registry::Registry;
 use herald::ws::decoder::{Decoder, encode_client_frame};
 use herald::ws::frame::Opcode;
@@ -61,9 +61,7 @@ fn bench(c: &mut Criterion) {
     let sessions: Vec<Session> = (0..10_000u32)
         .map(|k| {
             let chans = vec!["documents".to_owned(), format!("other.{k}")];
-            let s = Session::new("p".into(), guests.clone(), &chans, &mut |c| {
-                registry.intern(c)
-            });
+            let s = Session::new("p".into(), guests.clone(), &chans, &mut registry);
             registry.update("p", k, &[], &s.channels());
             s
         })
@@ -83,7 +81,9 @@ fn bench(c: &mut Criterion) {
         let s = &sessions[7];
         b.iter(|| {
             let mut tail: SmallVec<[u8; 32]> = SmallVec::new();
-            write_tail(&mut tail, s.matching(black_box(&encoded)));
+            // The URL subscription's id is derived per delivery, as a connection does.
+            let url_id = UrlId::new(black_box(7), 7);
+            write_tail(&mut tail, s.matching(black_box(&encoded), &url_id));
             black_box(OutFrame::new(Opcode::Text, encoded.prefix.clone(), tail))
         })
     });
@@ -101,7 +101,8 @@ fn bench(c: &mut Criterion) {
                 }
                 for (k, s) in sessions.iter().take(1_000).enumerate() {
                     let k = k as u32;
-                    batch.stage(k, 0, |buf, ev| write_tail(buf, s.matching(ev)));
+                    let url_id = UrlId::new(7, k);
+                    batch.stage(k, 0, |buf, ev| write_tail(buf, s.matching(ev, &url_id)));
                     for i in 1..16 {
                         batch.extend(k, i);
                     }
@@ -155,7 +156,7 @@ fn bench_largest_subscribe(c: &mut Criterion) {
         Arc::from("p"),
         Arc::new(herald::identity::Identity::guest()),
         &[],
-        &mut |n| registry.intern(n),
+        &mut registry,
     );
     let jwt = herald::identity::JwtVerifier::none();
     let jwt = herald::protocol::Verifiers {
@@ -163,9 +164,8 @@ fn bench_largest_subscribe(c: &mut Criterion) {
         sessions: false,
     };
     let before = session.channels();
-    let reply = session.handle_text(&subscribe_rows(0, 10), &limits, jwt, &mut |n| {
-        registry.intern(n)
-    });
+    let url_id = herald::protocol::UrlId::new(1, 1);
+    let reply = session.handle_text(&subscribe_rows(0, 10), &limits, jwt, &mut registry, &url_id);
     assert!(reply.subscriptions_changed);
     registry.update("p", 7, &before, &session.channels());
     assert_eq!(session.channels().len(), limits.max_total_channels);
@@ -182,8 +182,7 @@ fn bench_largest_subscribe(c: &mut Criterion) {
         |b| {
             b.iter(|| {
                 let before = session.channels();
-                let reply =
-                    session.handle_text(&upsert, &limits, jwt, &mut |n| registry.intern(n));
+                let reply = session.handle_text(&upsert, &limits, jwt, &mut registry, &url_id);
                 if reply.subscriptions_changed {
                     registry.update("p", 7, &before, &session.channels());
                 }

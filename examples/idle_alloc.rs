@@ -96,6 +96,23 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
+/// What the gateway holds before any client: the large allocations by power of two, and the
+/// exact sizes that add up to 64 KiB or more.
+fn base_tables(base: &Snapshot) {
+    println!("  its large allocations (> {EXACT} B) by power of two:");
+    for (b, (&n, &bytes)) in base.large_count.iter().zip(&base.large_bytes).enumerate() {
+        if n != 0 {
+            println!("    <= {:>10} B: {n} allocations, {bytes} B", 1u64 << b);
+        }
+    }
+    println!("  its small allocations adding up to 64 KiB or more:");
+    for (size, &n) in base.by_size.iter().enumerate() {
+        if n as usize * size >= 64 * 1024 {
+            println!("    {size} B x {n}");
+        }
+    }
+}
+
 /// A copy of the counters at one moment.
 struct Snapshot {
     requested: i64,
@@ -347,6 +364,7 @@ fn main() -> anyhow::Result<()> {
         base.requested as f64 / 1048576.0,
         base.count
     );
+    base_tables(&base);
     report(small, large, &at_small, &at_large);
     sizes();
     eprintln!("done in {:.0?}", started.elapsed());

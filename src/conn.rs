@@ -65,7 +65,7 @@ use crate::mailbox::{
 };
 use crate::origin::OriginPolicy;
 use crate::outbox::{OutFrame, Outbox, Overflow};
-use crate::protocol::{self, Session, SessionLimits};
+use crate::protocol::{self, Session, SessionLimits, UrlId};
 use crate::registry::Registry;
 use crate::ws::decoder::{Decoder, Message};
 use crate::ws::frame::{Opcode, ProtocolError, close_code, close_payload};
@@ -102,6 +102,9 @@ pub struct ConnConfig {
     pub resolve_timeout_secs: u32,
     pub replay_max_events: usize,
     pub replay_max_bytes: usize,
+    /// This shard's random key for the ids of URL subscriptions ([`UrlId`]); set by
+    /// [`Shared::new`].
+    pub id_key: u64,
 }
 
 fn secs(d: std::time::Duration) -> u32 {
@@ -136,6 +139,7 @@ impl ConnConfig {
             resolve_timeout_secs: secs(c.auth_timeout).max(1),
             replay_max_events: c.replay_max_events,
             replay_max_bytes: c.replay_max_bytes,
+            id_key: 0,
         }
     }
 }
@@ -203,7 +207,8 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(cfg: ConnConfig, ip_limits: Arc<IpLimits>) -> Self {
+    pub fn new(mut cfg: ConnConfig, ip_limits: Arc<IpLimits>) -> Self {
+        cfg.id_key = rand::random();
         Self {
             cfg,
             ip_limits,
@@ -317,8 +322,8 @@ pub struct Transmit {
 }
 
 /// The frame of `event` for `session`: the shared prefix plus this connection's matching ids.
-fn event_frame(session: &Session, event: &EncodedEvent) -> Option<OutFrame> {
-    let mut ids = session.matching(event).peekable();
+fn event_frame(session: &Session, event: &EncodedEvent, url_id: &UrlId) -> Option<OutFrame> {
+    let mut ids = session.matching(event, url_id).peekable();
     ids.peek()?;
     let mut tail = SmallVec::new();
     write_tail(&mut tail, ids);
@@ -459,12 +464,6 @@ pub struct Connection {
     kind: Kind,
     ping_outstanding: bool,
     behind_proxy: bool,
-    rate_count: u16,
-    /// Bytes of client messages in the current rate window.
-    rate_bytes: u32,
-    /// Client pings in the current rate window.
-    ping_count: u16,
-    rate_window_start: u32,
     last_read: u32,
     deadline: u32,
     /// Numbers `authentication` messages: only the answer to the latest counts.
@@ -473,14 +472,55 @@ pub struct Connection {
     auth_pending: bool,
     /// Numbers permission-change resolutions likewise.
     refresh_seq: u8,
-    /// A request head split across reads. Boxed so the common case (no split) costs one
-    /// pointer in every connection instead of a 24-byte `Vec`.
-    #[allow(clippy::box_collection)]
-    handshake: Option<Box<Vec<u8>>>,
+    /// What only a busy connection holds; `None` on an idle one.
+    busy: Option<Box<Busy>>,
+    session: Option<Session>,
+}
+
+/// What a connection holds only while it is doing something: a request head split across
+/// reads, an unfinished message, queued output, a resume, the current message rate window.
+/// Kept apart so that an idle connection pays one pointer for all of it; dropped at the tick
+/// once it is all empty again and its rate window has passed ([`Busy::is_idle`]).
+#[derive(Debug, Default)]
+struct Busy {
+    handshake: Option<Vec<u8>>,
     decoder: Decoder,
     outbox: Outbox,
-    session: Option<Session>,
-    replay: Option<Box<Replay>>,
+    replay: Option<Replay>,
+    rate: Rate,
+}
+
+/// A connection's client messages and pings in the current rate window.
+#[derive(Debug, Default)]
+struct Rate {
+    window_start: u32,
+    messages: u16,
+    pings: u16,
+    /// Bytes of client messages.
+    bytes: u32,
+}
+
+impl Rate {
+    /// Starts a new window once the current one has passed.
+    fn roll(&mut self, now: u32, window_secs: u32) {
+        if now.saturating_sub(self.window_start) >= window_secs {
+            *self = Self {
+                window_start: now,
+                ..Self::default()
+            };
+        }
+    }
+}
+
+impl Busy {
+    /// Nothing held, and the rate window has passed (so forgetting it forgets no count).
+    fn is_idle(&self, now: u32, window_secs: u32) -> bool {
+        self.handshake.is_none()
+            && self.decoder.is_idle()
+            && self.outbox.is_empty()
+            && self.replay.is_none()
+            && now.saturating_sub(self.rate.window_start) >= window_secs
+    }
 }
 
 impl Connection {
@@ -494,20 +534,13 @@ impl Connection {
             phase: Phase::Handshake,
             kind: Kind::Realtime,
             ping_outstanding: false,
-            rate_count: 0,
-            rate_bytes: 0,
-            ping_count: 0,
-            rate_window_start: now,
             last_read: now,
             auth_seq: 0,
             auth_pending: false,
             refresh_seq: 0,
             deadline: now.saturating_add(cfg.handshake_timeout_secs),
-            handshake: None,
-            decoder: Decoder::default(),
-            outbox: Outbox::default(),
+            busy: None,
             session: None,
-            replay: None,
         }
     }
 
@@ -538,6 +571,52 @@ impl Connection {
         }
     }
 
+    /// The id of this connection's URL subscription.
+    fn url_id(&self, cfg: &ConnConfig) -> UrlId {
+        UrlId::new(cfg.id_key, self.serial)
+    }
+
+    /// The busy state, made when first needed.
+    fn busy(&mut self) -> &mut Busy {
+        self.busy.get_or_insert_with(Box::default)
+    }
+
+    fn decoder_is_idle(&self) -> bool {
+        self.busy.as_ref().is_none_or(|b| b.decoder.is_idle())
+    }
+
+    /// Lets go of an unfinished message.
+    fn clear_decoder(&mut self) {
+        if let Some(b) = &mut self.busy {
+            b.decoder = Decoder::default();
+        }
+    }
+
+    fn replay(&self) -> Option<&Replay> {
+        self.busy.as_ref()?.replay.as_ref()
+    }
+
+    fn end_replay(&mut self) {
+        if let Some(b) = &mut self.busy {
+            b.replay = None;
+        }
+    }
+
+    /// Takes the outbox out to write it ([`Self::put_outbox`] puts it back), so that a
+    /// connection whose output all fits the socket never makes its busy state.
+    fn take_outbox(&mut self) -> Outbox {
+        self.busy
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.outbox))
+            .unwrap_or_default()
+    }
+
+    fn put_outbox(&mut self, outbox: Outbox) {
+        if !outbox.is_empty() {
+            self.busy().outbox = outbox;
+        }
+    }
+
     /// True for an open realtime connection, the only kind events go to.
     fn receives_events(&self) -> bool {
         self.phase == Phase::Open && self.kind == Kind::Realtime
@@ -547,13 +626,14 @@ impl Connection {
     /// queued output (without the event bodies all subscribers share), an unfinished message
     /// or request head, live events held for a resume (a reference each).
     pub fn held_bytes(&self) -> usize {
-        self.outbox.own_bytes()
-            + self.decoder.held_bytes()
-            + self.handshake.as_ref().map_or(0, |h| h.capacity())
-            + self
-                .replay
-                .as_ref()
-                .map_or(0, |r| r.buffered.len() * HELD_EVENT_BYTES)
+        self.busy.as_ref().map_or(0, |b| {
+            b.outbox.own_bytes()
+                + b.decoder.held_bytes()
+                + b.handshake.as_ref().map_or(0, Vec::capacity)
+                + b.replay
+                    .as_ref()
+                    .map_or(0, |r| r.buffered.len() * HELD_EVENT_BYTES)
+        })
     }
 
     /// Whether [`Connection::shed`] would let go of anything: not once it is closing (what it
@@ -570,19 +650,24 @@ impl Connection {
     /// unfinished message, 1013 when it was output or held events. Answers the close code, none
     /// for a connection that was not a WebSocket yet (it is just dropped).
     pub fn shed(&mut self, cx: &mut Context<'_>) -> Option<u16> {
-        let unfinished =
-            self.decoder.held_bytes() + self.handshake.as_ref().map_or(0, |h| h.capacity());
+        let unfinished = self.busy.as_ref().map_or(0, |b| {
+            b.decoder.held_bytes() + b.handshake.as_ref().map_or(0, Vec::capacity)
+        });
         let code = if unfinished * 2 >= self.held_bytes() {
             close_code::TOO_BIG
         } else {
             close_code::TRY_AGAIN_LATER
         };
-        self.decoder = Decoder::default();
-        self.outbox.discard_unstarted();
-        self.replay = None;
+        if let Some(b) = &mut self.busy {
+            b.decoder = Decoder::default();
+            b.outbox.discard_unstarted();
+            b.replay = None;
+        }
         match self.phase {
             Phase::Handshake | Phase::Resolving => {
-                self.handshake = None;
+                if let Some(b) = &mut self.busy {
+                    b.handshake = None;
+                }
                 self.phase = Phase::Done;
                 return None;
             }
@@ -608,12 +693,13 @@ impl Connection {
     /// over half its bound. A client that does not read what it asks for is not read from, and
     /// TCP slows it down, instead of its requests piling up answers until it is cut off.
     pub fn wants_input(&self, cfg: &ConnConfig) -> bool {
-        self.phase != Phase::Resolving && self.outbox.held_bytes() <= self.outbound_limit(cfg) / 2
+        let queued = self.busy.as_ref().map_or(0, |b| b.outbox.held_bytes());
+        self.phase != Phase::Resolving && queued <= self.outbound_limit(cfg) / 2
     }
 
     /// Output is queued: new frames must go behind it, through [`Shared::out`] and transmit.
     pub fn is_backlogged(&self) -> bool {
-        !self.outbox.is_empty()
+        self.busy.as_ref().is_some_and(|b| !b.outbox.is_empty())
     }
 
     /// Handles bytes just read from the socket. `data` is the driver's scratch buffer; it may
@@ -630,7 +716,7 @@ impl Connection {
         }
     }
     fn on_handshake_bytes(&mut self, data: &mut [u8], cx: &mut Context<'_>) -> Option<Incident> {
-        let mut held = self.handshake.take();
+        let mut held = self.busy.as_mut().and_then(|b| b.handshake.take());
         let buf: &mut [u8] = match held.as_mut() {
             Some(h) => {
                 h.extend_from_slice(data);
@@ -641,21 +727,16 @@ impl Connection {
         match handshake::parse_request(buf, cx.cfg.max_handshake) {
             Err(e) => self.reject(e.status(), &e.to_string(), cx, "malformed"),
             Ok(None) => {
-                let kept = match held {
-                    Some(h) => h,
-                    None => Box::new(data.to_vec()),
-                };
-                self.handshake = Some(kept);
+                let kept = held.unwrap_or_else(|| data.to_vec());
+                self.busy().handshake = Some(kept);
                 None
             }
             Ok(Some((req, len))) => {
                 let incident = self.upgrade(&req, None, cx);
                 if self.phase == Phase::Resolving {
                     // Kept whole (with anything after the head) until the session resolves.
-                    self.handshake = Some(match held {
-                        Some(h) => h,
-                        None => Box::new(data.to_vec()),
-                    });
+                    let kept = held.unwrap_or_else(|| data.to_vec());
+                    self.busy().handshake = Some(kept);
                     return incident;
                 }
                 if self.phase == Phase::Open && buf.len() > len {
@@ -669,7 +750,7 @@ impl Connection {
     /// The upgrade's session resolved (or failed, or timed out): the upgrade goes on with the
     /// request kept, as that user or as a guest.
     fn finish_upgrade(&mut self, identity: Resolution, cx: &mut Context<'_>) -> Option<Incident> {
-        let mut held = self.handshake.take()?;
+        let mut held = self.busy.as_mut()?.handshake.take()?;
         self.phase = Phase::Handshake;
         let buf = &mut held[..];
         let Ok(Some((req, len))) = handshake::parse_request(buf, usize::MAX) else {
@@ -847,9 +928,9 @@ impl Connection {
             Ok(r) => {
                 let before = session.channels();
                 let registry = &mut *cx.registry;
-                session.authenticate(r.identity, &mut |c| registry.intern(c));
+                session.authenticate(r.identity, &mut *registry);
                 cx.registry
-                    .update(&session.project, cx.key, &before, &session.channels());
+                    .update(session.project(), cx.key, &before, &session.channels());
                 let user = r.account.unwrap_or_else(|| session.identity.user_json());
                 cx.out
                     .push(OutFrame::text(protocol::authentication_response(&user)));
@@ -900,9 +981,9 @@ impl Connection {
         };
         let before = session.channels();
         let registry = &mut *cx.registry;
-        session.authenticate(identity, &mut |c| registry.intern(c));
+        session.authenticate(identity, &mut *registry);
         cx.registry
-            .update(&session.project, cx.key, &before, &session.channels());
+            .update(session.project(), cx.key, &before, &session.channels());
     }
 
     /// `user`'s permissions changed in `project`: a connection of that user whose identity
@@ -912,7 +993,7 @@ impl Connection {
         let Some(session) = self.session.as_ref().filter(|_| self.receives_events()) else {
             return;
         };
-        if &*session.project != project || session.identity.user_id() != Some(user) {
+        if **session.project() != *project || session.identity.user_id() != Some(user) {
             return;
         }
         let Some(secret) = session.identity.session() else {
@@ -924,7 +1005,7 @@ impl Connection {
             key: cx.key,
             serial: self.serial,
             purpose: ResolvePurpose::Refresh(self.refresh_seq),
-            project: session.project.clone(),
+            project: session.project().clone(),
             session: secret.clone(),
         });
     }
@@ -973,22 +1054,21 @@ impl Connection {
         };
         let project = cx.registry.intern(project);
         let registry = &mut *cx.registry;
-        let mut intern = |c: &str| registry.intern(c);
         let (session, numbers) = match slots {
-            None => (
-                Session::new(project, identity, &q.channels, &mut intern),
-                None,
-            ),
+            None => (Session::new(project, identity, &q.channels, registry), None),
             Some((numbers, slots)) => (
-                Session::with_slots(project, identity, slots, &mut intern),
+                Session::with_slots(project, identity, slots, registry),
                 Some(numbers),
             ),
         };
-        cx.out.push(OutFrame::text(
-            session.connected_message(numbers.as_deref(), account.as_ref()),
-        ));
+        let url_id = self.url_id(cx.cfg);
+        cx.out.push(OutFrame::text(session.connected_message(
+            numbers.as_deref(),
+            account.as_ref(),
+            &url_id,
+        )));
         cx.registry
-            .update(&session.project, cx.key, &[], &session.channels());
+            .update(session.project(), cx.key, &[], &session.channels());
         self.session = Some(session);
         if let Some(after) = q.last_event_id {
             self.start_replay(&after, cx);
@@ -1019,11 +1099,11 @@ impl Connection {
                 "Invalid lastEventId: an event id is at most {MAX_LAST_EVENT_ID_BYTES} characters"
             ),
             Err(e) => format!("Invalid lastEventId {raw:?}: {e}"),
-            Ok(_) if self.replay.as_ref().is_some_and(|r| r.waiting) => {
+            Ok(_) if self.replay().is_some_and(|r| r.waiting) => {
                 "Invalid lastEventId: a replay is already in progress on this connection".to_owned()
             }
             Ok(after) => {
-                self.replay = Some(Box::new(Replay {
+                self.busy().replay = Some(Replay {
                     after,
                     upto: cx.position,
                     waiting: true,
@@ -1032,7 +1112,7 @@ impl Connection {
                     overflowed: false,
                     cancellation: Cancellation::default(),
                     started: cx.now,
-                }));
+                });
                 cx.resumes.push(cx.key);
                 return;
             }
@@ -1048,7 +1128,12 @@ impl Connection {
             Kind::Realtime => cx.cfg.max_message,
             Kind::Echo => cx.cfg.echo_max_message,
         };
-        let mut decoder = std::mem::take(&mut self.decoder);
+        // Taken out for the feed (the busy state is made only if a message stays unfinished).
+        let mut decoder = self
+            .busy
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.decoder))
+            .unwrap_or_default();
         let was_idle = decoder.is_idle();
         // A data message completed in this read: what is still buffered is a new message. Control
         // frames do not count, so pings cannot keep a fragmented message alive.
@@ -1057,8 +1142,11 @@ impl Connection {
             completed |= matches!(m, Message::Text(_) | Message::Binary(_));
             self.on_message(m, cx)
         });
-        self.decoder = decoder;
-        if (was_idle || completed) && !self.decoder.is_idle() && self.phase == Phase::Open {
+        let unfinished = !decoder.is_idle();
+        if unfinished {
+            self.busy().decoder = decoder;
+        }
+        if (was_idle || completed) && unfinished && self.phase == Phase::Open {
             // While open, `deadline` is when the message now begun must be complete.
             self.deadline = cx.now.saturating_add(cx.cfg.message_timeout_secs);
         }
@@ -1070,7 +1158,7 @@ impl Connection {
 
     fn fail(&mut self, e: &ProtocolError, cx: &mut Context<'_>) -> Incident {
         // Nothing more will be decoded, so the partial state can go now.
-        self.decoder = Decoder::default();
+        self.clear_decoder();
         let code = e.close_code();
         if self.phase == Phase::Open {
             // RFC 6455 section 7.1.7, _Fail the WebSocket Connection_: send a close frame, then
@@ -1114,7 +1202,7 @@ impl Connection {
                         SmallVec::new(),
                     ));
                 }
-                self.decoder = Decoder::default();
+                self.clear_decoder();
                 self.enter(Phase::FlushThenDrop, cx.now);
                 return ControlFlow::Break(());
             }
@@ -1159,26 +1247,18 @@ impl Connection {
         if count_limit == 0 && bytes_limit == 0 {
             return None;
         }
-        self.roll_rate_window(cx);
-        self.rate_count = self.rate_count.saturating_add(1);
-        if count_limit > 0 && u32::from(self.rate_count) > count_limit {
+        let rate = &mut self.busy().rate;
+        rate.roll(cx.now, cx.cfg.message_rate_window_secs);
+        rate.messages = rate.messages.saturating_add(1);
+        if count_limit > 0 && u32::from(rate.messages) > count_limit {
             return Some(protocol::errors::TOO_MANY_MESSAGES);
         }
         let len = u32::try_from(len).unwrap_or(u32::MAX);
-        if bytes_limit > 0 && self.rate_bytes.saturating_add(len) > bytes_limit {
+        if bytes_limit > 0 && rate.bytes.saturating_add(len) > bytes_limit {
             return Some(protocol::errors::TOO_MANY_MESSAGE_BYTES);
         }
-        self.rate_bytes = self.rate_bytes.saturating_add(len);
+        rate.bytes = rate.bytes.saturating_add(len);
         None
-    }
-
-    fn roll_rate_window(&mut self, cx: &Context<'_>) {
-        if cx.now.saturating_sub(self.rate_window_start) >= cx.cfg.message_rate_window_secs {
-            self.rate_window_start = cx.now;
-            self.rate_count = 0;
-            self.rate_bytes = 0;
-            self.ping_count = 0;
-        }
     }
 
     /// Whether a client ping gets its pong: realtime clients may ping twice as often as they
@@ -1187,9 +1267,10 @@ impl Connection {
         if self.kind == Kind::Echo || cx.cfg.message_rate == 0 {
             return true;
         }
-        self.roll_rate_window(cx);
-        self.ping_count = self.ping_count.saturating_add(1);
-        if u32::from(self.ping_count) > cx.cfg.message_rate.saturating_mul(2) {
+        let rate = &mut self.busy().rate;
+        rate.roll(cx.now, cx.cfg.message_rate_window_secs);
+        rate.pings = rate.pings.saturating_add(1);
+        if u32::from(rate.pings) > cx.cfg.message_rate.saturating_mul(2) {
             cx.counters.rate_limited += 1;
             return false;
         }
@@ -1214,8 +1295,8 @@ impl Connection {
             jwt: &cx.cfg.jwt,
             sessions: cx.cfg.resolver,
         };
-        let reply =
-            session.handle_text(text, &cx.cfg.limits, verifiers, &mut |c| registry.intern(c));
+        let url_id = UrlId::new(cx.cfg.id_key, self.serial);
+        let reply = session.handle_text(text, &cx.cfg.limits, verifiers, registry, &url_id);
         if reply.authentication && reply.resolve_session.is_some() && self.auth_pending {
             // One resolution per connection at a time: a client cannot fill the resolver's
             // queue for everyone else.
@@ -1242,13 +1323,13 @@ impl Connection {
                 key: cx.key,
                 serial: self.serial,
                 purpose: ResolvePurpose::Authentication(self.auth_seq),
-                project: session.project.clone(),
+                project: session.project().clone(),
                 session: SessionSecret::new(secret),
             });
         }
         if reply.subscriptions_changed {
             cx.registry
-                .update(&session.project, cx.key, &before, &session.channels());
+                .update(session.project(), cx.key, &before, &session.channels());
         }
         if let Some(frame) = reply.frame {
             cx.out.push(OutFrame::text(frame));
@@ -1275,7 +1356,9 @@ impl Connection {
 
     fn enter(&mut self, phase: Phase, now: u32) {
         self.phase = phase;
-        self.handshake = None;
+        if let Some(b) = &mut self.busy {
+            b.handshake = None;
+        }
         if phase != Phase::Open {
             self.deadline = now.saturating_add(CLOSE_TIMEOUT_SECS);
         }
@@ -1305,7 +1388,8 @@ impl Connection {
         if !continues {
             // Matched once (queries can be costly): the tail is written now, and the caller
             // drops it unless the answer is `Deliver`.
-            let mut ids = session.matching(event).peekable();
+            let url_id = UrlId::new(cfg.id_key, self.serial);
+            let mut ids = session.matching(event, &url_id).peekable();
             if ids.peek().is_none() {
                 return if filtered {
                     Verdict::Skip
@@ -1324,7 +1408,7 @@ impl Connection {
 
     /// What a resume in progress does with a matched live event; `None`: deliver it.
     fn replay_verdict(&mut self, event: &Arc<EncodedEvent>, max_held: usize) -> Option<Verdict> {
-        let r = self.replay.as_mut()?;
+        let r = self.busy.as_mut()?.replay.as_mut()?;
         if r.waiting {
             if r.overflowed {
                 return Some(Verdict::Skip);
@@ -1342,7 +1426,7 @@ impl Connection {
         match event.position {
             Some(p) if p <= r.after => Some(Verdict::Skip),
             Some(_) => {
-                self.replay = None;
+                self.end_replay();
                 None
             }
             None => None,
@@ -1352,17 +1436,16 @@ impl Connection {
     /// The history the resume this connection started needs, and the flag that is set if the
     /// connection goes away before it arrives (contract, step 6).
     pub fn replay_query(&self, cfg: &ConnConfig) -> Option<(ReplayQuery, Cancellation)> {
-        let (session, replay) = (self.session.as_ref()?, self.replay.as_ref()?);
+        let (session, replay) = (self.session.as_ref()?, self.replay()?);
         let query = replay.waiting.then(|| ReplayQuery {
             after: replay.after,
             upto: replay.upto,
-            project: session.project.to_string(),
+            project: session.project().to_string(),
             subscriptions: session
-                .subscriptions
-                .iter()
+                .subscriptions(&self.url_id(cfg))
                 .map(|s| crate::mailbox::ReplaySubscription {
                     channels: s.channels.iter().map(|c| c.to_string()).collect(),
-                    filter: s.filter.as_deref().cloned(),
+                    filter: s.filter.cloned(),
                 })
                 .collect(),
             identity: session.identity.clone(),
@@ -1383,23 +1466,29 @@ impl Connection {
         if serial != self.serial || !self.receives_events() {
             return;
         }
-        let Some(mut r) = self.replay.take() else {
+        let Some(r) = self.busy.as_mut().and_then(|b| b.replay.as_mut()) else {
             return;
         };
         if !r.waiting {
             // Already answered (or timed out): a late answer must not send history twice.
-            self.replay = Some(r);
             return;
         }
+        let Some(mut r) = self.busy.as_mut().and_then(|b| b.replay.take()) else {
+            return;
+        };
         // Answered: dropping it now or later cancels nothing.
         r.waiting = false;
         let Some(session) = self.session.as_ref() else {
             return;
         };
+        let url_id = self.url_id(cx.cfg);
         let keep_skipping = match &outcome {
             Ok(events) => {
-                cx.out
-                    .extend(events.iter().filter_map(|e| event_frame(session, e)));
+                cx.out.extend(
+                    events
+                        .iter()
+                        .filter_map(|e| event_frame(session, e, &url_id)),
+                );
                 true
             }
             Err(e) => {
@@ -1424,22 +1513,30 @@ impl Connection {
         cx.out.extend(
             r.buffered
                 .drain(..)
-                .filter_map(|e| event_frame(session, &e)),
+                .filter_map(|e| event_frame(session, &e, &url_id)),
         );
         if keep_skipping && cx.position.is_none_or(|h| h < r.after) {
             r.buffered = VecDeque::new();
             r.buffered_bytes = 0;
-            self.replay = Some(r);
+            self.busy().replay = Some(r);
         }
     }
 
-    /// Periodic check: handshake and close deadlines, idle pings and the idle timeout.
+    /// Periodic check: handshake and close deadlines, idle pings and the idle timeout; the busy
+    /// state goes once it holds nothing.
     pub fn on_tick(&mut self, cx: &mut Context<'_>) -> Option<Incident> {
+        if self
+            .busy
+            .as_ref()
+            .is_some_and(|b| b.is_idle(cx.now, cx.cfg.message_rate_window_secs))
+        {
+            self.busy = None;
+        }
         match self.phase {
             Phase::Open => {
                 let idle = cx.now.saturating_sub(self.last_read);
                 let cfg = cx.cfg;
-                if self.replay.as_ref().is_some_and(|r| {
+                if self.replay().is_some_and(|r| {
                     r.waiting && cx.now >= r.started.saturating_add(REPLAY_TIMEOUT_SECS)
                 }) {
                     let late = ReplayError::Unavailable(format!(
@@ -1447,9 +1544,9 @@ impl Connection {
                     ));
                     self.on_replay_answer(self.serial, Err(late), cx);
                 }
-                if !self.decoder.is_idle() && cx.now >= self.deadline {
+                if !self.decoder_is_idle() && cx.now >= self.deadline {
                     // Whatever was held for the unfinished message goes now.
-                    self.decoder = Decoder::default();
+                    self.clear_decoder();
                     self.close(close_code::POLICY, "message not completed in time", cx);
                     return Some(Incident::ProtocolError(close_code::POLICY));
                 }
@@ -1496,7 +1593,7 @@ impl Connection {
     /// Queues frames a direct write did not finish: `frames[0]` is on the wire up to `offset`.
     /// The driver calls [`Self::transmit`] next, which applies the outbound bound.
     pub fn queue_unsent(&mut self, frames: Vec<OutFrame>, offset: usize) {
-        self.outbox.queue_unsent(frames, offset);
+        self.busy().outbox.queue_unsent(frames, offset);
     }
 
     /// Writes [`Shared::out`] and the queued output to `w` as far as it takes them, applies the
@@ -1521,17 +1618,10 @@ impl Connection {
             return Ok(t);
         }
         let limit = self.outbound_limit(cx.cfg);
-        if let Err(Overflow) = self.outbox.send(w, cx.out, limit)? {
-            t.slow_consumer = true;
-            // Drop what the peer has not started to receive and tell it why.
-            self.outbox.discard_unstarted();
-            self.close(
-                close_code::TRY_AGAIN_LATER,
-                "slow consumer: outbound queue full",
-                cx,
-            );
-            let _ = self.outbox.send(w, cx.out, usize::MAX)?;
-        }
+        let mut outbox = self.take_outbox();
+        let sent = self.send_out(&mut outbox, w, limit, cx);
+        self.put_outbox(outbox);
+        t.slow_consumer = sent?;
         t.next = if self.is_backlogged() {
             Next::Blocked
         } else {
@@ -1551,10 +1641,32 @@ impl Connection {
         Ok(t)
     }
 
+    /// Writes `cx.out` behind `outbox`; on overflow closes as a slow consumer and answers true.
+    fn send_out<W: Write>(
+        &mut self,
+        outbox: &mut Outbox,
+        w: &mut W,
+        limit: usize,
+        cx: &mut Context<'_>,
+    ) -> io::Result<bool> {
+        if let Err(Overflow) = outbox.send(w, cx.out, limit)? {
+            // Drop what the peer has not started to receive and tell it why.
+            outbox.discard_unstarted();
+            self.close(
+                close_code::TRY_AGAIN_LATER,
+                "slow consumer: outbound queue full",
+                cx,
+            );
+            let _ = outbox.send(w, cx.out, usize::MAX)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Removes this connection from the shard's channel index (before its slot is reused).
     pub fn unindex(&self, registry: &mut Registry, key: u32) {
         if let Some(s) = &self.session {
-            registry.update(&s.project, key, &s.channels(), &[]);
+            registry.update(s.project(), key, &s.channels(), &[]);
         }
     }
 }
@@ -2039,7 +2151,7 @@ mod tests {
         // added here is paid a million times.
         assert!(std::mem::size_of::<Connection>() <= 112);
         let d = Driver::open("channels[]=a");
-        assert!(d.conn.decoder.is_idle() && d.conn.handshake.is_none());
+        assert!(d.conn.busy.is_none(), "nothing held");
         assert!(!d.conn.is_backlogged());
     }
 
@@ -2413,7 +2525,7 @@ mod tests {
         let frames = d.frames();
         assert_eq!(frames[0].0, CLOSE);
         assert_eq!(close_code_of(&frames[0].1), close_code::POLICY);
-        assert!(d.conn.decoder.is_idle(), "the partial message was freed");
+        assert!(d.conn.decoder_is_idle(), "the partial message was freed");
     }
 
     #[test]

@@ -191,6 +191,7 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
     };
     let drain = config.drain_timeout;
     let outcome = runtime.block_on(async move {
+        tokio::spawn(crate::doorbell::give_back_when_quiet());
         if let Some(r) = &redis {
             r.spawn_workers();
         }

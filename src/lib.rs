@@ -44,7 +44,8 @@
 //! - [`metrics`]: Prometheus metrics.
 //!
 //! Wiring: [`gateway`] starts everything in order; [`config`] holds every setting;
-//! [`limits`] raises the open-file limit.
+//! [`limits`] raises the open-file limit; [`memory`] sets the allocator up and decides when a
+//! thread gives freed pages back.
 //!
 //! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `filter`, `origin`,
 //! `names` know nothing else; `identity` knows `names`; `event` knows `identity`; `protocol`
@@ -68,6 +69,7 @@ pub mod hub;
 pub mod identity;
 pub mod limits;
 pub mod mailbox;
+pub mod memory;
 pub mod metrics;
 pub mod names;
 pub mod origin;

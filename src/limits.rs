@@ -1,8 +1,7 @@
 //! The process's limits: open files (every connection is a file descriptor) and memory.
 //!
 //! Owns raising the soft `RLIMIT_NOFILE` to the hard limit at start and turning it into a
-//! connection capacity, finding how much memory the process may use, and keeping transparent
-//! huge pages out of the process. Must not open sockets.
+//! connection capacity, and finding how much memory the process may use. Must not open sockets.
 
 /// Descriptors kept for everything that is not a client connection: listeners, epoll, wakers,
 /// the admin listener and its clients, log files.
@@ -26,33 +25,6 @@ pub fn raise_nofile() -> std::io::Result<FdLimit> {
     let (_, hard) = rlimit::Resource::NOFILE.get()?;
     let soft = rlimit::increase_nofile_limit(hard)?;
     Ok(FdLimit { soft, hard })
-}
-
-/// Whether `MIMALLOC_ALLOW_THP` asks for transparent huge pages (as mimalloc reads it).
-fn thp_wanted() -> bool {
-    std::env::var("MIMALLOC_ALLOW_THP").is_ok_and(|v| {
-        matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "1" | "true" | "yes" | "on"
-        )
-    })
-}
-
-/// Switches transparent huge pages off for this process (`PR_SET_THP_DISABLE`), as herald's
-/// default: with them the allocator's heap grows and stays resident in 2 MiB steps, which more
-/// than doubles what an idle connection costs (`benches/RESULTS.md`, idle memory), for no gain
-/// in a gateway whose working set is many small objects. `MIMALLOC_ALLOW_THP=1` keeps them.
-/// Answers whether they are off.
-pub fn disable_transparent_huge_pages() -> std::io::Result<bool> {
-    if thp_wanted() {
-        return Ok(false);
-    }
-    // SAFETY: prctl with PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
-    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(true)
 }
 
 /// Memory this process may use: the machine's (`MemTotal`), or its cgroup's limit when lower

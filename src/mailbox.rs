@@ -220,8 +220,8 @@ pub enum AnswerRefused {
 /// The control plane's end of a shard.
 #[derive(Clone)]
 pub struct ShardHandle {
-    tx: Sender<Command>,
-    answers: Sender<Answer>,
+    tx: Capped<Command>,
+    answers: Capped<Answer>,
     waker: Arc<Waker>,
     signals: Arc<Signals>,
 }
@@ -234,10 +234,46 @@ pub struct ShardInbox {
     signals: Arc<Signals>,
 }
 
+/// The sending end of a queue bounded by count whose memory follows what it holds.
+/// crossbeam's `bounded(n)` allocates and initialises all n slots when it is made: the 65,536
+/// event slots of every shard were megabytes of each process's memory, idle or not. Senders that
+/// race past the check together may overshoot the capacity by one message each.
+struct Capped<T> {
+    tx: Sender<T>,
+    capacity: usize,
+}
+
+impl<T> Clone for Capped<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            capacity: self.capacity,
+        }
+    }
+}
+
+impl<T> Capped<T> {
+    fn channel(capacity: usize) -> (Self, Receiver<T>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (Self { tx, capacity }, rx)
+    }
+
+    fn try_send(&self, msg: T) -> Result<(), TrySendError<T>> {
+        if self.tx.len() >= self.capacity {
+            return Err(TrySendError::Full(msg));
+        }
+        self.tx.try_send(msg)
+    }
+
+    fn len(&self) -> usize {
+        self.tx.len()
+    }
+}
+
 /// Both ends of one shard's queues; `waker` wakes that shard's event loop.
 pub fn shard_mailbox(waker: Waker) -> (ShardHandle, ShardInbox) {
-    let (tx, rx) = crossbeam_channel::bounded(QUEUE_CAPACITY);
-    let (answers_tx, answers) = crossbeam_channel::bounded(ANSWER_CAPACITY);
+    let (tx, rx) = Capped::channel(QUEUE_CAPACITY);
+    let (answers_tx, answers) = Capped::channel(ANSWER_CAPACITY);
     let signals = Arc::new(Signals::default());
     signals.alive.store(true, Ordering::Release);
     let handle = ShardHandle {
@@ -361,7 +397,7 @@ pub trait Doorbell: Send + Sync {
 
 /// The shards' end of a request channel (one per shard, all feeding one receiver).
 pub struct RequestSender<T> {
-    tx: Sender<T>,
+    tx: Capped<T>,
     bell: Arc<dyn Doorbell>,
 }
 
@@ -391,7 +427,7 @@ pub fn request_channel<T>(
     bell: Arc<dyn Doorbell>,
     capacity: usize,
 ) -> (RequestSender<T>, RequestReceiver<T>) {
-    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    let (tx, rx) = Capped::channel(capacity);
     (RequestSender { tx, bell }, RequestReceiver { rx })
 }
 

@@ -55,7 +55,7 @@ struct PublishArgs {
 
 fn main() -> anyhow::Result<()> {
     // First, before threads and heaps grow: the lean memory default.
-    let thp = herald::limits::disable_transparent_huge_pages();
+    let thp = herald::memory::disable_transparent_huge_pages();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")

@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use crate::event::EncodedEvent;
 use crate::filter::{Filter, FilterLimits};
 use crate::identity::{Identity, JwtVerifier};
+use crate::registry::{Registry, Route};
 
 /// Limits a client cannot exceed through subscribe messages.
 #[derive(Debug, Clone, Copy)]
@@ -55,13 +56,92 @@ pub struct Subscription {
     pub filter: Option<Box<Filter>>,
 }
 
-/// The realtime state of one connection.
+/// One subscription as a session holds it (see [`Session::subscriptions`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SubscriptionView<'a> {
+    pub id: &'a str,
+    pub channels: &'a [Arc<str>],
+    pub filter: Option<&'a Filter>,
+}
+
+impl<'a> From<&'a Subscription> for SubscriptionView<'a> {
+    fn from(s: &'a Subscription) -> Self {
+        Self {
+            id: &s.id,
+            channels: &s.channels,
+            filter: s.filter.as_deref(),
+        }
+    }
+}
+
+/// The id of the subscription a connection's URL makes. Derived, not stored: from the shard's
+/// random key and the connection's serial, so that it differs between connections and is the
+/// same for the whole life of one. 20 hex characters, like a minted id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UrlId([u8; 20]);
+
+impl UrlId {
+    pub fn new(key: u64, serial: u32) -> Self {
+        // A bijection of the 64 bits (SplitMix64's finaliser): distinct serials, distinct ids.
+        let v = mix(key ^ u64::from(serial));
+        let hi = mix(v) >> 48;
+        let mut out = [0u8; 20];
+        let digits = b"0123456789abcdef";
+        for (i, b) in out.iter_mut().enumerate() {
+            let nibble = if i < 16 {
+                (v >> (60 - 4 * i)) & 0xF
+            } else {
+                (hi >> (12 - 4 * (i - 16))) & 0xF
+            };
+            *b = digits[nibble as usize];
+        }
+        Self(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Hex digits only.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Where a session takes the shard's shared copies of names and routes from.
+pub trait Intern {
+    fn name(&mut self, name: &str) -> Arc<str>;
+    fn route(&mut self, route: Route) -> Arc<Route>;
+}
+
+impl Intern for Registry {
+    fn name(&mut self, name: &str) -> Arc<str> {
+        self.intern(name)
+    }
+
+    fn route(&mut self, route: Route) -> Arc<Route> {
+        self.intern_route(route)
+    }
+}
+
+/// The realtime state of one connection. Lean on purpose (two pointers and an identity): a
+/// million idle connections each hold one. What the URL asked for is a [`Route`] shared by
+/// every session of the shard that asked alike, and the URL's subscription id is the
+/// connection's [`UrlId`], which callers pass in.
 #[derive(Debug)]
 pub struct Session {
-    pub project: Arc<str>,
+    /// The project and the URL's channels (converted for the identity).
+    route: Arc<Route>,
     /// Guest or user; replaced by a successful `authentication`.
     pub identity: Arc<Identity>,
-    pub subscriptions: Vec<Subscription>,
+    /// The subscriptions once they are not just the URL's (a `subscribe` or `unsubscribe`
+    /// changed them, or the URL had query slots): all of them, the URL's with its id. `None`:
+    /// the URL's channels, if any, are the one subscription.
+    /// Boxed: one pointer in every session instead of a 24-byte `Vec` most never use.
+    #[allow(clippy::box_collection)]
+    own: Option<Box<Vec<Subscription>>>,
 }
 
 /// What the connection must do after a client message.
@@ -153,21 +233,13 @@ impl Session {
         project: Arc<str>,
         identity: Arc<Identity>,
         url_channels: &[String],
-        intern: &mut dyn FnMut(&str) -> Arc<str>,
+        intern: &mut dyn Intern,
     ) -> Self {
-        // Exactly one slot: a growing Vec would reserve four (120 bytes more per connection).
-        let mut subscriptions = Vec::with_capacity(usize::from(!url_channels.is_empty()));
-        if !url_channels.is_empty() {
-            subscriptions.push(Subscription {
-                id: mint_id(),
-                channels: convert_channels(&identity, url_channels.iter(), intern),
-                filter: None,
-            });
-        }
+        let channels = convert_channels(&identity, url_channels.iter(), intern);
         Self {
-            project,
+            route: intern.route(Route { project, channels }),
             identity,
-            subscriptions,
+            own: None,
         }
     }
 
@@ -177,7 +249,7 @@ impl Session {
         project: Arc<str>,
         identity: Arc<Identity>,
         slots: Vec<(Vec<String>, Option<Filter>)>,
-        intern: &mut dyn FnMut(&str) -> Arc<str>,
+        intern: &mut dyn Intern,
     ) -> Self {
         let subscriptions = slots
             .into_iter()
@@ -187,10 +259,51 @@ impl Session {
                 filter: filter.filter(|f| !f.is_select_all()).map(Box::new),
             })
             .collect();
-        Self {
+        let route = intern.route(Route {
             project,
+            channels: Box::new([]),
+        });
+        Self {
+            route,
             identity,
-            subscriptions,
+            own: Some(Box::new(subscriptions)),
+        }
+    }
+
+    pub fn project(&self) -> &Arc<str> {
+        &self.route.project
+    }
+
+    /// Every subscription in order; `url_id` names the URL's.
+    pub fn subscriptions<'a>(
+        &'a self,
+        url_id: &'a UrlId,
+    ) -> impl Iterator<Item = SubscriptionView<'a>> + 'a {
+        let url =
+            (self.own.is_none() && !self.route.channels.is_empty()).then(|| SubscriptionView {
+                id: url_id.as_str(),
+                channels: &self.route.channels,
+                filter: None,
+            });
+        let own = self
+            .own
+            .iter()
+            .flat_map(|v| v.iter().map(SubscriptionView::from));
+        url.into_iter().chain(own)
+    }
+
+    /// The subscriptions as a list of their own, to change.
+    fn owned(&self, url_id: &UrlId) -> Vec<Subscription> {
+        match &self.own {
+            Some(v) => (**v).clone(),
+            None => self
+                .subscriptions(url_id)
+                .map(|s| Subscription {
+                    id: s.id.into(),
+                    channels: s.channels.into(),
+                    filter: None,
+                })
+                .collect(),
         }
     }
 
@@ -198,8 +311,13 @@ impl Session {
     /// each subscription, when they are not simply 0, 1, 2... (then `subscriptions` is an
     /// object from slot to id, as Appwrite's PHP encodes it).
     /// `user`: the Account object a resolver returned, instead of what the identity knows.
-    pub fn connected_message(&self, slots: Option<&[u32]>, user: Option<&Value>) -> String {
-        let ids = self.subscriptions.iter().map(|s| s.id.as_str());
+    pub fn connected_message(
+        &self,
+        slots: Option<&[u32]>,
+        user: Option<&Value>,
+        url_id: &UrlId,
+    ) -> String {
+        let ids = self.subscriptions(url_id).map(|s| s.id);
         let subscriptions = match slots {
             Some(slots) if slots.iter().enumerate().any(|(i, &s)| s as usize != i) => {
                 Value::Object(
@@ -222,31 +340,49 @@ impl Session {
 
     /// Becomes `identity` (a verified `authentication`): every subscription keeps its id and
     /// the project stays; `account` channels are bound to the new user. The caller re-indexes.
-    pub fn authenticate(
-        &mut self,
-        identity: Arc<Identity>,
-        intern: &mut dyn FnMut(&str) -> Arc<str>,
-    ) {
+    pub fn authenticate(&mut self, identity: Arc<Identity>, intern: &mut dyn Intern) {
         let old = self.identity.clone();
-        for s in &mut self.subscriptions {
-            // Back to what the client asked for (`account.<old>.update` was `account.update`),
-            // then bound to the new user.
-            let asked = s
-                .channels
+        // Back to what the client asked for (`account.<old>.update` was `account.update`), then
+        // bound to the new user.
+        let mut rebind = |channels: &[Arc<str>]| {
+            let asked = channels
                 .iter()
                 .map(|c| crate::identity::unbind_channel(&old, c));
-            s.channels = convert_channels(&identity, asked, intern);
+            convert_channels(&identity, asked, intern)
+        };
+        match &mut self.own {
+            Some(list) => {
+                for s in list.iter_mut() {
+                    s.channels = rebind(&s.channels);
+                }
+            }
+            None if !self.route.channels.is_empty() => {
+                let channels = rebind(&self.route.channels);
+                let project = self.route.project.clone();
+                self.route = intern.route(Route { project, channels });
+            }
+            None => {}
         }
         self.identity = identity;
+    }
+
+    /// Each subscription's channel list.
+    fn channel_lists(&self) -> impl Iterator<Item = &[Arc<str>]> {
+        let url = self
+            .own
+            .is_none()
+            .then_some(&*self.route.channels)
+            .filter(|c| !c.is_empty());
+        let own = self.own.iter().flat_map(|v| v.iter().map(|s| &*s.channels));
+        url.into_iter().chain(own)
     }
 
     /// Every distinct channel of every subscription, in first-seen order (linear: a session may
     /// hold 100 subscriptions of 100 channels).
     pub fn channels(&self) -> Vec<Arc<str>> {
         let mut seen = FxHashSet::default();
-        self.subscriptions
-            .iter()
-            .flat_map(|s| s.channels.iter())
+        self.channel_lists()
+            .flat_map(|c| c.iter())
             .filter(|c| seen.insert(&***c))
             .cloned()
             .collect()
@@ -254,33 +390,40 @@ impl Session {
 
     /// Ids of the subscriptions that listen to any of `channels` (in subscription order) and
     /// whose queries match the payload, for an event the session's roles allow.
-    pub fn matching<'a>(&'a self, event: &'a EncodedEvent) -> impl Iterator<Item = &'a str> + 'a {
+    pub fn matching<'a>(
+        &'a self,
+        event: &'a EncodedEvent,
+        url_id: &'a UrlId,
+    ) -> impl Iterator<Item = &'a str> + 'a {
         let allowed = event.allows(&self.identity);
-        self.subscriptions
-            .iter()
+        self.subscriptions(url_id)
             .filter(move |s| {
                 allowed
                     && s.channels
                         .iter()
                         .any(|c| event.channels.iter().any(|e| **e == **c))
-                    && s.filter.as_ref().is_none_or(|f| f.matches(event.payload()))
+                    && s.filter.is_none_or(|f| f.matches(event.payload()))
             })
-            .map(|s| s.id.as_str())
+            .map(|s| s.id)
     }
 
     /// Whether some subscription has queries: then two events of the same route may match
     /// differently, and each is judged on its own.
     pub fn has_filters(&self) -> bool {
-        self.subscriptions.iter().any(|s| s.filter.is_some())
+        self.own
+            .as_ref()
+            .is_some_and(|v| v.iter().any(|s| s.filter.is_some()))
     }
 
     /// Handles one client text message; `jwt` verifies `authentication` tokens.
+    /// `url_id`: the connection's id for the URL's subscription.
     pub fn handle_text(
         &mut self,
         text: &str,
         limits: &SessionLimits,
         verifiers: Verifiers<'_>,
-        intern: &mut dyn FnMut(&str) -> Arc<str>,
+        intern: &mut dyn Intern,
+        url_id: &UrlId,
     ) -> Reply {
         let Ok(Value::Object(mut msg)) = serde_json::from_str::<Value>(text) else {
             return Reply::frame(error_message(1003, errors::MESSAGE_FORMAT));
@@ -292,7 +435,7 @@ impl Session {
         match msg.get("type").and_then(Value::as_str) {
             Some("ping") => Reply::frame(r#"{"type":"pong"}"#.to_owned()),
             Some("subscribe") => {
-                let mut reply = self.subscribe(data, limits, intern);
+                let mut reply = self.subscribe(data, limits, intern, url_id);
                 if reply.subscribed {
                     reply.resume_after = msg.get("lastEventId").map(|v| match v {
                         Value::String(s) => s.clone(),
@@ -301,7 +444,7 @@ impl Session {
                 }
                 reply
             }
-            Some("unsubscribe") => self.unsubscribe(data),
+            Some("unsubscribe") => self.unsubscribe(data, url_id),
             Some("authentication") => Reply {
                 authentication: true,
                 ..self.authentication(&data, verifiers, intern)
@@ -320,7 +463,7 @@ impl Session {
         &mut self,
         data: &Value,
         verifiers: Verifiers<'_>,
-        intern: &mut dyn FnMut(&str) -> Arc<str>,
+        intern: &mut dyn Intern,
     ) -> Reply {
         let Some(token) = data.get("jwt") else {
             return session_authentication(data, verifiers.sessions);
@@ -331,7 +474,11 @@ impl Session {
                 "Payload is not valid. jwt must be a string",
             ));
         };
-        match verifiers.jwt.verify(token, &self.project, intern) {
+        let project = self.route.project.clone();
+        match verifiers
+            .jwt
+            .verify(token, &project, &mut |n| intern.name(n))
+        {
             Ok(identity) => {
                 self.authenticate(Arc::new(identity), intern);
                 Reply {
@@ -348,7 +495,8 @@ impl Session {
         &mut self,
         data: Value,
         limits: &SessionLimits,
-        intern: &mut dyn FnMut(&str) -> Arc<str>,
+        intern: &mut dyn Intern,
+        url_id: &UrlId,
     ) -> Reply {
         let mut rows = match parse_subscribe(data, limits) {
             Ok(rows) => rows,
@@ -369,15 +517,16 @@ impl Session {
                 }
             }
         }
+        let current = self.owned(url_id);
         // A row repeating an id (Appwrite: the last one wins) adds one subscription, not two.
         let new_ids = rows
             .iter()
             .filter_map(|r| r.id.as_ref())
-            .filter(|id| !self.subscriptions.iter().any(|s| s.id == **id))
+            .filter(|id| !current.iter().any(|s| s.id == **id))
             .collect::<FxHashSet<_>>()
             .len()
             + rows.iter().filter(|r| r.id.is_none()).count();
-        if self.subscriptions.len() + new_ids > limits.max_subscriptions {
+        if current.len() + new_ids > limits.max_subscriptions {
             return Reply::frame(error_message(
                 1003,
                 &format!(
@@ -387,7 +536,7 @@ impl Session {
             ));
         }
         let mut out = Vec::with_capacity(rows.len());
-        let mut next = self.subscriptions.clone();
+        let mut next = current.clone();
         for row in rows {
             let id = row.id.unwrap_or_else(mint_id);
             let channels = convert_channels(&self.identity, row.channels.iter(), intern);
@@ -434,8 +583,10 @@ impl Session {
             ));
         }
         // A repeated subscribe changes nothing and costs no re-indexing.
-        let changed = next != self.subscriptions;
-        self.subscriptions = next;
+        let changed = next != current;
+        if changed {
+            self.own = Some(Box::new(next));
+        }
         Reply {
             frame: Some(
                 json!({"type": "response", "data": {"to": "subscribe", "success": true, "subscriptions": out}})
@@ -447,7 +598,7 @@ impl Session {
         }
     }
 
-    fn unsubscribe(&mut self, data: Value) -> Reply {
+    fn unsubscribe(&mut self, data: Value, url_id: &UrlId) -> Reply {
         let ids = match parse_unsubscribe(data) {
             Ok(ids) => ids,
             Err(e) => {
@@ -458,16 +609,20 @@ impl Session {
             }
         };
         let mut changed = false;
+        let mut list = self.owned(url_id);
         let rows: Vec<Value> = ids
             .into_iter()
             .map(|id| {
-                let before = self.subscriptions.len();
-                self.subscriptions.retain(|s| s.id != id);
-                let removed = self.subscriptions.len() != before;
+                let before = list.len();
+                list.retain(|s| s.id != id);
+                let removed = list.len() != before;
                 changed |= removed;
                 json!({"subscriptionId": id, "removed": removed})
             })
             .collect();
+        if changed {
+            self.own = Some(Box::new(list));
+        }
         Reply {
             frame: Some(
                 json!({"type": "response", "data": {"to": "unsubscribe", "success": true, "subscriptions": rows}})
@@ -492,14 +647,14 @@ fn distinct_channels(subscriptions: &[Subscription]) -> usize {
 fn convert_channels<S: AsRef<str>>(
     identity: &Identity,
     channels: impl Iterator<Item = S>,
-    intern: &mut dyn FnMut(&str) -> Arc<str>,
+    intern: &mut dyn Intern,
 ) -> Box<[Arc<str>]> {
     let mut out: Vec<Arc<str>> = Vec::new();
     let mut seen = FxHashSet::default();
     for c in channels {
         crate::identity::convert_channel(identity, c.as_ref(), |name| {
             if !seen.contains(name) {
-                let name = intern(name);
+                let name = intern.name(name);
                 seen.insert(name.clone());
                 out.push(name);
             }
@@ -622,9 +777,7 @@ fn parse_unsubscribe(data: Value) -> Result<Vec<String>, String> {
 mod tests {
     use super::*;
 
-    fn intern(s: &str) -> Arc<str> {
-        Arc::from(s)
-    }
+    const URL_ID: UrlId = UrlId(*b"0123456789abcdef0123");
 
     fn session(channels: &[&str]) -> Session {
         let chans: Vec<String> = channels.iter().map(|s| s.to_string()).collect();
@@ -632,8 +785,34 @@ mod tests {
             "p".into(),
             Arc::new(crate::identity::Identity::guest()),
             &chans,
-            &mut intern,
+            &mut Registry::default(),
         )
+    }
+
+    fn subs(s: &Session) -> Vec<SubscriptionView<'_>> {
+        s.subscriptions(&URL_ID).collect()
+    }
+
+    #[test]
+    fn url_ids_are_distinct_hex_and_stable() {
+        let ids: FxHashSet<_> = (0..10_000).map(|n| UrlId::new(7, n)).collect();
+        assert_eq!(ids.len(), 10_000);
+        let id = UrlId::new(7, 3);
+        assert_eq!(id, UrlId::new(7, 3));
+        assert_ne!(id, UrlId::new(8, 3));
+        assert_eq!(id.as_str().len(), 20);
+        assert!(id.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn sessions_that_asked_alike_share_one_route() {
+        let mut registry = Registry::default();
+        let guest = Arc::new(crate::identity::Identity::guest());
+        let chans = vec!["files".to_owned()];
+        let a = Session::new("p".into(), guest.clone(), &chans, &mut registry);
+        let b = Session::new("p".into(), guest, &chans, &mut registry);
+        assert!(Arc::ptr_eq(&a.route, &b.route));
+        assert!(a.own.is_none(), "no list of its own");
     }
 
     fn handle(s: &mut Session, text: &str) -> (Value, bool) {
@@ -644,7 +823,8 @@ mod tests {
                 jwt: &crate::identity::JwtVerifier::none(),
                 sessions: false,
             },
-            &mut intern,
+            &mut Registry::default(),
+            &URL_ID,
         );
         (
             serde_json::from_str(&r.frame.unwrap()).unwrap(),
@@ -655,10 +835,10 @@ mod tests {
     #[test]
     fn connected_lists_url_channels_and_one_minted_id() {
         let s = session(&["files", "documents"]);
-        let v: Value = serde_json::from_str(&s.connected_message(None, None)).unwrap();
+        let v: Value = serde_json::from_str(&s.connected_message(None, None, &URL_ID)).unwrap();
         assert_eq!(v["data"]["channels"], json!(["files", "documents"]));
         let id = v["data"]["subscriptions"][0].as_str().unwrap();
-        assert_eq!(id.len(), 20);
+        assert_eq!(id, URL_ID.as_str());
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(v["data"]["user"], Value::Null);
     }
@@ -687,14 +867,14 @@ mod tests {
         assert!(changed);
         assert_eq!(v["data"]["to"], "subscribe");
         assert_eq!(v["data"]["subscriptions"][0]["subscriptionId"], "a1");
-        assert_eq!(s.subscriptions.len(), 2);
+        assert_eq!(subs(&s).len(), 2);
         handle(
             &mut s,
             r#"{"type":"subscribe","data":[{"subscriptionId":"a1","channels":["q"]}]}"#,
         );
-        assert_eq!(s.subscriptions.len(), 2);
-        assert_eq!(&*s.subscriptions[0].channels[0], "q");
-        assert_eq!(s.subscriptions[0].channels.len(), 1);
+        assert_eq!(subs(&s).len(), 2);
+        assert_eq!(&*subs(&s)[0].channels[0], "q");
+        assert_eq!(subs(&s)[0].channels.len(), 1);
     }
 
     #[test]
@@ -721,8 +901,8 @@ mod tests {
                 );
             }
         }
-        assert_eq!(s.subscriptions.len(), 10);
-        assert_eq!(distinct_channels(&s.subscriptions), 902);
+        assert_eq!(subs(&s).len(), 10);
+        assert_eq!(s.channels().len(), 902);
         // One id repeated in a message is one subscription (the last row wins).
         let mut s = session(&[]);
         let rows: Vec<Value> = (0..150)
@@ -733,8 +913,8 @@ mod tests {
             &json!({"type": "subscribe", "data": rows}).to_string(),
         );
         assert_eq!(v["type"], "response", "{v}");
-        assert_eq!(s.subscriptions.len(), 1);
-        assert_eq!(&*s.subscriptions[0].channels[0], "c2");
+        assert_eq!(subs(&s).len(), 1);
+        assert_eq!(&*subs(&s)[0].channels[0], "c2");
     }
 
     #[test]
@@ -746,7 +926,7 @@ mod tests {
         );
         assert!(!changed);
         assert_eq!(v["data"]["code"], 1003);
-        assert!(s.subscriptions.is_empty());
+        assert!(subs(&s).is_empty());
         let long = "a".repeat(37);
         let (v, _) = handle(
             &mut s,
@@ -769,7 +949,7 @@ mod tests {
             r#"{"type":"unsubscribe","data":[{"subscriptionId":"a"},{}]}"#,
         );
         assert_eq!(v["data"]["code"], 1003);
-        assert_eq!(s.subscriptions.len(), 2);
+        assert_eq!(subs(&s).len(), 2);
         let (v, changed) = handle(
             &mut s,
             r#"{"type":"unsubscribe","data":[{"subscriptionId":"a"},{"subscriptionId":"zz"}]}"#,
@@ -790,8 +970,8 @@ mod tests {
         );
         assert_eq!(v["type"], "error");
         assert!(!changed);
-        assert_eq!(&*s.project, "p");
-        assert_eq!(s.subscriptions.len(), 1);
+        assert_eq!(&**s.project(), "p");
+        assert_eq!(subs(&s).len(), 1);
     }
 
     #[test]
@@ -818,8 +998,11 @@ mod tests {
                 payload: json!({ "t": t }),
             })
         };
-        assert_eq!(s.matching(&ev(31)).collect::<Vec<_>>(), ["hot", "all"]);
-        assert_eq!(s.matching(&ev(30)).collect::<Vec<_>>(), ["all"]);
+        assert_eq!(
+            s.matching(&ev(31), &URL_ID).collect::<Vec<_>>(),
+            ["hot", "all"]
+        );
+        assert_eq!(s.matching(&ev(30), &URL_ID).collect::<Vec<_>>(), ["all"]);
         let (v, changed) = handle(
             &mut s,
             r#"{"type":"subscribe","data":[{"channels":["y"],"queries":["{\"method\":\"contains\",\"attribute\":\"a\",\"values\":[1]}"]}]}"#,
@@ -831,6 +1014,6 @@ mod tests {
             message.starts_with("Invalid query: Query method 'contains' is not supported"),
             "{message}"
         );
-        assert_eq!(s.subscriptions.len(), 2, "nothing applied");
+        assert_eq!(subs(&s).len(), 2, "nothing applied");
     }
 }

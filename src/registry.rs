@@ -1,14 +1,22 @@
 //! A shard's index from (project, channel) to the connections listening on it.
 //!
 //! Owns the lookup that turns an event's channels into candidate connections, and the shard's
-//! interned channel and project names (one allocation per distinct name, shared by every
-//! session). Connections are plain `u32` keys into the shard's slab; this module must not look
+//! interned channel and project names and routes (one allocation per distinct name or route,
+//! shared by every session). Connections are plain `u32` keys into the shard's slab; this module must not look
 //! at connections, sessions or sockets, and is only touched by its own shard thread.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
+
+/// A project and a list of its channels (interned names), one copy per shard for every
+/// session whose URL asked for exactly these ([`Registry::intern_route`]).
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub project: Arc<str>,
+    pub channels: Box<[Arc<str>]>,
+}
 
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -18,6 +26,7 @@ pub struct Registry {
     names: HashSet<Arc<str>>,
     /// Role sets of identities (their extra roles), one copy per distinct set.
     role_sets: HashSet<Arc<[Arc<str>]>>,
+    routes: HashSet<Arc<Route>>,
 }
 
 impl Registry {
@@ -40,8 +49,20 @@ impl Registry {
         roles.clone()
     }
 
-    /// Drops interned names and role sets nobody holds any more (sets first: they hold names).
+    /// The shard's shared copy of a route (its names interned already).
+    pub fn intern_route(&mut self, route: Route) -> Arc<Route> {
+        if let Some(r) = self.routes.get(&route) {
+            return r.clone();
+        }
+        let r = Arc::new(route);
+        self.routes.insert(r.clone());
+        r
+    }
+
+    /// Drops interned names, role sets and routes nobody holds any more (sets and routes
+    /// first: they hold names).
     pub fn collect_garbage(&mut self) {
+        self.routes.retain(|r| Arc::strong_count(r) > 1);
         self.role_sets.retain(|r| Arc::strong_count(r) > 1);
         self.names.retain(|n| Arc::strong_count(n) > 1);
     }
@@ -138,8 +159,22 @@ mod tests {
         r.update("p", 2, std::slice::from_ref(&b), &[]);
         r.update("q", 3, std::slice::from_ref(&a), &[]);
         assert_eq!(r.channel_count(), 0);
+        let p = r.intern("p");
+        let route = r.intern_route(Route {
+            project: p.clone(),
+            channels: Box::new([a.clone()]),
+        });
+        let again = r.intern_route(Route {
+            project: p.clone(),
+            channels: Box::new([a.clone()]),
+        });
+        drop(p);
+        assert!(Arc::ptr_eq(&route, &again), "one copy");
         drop((a, b));
         r.collect_garbage();
-        assert!(r.names.is_empty());
+        assert!(!r.names.is_empty(), "the route holds its names");
+        drop((route, again));
+        r.collect_garbage();
+        assert!(r.names.is_empty() && r.routes.is_empty());
     }
 }

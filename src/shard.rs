@@ -28,6 +28,7 @@ use crate::mailbox::{
     Answer, Command, IdentityAnswer, Refused, ReplayAnswer, ReplayError, ReplayRequest,
     ReplaySender, ResolveError, ResolveSender, ShardHandle, ShardInbox, shard_mailbox,
 };
+use crate::memory::AfterWork;
 use crate::metrics::Metrics;
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -188,10 +189,9 @@ pub struct Shard {
     unfinished_reads: Vec<usize>,
     replay_tx: ReplaySender,
     resolve_tx: Option<ResolveSender>,
-    /// Whether this tick's second saw a fan-out, and whether one happened since memory was last
-    /// given back (see `give_back_memory`).
+    /// Whether this tick's second saw a fan-out (see `give_back_memory`).
     fanned_out_since_tick: bool,
-    memory_to_give_back: bool,
+    after_work: AfterWork,
     /// Permission changes seen lately, by (project, user), for answers fetched before them.
     recent_changes: rustc_hash::FxHashMap<(Arc<str>, Arc<str>), Instant>,
     /// What the connections hold in total (their `Slot::held`), and this shard's share of
@@ -261,7 +261,7 @@ impl Shard {
             replay_tx,
             resolve_tx,
             fanned_out_since_tick: false,
-            memory_to_give_back: false,
+            after_work: AfterWork::default(),
             recent_changes: Default::default(),
             held_total: 0,
             held_cap: config.buffered_cap().map_or(usize::MAX, |cap| {
@@ -949,16 +949,12 @@ impl Shard {
         }
     }
 
-    /// After a burst of fan-out, once a second passes with none, hands the pages the burst
-    /// freed in this thread's heap back to the system: the allocator would otherwise keep them
-    /// resident (a burst to 19,000 subscribers left about 2 MiB per process).
+    /// After a burst of fan-out (or start-up), once a second passes with none, hands the pages
+    /// it freed in this thread's heap back to the system: the allocator would otherwise keep
+    /// them resident (a burst to 19,000 subscribers left about 2 MiB per process).
     fn give_back_memory(&mut self) {
-        if std::mem::take(&mut self.fanned_out_since_tick) {
-            self.memory_to_give_back = true;
-        } else if std::mem::take(&mut self.memory_to_give_back) {
-            // SAFETY: mimalloc's own collection of the calling thread's heap; takes no pointers.
-            unsafe { libmimalloc_sys::mi_collect(true) };
-        }
+        let worked = std::mem::take(&mut self.fanned_out_since_tick);
+        self.after_work.period(worked);
     }
 
     /// Calls `visit` for every connection, then transmits what it produced.

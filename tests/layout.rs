@@ -25,6 +25,7 @@ const DATA_PLANE: &[&str] = &[
     "admission",
     "identity",
     "names",
+    "memory",
 ];
 /// The control plane, which the data plane must not import.
 const CONTROL_PLANE: &[&str] = &[

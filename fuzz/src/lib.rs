@@ -205,17 +205,19 @@ pub fn query(data: &[u8]) {
 }
 
 fn guest() -> Session {
-    let mut intern = |s: &str| Arc::<str>::from(s);
     Session::new(
         "p".into(),
         Arc::new(herald::identity::Identity::guest()),
         &[],
-        &mut intern,
+        &mut herald::registry::Registry::default(),
     )
 }
 
+/// Any id will do: the sessions fuzzed here have no URL subscription.
+const URL_ID: fn() -> herald::protocol::UrlId = || herald::protocol::UrlId::new(1, 1);
+
 fn handle(session: &mut Session, text: &str, limits: &SessionLimits) {
-    let mut intern = |s: &str| Arc::<str>::from(s);
+    let mut registry = herald::registry::Registry::default();
     let before = session.channels();
     // A configured verifier, so that `authentication` messages reach JWT parsing.
     let jwt =
@@ -227,7 +229,8 @@ fn handle(session: &mut Session, text: &str, limits: &SessionLimits) {
             jwt: &jwt,
             sessions: true,
         },
-        &mut intern,
+        &mut registry,
+        &URL_ID(),
     );
     if let Some(frame) = &reply.frame {
         let v: serde_json::Value = serde_json::from_str(frame)
@@ -238,19 +241,17 @@ fn handle(session: &mut Session, text: &str, limits: &SessionLimits) {
         assert!(!secret.is_empty() && secret.len() <= herald::identity::MAX_SESSION_BYTES);
         assert!(reply.authentication && reply.frame.is_none());
     }
-    assert!(session.subscriptions.len() <= limits.max_subscriptions);
+    let url_id = URL_ID();
+    let subscriptions: Vec<_> = session.subscriptions(&url_id).collect();
+    assert!(subscriptions.len() <= limits.max_subscriptions);
     let mut ids = HashSet::new();
-    for s in &session.subscriptions {
+    for s in &subscriptions {
         assert!(
-            is_valid_subscription_id(&s.id),
+            is_valid_subscription_id(s.id),
             "subscription id {:?}",
             s.id
         );
-        assert!(
-            ids.insert(s.id.clone()),
-            "two subscriptions with id {:?}",
-            s.id
-        );
+        assert!(ids.insert(s.id), "two subscriptions with id {:?}", s.id);
         assert!(s.channels.len() <= limits.max_channels);
         let mut seen = HashSet::new();
         for c in s.channels.iter() {

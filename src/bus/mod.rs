@@ -213,6 +213,7 @@ impl Outlet {
             history.push(e.clone());
         }
         self.metrics.events_published.inc_by(events.len() as u64);
+        crate::memory::note_work();
         Ok(())
     }
 }

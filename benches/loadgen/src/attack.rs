@@ -1190,7 +1190,7 @@ mod tests {
         }
         assert_eq!(all.len(), MAX_SUBSCRIPTIONS * (MAX_CHANNELS - 1) + 1);
         // herald's own parser takes it whole.
-        let intern = &mut |c: &str| std::sync::Arc::<str>::from(c);
+        let intern = &mut herald::registry::Registry::default();
         let guest = std::sync::Arc::new(herald::identity::Identity::guest());
         let mut session = herald::protocol::Session::new("p".into(), guest, &[], intern);
         let limits = herald::protocol::SessionLimits::default();
@@ -1203,6 +1203,7 @@ mod tests {
                 sessions: false,
             },
             intern,
+            &herald::protocol::UrlId::new(1, 1),
         );
         assert!(reply.subscriptions_changed, "{:?}", reply.frame);
         assert_eq!(session.channels().len(), all.len());

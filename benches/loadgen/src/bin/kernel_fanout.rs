@@ -150,14 +150,15 @@ fn main() -> anyhow::Result<()> {
         Arc::from("console"),
         Arc::new(herald::identity::Identity::guest()),
         &cli.channels,
-        &mut |c| Arc::from(c),
+        &mut herald::registry::Registry::default(),
     );
+    let url_id = herald::protocol::UrlId::new(rand::random(), 0);
     let subscription = session
-        .subscriptions
-        .first()
-        .map_or_else(mint_id, |s| s.id.clone())
+        .subscriptions(&url_id)
+        .next()
+        .map_or_else(mint_id, |s| s.id.into())
         .to_string();
-    let connected = text_frame(session.connected_message(None, None).as_bytes());
+    let connected = text_frame(session.connected_message(None, None, &url_id).as_bytes());
     let counters = Arc::new(Counters::default());
     let mut handles = Vec::new();
     let mut threads = Vec::new();

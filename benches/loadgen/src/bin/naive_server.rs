@@ -311,13 +311,14 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
         Arc::from(project.as_str()),
         Arc::new(herald::identity::Identity::guest()),
         &channels,
-        &mut |c| Arc::from(c),
+        &mut herald::registry::Registry::default(),
     );
+    let url_id = herald::protocol::UrlId::new(rand::random(), 0);
     let subscription = session
-        .subscriptions
-        .first()
+        .subscriptions(&url_id)
+        .next()
         .map_or_else(String::new, |s| s.id.to_string());
-    let connected = session.connected_message(None, None);
+    let connected = session.connected_message(None, None, &url_id);
     if ws.send(Message::text(connected)).await.is_err() {
         return;
     }
