@@ -418,9 +418,10 @@ fn handshake_identity(
         .jwt
         .verify(token, project, &mut |r| registry.intern(r))
     {
-        Ok(identity) => Ok(Arc::new(
-            identity.share_roles(|roles| registry.intern_roles(roles)),
-        )),
+        Ok(identity) => {
+            let identity = identity.share_roles(|roles| registry.intern_roles(roles));
+            Ok(registry.share_identity(Arc::new(identity)))
+        }
         Err(e) => Err((401, e.to_string(), "jwt")),
     }
 }
@@ -444,7 +445,7 @@ fn resolution(
     let identity = Identity::resolved(r, session.clone(), &mut |x| registry.intern(x))
         .share_roles(|roles| registry.intern_roles(roles));
     Ok(Resolution {
-        identity: Arc::new(identity),
+        identity: registry.share_identity(Arc::new(identity)),
         account: r.account.clone(),
     })
 }
@@ -1312,10 +1313,11 @@ impl Connection {
             self.auth_pending = reply.resolve_session.is_some();
             // A token's roles, shared per shard like those of a token at the handshake (the
             // identity was just made, so it is held only here).
+            let registry = &mut *cx.registry;
             if let Some(identity) = Arc::get_mut(&mut session.identity) {
-                let registry = &mut *cx.registry;
                 identity.share_roles_in_place(|roles| registry.intern_roles(roles));
             }
+            session.identity = registry.share_identity(session.identity.clone());
         }
         if let Some(secret) = &reply.resolve_session {
             cx.resolves.push(IdentityRequest {

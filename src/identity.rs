@@ -17,8 +17,9 @@ pub const MAX_JWT_BYTES: usize = 8192;
 pub const MAX_EXTRA_ROLES: usize = 100;
 
 /// A connection's identity. Guests share one; a user's is built when its credential is
-/// verified. Kept small: an authenticated idle connection pays for it.
-#[derive(Debug, PartialEq, Eq)]
+/// verified. Kept small: an authenticated idle connection pays for it. Connections with the
+/// same credential share one per shard (`Registry::share_identity`).
+#[derive(Debug, PartialEq, Eq, Hash)]
 pub struct Identity {
     /// Inline up to 24 bytes (Appwrite's ids are 20): no allocation of its own.
     user: Option<compact_str::CompactString>,
@@ -33,7 +34,7 @@ pub struct Identity {
 }
 
 /// An Appwrite session value: shown in no log or debug output.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct SessionSecret(Arc<str>);
 
 impl SessionSecret {

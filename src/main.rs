@@ -9,6 +9,12 @@ use herald::config::Config;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Runs [`herald::memory::configure_allocator`] before `main` and before Rust's runtime
+/// allocates anything: the allocator's settings must precede its first arena.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CONFIGURE_ALLOCATOR: extern "C" fn() = herald::memory::configure_allocator;
+
 #[derive(Parser)]
 #[command(
     name = "herald",
@@ -54,8 +60,8 @@ struct PublishArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    // First, before threads and heaps grow: the lean memory default.
-    let thp = herald::memory::disable_transparent_huge_pages();
+    // Done before `main` (CONFIGURE_ALLOCATOR); reported once logging is up.
+    let thp = herald::memory::transparent_huge_pages_off();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")

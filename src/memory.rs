@@ -5,14 +5,23 @@
 //! freed back to the system ([`AfterWork`]). Knows nothing of connections or buses: callers say
 //! when they worked.
 
-/// Whether `MIMALLOC_ALLOW_THP` asks for transparent huge pages (as mimalloc reads it).
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// Whether `MIMALLOC_ALLOW_THP` asks for transparent huge pages (as mimalloc reads it). Reads
+/// the environment through libc and allocates nothing: it runs before `main`.
 fn thp_wanted() -> bool {
-    std::env::var("MIMALLOC_ALLOW_THP").is_ok_and(|v| {
-        matches!(
-            v.trim().to_ascii_lowercase().as_str(),
-            "1" | "true" | "yes" | "on"
-        )
-    })
+    // SAFETY: getenv with a NUL-terminated name; the string it points to is read at once.
+    let value = unsafe {
+        let v = libc::getenv(c"MIMALLOC_ALLOW_THP".as_ptr());
+        if v.is_null() {
+            return false;
+        }
+        std::ffi::CStr::from_ptr(v).to_bytes()
+    };
+    let value = value.trim_ascii();
+    [&b"1"[..], b"true", b"yes", b"on"]
+        .iter()
+        .any(|w| value.eq_ignore_ascii_case(w))
 }
 
 /// Switches transparent huge pages off for this process (`PR_SET_THP_DISABLE`), as herald's
@@ -30,6 +39,37 @@ pub fn disable_transparent_huge_pages() -> std::io::Result<bool> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(true)
+}
+
+/// What [`configure_allocator`] did about huge pages: not run yet, off, allowed, or the errno
+/// of a failed `prctl`.
+static THP: AtomicI32 = AtomicI32::new(NOT_RUN);
+const NOT_RUN: i32 = -1;
+const THP_OFF: i32 = -2;
+const THP_ALLOWED: i32 = -3;
+
+/// herald's allocator settings, for the binary to run as an ELF constructor, before anything
+/// allocates: huge pages go off before mimalloc reserves and first touches its arena (switched
+/// off later, in `main`, the arena's first 2 MiB were already one resident huge page, with its
+/// bookkeeping 3.5 MiB of every idle process; `benches/RESULTS.md`, "Base memory").
+pub extern "C" fn configure_allocator() {
+    let state = match disable_transparent_huge_pages() {
+        Ok(true) => THP_OFF,
+        Ok(false) => THP_ALLOWED,
+        Err(e) => e.raw_os_error().unwrap_or(0),
+    };
+    THP.store(state, Ordering::Relaxed);
+}
+
+/// Transparent huge pages as [`configure_allocator`] left them; when it did not run (a
+/// program that does not register it), switches them off now.
+pub fn transparent_huge_pages_off() -> std::io::Result<bool> {
+    match THP.load(Ordering::Relaxed) {
+        NOT_RUN => disable_transparent_huge_pages(),
+        THP_OFF => Ok(true),
+        THP_ALLOWED => Ok(false),
+        errno => Err(std::io::Error::from_raw_os_error(errno)),
+    }
 }
 
 /// Hands the pages the calling thread's heap has freed back to the system (mimalloc keeps them

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
+use crate::identity::Identity;
+
 /// A project and a list of its channels (interned names), one copy per shard for every
 /// session whose URL asked for exactly these ([`Registry::intern_route`]).
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -27,6 +29,8 @@ pub struct Registry {
     /// Role sets of identities (their extra roles), one copy per distinct set.
     role_sets: HashSet<Arc<[Arc<str>]>>,
     routes: HashSet<Arc<Route>>,
+    /// Identities of signed-in connections, one per distinct user, roles and credential.
+    identities: HashSet<Arc<Identity>>,
 }
 
 impl Registry {
@@ -59,9 +63,20 @@ impl Registry {
         r
     }
 
-    /// Drops interned names, role sets and routes nobody holds any more (sets and routes
-    /// first: they hold names).
+    /// The shard's shared copy of an identity equal to `identity` (the same user with the same
+    /// roles from the same credential: several tabs or reconnects of one session).
+    pub fn share_identity(&mut self, identity: Arc<Identity>) -> Arc<Identity> {
+        if let Some(i) = self.identities.get(&identity) {
+            return i.clone();
+        }
+        self.identities.insert(identity.clone());
+        identity
+    }
+
+    /// Drops interned names, role sets, routes and identities nobody holds any more
+    /// (identities, then sets and routes first: they hold names).
     pub fn collect_garbage(&mut self) {
+        self.identities.retain(|i| Arc::strong_count(i) > 1);
         self.routes.retain(|r| Arc::strong_count(r) > 1);
         self.role_sets.retain(|r| Arc::strong_count(r) > 1);
         self.names.retain(|n| Arc::strong_count(n) > 1);
@@ -176,5 +191,11 @@ mod tests {
         drop((route, again));
         r.collect_garbage();
         assert!(r.names.is_empty() && r.routes.is_empty());
+        let first = r.share_identity(Arc::new(Identity::guest()));
+        let second = r.share_identity(Arc::new(Identity::guest()));
+        assert!(Arc::ptr_eq(&first, &second), "equal identities are one copy");
+        drop((first, second));
+        r.collect_garbage();
+        assert!(r.identities.is_empty());
     }
 }

@@ -183,14 +183,15 @@ pub struct Shard {
     limit: Arc<ConnectionLimit>,
     ip_limits: Arc<IpLimits>,
     next_serial: u32,
-    /// Scratch list of occupied slab keys for the once-a-second sweep.
-    sweep_keys: Vec<usize>,
+    /// One past the highest slab key ever used: the once-a-second sweep walks up to it.
+    key_high_water: usize,
     /// Connections whose socket still held data after their share of reads.
     unfinished_reads: Vec<usize>,
     replay_tx: ReplaySender,
     resolve_tx: Option<ResolveSender>,
-    /// Whether this tick's second saw a fan-out (see `give_back_memory`).
-    fanned_out_since_tick: bool,
+    /// Whether this tick's second saw a fan-out or accepted connections (see
+    /// `give_back_memory`).
+    worked_since_tick: bool,
     after_work: AfterWork,
     /// Permission changes seen lately, by (project, user), for answers fetched before them.
     recent_changes: rustc_hash::FxHashMap<(Arc<str>, Arc<str>), Instant>,
@@ -257,10 +258,10 @@ impl Shard {
             ip_limits,
             next_serial: 0,
             unfinished_reads: Vec::new(),
-            sweep_keys: Vec::new(),
+            key_high_water: 0,
             replay_tx,
             resolve_tx,
-            fanned_out_since_tick: false,
+            worked_since_tick: false,
             after_work: AfterWork::default(),
             recent_changes: Default::default(),
             held_total: 0,
@@ -327,8 +328,10 @@ impl Shard {
                 && (self.slab.is_empty() || now >= deadline)
             {
                 let left = self.slab.len();
-                for k in self.take_occupied_keys() {
-                    self.remove(k);
+                for k in 0..self.key_high_water {
+                    if self.slab.contains(k) {
+                        self.remove(k);
+                    }
                 }
                 tracing::debug!(shard = self.id, left, "shard drained");
                 return;
@@ -355,6 +358,7 @@ impl Shard {
 
     fn accept(&mut self) {
         self.accept_more = false;
+        self.worked_since_tick = true;
         if self.accept_paused_until.is_some() {
             return;
         }
@@ -384,6 +388,7 @@ impl Shard {
                     }
                     let entry = self.slab.vacant_entry();
                     let key = entry.key();
+                    self.key_high_water = self.key_high_water.max(key + 1);
                     if u32::try_from(key).is_err()
                         || self
                             .poll
@@ -806,7 +811,7 @@ impl Shard {
             }
         }
         self.m.delivered.inc_by(staged);
-        self.fanned_out_since_tick |= staged > 0;
+        self.worked_since_tick |= staged > 0;
     }
 
     fn finish_replay(&mut self, answer: ReplayAnswer) {
@@ -949,11 +954,12 @@ impl Shard {
         }
     }
 
-    /// After a burst of fan-out (or start-up), once a second passes with none, hands the pages
-    /// it freed in this thread's heap back to the system: the allocator would otherwise keep
-    /// them resident (a burst to 19,000 subscribers left about 2 MiB per process).
+    /// After a burst of fan-out or connections (or start-up), once a second passes with none,
+    /// hands the pages it freed in this thread's heap back to the system: the allocator would
+    /// otherwise keep them resident (a burst to 19,000 subscribers left about 2 MiB per process,
+    /// and each handshake leaves its buffers behind).
     fn give_back_memory(&mut self) {
-        let worked = std::mem::take(&mut self.fanned_out_since_tick);
+        let worked = std::mem::take(&mut self.worked_since_tick);
         self.after_work.period(worked);
     }
 
@@ -962,8 +968,9 @@ impl Shard {
         &mut self,
         mut visit: impl FnMut(&mut Connection, &mut Context<'_>) -> Option<Incident>,
     ) {
-        let keys = self.take_occupied_keys();
-        for &k in &keys {
+        // Up to the highest key used rather than a list of keys: that list would cost 8 bytes
+        // per connection, and the slab's reservation is far beyond its use.
+        for k in 0..self.key_high_water {
             let Some(slot) = self.slab.get_mut(k) else {
                 continue;
             };
@@ -973,16 +980,6 @@ impl Shard {
             }
             self.settle(k);
         }
-        self.sweep_keys = keys;
-    }
-
-    /// The keys of every connection, in a reused buffer (hand it back with `sweep_keys`). The
-    /// slab is reserved far beyond its use, so walking its capacity would cost more.
-    fn take_occupied_keys(&mut self) -> Vec<usize> {
-        let mut keys = std::mem::take(&mut self.sweep_keys);
-        keys.clear();
-        keys.extend(self.slab.iter().map(|(k, _)| k));
-        keys
     }
 
     fn begin_shutdown(&mut self, drain: Duration) {

@@ -246,11 +246,7 @@ fn handle(session: &mut Session, text: &str, limits: &SessionLimits) {
     assert!(subscriptions.len() <= limits.max_subscriptions);
     let mut ids = HashSet::new();
     for s in &subscriptions {
-        assert!(
-            is_valid_subscription_id(s.id),
-            "subscription id {:?}",
-            s.id
-        );
+        assert!(is_valid_subscription_id(s.id), "subscription id {:?}", s.id);
         assert!(ids.insert(s.id), "two subscriptions with id {:?}", s.id);
         assert!(s.channels.len() <= limits.max_channels);
         let mut seen = HashSet::new();
