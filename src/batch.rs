@@ -341,6 +341,13 @@ impl Batch {
         }
     }
 
+    /// Lets go of all staging memory (between bursts, once the shard is quiet); the batch must
+    /// be empty.
+    pub fn release(&mut self) {
+        debug_assert!(self.events.is_empty() && self.touched.is_empty());
+        *self = Self::default();
+    }
+
     /// Empties the batch for the next drain, keeping (bounded) capacity. `touched` is the vector
     /// from [`Self::take_touched`].
     pub fn clear(&mut self, mut touched: Vec<u32>) {

@@ -53,7 +53,9 @@ pub async fn give_back_when_quiet() {
     period.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         period.tick().await;
-        after_work.period(crate::memory::take_work());
+        if after_work.period(crate::memory::take_work()) {
+            crate::memory::give_back();
+        }
     }
 }
 

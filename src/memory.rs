@@ -110,17 +110,14 @@ impl Default for AfterWork {
 
 impl AfterWork {
     /// Called once per period; `worked`: whether this period did any of the thread's work.
-    /// Answers whether memory was given back.
+    /// Answers whether to give memory back now (the caller lets go of its scratch space, then
+    /// calls [`give_back`]).
     pub fn period(&mut self, worked: bool) -> bool {
         if worked {
             self.owed = true;
             return false;
         }
-        if std::mem::take(&mut self.owed) {
-            give_back();
-            return true;
-        }
-        false
+        std::mem::take(&mut self.owed)
     }
 }
 

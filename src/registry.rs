@@ -193,7 +193,10 @@ mod tests {
         assert!(r.names.is_empty() && r.routes.is_empty());
         let first = r.share_identity(Arc::new(Identity::guest()));
         let second = r.share_identity(Arc::new(Identity::guest()));
-        assert!(Arc::ptr_eq(&first, &second), "equal identities are one copy");
+        assert!(
+            Arc::ptr_eq(&first, &second),
+            "equal identities are one copy"
+        );
         drop((first, second));
         r.collect_garbage();
         assert!(r.identities.is_empty());

@@ -189,7 +189,7 @@ pub struct Shard {
     unfinished_reads: Vec<usize>,
     replay_tx: ReplaySender,
     resolve_tx: Option<ResolveSender>,
-    /// Whether this tick's second saw a fan-out or accepted connections (see
+    /// Whether this tick's second saw a fan-out, accepted or closed connections (see
     /// `give_back_memory`).
     worked_since_tick: bool,
     after_work: AfterWork,
@@ -687,6 +687,7 @@ impl Shard {
 
     fn remove(&mut self, k: usize) {
         if let Some(mut slot) = self.slab.try_remove(k) {
+            self.worked_since_tick = true;
             self.held_total -= slot.held as usize;
             self.refused_lingering -= usize::from(slot.refused);
             self.ip_limits.release(slot.ip);
@@ -954,13 +955,19 @@ impl Shard {
         }
     }
 
-    /// After a burst of fan-out or connections (or start-up), once a second passes with none,
+    /// After a burst of fan-out, connections or closes (or start-up), once a second passes with none,
     /// hands the pages it freed in this thread's heap back to the system: the allocator would
     /// otherwise keep them resident (a burst to 19,000 subscribers left about 2 MiB per process,
     /// and each handshake leaves its buffers behind).
     fn give_back_memory(&mut self) {
         let worked = std::mem::take(&mut self.worked_since_tick);
-        self.after_work.period(worked);
+        if self.after_work.period(worked) {
+            // The fan-out's scratch space is sized by the last burst; the next one grows it
+            // again.
+            self.batch.release();
+            self.candidates = Vec::new();
+            crate::memory::give_back();
+        }
     }
 
     /// Calls `visit` for every connection, then transmits what it produced.

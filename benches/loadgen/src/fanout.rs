@@ -353,13 +353,20 @@ fn url_project(url: &str) -> Option<&str> {
 fn validate(args: &FanoutArgs) -> anyhow::Result<()> {
     ensure!(args.connections > 0, "--connections must be at least 1");
     for url in &args.target {
-        if let Some(p) = url_project(url) {
-            ensure!(
+        match url_project(url) {
+            Some(p) => ensure!(
                 p == args.project,
                 "--project is {:?} but the target {url} connects to project {p:?}: every event \
                  would go to another project and reach nobody; pass --project {p}",
                 args.project
-            );
+            ),
+            None => anyhow::bail!(
+                "the target {url} names no project, so the server puts its connections in its \
+                 default one (herald's is \"console\") while events go to --project {:?} and \
+                 would reach nobody; add project={} to the URL",
+                args.project,
+                args.project
+            ),
         }
     }
     ensure!(args.connect_rate > 0.0, "--connect-rate must be positive");
