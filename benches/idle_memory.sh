@@ -19,7 +19,8 @@
 # HERALD_THP=0 sets MIMALLOC_ALLOW_THP=0, which is what herald does anyway.
 #
 # Settings (environment): SMALL (1000), LARGE (19000), BENCH_PROCS (2), SETTLE_SECS (3),
-# HERALD_THP (unset: herald's default), AS_USER (0; 1: signed-in users with a JWT of 5 roles instead of guests), BIN_DIR (use prebuilt herald and herald-bench from there instead of building;
+# HERALD_THP (unset: herald's default), AS_USER (0; 1: signed-in connections, all with one JWT
+# of a user with 5 roles; 2: each connection a user of its own, 5 roles each), BIN_DIR (use prebuilt herald and herald-bench from there instead of building;
 # otherwise it builds with cargo, honouring CARGO_TARGET_DIR).
 set -euo pipefail
 # Load generators open thousands of connections from a few loopback addresses: herald's per-IP
@@ -31,7 +32,8 @@ LARGE=${LARGE:-19000}
 BENCH_PROCS=${BENCH_PROCS:-2}
 SETTLE_SECS=${SETTLE_SECS:-3}
 HERALD_THP=${HERALD_THP:-}
-# AS_USER=1: every connection carries a JWT (a signed-in user with 5 roles) instead of a guest.
+# AS_USER=1: every connection carries the same JWT (a signed-in user with 5 roles) instead of a
+# guest; AS_USER=2: every connection a different user (herald-bench idle --jwt-secret).
 AS_USER=${AS_USER:-0}
 JWT_SECRET=bench-jwt-secret
 # Upper bound on the hold; the script stops the benches itself once it has measured.
@@ -92,8 +94,10 @@ herald_connections() {
 # Starts one herald-bench process: name, connections, source range.
 start_bench() {
     local name=$1 n=$2 sources=$3
+    local users=()
+    [[ $AS_USER == 2 ]] && users=(--jwt-secret "$JWT_SECRET" --jwt-user-prefix "$name-")
     "$BIN/herald-bench" idle --target "$URL" --connections "$n" --rate 5000 \
-        --hold "$HOLD" --source-ips "$sources" >"$WORK/$name.json" 2>"$WORK/$name.err" &
+        --hold "$HOLD" --source-ips "$sources" "${users[@]}" >"$WORK/$name.json" 2>"$WORK/$name.err" &
     PIDS+=("$!")
     eval "${name}_PID=$!"
 }
@@ -126,7 +130,9 @@ ADMIN=$(grep -o 'admin on http://[0-9.]*:[0-9]*' <<<"$STARTUP" | sed 's|admin on
 URL="ws://127.0.0.1:$PORT/v1/realtime?project=p&channels[]=files"
 if [[ $AS_USER == 1 ]]; then
     URL="$URL&jwt=$(user_jwt)"
-    echo "connections are signed-in users (a JWT: 5 roles each)" >&2
+    echo "connections are signed-in: one JWT of a user with 5 roles" >&2
+elif [[ $AS_USER == 2 ]]; then
+    echo "connections are signed-in, each as a user of its own (5 roles each)" >&2
 fi
 echo "$STARTUP" >&2
 echo "herald runs with MIMALLOC_ALLOW_THP=${HERALD_THP:-unset (its default: huge pages off)}" >&2

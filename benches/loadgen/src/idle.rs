@@ -40,13 +40,61 @@ pub(crate) struct IdleArgs {
     /// 127.0.0.2-127.0.0.60 or 127.0.0.2,127.0.0.3. Default: the kernel's choice.
     #[arg(long)]
     source_ips: Option<String>,
+    /// Signs every connection in as a user of its own: a JWT signed with this secret (HS256, the
+    /// server's --jwt-secret) is added to the target as `jwt=`, for user
+    /// `<--jwt-user-prefix><n>` with 3 extra roles (5 with the derived ones). At most 65,536
+    /// connections per process.
+    #[arg(long)]
+    jwt_secret: Option<String>,
+    /// Prefix of the user ids `--jwt-secret` makes; give each process its own.
+    #[arg(long, default_value = "u")]
+    jwt_user_prefix: String,
+}
+
+/// Extra roles of every `--jwt-secret` user (teams and a membership, as Appwrite's are).
+const USER_ROLES: [&str; 3] = ["team:t1", "team:t1/owner", "member:m1"];
+
+/// An HS256 JWT for `user`, the claims herald reads (`userId`, `sessionId`, `exp`, `roles`).
+fn user_jwt(secret: &str, user: &str) -> anyhow::Result<String> {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 24 * 3600;
+    let claims = serde_json::json!({
+        "userId": user, "sessionId": format!("s-{user}"), "exp": exp, "roles": USER_ROLES,
+    });
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())?,
+    )?)
+}
+
+/// The targets the connections alternate over: the one given, or with `--jwt-secret` one per
+/// connection, each signed in as its own user.
+fn targets(args: &IdleArgs) -> anyhow::Result<Vec<Target>> {
+    let Some(secret) = &args.jwt_secret else {
+        return Ok(vec![Target::parse(&args.target)?]);
+    };
+    ensure!(
+        args.connections <= usize::from(u16::MAX) + 1,
+        "--jwt-secret makes one target per connection: at most 65,536 per process"
+    );
+    let sep = if args.target.contains('?') { '&' } else { '?' };
+    (0..args.connections)
+        .map(|n| {
+            let jwt = user_jwt(secret, &format!("{}{n}", args.jwt_user_prefix))?;
+            Target::parse(&format!("{}{sep}jwt={jwt}", args.target))
+        })
+        .collect()
 }
 
 pub(crate) fn run(args: &IdleArgs) -> anyhow::Result<IdleSummary> {
     ensure!(args.connections > 0, "--connections must be at least 1");
     ensure!(args.rate > 0, "--rate must be at least 1");
     ensure!(args.max_inflight > 0, "--max-inflight must be at least 1");
-    let target = Target::parse(&args.target)?;
+    let targets = targets(args)?;
+    let target = &targets[0];
     ensure!(!target.tcp, "idle needs a ws:// target");
     let sources = match &args.source_ips {
         Some(spec) => parse_source_ips(spec)?,
@@ -54,13 +102,18 @@ pub(crate) fn run(args: &IdleArgs) -> anyhow::Result<IdleSummary> {
     };
     check_fd_limit(args.connections)?;
     check_source_ips(&sources)?;
-    probe(&target, sources.first().copied())?;
+    probe(target, sources.first().copied())?;
     let stop = stop_flag()?;
 
     let url = target.url.clone();
-    let slots = vec![Slot::default(); args.connections];
+    let slots = (0..args.connections)
+        .map(|n| Slot {
+            target: (n % targets.len()) as u16,
+            ..Slot::default()
+        })
+        .collect();
     let mut engine = Engine::new(
-        vec![target],
+        targets,
         sources,
         slots,
         EngineOptions {
@@ -150,4 +203,23 @@ pub(crate) fn run(args: &IdleArgs) -> anyhow::Result<IdleSummary> {
             per_connection: per_conn,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_connection_is_a_user_herald_accepts() {
+        let token = user_jwt("s3cret", "grow1-7").unwrap();
+        let verifier = herald::identity::JwtVerifier::new(Some("s3cret"), None).unwrap();
+        let identity = verifier
+            .verify(&token, "p", &mut |n| std::sync::Arc::from(n))
+            .unwrap();
+        assert_eq!(identity.user_id(), Some("grow1-7"));
+        assert!(USER_ROLES.iter().all(|r| identity.has_role(r)));
+        assert_eq!(identity.roles().len(), 5, "{:?}", identity.roles());
+        let other = herald::identity::JwtVerifier::new(Some("other"), None).unwrap();
+        assert!(other.verify(&token, "p", &mut |n| n.into()).is_err());
+    }
 }
