@@ -341,11 +341,12 @@ impl Batch {
         }
     }
 
-    /// Lets go of all staging memory (between bursts, once the shard is quiet); the batch must
-    /// be empty.
+    /// Lets go of all staging memory (between bursts, once the shard is quiet); does nothing
+    /// to a batch that holds events.
     pub fn release(&mut self) {
-        debug_assert!(self.events.is_empty() && self.touched.is_empty());
-        *self = Self::default();
+        if self.events.is_empty() && self.touched.is_empty() {
+            *self = Self::default();
+        }
     }
 
     /// Empties the batch for the next drain, keeping (bounded) capacity. `touched` is the vector

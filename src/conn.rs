@@ -177,6 +177,8 @@ enum Kind {
 pub struct Counters {
     pub rate_limited: u64,
     pub idle_closed: u64,
+    /// Busy states let go at the tick: memory the allocator can give back.
+    pub busy_released: u64,
 }
 
 /// What a shard's connections share: settings, the channel index, the clock, and the scratch
@@ -487,7 +489,9 @@ struct Busy {
     handshake: Option<Vec<u8>>,
     decoder: Decoder,
     outbox: Outbox,
-    replay: Option<Replay>,
+    /// Boxed: rare, and large next to the rest; a client that only sends pings keeps its
+    /// busy state for its rate window.
+    replay: Option<Box<Replay>>,
     rate: Rate,
 }
 
@@ -594,7 +598,19 @@ impl Connection {
     }
 
     fn replay(&self) -> Option<&Replay> {
-        self.busy.as_ref()?.replay.as_ref()
+        self.busy.as_ref()?.replay.as_deref()
+    }
+
+    /// A resume whose history arrived is kept only while this shard has not passed the point
+    /// the client resumed from (to skip live events it already has); once it has, it ends
+    /// here too, not only when the next live event comes.
+    fn end_finished_replay(&mut self, cx: &Context<'_>) {
+        if self
+            .replay()
+            .is_some_and(|r| !r.waiting && cx.position.is_some_and(|p| p >= r.after))
+        {
+            self.end_replay();
+        }
     }
 
     fn end_replay(&mut self) {
@@ -1104,7 +1120,7 @@ impl Connection {
                 "Invalid lastEventId: a replay is already in progress on this connection".to_owned()
             }
             Ok(after) => {
-                self.busy().replay = Some(Replay {
+                self.busy().replay = Some(Box::new(Replay {
                     after,
                     upto: cx.position,
                     waiting: true,
@@ -1113,7 +1129,7 @@ impl Connection {
                     overflowed: false,
                     cancellation: Cancellation::default(),
                     started: cx.now,
-                });
+                }));
                 cx.resumes.push(cx.key);
                 return;
             }
@@ -1527,12 +1543,14 @@ impl Connection {
     /// Periodic check: handshake and close deadlines, idle pings and the idle timeout; the busy
     /// state goes once it holds nothing.
     pub fn on_tick(&mut self, cx: &mut Context<'_>) -> Option<Incident> {
+        self.end_finished_replay(cx);
         if self
             .busy
             .as_ref()
             .is_some_and(|b| b.is_idle(cx.now, cx.cfg.message_rate_window_secs))
         {
             self.busy = None;
+            cx.counters.busy_released += 1;
         }
         match self.phase {
             Phase::Open => {

@@ -16,6 +16,10 @@ pub const MAX_JWT_BYTES: usize = 8192;
 /// Most roles one identity may carry beyond those derived from its user id.
 pub const MAX_EXTRA_ROLES: usize = 100;
 
+/// A set of extra roles: a thin pointer (the identity of every signed-in connection holds
+/// one), shared per shard by every identity with the same set.
+pub type RoleSet = Arc<Box<[Arc<str>]>>;
+
 /// A connection's identity. Guests share one; a user's is built when its credential is
 /// verified. Kept small: an authenticated idle connection pays for it. Connections with the
 /// same credential share one per shard (`Registry::share_identity`).
@@ -27,19 +31,20 @@ pub struct Identity {
     verified: Option<bool>,
     /// Roles beyond the derived ones (teams, memberships, labels).
     /// Shared by every identity of a shard with the same set ([`Identity::share_roles`]).
-    extra: Arc<[Arc<str>]>,
+    extra: RoleSet,
     /// The Appwrite session this identity was resolved from, kept so that a permission change
     /// can resolve it again; `None` for guests and JWTs (whose roles are the token's).
     session: Option<SessionSecret>,
 }
 
-/// An Appwrite session value: shown in no log or debug output.
+/// An Appwrite session value: shown in no log or debug output. A thin pointer: the identity
+/// of every session-signed-in connection holds one.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct SessionSecret(Arc<str>);
+pub struct SessionSecret(Arc<Box<str>>);
 
 impl SessionSecret {
     pub fn new(value: &str) -> Self {
-        Self(value.into())
+        Self(Arc::new(value.into()))
     }
 
     pub fn expose(&self) -> &str {
@@ -71,7 +76,7 @@ impl Identity {
         Self {
             user: None,
             verified: None,
-            extra: Arc::new([]),
+            extra: Arc::new(Box::new([])),
             session: None,
         }
     }
@@ -105,7 +110,7 @@ impl Identity {
         let mut identity = Self {
             user: Some(compact_str::CompactString::from(id)),
             verified,
-            extra: Arc::new([]),
+            extra: Arc::new(Box::new([])),
             session: None,
         };
         let mut kept: Vec<Arc<str>> = Vec::with_capacity(extra.len());
@@ -114,22 +119,19 @@ impl Identity {
                 kept.push(role);
             }
         }
-        identity.extra = Arc::from(kept);
+        identity.extra = Arc::new(kept.into_boxed_slice());
         identity
     }
 
     /// Swaps this identity's extra roles for the shard's shared copy of the same set, so that
     /// the connections of users with the same teams and labels hold one list between them.
-    pub fn share_roles(mut self, intern: impl FnOnce(&Arc<[Arc<str>]>) -> Arc<[Arc<str>]>) -> Self {
+    pub fn share_roles(mut self, intern: impl FnOnce(&RoleSet) -> RoleSet) -> Self {
         self.share_roles_in_place(intern);
         self
     }
 
     /// [`Identity::share_roles`] on an identity held in place.
-    pub fn share_roles_in_place(
-        &mut self,
-        intern: impl FnOnce(&Arc<[Arc<str>]>) -> Arc<[Arc<str>]>,
-    ) {
+    pub fn share_roles_in_place(&mut self, intern: impl FnOnce(&RoleSet) -> RoleSet) {
         if !self.extra.is_empty() {
             self.extra = intern(&self.extra);
         }

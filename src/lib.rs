@@ -11,7 +11,8 @@
 //! - [`batch`]: one drain's events, offered to each subscriber ([`batch::Verdict`]), staged and
 //!   written with one `writev` per connection.
 //! - [`outbox`]: outbound frames and the bounded per-connection queue (vectored writes).
-//! - [`registry`]: a shard's index from (project, channel) to its connections.
+//! - [`registry`]: a shard's index from (project, channel) to its connections, and its shared
+//!   copies of names, role sets, routes and identities.
 //! - [`admission`]: per-IP connection counts and handshake rates, shared by the shards.
 //!
 //! Between the planes:
@@ -48,8 +49,9 @@
 //! thread gives freed pages back.
 //!
 //! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `filter`, `origin`,
-//! `names` know nothing else; `identity` knows `names`; `event` knows `identity`; `protocol`
-//! knows `event` and `identity`; `mailbox` knows `event`, `identity` and `filter`; `conn` uses those, `batch`, `outbox`
+//! `names` know nothing else; `identity` knows `names`; `event` knows `identity`; `registry`
+//! knows `identity`; `protocol` knows `event`, `identity` and `registry` (its interning);
+//! `mailbox` knows `event`, `identity` and `filter`; `conn` uses those, `batch`, `outbox`
 //! and `registry`; `shard` drives `conn` and `batch` and talks to the control plane only
 //! through `mailbox`; `hub`, `replay` and `resolver` reach shards only through `mailbox`; buses reach
 //! shards only through `hub`; `gateway` wires it all.

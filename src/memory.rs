@@ -7,8 +7,9 @@
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
-/// Whether `MIMALLOC_ALLOW_THP` asks for transparent huge pages (as mimalloc reads it). Reads
-/// the environment through libc and allocates nothing: it runs before `main`.
+/// Whether `MIMALLOC_ALLOW_THP` asks for transparent huge pages, as mimalloc reads it: `1`,
+/// `true`, `yes`, `on` or another non-zero number. Reads the environment through libc and
+/// allocates nothing: it runs before `main`.
 fn thp_wanted() -> bool {
     // SAFETY: getenv with a NUL-terminated name; the string it points to is read at once.
     let value = unsafe {
@@ -19,9 +20,11 @@ fn thp_wanted() -> bool {
         std::ffi::CStr::from_ptr(v).to_bytes()
     };
     let value = value.trim_ascii();
-    [&b"1"[..], b"true", b"yes", b"on"]
-        .iter()
-        .any(|w| value.eq_ignore_ascii_case(w))
+    let words = [&b"1"[..], b"true", b"yes", b"on"];
+    let number = !value.is_empty()
+        && value.iter().all(u8::is_ascii_digit)
+        && value.iter().any(|&d| d != b'0');
+    number || words.iter().any(|w| value.eq_ignore_ascii_case(w))
 }
 
 /// Switches transparent huge pages off for this process (`PR_SET_THP_DISABLE`), as herald's

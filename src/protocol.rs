@@ -3,7 +3,8 @@
 //! Owns a connection's session (project, roles, subscriptions), the handling of every client
 //! message (`ping`, `subscribe`, `unsubscribe`, `authentication`, ...) and the JSON of every
 //! server message except events (see `event.rs`). Pure: text in, text out; it must not touch
-//! sockets, the shard's channel index or the bus. The caller updates the index when
+//! sockets, the shard's channel index or the bus. It takes shared names and routes through
+//! [`Intern`] (the registry's interning, not its index); the caller updates the index when
 //! [`Reply::subscriptions_changed`] says so.
 
 use std::sync::Arc;
@@ -82,8 +83,10 @@ pub struct UrlId([u8; 20]);
 
 impl UrlId {
     pub fn new(key: u64, serial: u32) -> Self {
-        // A bijection of the 64 bits (SplitMix64's finaliser): distinct serials, distinct ids.
-        let v = mix(key ^ u64::from(serial));
+        // Bijections of the 64 bits (SplitMix64's finaliser), so distinct serials give distinct
+        // ids, keyed on both sides so that an id reveals neither the serial nor how far apart
+        // two connections' serials are.
+        let v = mix(mix(key ^ u64::from(serial)) ^ mix(!key));
         let hi = mix(v) >> 48;
         let mut out = [0u8; 20];
         let digits = b"0123456789abcdef";
@@ -236,8 +239,13 @@ impl Session {
         intern: &mut dyn Intern,
     ) -> Self {
         let channels = convert_channels(&identity, url_channels.iter(), intern);
+        let subscribed = !url_channels.is_empty();
         Self {
-            route: intern.route(Route { project, channels }),
+            route: intern.route(Route {
+                project,
+                channels,
+                subscribed,
+            }),
             identity,
             own: None,
         }
@@ -262,6 +270,7 @@ impl Session {
         let route = intern.route(Route {
             project,
             channels: Box::new([]),
+            subscribed: false,
         });
         Self {
             route,
@@ -279,12 +288,11 @@ impl Session {
         &'a self,
         url_id: &'a UrlId,
     ) -> impl Iterator<Item = SubscriptionView<'a>> + 'a {
-        let url =
-            (self.own.is_none() && !self.route.channels.is_empty()).then(|| SubscriptionView {
-                id: url_id.as_str(),
-                channels: &self.route.channels,
-                filter: None,
-            });
+        let url = (self.own.is_none() && self.route.subscribed).then(|| SubscriptionView {
+            id: url_id.as_str(),
+            channels: &self.route.channels,
+            filter: None,
+        });
         let own = self
             .own
             .iter()
@@ -356,10 +364,14 @@ impl Session {
                     s.channels = rebind(&s.channels);
                 }
             }
-            None if !self.route.channels.is_empty() => {
+            None if self.route.subscribed => {
                 let channels = rebind(&self.route.channels);
                 let project = self.route.project.clone();
-                self.route = intern.route(Route { project, channels });
+                self.route = intern.route(Route {
+                    project,
+                    channels,
+                    subscribed: true,
+                });
             }
             None => {}
         }
@@ -608,21 +620,23 @@ impl Session {
                 ));
             }
         };
+        // A list of its own only when the URL's subscription is among those removed.
+        if self.own.is_none() && ids.iter().any(|id| **id == *url_id.as_str()) {
+            self.own = Some(Box::new(self.owned(url_id)));
+        }
         let mut changed = false;
-        let mut list = self.owned(url_id);
         let rows: Vec<Value> = ids
             .into_iter()
             .map(|id| {
-                let before = list.len();
-                list.retain(|s| s.id != id);
-                let removed = list.len() != before;
+                let removed = self.own.as_mut().is_some_and(|list| {
+                    let before = list.len();
+                    list.retain(|s| s.id != id);
+                    list.len() != before
+                });
                 changed |= removed;
                 json!({"subscriptionId": id, "removed": removed})
             })
             .collect();
-        if changed {
-            self.own = Some(Box::new(list));
-        }
         Reply {
             frame: Some(
                 json!({"type": "response", "data": {"to": "unsubscribe", "success": true, "subscriptions": rows}})
@@ -802,6 +816,42 @@ mod tests {
         assert_ne!(id, UrlId::new(8, 3));
         assert_eq!(id.as_str().len(), 20);
         assert!(id.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn the_url_subscription_stays_when_none_of_its_channels_is_left() {
+        let ann = Arc::new(crate::identity::Identity::user("ann", None, Vec::new()));
+        let chans = vec!["account.bob".to_owned()];
+        let mut s = Session::new("p".into(), ann, &chans, &mut Registry::default());
+        assert!(
+            s.channels().is_empty(),
+            "another user's account channel is dropped"
+        );
+        let v: Value = serde_json::from_str(&s.connected_message(None, None, &URL_ID)).unwrap();
+        assert_eq!(v["data"]["subscriptions"], json!([URL_ID.as_str()]));
+        let (v, changed) = handle(
+            &mut s,
+            &format!(
+                r#"{{"type":"unsubscribe","data":[{{"subscriptionId":"{}"}}]}}"#,
+                URL_ID.as_str()
+            ),
+        );
+        assert!(changed);
+        assert_eq!(v["data"]["subscriptions"][0]["removed"], true);
+        assert!(subs(&s).is_empty());
+    }
+
+    #[test]
+    fn unsubscribing_ids_that_are_not_there_makes_no_list() {
+        let mut s = session(&["files"]);
+        let (v, changed) = handle(
+            &mut s,
+            r#"{"type":"unsubscribe","data":[{"subscriptionId":"nope"}]}"#,
+        );
+        assert!(!changed);
+        assert_eq!(v["data"]["subscriptions"][0]["removed"], false);
+        assert!(s.own.is_none(), "still only the shared route");
+        assert_eq!(subs(&s).len(), 1);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! A shard's index from (project, channel) to the connections listening on it.
 //!
 //! Owns the lookup that turns an event's channels into candidate connections, and the shard's
-//! interned channel and project names and routes (one allocation per distinct name or route,
-//! shared by every session). Connections are plain `u32` keys into the shard's slab; this module must not look
+//! shared copies: channel and project names, role sets, routes and identities (one allocation
+//! per distinct value, shared by every session that holds it). Connections are plain `u32` keys into the shard's slab; this module must not look
 //! at connections, sessions or sockets, and is only touched by its own shard thread.
 
 use std::collections::HashSet;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::identity::Identity;
+use crate::identity::{Identity, RoleSet};
 
 /// A project and a list of its channels (interned names), one copy per shard for every
 /// session whose URL asked for exactly these ([`Registry::intern_route`]).
@@ -18,6 +18,9 @@ use crate::identity::Identity;
 pub struct Route {
     pub project: Arc<str>,
     pub channels: Box<[Arc<str>]>,
+    /// The URL named channels, so they are a subscription, even when none of them is left for
+    /// this identity (another user's `account.<id>`).
+    pub subscribed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -27,7 +30,7 @@ pub struct Registry {
     index: FxHashMap<Arc<str>, FxHashMap<Arc<str>, FxHashSet<u32>>>,
     names: HashSet<Arc<str>>,
     /// Role sets of identities (their extra roles), one copy per distinct set.
-    role_sets: HashSet<Arc<[Arc<str>]>>,
+    role_sets: HashSet<RoleSet>,
     routes: HashSet<Arc<Route>>,
     /// Identities of signed-in connections, one per distinct user, roles and credential.
     identities: HashSet<Arc<Identity>>,
@@ -45,7 +48,7 @@ impl Registry {
     }
 
     /// The shard's shared copy of a set of interned roles.
-    pub fn intern_roles(&mut self, roles: &Arc<[Arc<str>]>) -> Arc<[Arc<str>]> {
+    pub fn intern_roles(&mut self, roles: &RoleSet) -> RoleSet {
         if let Some(r) = self.role_sets.get(roles) {
             return r.clone();
         }
@@ -178,10 +181,12 @@ mod tests {
         let route = r.intern_route(Route {
             project: p.clone(),
             channels: Box::new([a.clone()]),
+            subscribed: true,
         });
         let again = r.intern_route(Route {
             project: p.clone(),
             channels: Box::new([a.clone()]),
+            subscribed: true,
         });
         drop(p);
         assert!(Arc::ptr_eq(&route, &again), "one copy");

@@ -943,6 +943,7 @@ impl Shard {
         self.for_each_connection(Connection::on_tick);
         self.give_back_memory();
         let c = std::mem::take(&mut self.shared.counters);
+        self.worked_since_tick |= c.busy_released > 0;
         self.m.rate_limited.inc_by(c.rate_limited);
         self.m.idle_closed.inc_by(c.idle_closed);
         self.m
