@@ -967,6 +967,12 @@ impl Shard {
             // again.
             self.batch.release();
             self.candidates = Vec::new();
+            // Once every client has left, the slots they used go too: a fresh reservation
+            // costs address space only, where the old one keeps every slot ever touched.
+            if self.slab.is_empty() && self.key_high_water > 0 {
+                self.slab = Slab::with_capacity(self.slab.capacity());
+                self.key_high_water = 0;
+            }
             crate::memory::give_back();
         }
     }
