@@ -956,10 +956,10 @@ impl Shard {
         }
     }
 
-    /// After a burst of fan-out, connections or closes (or start-up), once a second passes with none,
-    /// hands the pages it freed in this thread's heap back to the system: the allocator would
-    /// otherwise keep them resident (a burst to 19,000 subscribers left about 2 MiB per process,
-    /// and each handshake leaves its buffers behind).
+    /// After a burst of fan-out, connections or closes (or start-up), once a second passes
+    /// with none, hands the pages it freed in this thread's heap back to the system: the
+    /// allocator would otherwise keep them resident (a burst to 19,000 subscribers left about
+    /// 2 MiB per process, and each handshake leaves its buffers behind).
     fn give_back_memory(&mut self) {
         let worked = std::mem::take(&mut self.worked_since_tick);
         if self.after_work.period(worked) {
