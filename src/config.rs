@@ -200,11 +200,13 @@ pub struct Config {
     #[arg(long, env = "HERALD_MESSAGE_RATE_WINDOW", default_value = "60s", value_parser = duration)]
     pub message_rate_window: Duration,
 
-    /// A connection silent for this long gets a WebSocket ping.
+    /// A connection silent for this long gets a WebSocket ping, unless its TCP has just
+    /// acknowledged everything sent to it (a client receiving events is heard that way).
     #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "30s", value_parser = duration)]
     pub ping_interval: Duration,
 
-    /// A connection silent for this long (no data, no pong) is closed; "0s" disables.
+    /// A connection silent for this long (no message, no pong, no acknowledgement of what it
+    /// was sent) is closed; "0s" disables.
     #[arg(long, env = "HERALD_IDLE_TIMEOUT", default_value = "90s", value_parser = duration)]
     pub idle_timeout: Duration,
 

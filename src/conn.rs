@@ -18,7 +18,9 @@
 //! 2. Bytes read: [`Connection::on_read`]; end of stream or a read error: remove. When the
 //!    connection came from a trusted proxy, the upgrade may leave the forwarded client's
 //!    per-IP count in [`Shared::admitted`]: the driver takes it and releases it at removal.
-//! 3. Once a second: [`Connection::on_tick`] (deadlines, idle pings, the idle timeout).
+//! 3. Once a second: [`Connection::on_tick`] (deadlines, idle pings, the idle timeout), with
+//!    a probe of the socket's acknowledgements ([`crate::liveness`]) that it calls only when
+//!    a ping is due.
 //! 4. Shutdown: [`Connection::on_shutdown`].
 //! 5. Fan-out: [`Connection::offer`] per live event, which answers with a [`Verdict`]; the
 //!    driver stages and writes delivered frames itself (the batch), unless the connection
@@ -179,6 +181,9 @@ pub struct Counters {
     pub idle_closed: u64,
     /// Busy states let go at the tick: memory the allocator can give back.
     pub busy_released: u64,
+    /// Idle pings sent, and those the peer's acknowledgements made unnecessary.
+    pub pings_sent: u64,
+    pub pings_saved: u64,
 }
 
 /// What a shard's connections share: settings, the channel index, the clock, and the scratch
@@ -467,7 +472,9 @@ pub struct Connection {
     kind: Kind,
     ping_outstanding: bool,
     behind_proxy: bool,
-    last_read: u32,
+    /// When the peer last showed it is there: a whole message, or its TCP acknowledging all
+    /// that was sent (asked only when a ping is due).
+    last_heard: u32,
     deadline: u32,
     /// Numbers `authentication` messages: only the answer to the latest counts.
     auth_seq: u8,
@@ -539,7 +546,7 @@ impl Connection {
             phase: Phase::Handshake,
             kind: Kind::Realtime,
             ping_outstanding: false,
-            last_read: now,
+            last_heard: now,
             auth_seq: 0,
             auth_pending: false,
             refresh_seq: 0,
@@ -857,7 +864,7 @@ impl Connection {
         cx.out
             .push(OutFrame::raw(Bytes::from(handshake::accept_response(key))));
         self.phase = Phase::Open;
-        self.last_read = cx.now;
+        self.last_heard = cx.now;
         if echo && !realtime {
             self.kind = Kind::Echo;
             return None;
@@ -1201,7 +1208,7 @@ impl Connection {
 
     fn on_message(&mut self, m: Message<'_>, cx: &mut Context<'_>) -> ControlFlow<()> {
         // Only whole messages are activity: a byte now and then keeps no connection alive.
-        self.last_read = cx.now;
+        self.last_heard = cx.now;
         let open = self.phase == Phase::Open;
         match m {
             Message::Ping(p) if open && self.answers_ping(cx) => cx.out.push(OutFrame::new(
@@ -1546,7 +1553,17 @@ impl Connection {
 
     /// Periodic check: handshake and close deadlines, idle pings and the idle timeout; the busy
     /// state goes once it holds nothing.
-    pub fn on_tick(&mut self, cx: &mut Context<'_>) -> Option<Incident> {
+    ///
+    /// `peer_acked` is asked only when an idle ping is due: the seconds since the peer's TCP
+    /// last acknowledged data, when it has acknowledged everything sent (the driver reads
+    /// [`crate::liveness::peer_acked_secs_ago`]). A recent answer counts as hearing from the
+    /// peer and saves the ping: a client that receives events and acknowledges them is there,
+    /// and one that stops reading backs up into the slow-consumer bound instead.
+    pub fn on_tick(
+        &mut self,
+        cx: &mut Context<'_>,
+        peer_acked: impl FnOnce() -> Option<u32>,
+    ) -> Option<Incident> {
         self.end_finished_replay(cx);
         if self.busy.as_ref().is_some_and(|b| b.is_idle()) {
             self.busy = None;
@@ -1554,7 +1571,7 @@ impl Connection {
         }
         match self.phase {
             Phase::Open => {
-                let idle = cx.now.saturating_sub(self.last_read);
+                let idle = cx.now.saturating_sub(self.last_heard);
                 let cfg = cx.cfg;
                 if self.replay().is_some_and(|r| {
                     r.waiting && cx.now >= r.started.saturating_add(REPLAY_TIMEOUT_SECS)
@@ -1577,9 +1594,7 @@ impl Connection {
                     && idle >= cfg.ping_interval_secs
                     && !self.ping_outstanding
                 {
-                    self.ping_outstanding = true;
-                    cx.out
-                        .push(OutFrame::new(Opcode::Ping, Bytes::new(), SmallVec::new()));
+                    self.ping_or_hear(peer_acked, cx);
                 }
                 None
             }
@@ -1597,6 +1612,27 @@ impl Connection {
                 (phase == Phase::Handshake).then_some(Incident::Rejected("timeout"))
             }
             _ => None,
+        }
+    }
+
+    /// A due idle ping, unless the peer's TCP has just acknowledged all that was sent to it.
+    fn ping_or_hear(&mut self, peer_acked: impl FnOnce() -> Option<u32>, cx: &mut Context<'_>) {
+        let interval = cx.cfg.ping_interval_secs;
+        let acked = (!self.is_backlogged())
+            .then(peer_acked)
+            .flatten()
+            .filter(|&ago| ago < interval);
+        match acked {
+            Some(ago) => {
+                self.last_heard = cx.now.saturating_sub(ago);
+                cx.counters.pings_saved += 1;
+            }
+            None => {
+                self.ping_outstanding = true;
+                cx.counters.pings_sent += 1;
+                cx.out
+                    .push(OutFrame::new(Opcode::Ping, Bytes::new(), SmallVec::new()));
+            }
         }
     }
 
@@ -1717,6 +1753,10 @@ mod tests {
         seen: usize,
         next: Next,
         slow: bool,
+        /// What the socket would say of the peer's acknowledgements when a ping is due.
+        peer_acked: Option<u32>,
+        /// Whether the connection asked.
+        asked_peer: bool,
     }
 
     impl Driver {
@@ -1729,6 +1769,8 @@ mod tests {
                 seen: 0,
                 next: Next::Idle,
                 slow: false,
+                peer_acked: None,
+                asked_peer: false,
             }
         }
 
@@ -1780,7 +1822,12 @@ mod tests {
         fn tick(&mut self, now: u32) -> Option<Incident> {
             self.shared.now = now;
             let mut cx = self.shared.context(KEY);
-            let incident = self.conn.on_tick(&mut cx);
+            let acked = self.peer_acked;
+            let asked = &mut self.asked_peer;
+            let incident = self.conn.on_tick(&mut cx, || {
+                *asked = true;
+                acked
+            });
             self.transmit();
             incident
         }
@@ -2519,6 +2566,48 @@ mod tests {
         assert_eq!(d.next, Next::Idle);
         d.tick(5 + CLOSE_TIMEOUT_SECS);
         assert_eq!(d.next, Next::Drop);
+    }
+
+    #[test]
+    fn a_peer_acknowledging_what_it_was_sent_is_heard_without_a_ping() {
+        let mut d = Driver::pinged_early();
+        d.tick(1);
+        assert!(!d.asked_peer, "the socket is asked only when a ping is due");
+        // Its TCP acknowledged everything a second ago: no ping, and the idle clock restarts.
+        // Its TCP acknowledged everything just now: no ping, and the idle clock restarts.
+        d.peer_acked = Some(0);
+        d.tick(2);
+        assert!(d.asked_peer);
+        assert!(d.frames().is_empty());
+        assert_eq!(d.shared.counters.pings_saved, 1);
+        d.asked_peer = false;
+        d.tick(3);
+        assert!(!d.asked_peer, "not idle long enough to ask again");
+        // Once the acknowledgements are old (or data is unacknowledged), a ping goes out.
+        d.peer_acked = Some(2);
+        d.tick(4);
+        assert_eq!(d.frames(), vec![(PING, Vec::new())]);
+        assert_eq!(d.shared.counters.pings_sent, 1);
+        // Unanswered, it is the idle timeout as ever: 5 s after the peer was last heard.
+        d.peer_acked = None;
+        d.tick(6);
+        assert!(d.frames().is_empty());
+        d.tick(7);
+        let frames = d.frames();
+        assert_eq!(close_code_of(&frames[0].1), close_code::GOING_AWAY);
+    }
+
+    #[test]
+    fn a_backlogged_connection_is_pinged_whatever_its_socket_says() {
+        let mut d = Driver::pinged_early();
+        d.wire.budget = 0;
+        d.peer_acked = Some(0);
+        d.deliver(&[event("1-0", "a")]);
+        assert!(d.conn.is_backlogged());
+        d.asked_peer = false;
+        d.tick(2);
+        assert!(!d.asked_peer);
+        assert_eq!(d.shared.counters.pings_sent, 1);
     }
 
     #[test]

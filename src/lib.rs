@@ -13,6 +13,8 @@
 //! - [`outbox`]: outbound frames and the bounded per-connection queue (vectored writes).
 //! - [`registry`]: a shard's index from (project, channel) to its connections, and its shared
 //!   copies of names, role sets, routes and identities.
+//! - [`liveness`]: whether a peer's TCP has acknowledged what was sent (`TCP_INFO`), asked
+//!   before an idle ping.
 //! - [`admission`]: per-IP connection counts and handshake rates, shared by the shards.
 //!
 //! Between the planes:
@@ -70,6 +72,7 @@ pub mod history;
 pub mod hub;
 pub mod identity;
 pub mod limits;
+pub mod liveness;
 pub mod mailbox;
 pub mod memory;
 pub mod metrics;

@@ -20,6 +20,7 @@ pub struct Metrics {
     pub protocol_errors: IntCounterVec,
     pub rate_limited: IntCounterVec,
     pub idle_closed: IntCounterVec,
+    pub idle_pings: IntCounterVec,
     pub shard_queue: IntGaugeVec,
     pub fd_limit: IntGauge,
     pub replays: IntCounterVec,
@@ -140,6 +141,12 @@ impl Metrics {
                 "herald_idle_closed_total",
                 "Connections closed by the idle timeout",
                 &["shard"],
+            ),
+            idle_pings: counter_vec(
+                "herald_idle_pings_total",
+                "Idle pings due: sent, or saved because the peer's TCP had just acknowledged all \
+                 that was sent to it",
+                &["outcome"],
             ),
             shard_queue: gauge_vec(
                 "herald_shard_queue_depth",

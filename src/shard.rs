@@ -11,6 +11,7 @@
 
 use std::io::{self, Read};
 use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -125,6 +126,8 @@ struct ShardMetrics {
     buffered: prometheus::IntGauge,
     rate_limited: prometheus::IntCounter,
     idle_closed: prometheus::IntCounter,
+    pings_sent: prometheus::IntCounter,
+    pings_saved: prometheus::IntCounter,
     queue: prometheus::IntGauge,
 }
 
@@ -139,6 +142,8 @@ impl ShardMetrics {
             buffered: metrics.buffered_bytes.with_label_values(&[&label]),
             rate_limited: metrics.rate_limited.with_label_values(&[&label]),
             idle_closed: metrics.idle_closed.with_label_values(&[&label]),
+            pings_sent: metrics.idle_pings.with_label_values(&["sent"]),
+            pings_saved: metrics.idle_pings.with_label_values(&["saved"]),
             queue: metrics.shard_queue.with_label_values(&[&label]),
             metrics,
         }
@@ -940,12 +945,16 @@ impl Shard {
     }
 
     fn tick(&mut self) {
-        self.for_each_connection(Connection::on_tick);
+        self.for_each_connection(|conn, fd, cx| {
+            conn.on_tick(cx, || crate::liveness::peer_acked_secs_ago(fd))
+        });
         self.give_back_memory();
         let c = std::mem::take(&mut self.shared.counters);
         self.worked_since_tick |= c.busy_released > 0;
         self.m.rate_limited.inc_by(c.rate_limited);
         self.m.idle_closed.inc_by(c.idle_closed);
+        self.m.pings_sent.inc_by(c.pings_sent);
+        self.m.pings_saved.inc_by(c.pings_saved);
         self.m
             .buffered
             .set(i64::try_from(self.held_total).unwrap_or(i64::MAX));
@@ -980,7 +989,7 @@ impl Shard {
     /// Calls `visit` for every connection, then transmits what it produced.
     fn for_each_connection(
         &mut self,
-        mut visit: impl FnMut(&mut Connection, &mut Context<'_>) -> Option<Incident>,
+        mut visit: impl FnMut(&mut Connection, RawFd, &mut Context<'_>) -> Option<Incident>,
     ) {
         // Up to the highest key used rather than a list of keys: that list would cost 8 bytes
         // per connection, and the slab's reservation is far beyond its use.
@@ -989,7 +998,7 @@ impl Shard {
                 continue;
             };
             let mut cx = self.shared.context(k as u32);
-            if let Some(i) = visit(&mut slot.conn, &mut cx) {
+            if let Some(i) = visit(&mut slot.conn, slot.stream.as_raw_fd(), &mut cx) {
                 self.m.record(i);
             }
             self.settle(k);
@@ -1006,7 +1015,7 @@ impl Shard {
         }
         self.accept_more = false;
         self.accept_paused_until = None;
-        self.for_each_connection(|conn, cx| {
+        self.for_each_connection(|conn, _, cx| {
             conn.on_shutdown(cx);
             None
         });

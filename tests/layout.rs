@@ -26,6 +26,7 @@ const DATA_PLANE: &[&str] = &[
     "identity",
     "names",
     "memory",
+    "liveness",
 ];
 /// The control plane, which the data plane must not import.
 const CONTROL_PLANE: &[&str] = &[

@@ -444,3 +444,42 @@ fn a_reader_that_stalls_mid_burst_gets_every_event_intact_and_in_order() {
     }
     assert_eq!(server.metric("herald_slow_consumers_total"), 0.0);
 }
+
+/// A client that never answers pings stays connected while its TCP acknowledges the events it
+/// is sent (a ping would tell nothing more), and is pinged and closed by the idle timeout as
+/// soon as nothing is sent to it.
+#[test]
+fn peers_that_acknowledge_events_are_not_pinged_and_silent_ones_time_out() {
+    let server = Server::start(&["--ping-interval", "1s", "--idle-timeout", "3s"]);
+    let mut busy = RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=c");
+    let mut quiet = RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=q");
+    assert_eq!(busy.read_json()["type"], "connected");
+    assert_eq!(quiet.read_json()["type"], "connected");
+    let started = Instant::now();
+    let mut events = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        server.publish(json!({"project": "p", "channels": ["c"], "payload": {}}));
+        let (op, _) = busy.read_frame().expect("the busy client stays connected");
+        assert_eq!(op, 1, "an event, not a ping nor a close");
+        events += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(events >= 20, "{events} events in 5 s");
+    let mut frames = Vec::new();
+    while let Some((op, _)) = quiet.read_frame() {
+        frames.push(op);
+        if op == 8 {
+            break;
+        }
+    }
+    assert_eq!(
+        frames,
+        vec![9, 8],
+        "one ping, then the close of the idle timeout"
+    );
+    assert!(server.metric_with("herald_idle_pings_total", "saved") >= 2.0);
+    assert!(server.metric_with("herald_idle_pings_total", "\"sent\"") >= 1.0);
+    // Once nothing is sent to it, the busy client is pinged and times out too.
+    assert_eq!(busy.read_frame().map(|f| f.0), Some(9));
+    assert_eq!(busy.read_close_code(), Some(1001));
+}
