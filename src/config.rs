@@ -138,6 +138,13 @@ pub struct Config {
     #[arg(long, env = "HERALD_SHARDS")]
     pub shards: Option<usize>,
 
+    /// How the shards do their I/O: `epoll`, or `uring` (io_uring: multishot accept and
+    /// receive into shared buffers, a fan-out's sends in one submission). Where io_uring cannot
+    /// be set up (an old kernel, `kernel.io_uring_disabled`, a seccomp profile) herald says so
+    /// and runs on epoll.
+    #[arg(long, env = "HERALD_IO", value_enum, default_value_t = IoDriver::Epoll)]
+    pub io: IoDriver,
+
     /// Most connections this process holds (all shards together). Default: what the open-file
     /// limit allows, keeping a reserve for the admin listener and the bus.
     #[arg(long, env = "HERALD_MAX_CONNECTIONS")]
@@ -300,6 +307,22 @@ pub struct Config {
     /// Largest message on the echo endpoint (Autobahn sends up to 16 MiB).
     #[arg(long, env = "HERALD_ECHO_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub echo_max_message_bytes: usize,
+}
+
+/// A shard's I/O driver (`--io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoDriver {
+    Epoll,
+    Uring,
+}
+
+impl std::fmt::Display for IoDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoDriver::Epoll => "epoll",
+            IoDriver::Uring => "io_uring",
+        })
+    }
 }
 
 /// Loads a TOML config file into `HERALD_*` environment variables that are not set yet, so that

@@ -17,7 +17,7 @@ use crate::admission::IpLimits;
 use crate::bus::Bus;
 use crate::bus::embedded::EmbeddedBus;
 use crate::bus::redis::{RedisBus, RedisSettings};
-use crate::config::Config;
+use crate::config::{Config, IoDriver};
 use crate::hub::Hub;
 use crate::identity::JwtVerifier;
 use crate::limits::{self, FdLimit};
@@ -88,21 +88,29 @@ pub struct StartupInfo {
     /// Connections this process will hold before it stops accepting.
     pub capacity: usize,
     pub bus: &'static str,
+    /// The shards' I/O driver, after any fallback.
+    pub io: IoDriver,
 }
 
 impl std::fmt::Display for StartupInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "herald listening on ws://{}/v1/realtime ({} shards, capacity {} connections, bus: {}); admin on http://{}",
-            self.listen, self.shards, self.capacity, self.bus, self.admin
+            "herald listening on ws://{}/v1/realtime ({} shards on {}, capacity {} connections, bus: {}); admin on http://{}",
+            self.listen, self.shards, self.io, self.capacity, self.bus, self.admin
         )
     }
 }
 
 /// Runs a gateway until SIGTERM/SIGINT and a graceful drain. `on_start` is called once
 /// everything listens.
-pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), GatewayError> {
+pub fn run(mut config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), GatewayError> {
+    if config.io == IoDriver::Uring
+        && let Err(why) = crate::uring::probe()
+    {
+        tracing::warn!("--io uring: io_uring cannot be used here ({why}); running on epoll");
+        config.io = IoDriver::Epoll;
+    }
     if config.appwrite_pubsub && config.redis.is_none() {
         return Err(GatewayError::Redis(
             "--appwrite-pubsub needs --redis (Appwrite's pub/sub lives in Redis)".into(),
@@ -179,6 +187,7 @@ pub fn run(config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<(), Ga
         fd_limit,
         capacity,
         bus: bus.name(),
+        io: config.io,
     });
 
     let state = AdminState {

@@ -13,6 +13,8 @@
 //! - [`outbox`]: outbound frames and the bounded per-connection queue (vectored writes).
 //! - [`registry`]: a shard's index from (project, channel) to its connections, and its shared
 //!   copies of names, role sets, routes and identities.
+//! - [`uring`]: the io_uring mechanics of the second driver (`--io uring`): the ring, its
+//!   shared receive buffers, sends in flight; `shard` drives connections with it.
 //! - [`liveness`]: whether a peer's TCP has acknowledged what was sent (`TCP_INFO`), asked
 //!   before an idle ping.
 //! - [`admission`]: per-IP connection counts and handshake rates, shared by the shards.
@@ -85,4 +87,5 @@ pub mod registry;
 pub mod replay;
 pub mod resolver;
 pub mod shard;
+pub mod uring;
 pub mod ws;

@@ -73,6 +73,12 @@ impl OutFrame {
         self.len() == 0
     }
 
+    /// The frame's bytes in wire order: header, body, tail (for drivers that hand the kernel
+    /// vectors that must outlive the call).
+    pub fn parts(&self) -> [&[u8]; 3] {
+        [self.head.as_bytes(), &self.body[..], &self.tail[..]]
+    }
+
     /// Pushes this frame's slices, skipping the first `skip` bytes.
     fn slices<'a>(&'a self, mut skip: usize, out: &mut SmallVec<[IoSlice<'a>; 48]>) {
         for part in [self.head.as_bytes(), &self.body[..], &self.tail[..]] {
@@ -225,19 +231,24 @@ impl Outbox {
         Ok(Ok(drained))
     }
 
-    /// Queues frames a direct write did not finish: `frames[0]` is already on the wire up to
-    /// `offset`. Anything queued before stays in front.
+    /// Queues frames a write did not finish: `frames[0]` is already on the wire up to
+    /// `offset`. They go in front of anything queued while that write was in flight (which
+    /// has not started: only one write is on the wire at a time).
     pub fn queue_unsent(&mut self, frames: Vec<OutFrame>, offset: usize) {
         if frames.is_empty() {
             return;
         }
         let q = self.queue.get_or_insert_with(Box::default);
-        if q.frames.is_empty() {
-            q.offset = offset;
-        }
+        debug_assert!(
+            q.frames.is_empty() || q.offset == 0,
+            "a queued frame was started behind a write in flight"
+        );
+        q.offset = offset;
         q.bytes += frames.iter().map(OutFrame::len).sum::<usize>() - offset;
         q.shared += frames.iter().map(OutFrame::shared_len).sum::<usize>();
-        q.frames.extend(frames);
+        for f in frames.into_iter().rev() {
+            q.frames.push_front(f);
+        }
     }
 
     /// Writes queued frames until done or the socket would block. `Ok(true)` means empty.

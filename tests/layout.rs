@@ -27,6 +27,7 @@ const DATA_PLANE: &[&str] = &[
     "names",
     "memory",
     "liveness",
+    "uring",
 ];
 /// The control plane, which the data plane must not import.
 const CONTROL_PLANE: &[&str] = &[

@@ -26,7 +26,7 @@ pub fn raise_fd_limit() {
 /// A server process (herald, or a baseline printing the same startup line) on ephemeral
 /// loopback ports.
 pub struct Server {
-    child: Child,
+    pub child: Child,
     pub ws: SocketAddr,
     pub admin: SocketAddr,
     pub startup_line: String,
@@ -38,7 +38,6 @@ impl Server {
     pub fn spawn(mut cmd: Command) -> Self {
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         let stdout = child.stdout.take().expect("stdout");

@@ -20,6 +20,15 @@ impl Server {
             .args(extra)
             .env("HERALD_LOG", "warn");
         tweak(&mut cmd);
-        Self::spawn(cmd)
+        let server = Self::spawn(cmd);
+        // The suite runs again with HERALD_IO=uring: a silent fallback would test epoll twice.
+        if std::env::var("HERALD_IO").is_ok_and(|io| io == "uring") && !extra.contains(&"--io") {
+            assert!(
+                server.startup_line.contains(" on io_uring"),
+                "HERALD_IO=uring, but: {}",
+                server.startup_line
+            );
+        }
+        server
     }
 }

@@ -1,12 +1,13 @@
-//! A shard: one OS thread running one epoll event loop (mio) over the connections it accepted.
+//! A shard: one OS thread running one event loop over the connections it accepted, on epoll
+//! (mio) or on io_uring (`--io uring`, [`uring`]).
 //!
 //! Owns its `SO_REUSEPORT` listener, its connections (in a slab), its channel index and its
 //! scratch buffers, and is the only thread that touches them: no locks on the hot path. It
 //! receives events, permission changes, shutdown and answers through its [`ShardInbox`]
 //! (crossbeam channels plus a mio waker) and asks for replays and session resolutions through a
 //! [`ReplaySender`] and a [`ResolveSender`]. It is the I/O driver of
-//! `conn.rs` (see the contract there): it does the system calls and keeps epoll interest, and
-//! makes no protocol decision (who receives an event, with what tail, when to close). It must
+//! `conn.rs` (see the contract there): it does the system calls and keeps epoll interest (or
+//! io_uring requests), and makes no protocol decision (who receives an event, with what tail, when to close). It must
 //! not know about HTTP, Redis or the bus.
 
 use std::io::{self, Read};
@@ -22,7 +23,7 @@ use slab::Slab;
 
 use crate::admission::{IpLimits, IpTicket, Refusal};
 use crate::batch::{Batch, Verdict, Written};
-use crate::config::Config;
+use crate::config::{Config, IoDriver};
 use crate::conn::{ConnConfig, Connection, Context, Incident, Next, Shared};
 use crate::identity::JwtVerifier;
 use crate::mailbox::{
@@ -31,6 +32,8 @@ use crate::mailbox::{
 };
 use crate::memory::AfterWork;
 use crate::metrics::Metrics;
+
+mod uring;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -85,6 +88,10 @@ impl ConnectionLimit {
     fn release(&self) {
         self.open.fetch_sub(1, Ordering::AcqRel);
     }
+
+    fn has_room(&self) -> bool {
+        self.open.load(Ordering::Acquire) < self.max
+    }
 }
 
 struct Slot {
@@ -100,6 +107,10 @@ struct Slot {
     held: u32,
     /// Refused at accept (429) and lingering until the peer reads the answer.
     refused: bool,
+    /// io_uring: a multishot receive is armed.
+    recv_armed: bool,
+    /// io_uring: a send is in flight; output waits behind it.
+    sending: bool,
 }
 
 /// What every shard of the process shares, handed to [`Shard::new`].
@@ -165,10 +176,18 @@ impl ShardMetrics {
     }
 }
 
+/// How a shard does its I/O.
+enum Io {
+    Epoll {
+        poll: Poll,
+        listener: Option<TcpListener>,
+    },
+    Uring(Box<uring::UringIo>),
+}
+
 pub struct Shard {
     id: usize,
-    poll: Poll,
-    listener: Option<TcpListener>,
+    io: Io,
     slab: Slab<Slot>,
     /// What connections share: settings, channel index, clock, scratch output.
     shared: Shared,
@@ -212,6 +231,16 @@ pub struct Shard {
     m: ShardMetrics,
 }
 
+fn epoll_io(poll: Poll, listener: std::net::TcpListener) -> io::Result<Io> {
+    let mut listener = TcpListener::from_std(listener);
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    Ok(Io::Epoll {
+        poll,
+        listener: Some(listener),
+    })
+}
+
 impl Shard {
     /// Builds shard `id` around an already bound, non-blocking listener.
     pub fn new(
@@ -231,15 +260,15 @@ impl Shard {
         let mut conn_config = ConnConfig::from_config(config);
         conn_config.jwt = jwt;
         let poll = Poll::new()?;
-        let mut listener = TcpListener::from_std(listener);
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let (handle, inbox) = shard_mailbox(Waker::new(poll.registry(), WAKER)?);
+        let io = match config.io {
+            IoDriver::Uring => Io::Uring(Box::new(uring::UringIo::new(poll, listener))),
+            IoDriver::Epoll => epoll_io(poll, listener)?,
+        };
         let now = Instant::now();
         let shard = Self {
             id,
-            poll,
-            listener: Some(listener),
+            io,
             // Reserved up front: growing by doubling leaves the old arrays resident (about 150
             // bytes per connection), while untouched reserved pages cost only address space.
             // SO_REUSEPORT does not split evenly, hence the headroom.
@@ -283,20 +312,28 @@ impl Shard {
 
     /// Runs the event loop until shutdown completes.
     pub fn run(mut self) {
+        if matches!(self.io, Io::Uring(_)) {
+            self.run_uring();
+        } else {
+            self.run_epoll();
+        }
+    }
+
+    fn run_epoll(&mut self) {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+            let Io::Epoll { poll, .. } = &mut self.io else {
+                return;
+            };
+            if let Err(e) = poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 tracing::error!(shard = self.id, error = %e, "epoll failed; shard stops");
                 return;
             }
-            self.shared.instant = Instant::now();
-            self.shared.now =
-                u32::try_from(self.shared.instant.duration_since(self.epoch).as_secs())
-                    .unwrap_or(u32::MAX);
+            self.set_clock();
             for ev in events.iter() {
                 match ev.token() {
                     LISTENER => self.accept(),
@@ -310,6 +347,23 @@ impl Shard {
             for k in std::mem::take(&mut self.unfinished_reads) {
                 self.on_socket_event(k, true, false);
             }
+            if self.after_io() {
+                return;
+            }
+        }
+    }
+
+    fn set_clock(&mut self) {
+        self.shared.instant = Instant::now();
+        self.shared.now = u32::try_from(self.shared.instant.duration_since(self.epoch).as_secs())
+            .unwrap_or(u32::MAX);
+    }
+
+    /// What every loop iteration does once the I/O it was woken for is handled: commands and
+    /// fan-out, requests to the control plane, the memory cap, accepts, the tick, the end of a
+    /// drain. Answers whether the shard is done.
+    fn after_io(&mut self) -> bool {
+        {
             self.drain_commands();
             if !self.shared.resumes.is_empty() {
                 self.request_replays();
@@ -339,9 +393,10 @@ impl Shard {
                     }
                 }
                 tracing::debug!(shard = self.id, left, "shard drained");
-                return;
+                return true;
             }
         }
+        false
     }
 
     fn poll_timeout(&self) -> Duration {
@@ -362,13 +417,25 @@ impl Shard {
     }
 
     fn accept(&mut self) {
+        if matches!(self.io, Io::Uring(_)) {
+            self.accept_uring();
+        } else {
+            self.accept_epoll();
+        }
+    }
+
+    fn accept_epoll(&mut self) {
         self.accept_more = false;
         self.worked_since_tick = true;
         if self.accept_paused_until.is_some() {
             return;
         }
         for _ in 0..ACCEPT_BATCH {
-            let Some(listener) = self.listener.as_ref() else {
+            let Io::Epoll {
+                listener: Some(listener),
+                ..
+            } = &self.io
+            else {
                 return;
             };
             // At the cap, connections wait in the kernel's backlog until others close.
@@ -377,59 +444,7 @@ impl Shard {
                 return;
             }
             match listener.accept() {
-                Ok((mut stream, peer)) => {
-                    let admission = self.ip_limits.admit(peer.ip(), Instant::now());
-                    if let Err(refusal) = admission
-                        && self.refused_lingering >= REFUSED_LINGERING_MAX
-                    {
-                        self.refuse_at_once(&mut stream, refusal);
-                        continue;
-                    }
-                    // Event frames are latency-sensitive and already batched by writev.
-                    let _ = stream.set_nodelay(true);
-                    if self.send_buffer > 0 {
-                        let _ =
-                            socket2::SockRef::from(&stream).set_send_buffer_size(self.send_buffer);
-                    }
-                    let entry = self.slab.vacant_entry();
-                    let key = entry.key();
-                    self.key_high_water = self.key_high_water.max(key + 1);
-                    if u32::try_from(key).is_err()
-                        || self
-                            .poll
-                            .registry()
-                            .register(&mut stream, Token(key), Interest::READABLE)
-                            .is_err()
-                    {
-                        self.limit.release();
-                        if let Ok(ticket) = admission {
-                            self.ip_limits.release(ticket);
-                        }
-                        continue;
-                    }
-                    self.next_serial = self.next_serial.wrapping_add(1);
-                    let ip = *admission.as_ref().unwrap_or(&IpTicket::UNCOUNTED);
-                    let conn = Connection::new(
-                        self.next_serial,
-                        self.shared.now,
-                        &self.shared.cfg,
-                        ip == IpTicket::FORWARDED,
-                    );
-                    entry.insert(Slot {
-                        stream,
-                        conn,
-                        wants_write: false,
-                        read_paused: false,
-                        ip,
-                        held: 0,
-                        refused: false,
-                    });
-                    self.m.accepted.inc();
-                    self.m.connections.inc();
-                    if let Err(refusal) = admission {
-                        self.refuse_at_accept(key, refusal);
-                    }
-                }
+                Ok((stream, peer)) => self.adopt(stream, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.limit.release();
                     return;
@@ -456,6 +471,66 @@ impl Shard {
             }
         }
         self.accept_more = true;
+    }
+
+    /// Takes an accepted connection (its slot in the connection limit already acquired):
+    /// per-IP admission, socket options, a slab slot, the driver's interest, the state machine.
+    fn adopt(&mut self, mut stream: TcpStream, peer: std::net::SocketAddr) {
+        let admission = self.ip_limits.admit(peer.ip(), Instant::now());
+        if let Err(refusal) = admission
+            && self.refused_lingering >= REFUSED_LINGERING_MAX
+        {
+            self.refuse_at_once(&mut stream, refusal);
+            return;
+        }
+        // Event frames are latency-sensitive and already batched by writev.
+        let _ = stream.set_nodelay(true);
+        if self.send_buffer > 0 {
+            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(self.send_buffer);
+        }
+        let entry = self.slab.vacant_entry();
+        let key = entry.key();
+        self.key_high_water = self.key_high_water.max(key + 1);
+        self.next_serial = self.next_serial.wrapping_add(1);
+        let serial = self.next_serial;
+        let registered = u32::try_from(key).is_ok()
+            && match &mut self.io {
+                Io::Epoll { poll, .. } => poll
+                    .registry()
+                    .register(&mut stream, Token(key), Interest::READABLE)
+                    .is_ok(),
+                Io::Uring(u) => u.arm_recv(stream.as_raw_fd(), key as u32, serial),
+            };
+        if !registered {
+            self.limit.release();
+            if let Ok(ticket) = admission {
+                self.ip_limits.release(ticket);
+            }
+            return;
+        }
+        let ip = *admission.as_ref().unwrap_or(&IpTicket::UNCOUNTED);
+        let conn = Connection::new(
+            serial,
+            self.shared.now,
+            &self.shared.cfg,
+            ip == IpTicket::FORWARDED,
+        );
+        entry.insert(Slot {
+            stream,
+            conn,
+            wants_write: false,
+            read_paused: false,
+            ip,
+            held: 0,
+            refused: false,
+            recv_armed: matches!(self.io, Io::Uring(_)),
+            sending: false,
+        });
+        self.m.accepted.inc();
+        self.m.connections.inc();
+        if let Err(refusal) = admission {
+            self.refuse_at_accept(key, refusal);
+        }
     }
 
     /// Out of connections or descriptors: keep serving what is open and retry after a pause,
@@ -554,7 +629,13 @@ impl Shard {
             return false;
         };
         let mut cx = self.shared.context(k as u32);
-        let t = match slot.conn.transmit(&mut slot.stream, &mut cx) {
+        let fd = slot.stream.as_raw_fd();
+        let sent = match &self.io {
+            Io::Epoll { .. } => slot.conn.transmit(&mut slot.stream, &mut cx),
+            Io::Uring(_) if slot.sending => slot.conn.transmit(&mut crate::uring::Behind, &mut cx),
+            Io::Uring(_) => slot.conn.transmit(&mut crate::uring::DontWait(fd), &mut cx),
+        };
+        let t = match sent {
             Ok(t) => t,
             Err(_) => {
                 self.remove(k);
@@ -575,22 +656,29 @@ impl Shard {
             Next::Idle | Next::Blocked => {}
         }
         let want_write = t.next == Next::Blocked;
-        if want_write != slot.wants_write {
-            let interest = if want_write {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            if self
-                .poll
-                .registry()
-                .reregister(&mut slot.stream, Token(k), interest)
-                .is_err()
-            {
-                self.remove(k);
-                return false;
+        match &mut self.io {
+            Io::Epoll { poll, .. } if want_write != slot.wants_write => {
+                let interest = if want_write {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                if poll
+                    .registry()
+                    .reregister(&mut slot.stream, Token(k), interest)
+                    .is_err()
+                {
+                    self.remove(k);
+                    return false;
+                }
+                slot.wants_write = want_write;
             }
-            slot.wants_write = want_write;
+            // A send in flight settles again when it completes.
+            Io::Uring(u) if want_write && !slot.wants_write && !slot.sending => {
+                u.arm_writable(fd, k as u32, slot.conn.serial());
+                slot.wants_write = true;
+            }
+            _ => {}
         }
         if slot.read_paused && slot.conn.wants_input(&self.shared.cfg) {
             slot.read_paused = false;
@@ -653,14 +741,16 @@ impl Shard {
     /// registering it or giving it a slot.
     fn refuse_at_once(&mut self, stream: &mut TcpStream, refusal: Refusal) {
         use std::io::Write;
-        let _ = stream.write(&crate::ws::handshake::error_response(
+        // Without waiting: a socket of the io_uring driver is blocking.
+        let fd = stream.as_raw_fd();
+        let _ = crate::uring::DontWait(fd).write(&crate::ws::handshake::error_response(
             429,
             refusal.message(),
         ));
         let _ = stream.shutdown(Shutdown::Write);
         // Reading what the request sent keeps the close from turning into a reset that could
         // destroy the answer before the client reads it.
-        let _ = stream.read(&mut self.scratch);
+        let _ = crate::uring::read_now(fd, &mut self.scratch);
         self.limit.release();
         self.m.accepted.inc();
         self.m.record(Incident::Rejected(refusal.reason()));
@@ -697,7 +787,12 @@ impl Shard {
             self.refused_lingering -= usize::from(slot.refused);
             self.ip_limits.release(slot.ip);
             slot.conn.unindex(&mut self.shared.registry, k as u32);
-            let _ = self.poll.registry().deregister(&mut slot.stream);
+            match &mut self.io {
+                Io::Epoll { poll, .. } => {
+                    let _ = poll.registry().deregister(&mut slot.stream);
+                }
+                Io::Uring(u) => u.close(k, slot.stream),
+            }
             self.m.connections.dec();
             self.limit.release();
         }
@@ -776,6 +871,18 @@ impl Shard {
                 // Behind what is already queued, so it goes through the connection's output.
                 self.batch.frames_of(k, &mut self.shared.out);
                 self.settle(k as usize);
+                continue;
+            }
+            if let Io::Uring(u) = &mut self.io {
+                if slot.sending {
+                    self.batch.frames_of(k, &mut self.shared.out);
+                    self.settle(k as usize);
+                } else {
+                    let mut frames = Vec::new();
+                    self.batch.frames_of(k, &mut frames);
+                    u.send(slot.stream.as_raw_fd(), k, slot.conn.serial(), frames);
+                    slot.sending = true;
+                }
                 continue;
             }
             match self.batch.write(k, &mut slot.stream) {
@@ -1010,8 +1117,13 @@ impl Shard {
             return;
         }
         self.drain_deadline = Some(Instant::now() + drain);
-        if let Some(mut l) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut l);
+        match &mut self.io {
+            Io::Epoll { poll, listener } => {
+                if let Some(mut l) = listener.take() {
+                    let _ = poll.registry().deregister(&mut l);
+                }
+            }
+            Io::Uring(u) => u.stop_accepting(),
         }
         self.accept_more = false;
         self.accept_paused_until = None;

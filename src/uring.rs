@@ -1,0 +1,544 @@
+//! The io_uring mechanics of a shard's second I/O driver (`--io uring`).
+//!
+//! Owns one shard's ring, its provided-buffer ring for receives, the sends in flight (whose
+//! frames must outlive the kernel's use of them) and the sockets waiting for their requests to
+//! be cancelled before they are closed. It submits and reaps; it makes no decision about
+//! connections: the shard's uring loop (`shard::uring`) turns completions into calls on the
+//! same `Connection` state machine the epoll driver drives. Knows no protocol.
+//!
+//! Choices, with the reasons measured or documented in `benches/RESULTS.md`:
+//! - receive is multishot: one request per connection, so an idle connection has one armed
+//!   receive and owns no buffer (the kernel picks one from the shared ring only when data
+//!   arrives);
+//! - accepts are single-shot, a few armed at once: a multishot accept takes the whole backlog
+//!   in one go, thousands of descriptors past the connection limit, where these wait in the
+//!   kernel's backlog as on epoll;
+//! - sockets stay blocking: the kernel then parks an operation that cannot proceed and
+//!   retries it when the socket is ready, instead of completing it with `EAGAIN`; the few
+//!   direct writes the driver still makes pass `MSG_DONTWAIT` ([`DontWait`]);
+//! - a fan-out's sends are queued as one `SENDMSG` per connection and go in with the next
+//!   `io_uring_enter`, together with everything else of the iteration.
+
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use io_uring::types::{BufRingEntry, CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::{IoUring, cqueue, opcode, squeue};
+use slab::Slab;
+
+use crate::outbox::OutFrame;
+
+/// Submission queue entries; the completion queue has four times as many. A fan-out to more
+/// connections than this submits as it goes.
+const ENTRIES: u32 = 1024;
+/// Receive buffers shared by a shard's connections, and their size. Only buffers that have
+/// been used are resident.
+const BUFFERS: u16 = 256;
+const BUFFER_BYTES: usize = 4096;
+const BUFFER_GROUP: u16 = 0;
+
+/// What a completion is for, in the top byte of its user data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Accept,
+    Recv,
+    Writable,
+    Send,
+    Close,
+    Waker,
+}
+
+impl Op {
+    fn code(self) -> u64 {
+        match self {
+            Op::Accept => 1,
+            Op::Recv => 2,
+            Op::Writable => 3,
+            Op::Send => 4,
+            Op::Close => 5,
+            Op::Waker => 6,
+        }
+    }
+
+    fn from_code(code: u64) -> Option<Self> {
+        Some(match code {
+            1 => Op::Accept,
+            2 => Op::Recv,
+            3 => Op::Writable,
+            4 => Op::Send,
+            5 => Op::Close,
+            6 => Op::Waker,
+            _ => return None,
+        })
+    }
+}
+
+/// A request's user data: the operation, and for a connection's requests its slab key and
+/// the low 24 bits of its serial (a later connection in the same slot is told apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tag {
+    pub op: Op,
+    pub key: u32,
+    pub serial: u32,
+}
+
+const SERIAL_MASK: u32 = 0x00FF_FFFF;
+
+impl Tag {
+    pub fn new(op: Op, key: u32, serial: u32) -> Self {
+        Self {
+            op,
+            key,
+            serial: serial & SERIAL_MASK,
+        }
+    }
+
+    /// Whether this tag names the connection with this serial.
+    pub fn names(&self, serial: u32) -> bool {
+        self.serial == serial & SERIAL_MASK
+    }
+
+    fn encode(self) -> u64 {
+        self.op.code() << 56 | u64::from(self.serial) << 32 | u64::from(self.key)
+    }
+
+    fn decode(data: u64) -> Option<Self> {
+        Some(Self {
+            op: Op::from_code(data >> 56)?,
+            serial: (data >> 32) as u32 & SERIAL_MASK,
+            key: data as u32,
+        })
+    }
+}
+
+/// One completion, copied out of the queue so the driver can submit while handling it.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion {
+    pub tag: Tag,
+    pub result: i32,
+    /// More completions will follow for the same (multishot) request.
+    pub more: bool,
+    /// The receive buffer the data is in.
+    pub buffer: Option<u16>,
+}
+
+/// A connection's frames while the kernel sends them: the frames, and the vectors and
+/// message header that point into them, kept still (boxed) until the completion.
+struct InFlight {
+    key: u32,
+    serial: u32,
+    frames: Vec<OutFrame>,
+    iovecs: Vec<libc::iovec>,
+    header: libc::msghdr,
+}
+
+// SAFETY: the pointers in an in-flight send point into the record's own heap memory, which
+// moves with it; only the thread owning the ring touches either.
+unsafe impl Send for InFlight {}
+
+/// What a send's completion hands back: the frames not sent, and how much of the first was.
+pub struct SendDone {
+    pub key: u32,
+    pub serial: u32,
+    pub result: i32,
+    pub unsent: Vec<OutFrame>,
+    pub offset: usize,
+}
+
+/// The shared receive buffers: the kernel takes one per completed receive from the ring, and
+/// the driver gives it back once the connection has read it.
+struct BufferRing {
+    entries: *mut BufRingEntry,
+    data: Box<[u8]>,
+    tail: u16,
+}
+
+// SAFETY: the entries are this ring's own allocation, used only by the thread that owns it.
+unsafe impl Send for BufferRing {}
+
+impl BufferRing {
+    fn layout() -> std::alloc::Layout {
+        let bytes = usize::from(BUFFERS) * std::mem::size_of::<BufRingEntry>();
+        // The kernel wants the ring page-aligned.
+        std::alloc::Layout::from_size_align(bytes, 4096).expect("a valid layout")
+    }
+
+    fn new(ring: &IoUring) -> io::Result<Self> {
+        // SAFETY: a non-zero size; zeroed entries are valid (the kernel reads only those
+        // below the tail).
+        let entries = unsafe { std::alloc::alloc_zeroed(Self::layout()) }.cast::<BufRingEntry>();
+        if entries.is_null() {
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
+        let data = vec![0u8; usize::from(BUFFERS) * BUFFER_BYTES].into_boxed_slice();
+        let mut this = Self {
+            entries,
+            data,
+            tail: 0,
+        };
+        // SAFETY: the entries stay allocated until `drop`, after the ring (which owns the
+        // registration) is gone: `Ring` drops its `IoUring` first.
+        unsafe {
+            ring.submitter().register_buf_ring_with_flags(
+                entries as u64,
+                BUFFERS,
+                BUFFER_GROUP,
+                0,
+            )?;
+        }
+        for id in 0..BUFFERS {
+            this.push(id);
+        }
+        this.publish();
+        Ok(this)
+    }
+
+    fn push(&mut self, id: u16) {
+        let slot = usize::from(self.tail & (BUFFERS - 1));
+        let addr = self.data[usize::from(id) * BUFFER_BYTES..].as_mut_ptr();
+        // SAFETY: `slot` < BUFFERS, inside the allocation.
+        let entry = unsafe { &mut *self.entries.add(slot) };
+        entry.set_addr(addr as u64);
+        entry.set_len(BUFFER_BYTES as u32);
+        entry.set_bid(id);
+        self.tail = self.tail.wrapping_add(1);
+    }
+
+    /// Makes the buffers pushed so far visible to the kernel.
+    fn publish(&mut self) {
+        // SAFETY: the tail field lives in the first entry of the ring; the store is a release
+        // so the kernel sees the entries before the tail that covers them.
+        unsafe {
+            let tail = BufRingEntry::tail(self.entries).cast_mut();
+            std::sync::atomic::AtomicU16::from_ptr(tail)
+                .store(self.tail, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    fn buffer(&mut self, id: u16, len: usize) -> &mut [u8] {
+        let start = usize::from(id) * BUFFER_BYTES;
+        &mut self.data[start..start + len.min(BUFFER_BYTES)]
+    }
+}
+
+impl Drop for BufferRing {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.entries.cast(), Self::layout()) };
+    }
+}
+
+/// One shard's ring. Made on the shard's own thread (the ring is single-issuer).
+pub struct Ring {
+    ring: IoUring,
+    buffers: BufferRing,
+    sends: Slab<Box<InFlight>>,
+    closing: Slab<OwnedFd>,
+    /// Whether buffers were given back since the last submit.
+    buffers_dirty: bool,
+}
+
+impl Ring {
+    pub fn new() -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_cqsize(ENTRIES * 4)
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_defer_taskrun()
+            .build(ENTRIES)
+            .or_else(|_| IoUring::builder().setup_cqsize(ENTRIES * 4).build(ENTRIES))?;
+        if !ring.params().is_feature_nodrop() || !ring.params().is_feature_submit_stable() {
+            return Err(io::Error::other(
+                "this kernel's io_uring lacks NODROP or SUBMIT_STABLE",
+            ));
+        }
+        let buffers = BufferRing::new(&ring)?;
+        Ok(Self {
+            ring,
+            buffers,
+            sends: Slab::new(),
+            closing: Slab::new(),
+            buffers_dirty: false,
+        })
+    }
+
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every pointer an entry carries (message headers, vectors, frames) is
+            // owned by this ring's `sends` until the entry's completion.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            // Full: hand what is queued to the kernel and go on.
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!(error = %e, "io_uring submit failed");
+                return;
+            }
+        }
+    }
+
+    /// One accept on `listener`.
+    pub fn arm_accept(&mut self, listener: RawFd) {
+        let e = opcode::Accept::new(Fd(listener), std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_CLOEXEC)
+            .build();
+        self.push(e.user_data(Tag::new(Op::Accept, 0, 0).encode()));
+    }
+
+    /// Receives on `fd` into the shared buffers until cancelled, the peer closes, or the
+    /// buffers run out (the completion without `more` says which).
+    pub fn arm_recv(&mut self, fd: RawFd, key: u32, serial: u32) {
+        let e = opcode::RecvMulti::new(Fd(fd), BUFFER_GROUP).build();
+        self.push(e.user_data(Tag::new(Op::Recv, key, serial).encode()));
+    }
+
+    pub fn cancel_recv(&mut self, key: u32, serial: u32) {
+        let tag = Tag::new(Op::Recv, key, serial).encode();
+        let e = opcode::AsyncCancel2::new(CancelBuilder::user_data(tag)).build();
+        self.push(e.user_data(Tag::new(Op::Close, u32::MAX, 0).encode()));
+    }
+
+    /// One completion once `fd` can take more output.
+    pub fn arm_writable(&mut self, fd: RawFd, key: u32, serial: u32) {
+        let e = opcode::PollAdd::new(Fd(fd), libc::POLLOUT as u32).build();
+        self.push(e.user_data(Tag::new(Op::Writable, key, serial).encode()));
+    }
+
+    /// A multishot poll on the epoll descriptor the shard's mailbox waker rings.
+    pub fn arm_waker(&mut self, fd: RawFd) {
+        let e = opcode::PollAdd::new(Fd(fd), libc::POLLIN as u32)
+            .multi(true)
+            .build();
+        self.push(e.user_data(Tag::new(Op::Waker, 0, 0).encode()));
+    }
+
+    /// Queues `frames` for connection `key` as one send; its completion comes back through
+    /// [`Self::finish_send`] with what was not sent.
+    pub fn send(&mut self, fd: RawFd, key: u32, serial: u32, frames: Vec<OutFrame>) {
+        let mut iovecs = Vec::with_capacity(frames.len() * 3);
+        for f in &frames {
+            for part in f.parts() {
+                if !part.is_empty() {
+                    iovecs.push(libc::iovec {
+                        iov_base: part.as_ptr().cast_mut().cast(),
+                        iov_len: part.len(),
+                    });
+                }
+            }
+        }
+        // SAFETY: msghdr is plain data; all zeroes is an empty header.
+        let header: libc::msghdr = unsafe { std::mem::zeroed() };
+        let mut flight = Box::new(InFlight {
+            key,
+            serial,
+            frames,
+            iovecs,
+            header,
+        });
+        flight.header.msg_iov = flight.iovecs.as_mut_ptr();
+        flight.header.msg_iovlen = flight.iovecs.len();
+        let header: *const libc::msghdr = &flight.header;
+        let index = self.sends.insert(flight) as u32;
+        // MSG_WAITALL: the kernel goes on until all is sent (or the socket fails), so a
+        // completion is short only on an error.
+        let flags = (libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32;
+        let e = opcode::SendMsg::new(Fd(fd), header).flags(flags).build();
+        self.push(e.user_data(Tag::new(Op::Send, index, 0).encode()));
+    }
+
+    /// The send of a completion: its connection and what of its frames was not sent.
+    pub fn finish_send(&mut self, c: &Completion) -> Option<SendDone> {
+        let flight = self.sends.try_remove(c.tag.key as usize)?;
+        let InFlight {
+            key,
+            serial,
+            mut frames,
+            ..
+        } = *flight;
+        let mut left = usize::try_from(c.result).unwrap_or(0);
+        let mut first = 0;
+        while first < frames.len() && left >= frames[first].len() {
+            left -= frames[first].len();
+            first += 1;
+        }
+        Some(SendDone {
+            key,
+            serial,
+            result: c.result,
+            unsent: frames.split_off(first),
+            offset: left,
+        })
+    }
+
+    /// Closes `socket` once the kernel has let go of its requests: they hold the socket open,
+    /// so a plain close would neither stop them nor end the connection.
+    pub fn close(&mut self, socket: OwnedFd) {
+        let fd = socket.as_raw_fd();
+        let index = self.closing.insert(socket) as u32;
+        let e = opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(fd)).all()).build();
+        self.push(e.user_data(Tag::new(Op::Close, index, 0).encode()));
+    }
+
+    /// A cancellation completed: the socket it was for (if any) is closed now.
+    pub fn finish_close(&mut self, c: &Completion) {
+        if c.tag.key != u32::MAX {
+            self.closing.try_remove(c.tag.key as usize);
+        }
+    }
+
+    /// The data of a receive completion, to be given back with [`Self::recycle`].
+    pub fn received(&mut self, buffer: u16, len: usize) -> &mut [u8] {
+        self.buffers.buffer(buffer, len)
+    }
+
+    pub fn recycle(&mut self, buffer: u16) {
+        self.buffers.push(buffer);
+        self.buffers_dirty = true;
+    }
+
+    /// Submits what is queued and waits up to `timeout` for a completion; then moves the
+    /// completions into `out`.
+    pub fn submit_and_wait(&mut self, timeout: Duration, out: &mut Vec<Completion>) {
+        if self.buffers_dirty {
+            self.buffers.publish();
+            self.buffers_dirty = false;
+        }
+        let ts = Timespec::from(timeout);
+        let args = SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => tracing::warn!(error = %e, "io_uring wait failed"),
+        }
+        for cqe in self.ring.completion() {
+            let Some(tag) = Tag::decode(cqe.user_data()) else {
+                continue;
+            };
+            out.push(Completion {
+                tag,
+                result: cqe.result(),
+                more: cqueue::more(cqe.flags()),
+                buffer: cqueue::buffer_select(cqe.flags()),
+            });
+        }
+    }
+
+    /// Requests still running that point into memory this ring owns.
+    pub fn in_flight(&self) -> usize {
+        self.sends.len() + self.closing.len()
+    }
+}
+
+/// Whether io_uring can run here, as the shards will use it: a ring with a provided-buffer
+/// ring, and a kernel with multishot receive (6.0). `Err` says why not, in words.
+pub fn probe() -> Result<(), String> {
+    let release = kernel_release();
+    let (major, minor) = parse_release(&release);
+    if (major, minor) < (6, 0) {
+        return Err(format!(
+            "kernel {release} is older than 6.0 (multishot receive)"
+        ));
+    }
+    Ring::new().map(drop).map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOSYS) => "io_uring_setup is not available (ENOSYS: a seccomp profile or \
+                               a kernel without io_uring)"
+            .to_owned(),
+        Some(libc::EPERM) => "io_uring is disabled (EPERM: kernel.io_uring_disabled or a \
+                              seccomp profile)"
+            .to_owned(),
+        _ => format!("io_uring setup failed: {e}"),
+    })
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn parse_release(release: &str) -> (u32, u32) {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor)
+}
+
+/// Writes straight to a (blocking) socket without waiting: the driver's direct writes, for
+/// output that is not a fan-out (upgrade answers, replies, what a send left over).
+pub struct DontWait(pub RawFd);
+
+impl Write for DontWait {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_vectored(&[io::IoSlice::new(buf)])
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        // SAFETY: msghdr is plain data; IoSlice is ABI-compatible with iovec, and the slices
+        // outlive the call.
+        let n = unsafe {
+            let mut header: libc::msghdr = std::mem::zeroed();
+            header.msg_iov = bufs.as_ptr().cast_mut().cast();
+            header.msg_iovlen = bufs.len();
+            libc::sendmsg(self.0, &header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A writer that takes nothing: output for a connection whose send is in flight waits in its
+/// queue, behind it.
+pub struct Behind;
+
+impl Write for Behind {
+    fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads from a (blocking) socket without waiting.
+pub fn read_now(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_round_trip_and_tell_connections_apart() {
+        let t = Tag::new(Op::Recv, 123_456, 0x1234_5678);
+        let back = Tag::decode(t.encode()).unwrap();
+        assert_eq!(back, t);
+        assert!(back.names(0x1234_5678));
+        assert!(!back.names(0x1234_5679));
+        assert_eq!(Tag::decode(0), None);
+    }
+
+    #[test]
+    fn kernel_releases_parse() {
+        assert_eq!(parse_release("6.18.0-herald"), (6, 18));
+        assert_eq!(parse_release("5.15.0-91-generic"), (5, 15));
+        assert_eq!(parse_release(""), (0, 0));
+    }
+}
