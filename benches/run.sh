@@ -40,7 +40,8 @@
 # (fixed low rates instead of the search: a smoke test), STRICT=1 (exit non-zero when any run
 # loses events or connections), BEFORE (another herald binary, e.g. a build of an earlier commit:
 # the idle and fanout scenarios then also measure it, labelled "before", in the same run, and
-# compare reports herald/before), BIN_DIR (prebuilt herald, herald-bench and the baselines
+# compare reports herald/before), URING=1 (the idle, fanout, channels and connect scenarios also
+# measure herald on its io_uring driver, labelled "uring", in the same run), BIN_DIR (prebuilt herald, herald-bench and the baselines
 # kernel_fanout and naive_server, there or under BIN_DIR/examples/; otherwise built with cargo).
 set -euo pipefail
 # Load generators open thousands of connections from a few loopback addresses: herald's per-IP
@@ -112,6 +113,7 @@ start_server() {
         # An earlier build did not switch huge pages off itself: as herald does now, so that
         # herald/before compares the code, not the allocator setting.
         before) env MIMALLOC_ALLOW_THP=0 "$@" "$BEFORE" serve --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s >"$out" 2>"$err" & ;;
+        uring) env HERALD_IO=uring "$@" "$BIN/herald" serve --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s >"$out" 2>"$err" & ;;
         herald) env "$@" "$BIN/herald" serve --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s >"$out" 2>"$err" & ;;
         naive) env "$@" "$EX/naive_server" --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s >"$out" 2>"$err" & ;;
         kernel) env "$@" "$EX/kernel_fanout" --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 >"$out" 2>"$err" & ;;
@@ -193,6 +195,9 @@ rate_args() {
 
 scenario_idle() {
     idle_run herald "$BIN"
+    if [[ ${URING:-0} == 1 ]]; then
+        HERALD_IO=uring idle_run uring "$BIN"
+    fi
     if [[ -n ${BEFORE:-} ]]; then
         # idle_memory.sh runs $BIN_DIR/herald: a folder where that is the earlier build.
         local dir=$WORK/before-bin
@@ -260,6 +265,7 @@ scenario_fanout() {
     # shellcheck disable=SC2046 # word splitting of rate_args is intended
     local servers=(kernel herald) runs=()
     [[ -n ${BEFORE:-} ]] && servers+=(before)
+    [[ ${URING:-0} == 1 ]] && servers+=(uring)
     servers+=(naive)
     for s in "${servers[@]}"; do
         fanout_run "$s" fanout $(rate_args 20 4) --burst "$BURST" --single "$SINGLE"
@@ -273,11 +279,15 @@ scenario_channels() {
     ((N >= 5000)) || channels=$((N / 10 > 1 ? N / 10 : 2))
     echo "== channels: $N connections over $channels channels (Zipf 1); herald, naive_server" >&2
     # shellcheck disable=SC2046
-    for s in herald naive; do
+    local servers=(herald) runs=()
+    [[ ${URING:-0} == 1 ]] && servers+=(uring)
+    servers+=(naive)
+    for s in "${servers[@]}"; do
+        runs+=("$s=$OUT/channels-$s.json")
         fanout_run "$s" channels --channels "$channels" --zipf 1 --pad 0,256,1024 --publishers 4 \
             $(rate_args 50 100) --burst "$((BURST * 5))"
     done
-    compare channels herald="$OUT/channels-herald.json" naive="$OUT/channels-naive.json"
+    compare channels "${runs[@]}"
 }
 
 scenario_churn() {
@@ -294,8 +304,10 @@ scenario_churn() {
 
 scenario_connect() {
     echo "== connect: handshake rate, $CONNECT_TIME per server; herald, naive_server, kernel_fanout, TCP accept loop" >&2
-    local runs=()
-    for s in tcp herald naive kernel; do
+    local runs=() servers=(tcp herald)
+    [[ ${URING:-0} == 1 ]] && servers+=(uring)
+    servers+=(naive kernel)
+    for s in "${servers[@]}"; do
         start_server "$s"
         local url
         if [[ $s == tcp ]]; then url=$TCP_URL; else url="$WS_URL&channels[]=bench"; fi
