@@ -138,8 +138,8 @@ pub struct Config {
     #[arg(long, env = "HERALD_SHARDS")]
     pub shards: Option<usize>,
 
-    /// How the shards do their I/O: `epoll`, or `uring` (io_uring: multishot accept and
-    /// receive into shared buffers, a fan-out's sends in one submission). Where io_uring cannot
+    /// How the shards do their I/O: `epoll`, or `uring` (io_uring: multishot receive into
+    /// shared buffers, a fan-out's sends in one submission). Where io_uring cannot
     /// be set up (an old kernel, `kernel.io_uring_disabled`, a seccomp profile) herald says so
     /// and runs on epoll.
     #[arg(long, env = "HERALD_IO", value_enum, default_value_t = IoDriver::Epoll)]

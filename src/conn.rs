@@ -1618,7 +1618,8 @@ impl Connection {
     /// A due idle ping, unless the peer's TCP has just acknowledged all that was sent to it.
     fn ping_or_hear(&mut self, peer_acked: impl FnOnce() -> Option<u32>, cx: &mut Context<'_>) {
         let interval = cx.cfg.ping_interval_secs;
-        let acked = (!self.is_backlogged())
+        // Behind a proxy the acknowledgements are the proxy's, not the client's.
+        let acked = (!self.is_backlogged() && !self.behind_proxy)
             .then(peer_acked)
             .flatten()
             .filter(|&ago| ago < interval);

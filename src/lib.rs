@@ -3,8 +3,9 @@
 //! # Layout
 //!
 //! Data plane (one thread per shard, no locks, no tokio):
-//! - [`shard`]: the epoll event loop of one core and the I/O driver of its connections:
-//!   accepts, reads, writes, epoll interest, timers. No protocol decisions.
+//! - [`shard`]: the event loop of one core and the I/O driver of its connections, on epoll
+//!   or on io_uring (`--io`): accepts, reads, writes, interest or requests, timers. No
+//!   protocol decisions.
 //! - [`conn`]: one connection's state machine (upgrade, messages, which events it receives and
 //!   with what tail, close); no system calls. Its module header is the driver contract: what
 //!   the driver calls, in which order, and what it must do with each answer.

@@ -37,6 +37,8 @@ const ENTRIES: u32 = 1024;
 const BUFFERS: u16 = 256;
 const BUFFER_BYTES: usize = 4096;
 const BUFFER_GROUP: u16 = 0;
+/// Send records kept for reuse: one fan-out's worth for a shard of a 19,000-connection node.
+const SPARE_SENDS: usize = 16 * 1024;
 
 /// What a completion is for, in the top byte of its user data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,14 +152,23 @@ pub struct SendDone {
 /// the driver gives it back once the connection has read it.
 struct BufferRing {
     entries: *mut BufRingEntry,
-    data: Box<[u8]>,
+    /// The buffers, one allocation; raw because the kernel writes into parts of it while
+    /// the driver reads others.
+    data: *mut u8,
     tail: u16,
+    /// Left to the kernel at exit (see [`Ring::abandon`]).
+    abandoned: bool,
 }
 
 // SAFETY: the entries are this ring's own allocation, used only by the thread that owns it.
 unsafe impl Send for BufferRing {}
 
 impl BufferRing {
+    fn data_layout() -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(usize::from(BUFFERS) * BUFFER_BYTES, 4096)
+            .expect("a valid layout")
+    }
+
     fn layout() -> std::alloc::Layout {
         let bytes = usize::from(BUFFERS) * std::mem::size_of::<BufRingEntry>();
         // The kernel wants the ring page-aligned.
@@ -171,11 +182,18 @@ impl BufferRing {
         if entries.is_null() {
             return Err(io::ErrorKind::OutOfMemory.into());
         }
-        let data = vec![0u8; usize::from(BUFFERS) * BUFFER_BYTES].into_boxed_slice();
+        // SAFETY: a non-zero size. Zeroed: pages stay untouched (not resident) until used.
+        let data = unsafe { std::alloc::alloc_zeroed(Self::data_layout()) };
+        if data.is_null() {
+            // SAFETY: allocated just above with this layout.
+            unsafe { std::alloc::dealloc(entries.cast(), Self::layout()) };
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
         let mut this = Self {
             entries,
             data,
             tail: 0,
+            abandoned: false,
         };
         // SAFETY: the entries stay allocated until `drop`, after the ring (which owns the
         // registration) is gone: `Ring` drops its `IoUring` first.
@@ -196,7 +214,8 @@ impl BufferRing {
 
     fn push(&mut self, id: u16) {
         let slot = usize::from(self.tail & (BUFFERS - 1));
-        let addr = self.data[usize::from(id) * BUFFER_BYTES..].as_mut_ptr();
+        // SAFETY: `id` < BUFFERS, so the buffer is inside the allocation.
+        let addr = unsafe { self.data.add(usize::from(id) * BUFFER_BYTES) };
         // SAFETY: `slot` < BUFFERS, inside the allocation.
         let entry = unsafe { &mut *self.entries.add(slot) };
         entry.set_addr(addr as u64);
@@ -216,16 +235,27 @@ impl BufferRing {
         }
     }
 
+    /// Buffer `id`, which the kernel has handed back with `len` bytes in it: until it is
+    /// recycled, nothing else writes there.
     fn buffer(&mut self, id: u16, len: usize) -> &mut [u8] {
-        let start = usize::from(id) * BUFFER_BYTES;
-        &mut self.data[start..start + len.min(BUFFER_BYTES)]
+        let id = usize::from(id % BUFFERS);
+        // SAFETY: inside the allocation; the kernel is done with this buffer until `push`.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.data.add(id * BUFFER_BYTES), len.min(BUFFER_BYTES))
+        }
     }
 }
 
 impl Drop for BufferRing {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { std::alloc::dealloc(self.entries.cast(), Self::layout()) };
+        if self.abandoned {
+            return;
+        }
+        // SAFETY: allocated in `new` with these layouts.
+        unsafe {
+            std::alloc::dealloc(self.entries.cast(), Self::layout());
+            std::alloc::dealloc(self.data, Self::data_layout());
+        }
     }
 }
 
@@ -234,6 +264,11 @@ pub struct Ring {
     ring: IoUring,
     buffers: BufferRing,
     sends: Slab<Box<InFlight>>,
+    backlog: std::collections::VecDeque<squeue::Entry>,
+    /// Send records done with, for the next sends. Boxed: a record must not move while the
+    /// kernel reads through it, and it goes back into `sends` as it is.
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<InFlight>>,
     closing: Slab<OwnedFd>,
     /// Whether buffers were given back since the last submit.
     buffers_dirty: bool,
@@ -258,24 +293,48 @@ impl Ring {
             ring,
             buffers,
             sends: Slab::new(),
+            backlog: Default::default(),
+            spare: Vec::new(),
             closing: Slab::new(),
             buffers_dirty: false,
         })
     }
 
+    /// Queues `entry`; when the submission queue is full and the kernel takes nothing right
+    /// now, it waits in `backlog` for the next [`Self::submit_and_wait`]: a request is never
+    /// dropped (a lost send, cancel or receive would leave a connection stuck).
     fn push(&mut self, entry: squeue::Entry) {
-        loop {
-            // SAFETY: every pointer an entry carries (message headers, vectors, frames) is
-            // owned by this ring's `sends` until the entry's completion.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                return;
+        if self.backlog.is_empty() && self.try_push(&entry) {
+            return;
+        }
+        if self.backlog.is_empty() && self.ring.submit().is_ok() && self.try_push(&entry) {
+            return;
+        }
+        self.backlog.push_back(entry);
+    }
+
+    fn try_push(&mut self, entry: &squeue::Entry) -> bool {
+        // SAFETY: every pointer an entry carries (message headers, vectors, frames) is owned
+        // by this ring's `sends` until the entry's completion.
+        unsafe { self.ring.submission().push(entry) }.is_ok()
+    }
+
+    /// Moves waiting entries into the submission queue, submitting as it fills.
+    fn flush_backlog(&mut self) {
+        while let Some(entry) = self.backlog.pop_front() {
+            if self.try_push(&entry) {
+                continue;
             }
-            // Full: hand what is queued to the kernel and go on.
-            if let Err(e) = self.ring.submit() {
-                tracing::warn!(error = %e, "io_uring submit failed");
+            if self.ring.submit().is_err() || !self.try_push(&entry) {
+                self.backlog.push_front(entry);
                 return;
             }
         }
+    }
+
+    /// Entries wait for room in the submission queue: the loop must not sleep.
+    pub fn has_backlog(&self) -> bool {
+        !self.backlog.is_empty()
     }
 
     /// One accept on `listener`.
@@ -284,6 +343,13 @@ impl Ring {
             .flags(libc::SOCK_CLOEXEC)
             .build();
         self.push(e.user_data(Tag::new(Op::Accept, 0, 0).encode()));
+    }
+
+    /// Cancels every armed accept (each completes with `ECANCELED`).
+    pub fn cancel_accepts(&mut self) {
+        let tag = Tag::new(Op::Accept, 0, 0).encode();
+        let e = opcode::AsyncCancel2::new(CancelBuilder::user_data(tag).all()).build();
+        self.push(e.user_data(Tag::new(Op::Close, u32::MAX, 0).encode()));
     }
 
     /// Receives on `fd` into the shared buffers until cancelled, the peer closes, or the
@@ -313,29 +379,39 @@ impl Ring {
         self.push(e.user_data(Tag::new(Op::Waker, 0, 0).encode()));
     }
 
-    /// Queues `frames` for connection `key` as one send; its completion comes back through
-    /// [`Self::finish_send`] with what was not sent.
-    pub fn send(&mut self, fd: RawFd, key: u32, serial: u32, frames: Vec<OutFrame>) {
-        let mut iovecs = Vec::with_capacity(frames.len() * 3);
-        for f in &frames {
-            for part in f.parts() {
-                if !part.is_empty() {
-                    iovecs.push(libc::iovec {
-                        iov_base: part.as_ptr().cast_mut().cast(),
-                        iov_len: part.len(),
-                    });
-                }
+    /// Queues the frames `fill` puts in for connection `key` as one send; its completion
+    /// comes back through [`Self::finish_send`] with what was not sent. The records are
+    /// reused from send to send (a fan-out makes one per subscriber).
+    pub fn send(
+        &mut self,
+        fd: RawFd,
+        key: u32,
+        serial: u32,
+        fill: impl FnOnce(&mut Vec<OutFrame>),
+    ) {
+        let mut flight = self.spare.pop().unwrap_or_else(|| {
+            Box::new(InFlight {
+                key,
+                serial,
+                frames: Vec::new(),
+                iovecs: Vec::new(),
+                // SAFETY: msghdr is plain data; all zeroes is an empty header.
+                header: unsafe { std::mem::zeroed() },
+            })
+        });
+        flight.key = key;
+        flight.serial = serial;
+        fill(&mut flight.frames);
+        let InFlight { frames, iovecs, .. } = &mut *flight;
+        iovecs.clear();
+        for part in frames.iter().flat_map(OutFrame::parts) {
+            if !part.is_empty() {
+                iovecs.push(libc::iovec {
+                    iov_base: part.as_ptr().cast_mut().cast(),
+                    iov_len: part.len(),
+                });
             }
         }
-        // SAFETY: msghdr is plain data; all zeroes is an empty header.
-        let header: libc::msghdr = unsafe { std::mem::zeroed() };
-        let mut flight = Box::new(InFlight {
-            key,
-            serial,
-            frames,
-            iovecs,
-            header,
-        });
         flight.header.msg_iov = flight.iovecs.as_mut_ptr();
         flight.header.msg_iovlen = flight.iovecs.len();
         let header: *const libc::msghdr = &flight.header;
@@ -349,26 +425,35 @@ impl Ring {
 
     /// The send of a completion: its connection and what of its frames was not sent.
     pub fn finish_send(&mut self, c: &Completion) -> Option<SendDone> {
-        let flight = self.sends.try_remove(c.tag.key as usize)?;
-        let InFlight {
-            key,
-            serial,
-            mut frames,
-            ..
-        } = *flight;
+        let mut flight = self.sends.try_remove(c.tag.key as usize)?;
         let mut left = usize::try_from(c.result).unwrap_or(0);
         let mut first = 0;
-        while first < frames.len() && left >= frames[first].len() {
-            left -= frames[first].len();
+        while first < flight.frames.len() && left >= flight.frames[first].len() {
+            left -= flight.frames[first].len();
             first += 1;
         }
-        Some(SendDone {
-            key,
-            serial,
+        let unsent = if first < flight.frames.len() {
+            flight.frames.split_off(first)
+        } else {
+            Vec::new()
+        };
+        let done = SendDone {
+            key: flight.key,
+            serial: flight.serial,
             result: c.result,
-            unsent: frames.split_off(first),
+            unsent,
             offset: left,
-        })
+        };
+        flight.frames.clear();
+        if self.spare.len() < SPARE_SENDS {
+            self.spare.push(flight);
+        }
+        Some(done)
+    }
+
+    /// Lets go of the reusable send records (once the shard is quiet).
+    pub fn release_spare(&mut self) {
+        self.spare = Vec::new();
     }
 
     /// Closes `socket` once the kernel has let go of its requests: they hold the socket open,
@@ -399,22 +484,37 @@ impl Ring {
 
     /// Submits what is queued and waits up to `timeout` for a completion; then moves the
     /// completions into `out`.
-    pub fn submit_and_wait(&mut self, timeout: Duration, out: &mut Vec<Completion>) {
+    /// An error other than a timeout, a signal or a full completion queue means the ring is
+    /// unusable.
+    pub fn submit_and_wait(
+        &mut self,
+        timeout: Duration,
+        out: &mut Vec<Completion>,
+    ) -> io::Result<()> {
         if self.buffers_dirty {
             self.buffers.publish();
             self.buffers_dirty = false;
         }
+        self.flush_backlog();
+        let timeout = if self.backlog.is_empty() {
+            timeout
+        } else {
+            Duration::ZERO
+        };
         let ts = Timespec::from(timeout);
         let args = SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
+        let waited = match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
             Err(e)
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) => {}
-            Err(e) => tracing::warn!(error = %e, "io_uring wait failed"),
-        }
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
         for cqe in self.ring.completion() {
             let Some(tag) = Tag::decode(cqe.user_data()) else {
                 continue;
@@ -426,11 +526,20 @@ impl Ring {
                 buffer: cqueue::buffer_select(cqe.flags()),
             });
         }
+        waited
     }
 
     /// Requests still running that point into memory this ring owns.
     pub fn in_flight(&self) -> usize {
         self.sends.len() + self.closing.len()
+    }
+
+    /// At exit with requests still running: their frames, sockets and receive buffers are
+    /// never freed, since the kernel may still touch them while it tears the ring down.
+    pub fn abandon(&mut self) {
+        std::mem::forget(std::mem::take(&mut self.sends));
+        std::mem::forget(std::mem::take(&mut self.closing));
+        self.buffers.abandoned = true;
     }
 }
 

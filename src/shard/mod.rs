@@ -89,8 +89,9 @@ impl ConnectionLimit {
         self.open.fetch_sub(1, Ordering::AcqRel);
     }
 
-    fn has_room(&self) -> bool {
-        self.open.load(Ordering::Acquire) < self.max
+    /// Connections that may still be taken.
+    fn room(&self) -> usize {
+        self.max.saturating_sub(self.open.load(Ordering::Acquire))
     }
 }
 
@@ -878,9 +879,10 @@ impl Shard {
                     self.batch.frames_of(k, &mut self.shared.out);
                     self.settle(k as usize);
                 } else {
-                    let mut frames = Vec::new();
-                    self.batch.frames_of(k, &mut frames);
-                    u.send(slot.stream.as_raw_fd(), k, slot.conn.serial(), frames);
+                    let batch = &self.batch;
+                    u.send(slot.stream.as_raw_fd(), k, slot.conn.serial(), |frames| {
+                        batch.frames_of(k, frames)
+                    });
                     slot.sending = true;
                 }
                 continue;
@@ -1083,6 +1085,9 @@ impl Shard {
             // again.
             self.batch.release();
             self.candidates = Vec::new();
+            if let Io::Uring(u) = &mut self.io {
+                u.release();
+            }
             // Once every client has left, the slots they used go too: a fresh reservation
             // costs address space only, where the old one keeps every slot ever touched.
             if self.slab.is_empty() && self.key_high_water > 0 {

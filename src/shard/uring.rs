@@ -73,10 +73,24 @@ impl UringIo {
         }
     }
 
-    pub(super) fn send(&mut self, fd: RawFd, key: u32, serial: u32, frames: Vec<OutFrame>) {
+    pub(super) fn send(
+        &mut self,
+        fd: RawFd,
+        key: u32,
+        serial: u32,
+        fill: impl FnOnce(&mut Vec<OutFrame>),
+    ) {
         if let Some(ring) = self.ring.as_mut() {
-            ring.send(fd, key, serial, frames);
+            ring.send(fd, key, serial, fill);
         }
+    }
+
+    /// Memory kept between bursts goes back (see `Shard::give_back_memory`).
+    pub(super) fn release(&mut self) {
+        if let Some(ring) = self.ring.as_mut() {
+            ring.release_spare();
+        }
+        self.stash.shrink_to_fit();
     }
 
     pub(super) fn close(&mut self, key: usize, stream: TcpStream) {
@@ -116,8 +130,12 @@ impl Shard {
                 return;
             };
             let mut done = std::mem::take(&mut u.completions);
-            if let Some(ring) = u.ring.as_mut() {
-                ring.submit_and_wait(timeout, &mut done);
+            if let Some(ring) = u.ring.as_mut()
+                && let Err(e) = ring.submit_and_wait(timeout, &mut done)
+            {
+                // Like a failed epoll_wait: the shard cannot go on (and /readyz says so).
+                tracing::error!(shard = self.id, error = %e, "io_uring failed; shard stops");
+                return;
             }
             self.set_clock();
             for c in done.drain(..) {
@@ -213,20 +231,35 @@ impl Shard {
         if self.accept_paused_until.is_some() || !self.admit_waiting() {
             return;
         }
-        if !self.limit.has_room() {
+        let room = self.limit.room();
+        if room == 0 {
+            self.cancel_accepts();
             self.on_accept_refused(AcceptRefusal::ConnectionLimit);
             return;
         }
+        // No more armed than there is room for: what they accept past the limit would hold
+        // descriptors the admin listener and the bus need.
+        let most = ACCEPTS_ARMED.min(u32::try_from(room).unwrap_or(u32::MAX));
         let Some(u) = self.uring() else {
             return;
         };
         if let (true, Some(ring), Some(listener)) =
             (u.accepting, u.ring.as_mut(), u.listener.as_ref())
         {
-            while u.accepts_armed < ACCEPTS_ARMED {
+            while u.accepts_armed < most {
                 ring.arm_accept(listener.as_raw_fd());
                 u.accepts_armed += 1;
             }
+        }
+    }
+
+    /// At the limit: the armed accepts go, so that new connections wait in the backlog.
+    fn cancel_accepts(&mut self) {
+        if let Some(u) = self.uring()
+            && u.accepts_armed > 0
+            && let Some(ring) = u.ring.as_mut()
+        {
+            ring.cancel_accepts();
         }
     }
 
@@ -240,6 +273,10 @@ impl Shard {
         if c.result >= 0 {
             // SAFETY: the kernel has just made this descriptor for us; nothing else owns it.
             let stream = unsafe { std::net::TcpStream::from_raw_fd(c.result) };
+            if !u.accepting {
+                // Raced the listener's close at shutdown: not served.
+                return;
+            }
             u.waiting.push_back(stream);
             self.admit_waiting();
         } else {
@@ -269,6 +306,7 @@ impl Shard {
                 if let Some(u) = self.uring() {
                     u.waiting.push_front(stream);
                 }
+                self.cancel_accepts();
                 self.on_accept_refused(AcceptRefusal::ConnectionLimit);
                 return false;
             }
@@ -334,12 +372,18 @@ impl Shard {
         };
         let data = ring.received(buffer, len);
         let mut overflow = false;
-        if slot.read_paused || !slot.conn.wants_input(&self.shared.cfg) {
-            slot.read_paused = true;
+        let wants = !slot.read_paused && slot.conn.wants_input(&self.shared.cfg);
+        // Behind what is kept already, in order: it is handed over first (`resume_reading`).
+        let behind = u.stash.contains_key(&k);
+        if !wants || behind {
+            slot.read_paused |= !wants;
             let stash = u.stash.entry(k).or_default();
             overflow = stash.len() + data.len() > STASH_MAX;
             if !overflow {
                 stash.extend_from_slice(data);
+            }
+            if wants {
+                self.unfinished_reads.push(k);
             }
         } else {
             let mut cx = self.shared.context(k as u32);
@@ -459,6 +503,7 @@ impl Shard {
     /// Before the ring goes: let the kernel finish with the frames and sockets it was lent,
     /// for a bounded time.
     fn settle_ring_at_exit(&mut self) {
+        let id = self.id;
         let Some(u) = self.uring() else {
             return;
         };
@@ -468,9 +513,18 @@ impl Shard {
         let until = Instant::now() + SETTLE_AT_EXIT;
         let mut done = Vec::new();
         while ring.in_flight() > 0 && Instant::now() < until {
-            ring.submit_and_wait(Duration::from_millis(50), &mut done);
+            if ring
+                .submit_and_wait(Duration::from_millis(50), &mut done)
+                .is_err()
+            {
+                break;
+            }
             for c in done.drain(..) {
                 match c.tag.op {
+                    Op::Accept if c.result >= 0 => {
+                        // SAFETY: a descriptor the kernel just made for us.
+                        drop(unsafe { OwnedFd::from_raw_fd(c.result) });
+                    }
                     Op::Send => drop(ring.finish_send(&c)),
                     Op::Close => ring.finish_close(&c),
                     Op::Recv => {
@@ -481,6 +535,14 @@ impl Shard {
                     _ => {}
                 }
             }
+        }
+        if ring.in_flight() > 0 {
+            tracing::warn!(
+                shard = id,
+                requests = ring.in_flight(),
+                "io_uring requests still running at exit; their memory is left to the kernel"
+            );
+            ring.abandon();
         }
     }
 }
