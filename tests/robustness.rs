@@ -483,3 +483,56 @@ fn peers_that_acknowledge_events_are_not_pinged_and_silent_ones_time_out() {
     assert_eq!(busy.read_frame().map(|f| f.0), Some(9));
     assert_eq!(busy.read_close_code(), Some(1001));
 }
+
+/// A peer that shuts its write side is let go at once, and one that resets while a burst is
+/// being written to it is dropped: neither disturbs a neighbour, and the connection count
+/// comes back. Runs on both drivers (the suite runs again with HERALD_IO=uring).
+#[test]
+fn half_closed_and_reset_peers_are_dropped_while_a_neighbour_gets_everything() {
+    let server = Server::start(&["--shards", "1"]);
+    let path = "/v1/realtime?project=p&channels[]=c";
+    let mut neighbour = RawClient::upgrade(server.ws, path);
+    assert_eq!(neighbour.read_json()["type"], "connected");
+    let mut half = RawClient::upgrade(server.ws, path);
+    assert_eq!(half.read_json()["type"], "connected");
+    half.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(
+        half.read_frame(),
+        None,
+        "closed by herald after the peer's FIN"
+    );
+    // Resets mid-write: a reader that never reads, with a small window, then SO_LINGER 0.
+    let reset = {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(&server.ws.into()).unwrap();
+        let mut c = RawClient::from_stream(socket.into());
+        c.send_upgrade(path);
+        assert!(c.read_http_head().starts_with("HTTP/1.1 101"));
+        c
+    };
+    let blob = "x".repeat(20_000);
+    let publish = |n: usize| {
+        server
+            .publish(json!({"project": "p", "channels": ["c"], "payload": {"n": n, "blob": blob}}))
+    };
+    // 600 KB: past its window and herald's send buffer, so output is queued when it resets.
+    let mut ids: Vec<String> = (0..30).map(publish).collect();
+    socket2::SockRef::from(&reset.stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(reset);
+    ids.extend((30..40).map(publish));
+    for id in &ids {
+        assert_eq!(neighbour.read_json()["data"]["id"], id.as_str());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.metric("herald_connections") > 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the half-closed and reset peers are still counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
