@@ -333,7 +333,7 @@ impl Shard {
         if !c.more
             && let Some(slot) = self.slab.get_mut(k)
         {
-            slot.recv_armed = false;
+            slot.set_recv_armed(false);
         }
         match c.result {
             n if n > 0 => {
@@ -354,8 +354,8 @@ impl Shard {
             _ => {}
         }
         if let Some(slot) = self.slab.get(k)
-            && !slot.recv_armed
-            && !slot.read_paused
+            && !slot.recv_armed()
+            && !slot.read_paused()
         {
             self.unfinished_reads.push(k);
         }
@@ -372,11 +372,13 @@ impl Shard {
         };
         let data = ring.received(buffer, len);
         let mut overflow = false;
-        let wants = !slot.read_paused && slot.conn.wants_input(&self.shared.cfg);
+        let wants = !slot.read_paused() && slot.conn.wants_input(&self.shared.cfg);
         // Behind what is kept already, in order: it is handed over first (`resume_reading`).
         let behind = u.stash.contains_key(&k);
         if !wants || behind {
-            slot.read_paused |= !wants;
+            if !wants {
+                slot.set_read_paused(true);
+            }
             let stash = u.stash.entry(k).or_default();
             overflow = stash.len() + data.len() > STASH_MAX;
             if !overflow {
@@ -414,8 +416,8 @@ impl Shard {
         if slot.conn.wants_input(&self.shared.cfg) {
             return true;
         }
-        slot.read_paused = true;
-        if slot.recv_armed
+        slot.set_read_paused(true);
+        if slot.recv_armed()
             && let Some(ring) = u.ring.as_mut()
         {
             ring.cancel_recv(k as u32, slot.conn.serial());
@@ -429,7 +431,7 @@ impl Shard {
         let Some(slot) = self.slab.get_mut(k) else {
             return;
         };
-        if slot.read_paused {
+        if slot.read_paused() {
             return;
         }
         let stash = self.uring().and_then(|u| u.stash.remove(&k));
@@ -452,10 +454,10 @@ impl Shard {
             return;
         };
         if let Some(slot) = self.slab.get_mut(k)
-            && !slot.read_paused
-            && !slot.recv_armed
+            && !slot.read_paused()
+            && !slot.recv_armed()
         {
-            slot.recv_armed = u.arm_recv(slot.stream.as_raw_fd(), k as u32, slot.conn.serial());
+            slot.set_recv_armed(u.arm_recv(slot.stream.as_raw_fd(), k as u32, slot.conn.serial()));
         }
     }
 
@@ -467,7 +469,7 @@ impl Shard {
         if !c.tag.names(slot.conn.serial()) {
             return;
         }
-        slot.wants_write = false;
+        slot.set_wants_write(false);
         if c.result < 0 && c.result != -libc::ECANCELED {
             self.remove(k);
             return;
@@ -491,7 +493,7 @@ impl Shard {
         if slot.conn.serial() != done.serial {
             return;
         }
-        slot.sending = false;
+        slot.set_sending(false);
         if done.result < 0 && done.result != -libc::EAGAIN && done.result != -libc::EINTR {
             self.remove(k);
             return;
