@@ -66,20 +66,15 @@ async fn assert_serves(server: &Server) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_driver_asked_for_runs_and_the_startup_line_names_it() {
-    let server = Server::start(&["--io", "uring"]);
-    assert!(
-        server.startup_line.contains("on io_uring"),
-        "{}",
-        server.startup_line
-    );
-    assert_serves(&server).await;
-    let server = Server::start(&["--io", "epoll"]);
-    assert!(
-        server.startup_line.contains("on epoll"),
-        "{}",
-        server.startup_line
-    );
-    assert_serves(&server).await;
+    for (io, named) in [("uring", "on io_uring"), ("epoll", "on epoll")] {
+        let server = Server::start(&["--io", io]);
+        assert!(
+            server.startup_line.contains(named),
+            "{}",
+            server.startup_line
+        );
+        assert_serves(&server).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
