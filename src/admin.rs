@@ -140,6 +140,23 @@ async fn publish(State(st): State<AdminState>, headers: HeaderMap, body: Body) -
     match st.bus.publish(event).await {
         Ok(id) => json_response(StatusCode::OK, json!({"id": id})),
         Err(BusError::Invalid(m)) => error(StatusCode::BAD_REQUEST, &m),
+        Err(BusError::Unreplicated {
+            id,
+            acked,
+            wanted,
+            waited,
+        }) => {
+            let message = BusError::Unreplicated {
+                id: id.clone(),
+                acked,
+                wanted,
+                waited,
+            }
+            .to_string();
+            // The id lets the publisher tell a retry from a new event.
+            let body = json!({"code": 503, "message": message, "id": id, "replicas": acked});
+            json_response(StatusCode::SERVICE_UNAVAILABLE, body)
+        }
         Err(e @ (BusError::Overloaded | BusError::Unavailable(_))) => {
             let mut r = error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
             r.headers_mut()
@@ -155,6 +172,10 @@ async fn readyz(State(st): State<AdminState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("shard {shard} has stopped"),
         );
+    }
+    if st.hub.is_draining() {
+        // Load balancers stop sending new clients while the connections close with 1001.
+        return error(StatusCode::SERVICE_UNAVAILABLE, "draining for shutdown");
     }
     if st.bus.ready() {
         json_response(

@@ -261,6 +261,33 @@ pub struct Config {
     #[arg(long, env = "HERALD_REDIS")]
     pub redis: Option<String>,
 
+    /// Redis Sentinels (host:port, comma-separated) to find the Redis primary through, instead
+    /// of --redis: on every reconnect herald asks them where the primary is, so after a
+    /// failover it continues on the new primary from the last event it delivered.
+    #[arg(
+        long,
+        env = "HERALD_REDIS_SENTINEL",
+        value_delimiter = ',',
+        conflicts_with = "redis"
+    )]
+    pub redis_sentinel: Vec<String>,
+
+    /// The name the Sentinels monitor the primary under (`sentinel monitor NAME ...`).
+    #[arg(long, env = "HERALD_REDIS_MASTER", default_value = "mymaster")]
+    pub redis_master: String,
+
+    /// Replicas that must hold a published event before the publish API answers 200 (Redis
+    /// WAIT after the XADD). 0: answer once the primary has it, which a failover can lose
+    /// (replication is asynchronous). When fewer confirm within --publish-replicas-timeout
+    /// the answer is 503 with the event's id: it is in the stream, but not safe yet.
+    #[arg(long, env = "HERALD_PUBLISH_REPLICAS", default_value_t = 0)]
+    pub publish_replicas: u32,
+
+    /// How long a publish waits for --publish-replicas replicas.
+    #[arg(long, env = "HERALD_PUBLISH_REPLICAS_TIMEOUT", default_value = "1s",
+          value_parser = duration)]
+    pub publish_replicas_timeout: Duration,
+
     /// Redis stream every node reads and publishes to.
     #[arg(long, env = "HERALD_STREAM", default_value = "herald:events")]
     pub stream: String,

@@ -16,7 +16,7 @@ use crate::admin::{AdminState, router};
 use crate::admission::IpLimits;
 use crate::bus::Bus;
 use crate::bus::embedded::EmbeddedBus;
-use crate::bus::redis::{RedisBus, RedisSettings};
+use crate::bus::redis::{Primary, RedisBus, RedisSettings};
 use crate::config::{Config, IoDriver};
 use crate::hub::Hub;
 use crate::identity::JwtVerifier;
@@ -111,9 +111,17 @@ pub fn run(mut config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<()
         tracing::warn!("--io uring: io_uring cannot be used here ({why}); running on epoll");
         config.io = IoDriver::Epoll;
     }
-    if config.appwrite_pubsub && config.redis.is_none() {
+    let on_redis = config.redis.is_some() || !config.redis_sentinel.is_empty();
+    if config.appwrite_pubsub && !on_redis {
         return Err(GatewayError::Redis(
             "--appwrite-pubsub needs --redis (Appwrite's pub/sub lives in Redis)".into(),
+        ));
+    }
+    if config.publish_replicas > 0 && !on_redis {
+        return Err(GatewayError::Redis(
+            "--publish-replicas needs --redis or --redis-sentinel (the embedded bus has no \
+             replicas)"
+                .into(),
         ));
     }
     if !config.admin.ip().is_loopback() && config.admin_token.is_none() {
@@ -205,7 +213,11 @@ pub fn run(mut config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<()
             r.spawn_workers();
         }
         let mut signals = StopSignals::new();
-        let stop = serve_until_stop(admin_listener, state, &hub, &mut signals).await;
+        // The admin API keeps serving through the drain: /readyz answers 503 ("draining") so
+        // load balancers send no one new, /metrics shows the connections going; it stops with
+        // the runtime once the shards have.
+        let mut admin = tokio::spawn(axum::serve(admin_listener, router(state)).into_future());
+        let stop = wait_for_stop(&mut admin, &hub, &mut signals).await;
         tracing::info!(?drain, "shutting down: closing connections with 1001");
         hub.shutdown(drain);
         tokio::select! {
@@ -403,20 +415,29 @@ fn choose_bus(
     hub: &Arc<Hub>,
     metrics: &Metrics,
 ) -> Result<ChosenBus, GatewayError> {
-    let Some(url) = &config.redis else {
-        let embedded = EmbeddedBus::new(
-            hub.clone(),
-            metrics.clone(),
-            config.history_events,
-            config.history_bytes,
-        );
-        return Ok(ChosenBus {
-            bus: Arc::new(embedded),
-            redis: None,
-        });
+    let primary = match &config.redis {
+        Some(url) => Primary::Url(url.clone()),
+        None if !config.redis_sentinel.is_empty() => Primary::Sentinel {
+            addresses: config.redis_sentinel.clone(),
+            master: config.redis_master.clone(),
+        },
+        None => {
+            let embedded = EmbeddedBus::new(
+                hub.clone(),
+                metrics.clone(),
+                config.history_events,
+                config.history_bytes,
+            );
+            return Ok(ChosenBus {
+                bus: Arc::new(embedded),
+                redis: None,
+            });
+        }
     };
     let settings = RedisSettings {
-        url: url.clone(),
+        primary,
+        publish_replicas: config.publish_replicas,
+        publish_replicas_timeout: config.publish_replicas_timeout,
         stream: config.stream.clone(),
         maxlen: config.stream_maxlen,
         default_project: config.default_project.clone(),
@@ -435,15 +456,13 @@ fn choose_bus(
     })
 }
 
-/// Serves the admin API until SIGTERM/SIGINT (`Ok`) or until a shard thread dies (`Err`: the
-/// process must exit non-zero so that a supervisor restarts it).
-async fn serve_until_stop(
-    listener: tokio::net::TcpListener,
-    state: AdminState,
+/// Waits for SIGTERM/SIGINT or the admin server's end (`Ok`), or for a shard thread to die
+/// (`Err`: the process must exit non-zero so that a supervisor restarts it).
+async fn wait_for_stop(
+    admin: &mut tokio::task::JoinHandle<std::io::Result<()>>,
     hub: &Hub,
     signals: &mut StopSignals,
 ) -> Result<(), GatewayError> {
-    let server = axum::serve(listener, router(state));
     let dead_shard = async {
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -452,11 +471,12 @@ async fn serve_until_stop(
             }
         }
     };
-    // The admin listener stops with the shards: /healthz fails once we drain.
     tokio::select! {
-        r = server.into_future() => {
-            if let Err(e) = r {
-                tracing::error!(error = %e, "admin listener failed");
+        r = admin => {
+            match r {
+                Ok(Err(e)) => tracing::error!(error = %e, "admin listener failed"),
+                Err(e) => tracing::error!(error = %e, "admin listener panicked"),
+                Ok(Ok(())) => {}
             }
             Ok(())
         }

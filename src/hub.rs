@@ -124,6 +124,11 @@ impl Hub {
         }
     }
 
+    /// True once [`Hub::shutdown`] was called: the gateway is draining.
+    pub fn is_draining(&self) -> bool {
+        self.shards.iter().any(|s| s.is_shutting_down())
+    }
+
     /// The first shard whose thread has ended, if any.
     pub fn dead_shard(&self) -> Option<usize> {
         self.shards.iter().position(|s| !s.is_alive())

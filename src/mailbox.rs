@@ -344,6 +344,11 @@ impl ShardHandle {
         let _ = self.waker.wake();
     }
 
+    /// True once a shutdown was requested (the shard is draining or gone).
+    pub fn is_shutting_down(&self) -> bool {
+        self.signals.shutdown.load(Ordering::Acquire) != 0
+    }
+
     /// False once the shard thread has ended.
     pub fn is_alive(&self) -> bool {
         self.signals.alive.load(Ordering::Acquire)

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub stream_entries_skipped: IntCounter,
     pub bus_reconnects: IntCounter,
     pub stream_gaps: IntCounter,
+    pub publish_unreplicated: IntCounter,
 }
 
 impl Metrics {
@@ -69,6 +70,10 @@ impl Metrics {
         let stream_gaps = counter(
             "herald_stream_gaps_total",
             "Times the Redis reader found entries trimmed while it was disconnected (their events were not delivered by this node)",
+        );
+        let publish_unreplicated = counter(
+            "herald_publish_unreplicated_total",
+            "Publishes answered 503 because fewer than --publish-replicas replicas confirmed the entry in time",
         );
         let bus_reconnects = counter(
             "herald_bus_reconnects_total",
@@ -167,6 +172,7 @@ impl Metrics {
             stream_entries_skipped,
             bus_reconnects,
             stream_gaps,
+            publish_unreplicated,
             fd_limit,
             registry,
         }

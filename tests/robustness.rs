@@ -169,6 +169,9 @@ async fn sigterm_closes_everyone_with_1001_and_exits_zero_within_the_drain_timeo
     for ws in &mut clients {
         assert_eq!(expect_close(ws, Duration::from_secs(5)).await, 1001);
     }
+    // While the mute peer holds the drain open, load balancers are told to send no one new.
+    let (status, body) = server.get("/readyz");
+    assert_eq!((status, body.contains("draining")), (503, true), "{body}");
     let status = tokio::task::spawn_blocking(move || {
         let s = server.wait_exit(Duration::from_secs(6));
         (s, server)

@@ -31,6 +31,18 @@ pub enum BusError {
     Overloaded,
     #[error("the event bus is unavailable: {0}")]
     Unavailable(String),
+    /// Written to the primary, but fewer replicas than asked confirmed it in time: a failover
+    /// now could lose it, and publishing it again could deliver it twice.
+    #[error(
+        "event {id} was written to the Redis primary but only {acked} of {wanted} replicas \
+         confirmed it within {waited:?}; it may be lost if the primary fails now"
+    )]
+    Unreplicated {
+        id: String,
+        acked: u64,
+        wanted: u32,
+        waited: std::time::Duration,
+    },
 }
 
 /// `POST /v1/events` body, and what `herald publish` sends.

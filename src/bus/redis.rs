@@ -6,6 +6,11 @@
 //! Appwrite pub/sub source. A node delivers its own publishes only when it reads them back, so
 //! every node delivers every event in stream order. Must not touch connections or shards.
 //!
+//! The primary is one address (`--redis`) or found through Redis Sentinel (`--redis-sentinel`),
+//! asked again on every reconnect, so that after a failover the reader continues from the last
+//! id it delivered on the new primary. With `--publish-replicas N`, a publish answers only once
+//! `WAIT` confirms the entry on N replicas.
+//!
 //! Entry fields (what any publisher writes with plain XADD):
 //! - `channels`: JSON array of strings, required
 //! - `payload`: JSON object as text, required
@@ -22,6 +27,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
+use redis::sentinel::{SentinelClient, SentinelServerType};
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, RedisResult};
 use serde_json::Value;
@@ -45,7 +51,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    pub url: String,
+    pub primary: Primary,
     pub stream: String,
     pub maxlen: usize,
     pub default_project: String,
@@ -54,10 +60,59 @@ pub struct RedisSettings {
     pub history_bytes: usize,
     /// Most stream entries one replay reads (`--replay-max-scan`).
     pub replay_max_scan: usize,
+    /// Replicas that must confirm an entry before a publish answers (`--publish-replicas`).
+    pub publish_replicas: u32,
+    /// How long a publish waits for them (`--publish-replicas-timeout`).
+    pub publish_replicas_timeout: Duration,
+}
+
+/// How to reach the Redis primary.
+#[derive(Debug, Clone)]
+pub enum Primary {
+    /// One fixed address (`--redis`).
+    Url(String),
+    /// Whichever server these Sentinels (`host:port` or `redis://host:port`) name as the
+    /// primary of `master`.
+    Sentinel {
+        addresses: Vec<String>,
+        master: String,
+    },
+}
+
+/// Where the Redis primary is: one fixed address, or wherever the Sentinels say it is now.
+enum Endpoint {
+    Direct(redis::Client),
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
+impl Endpoint {
+    fn new(settings: &RedisSettings) -> RedisResult<Self> {
+        let (addresses, master) = match &settings.primary {
+            Primary::Url(url) => return Ok(Self::Direct(redis::Client::open(url.as_str())?)),
+            Primary::Sentinel { addresses, master } => (addresses, master),
+        };
+        let urls = addresses
+            .iter()
+            .map(|a| match a.contains("://") {
+                true => a.clone(),
+                false => format!("redis://{a}"),
+            })
+            .collect::<Vec<_>>();
+        let client = SentinelClient::build(urls, master.clone(), None, SentinelServerType::Master)?;
+        Ok(Self::Sentinel(tokio::sync::Mutex::new(client)))
+    }
+
+    /// A client for the primary as of now (Sentinel checks that it answers ROLE as master).
+    async fn primary(&self) -> RedisResult<redis::Client> {
+        match self {
+            Self::Direct(client) => Ok(client.clone()),
+            Self::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
+        }
+    }
 }
 
 pub struct RedisBus {
-    client: redis::Client,
+    endpoint: Endpoint,
     settings: RedisSettings,
     outlet: Outlet,
     metrics: Metrics,
@@ -188,14 +243,14 @@ impl RedisBus {
         hub: Arc<Hub>,
         metrics: Metrics,
     ) -> Result<Arc<Self>, redis::RedisError> {
-        let client = redis::Client::open(settings.url.as_str())?;
+        let endpoint = Endpoint::new(&settings)?;
         let history = History::new(
             EventId::ZERO,
             settings.history_events,
             settings.history_bytes,
         );
         Ok(Arc::new(Self {
-            client,
+            endpoint,
             settings,
             outlet: Outlet::new(hub, metrics.clone()),
             metrics,
@@ -225,7 +280,9 @@ impl RedisBus {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(response_timeout);
-        self.client
+        self.endpoint
+            .primary()
+            .await?
             .get_multiplexed_async_connection_with_config(&config)
             .await
     }
@@ -246,25 +303,73 @@ impl RedisBus {
         slot: &tokio::sync::Mutex<Option<MultiplexedConnection>>,
         cmd: &redis::Cmd,
     ) -> RedisResult<T> {
-        // The lock only guards connecting; commands run on a clone, so they pipeline on the one
-        // connection instead of waiting for each other.
-        let mut conn = {
-            let mut guard = slot.lock().await;
-            match guard.as_ref() {
-                Some(c) => c.clone(),
-                None => guard
-                    .insert(self.connect(Some(Duration::from_secs(2))).await?)
-                    .clone(),
-            }
-        };
+        let mut conn = self.shared(slot).await?;
         let result = cmd.query_async(&mut conn).await;
-        if result
-            .as_ref()
-            .is_err_and(|e| e.is_io_error() || e.is_timeout() || e.is_connection_dropped())
-        {
+        Self::forget_if_broken(slot, &result).await;
+        result
+    }
+
+    /// The connection in `slot`, connecting first if there is none. The lock only guards
+    /// connecting; commands run on a clone, so they pipeline on the one connection instead of
+    /// waiting for each other.
+    async fn shared(
+        &self,
+        slot: &tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    ) -> RedisResult<MultiplexedConnection> {
+        let mut guard = slot.lock().await;
+        Ok(match guard.as_ref() {
+            Some(c) => c.clone(),
+            // WAIT holds its answer back for up to the replicas' timeout.
+            None => {
+                let timeout = Duration::from_secs(2) + self.settings.publish_replicas_timeout;
+                guard.insert(self.connect(Some(timeout)).await?).clone()
+            }
+        })
+    }
+
+    async fn forget_if_broken<T>(
+        slot: &tokio::sync::Mutex<Option<MultiplexedConnection>>,
+        result: &RedisResult<T>,
+    ) {
+        // READONLY: the primary was demoted by a failover; ask for the new one.
+        if result.as_ref().is_err_and(|e| {
+            e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        }) {
             *slot.lock().await = None;
         }
-        result
+    }
+
+    /// XADD, then (with `--publish-replicas`) WAIT in the same round trip: the entry's id once
+    /// enough replicas hold it.
+    async fn append(&self, xadd: redis::Cmd) -> Result<String, BusError> {
+        let unavailable = |e: redis::RedisError| BusError::Unavailable(format!("Redis: {e}"));
+        let wanted = self.settings.publish_replicas;
+        if wanted == 0 {
+            return self.command::<String>(&xadd).await.map_err(unavailable);
+        }
+        let waited = self.settings.publish_replicas_timeout;
+        let mut pipe = redis::pipe();
+        pipe.add_command(xadd)
+            .cmd("WAIT")
+            .arg(wanted)
+            .arg(waited.as_millis().max(1) as u64);
+        let mut conn = self.shared(&self.commands).await.map_err(unavailable)?;
+        let result: RedisResult<(String, u64)> = pipe.query_async(&mut conn).await;
+        Self::forget_if_broken(&self.commands, &result).await;
+        let (id, acked) = result.map_err(unavailable)?;
+        if acked < u64::from(wanted) {
+            self.metrics.publish_unreplicated.inc();
+            return Err(BusError::Unreplicated {
+                id,
+                acked,
+                wanted,
+                waited,
+            });
+        }
+        Ok(id)
     }
 
     async fn run_reader(self: Arc<Self>) {
@@ -427,11 +532,15 @@ impl RedisBus {
         }
     }
 
+    async fn open_pubsub(&self) -> RedisResult<redis::aio::PubSub> {
+        self.endpoint.primary().await?.get_async_pubsub().await
+    }
+
     async fn run_pubsub(self: Arc<Self>, channel: String) {
         let mut ids = EventIdGenerator::default();
         let mut backoff = Duration::from_millis(100);
         loop {
-            let err = match self.client.get_async_pubsub().await {
+            let err = match self.open_pubsub().await {
                 Err(e) => e,
                 Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                     Err(e) => e,
@@ -686,9 +795,7 @@ impl Bus for RedisBus {
                     .arg("userId")
                     .arg(&change.user);
             }
-            self.command::<String>(&cmd)
-                .await
-                .map_err(|e| BusError::Unavailable(format!("Redis: {e}")))
+            self.append(cmd).await
         })
     }
 

@@ -15,8 +15,18 @@ impl Server {
     }
 
     pub fn start_with(extra: &[&str], tweak: impl FnOnce(&mut Command)) -> Self {
+        Self::start_at("127.0.0.1:0", "127.0.0.1:0", extra, tweak)
+    }
+
+    /// Starts herald on the given addresses: a node that restarts where a proxy expects it.
+    pub fn start_at(
+        listen: &str,
+        admin: &str,
+        extra: &[&str],
+        tweak: impl FnOnce(&mut Command),
+    ) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        cmd.args(["serve", "--listen", listen, "--admin", admin])
             .args(extra)
             .env("HERALD_LOG", "warn");
         tweak(&mut cmd);
