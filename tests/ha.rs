@@ -774,10 +774,9 @@ async fn drill_redis_primary_lost_sentinel_fails_over_and_no_acknowledged_event_
     let (published, refused) = publisher.finish();
     // Any node will do; the answer of the last try says why when none does.
     let body = json!({"project": "p", "channels": ["c"], "payload": {"end": true}}).to_string();
-    let mut last = (0, Value::Null);
     let start = Instant::now();
     for i in (0..3).cycle() {
-        last = fleet.node(i).publish_raw(&body);
+        let last = fleet.node(i).publish_raw(&body);
         if last.0 == 200 {
             break;
         }
