@@ -272,6 +272,21 @@ pub struct Config {
     )]
     pub redis_sentinel: Vec<String>,
 
+    /// Redis Cluster nodes (host:port, comma-separated; any of them will do) to use as the bus
+    /// instead of --redis: the stream is split over --stream-shards streams, by project, whose
+    /// keys spread over the cluster's masters.
+    #[arg(long, env = "HERALD_REDIS_CLUSTER", value_delimiter = ',',
+          conflicts_with_all = ["redis", "redis_sentinel"])]
+    pub redis_cluster: Vec<String>,
+
+    /// Streams the events are split over, by project (each project's events stay in order in
+    /// one of them). More than one spreads ingestion over a Redis Cluster's masters; every
+    /// node reads them all. Changing it moves projects between streams: change it together with
+    /// --stream (a new, empty stream), since resumes across the change are not supported.
+    #[arg(long, env = "HERALD_STREAM_SHARDS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub stream_shards: u16,
+
     /// The name the Sentinels monitor the primary under (`sentinel monitor NAME ...`).
     #[arg(long, env = "HERALD_REDIS_MASTER", default_value = "mymaster")]
     pub redis_master: String,
@@ -319,7 +334,8 @@ pub struct Config {
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub replay_max_scan: usize,
 
-    /// Recent events kept in memory for replay (the embedded bus's whole history).
+    /// Recent events kept in memory for replay (the embedded bus's whole history; with
+    /// --stream-shards, shared equally by the streams, as are --history-bytes).
     #[arg(long, env = "HERALD_HISTORY_EVENTS", default_value_t = 10_000)]
     pub history_events: usize,
 

@@ -195,8 +195,9 @@ pub struct Shared {
     pub registry: Registry,
     /// Seconds since the shard started.
     pub now: u32,
-    /// The last event this shard has processed: a resume starting now replays up to it.
-    pub position: Option<EventId>,
+    /// The last event this shard has processed in each stream shard (by its index): a resume
+    /// starting now replays up to it.
+    pub positions: Vec<Option<EventId>>,
     pub counters: Counters,
     /// Frames the last call produced, for [`Connection::transmit`].
     pub out: Vec<OutFrame>,
@@ -223,7 +224,7 @@ impl Shared {
             admitted: None,
             registry: Registry::default(),
             now: 0,
-            position: None,
+            positions: Vec::new(),
             counters: Counters::default(),
             out: Vec::new(),
             resumes: Vec::new(),
@@ -242,7 +243,7 @@ impl Shared {
             counters: &mut self.counters,
             resumes: &mut self.resumes,
             resolves: &mut self.resolves,
-            position: self.position,
+            positions: &self.positions,
             ip_limits: &self.ip_limits,
             instant: self.instant,
             admitted: &mut self.admitted,
@@ -260,10 +261,17 @@ pub struct Context<'a> {
     counters: &'a mut Counters,
     resumes: &'a mut Vec<u32>,
     resolves: &'a mut Vec<IdentityRequest>,
-    position: Option<EventId>,
+    positions: &'a [Option<EventId>],
     ip_limits: &'a IpLimits,
     instant: Instant,
     admitted: &'a mut Option<IpTicket>,
+}
+
+impl Context<'_> {
+    /// The last event the shard has processed in stream shard `shard`.
+    fn position(&self, shard: u16) -> Option<EventId> {
+        self.positions.get(usize::from(shard)).copied().flatten()
+    }
 }
 
 /// Longest `lastEventId` quoted back in an error (an event id is at most 41 characters).
@@ -618,7 +626,7 @@ impl Connection {
     fn end_finished_replay(&mut self, cx: &Context<'_>) {
         if self
             .replay()
-            .is_some_and(|r| !r.waiting && cx.position.is_some_and(|p| p >= r.after))
+            .is_some_and(|r| !r.waiting && cx.position(r.after.shard).is_some_and(|p| p >= r.after))
         {
             self.end_replay();
         }
@@ -1133,7 +1141,7 @@ impl Connection {
             Ok(after) => {
                 self.busy().replay = Some(Box::new(Replay {
                     after,
-                    upto: cx.position,
+                    upto: cx.position(after.shard),
                     waiting: true,
                     buffered: VecDeque::new(),
                     buffered_bytes: 0,
@@ -1453,7 +1461,8 @@ impl Connection {
             return Some(Verdict::Hold);
         }
         match event.position {
-            Some(p) if p <= r.after => Some(Verdict::Skip),
+            // Another stream shard's position says nothing about what the client has.
+            Some(p) if p.shard == r.after.shard && p <= r.after => Some(Verdict::Skip),
             Some(_) => {
                 self.end_replay();
                 None
@@ -1544,7 +1553,7 @@ impl Connection {
                 .drain(..)
                 .filter_map(|e| event_frame(session, &e, &url_id)),
         );
-        if keep_skipping && cx.position.is_none_or(|h| h < r.after) {
+        if keep_skipping && cx.position(r.after.shard).is_none_or(|h| h < r.after) {
             r.buffered = VecDeque::new();
             r.buffered_bytes = 0;
             self.busy().replay = Some(r);

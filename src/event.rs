@@ -152,48 +152,80 @@ pub fn write_tail<'a>(out: &mut impl Extend<u8>, ids: impl Iterator<Item = &'a s
     out.extend(*b"]}}");
 }
 
-/// A position in the event history: a Redis stream id `<ms>-<seq>`, ordered numerically.
+/// A position in the event history: a Redis stream id `<ms>-<seq>` in stream shard `shard`
+/// (`--stream-shards`), written `<ms>-<seq>` in shard 0 and `<shard>:<ms>-<seq>` beyond.
+/// Ordered by shard, then numerically; only positions in one shard are comparable in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct EventId {
+    pub shard: u16,
     pub ms: u64,
     pub seq: u64,
 }
 
 impl EventId {
-    pub const ZERO: EventId = EventId { ms: 0, seq: 0 };
+    pub const ZERO: EventId = EventId::new(0, 0);
+
+    /// A position in shard 0 (the only one of a single stream or the embedded bus).
+    pub const fn new(ms: u64, seq: u64) -> Self {
+        Self { shard: 0, ms, seq }
+    }
+
+    /// The same stream id in `shard`.
+    pub const fn in_shard(self, shard: u16) -> Self {
+        Self { shard, ..self }
+    }
 
     /// The id right after this one, for exclusive range starts (the largest id has none: it
     /// stays itself rather than wrapping to the smallest).
     pub fn next(self) -> EventId {
         match (self.seq.checked_add(1), self.ms.checked_add(1)) {
-            (Some(seq), _) => EventId { ms: self.ms, seq },
-            (None, Some(ms)) => EventId { ms, seq: 0 },
+            (Some(seq), _) => EventId { seq, ..self },
+            (None, Some(ms)) => EventId { ms, seq: 0, ..self },
             (None, None) => self,
         }
+    }
+
+    /// The Redis stream id alone (`<ms>-<seq>`), as XRANGE and XREAD take it.
+    pub fn stream_id(self) -> String {
+        format!("{}-{}", self.ms, self.seq)
     }
 }
 
 impl std::fmt::Display for EventId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.shard > 0 {
+            write!(f, "{}:", self.shard)?;
+        }
         write!(f, "{}-{}", self.ms, self.seq)
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("an event id looks like 1700000000000-0 (milliseconds, a dash, a sequence number)")]
+#[error(
+    "an event id looks like 1700000000000-0 (milliseconds, a dash, a sequence number), with \
+     its stream shard in front when it is not the first (2:1700000000000-0)"
+)]
 pub struct InvalidEventId;
 
 impl std::str::FromStr for EventId {
     type Err = InvalidEventId;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (ms, seq) = s.split_once('-').ok_or(InvalidEventId)?;
         let digits =
             |p: &str| !p.is_empty() && p.len() <= 20 && p.bytes().all(|b| b.is_ascii_digit());
+        let (shard, id) = match s.split_once(':') {
+            Some((shard, id)) if digits(shard) && shard.len() <= 5 => {
+                (shard.parse().map_err(|_| InvalidEventId)?, id)
+            }
+            Some(_) => return Err(InvalidEventId),
+            None => (0, s),
+        };
+        let (ms, seq) = id.split_once('-').ok_or(InvalidEventId)?;
         if !digits(ms) || !digits(seq) {
             return Err(InvalidEventId);
         }
         Ok(EventId {
+            shard,
             ms: ms.parse().map_err(|_| InvalidEventId)?,
             seq: seq.parse().map_err(|_| InvalidEventId)?,
         })
@@ -224,10 +256,7 @@ impl EventIdGenerator {
         } else {
             self.seq += 1;
         }
-        EventId {
-            ms: self.last_ms,
-            seq: self.seq,
-        }
+        EventId::new(self.last_ms, self.seq)
     }
 }
 
@@ -289,16 +318,22 @@ mod tests {
 
     #[test]
     fn the_id_after_the_largest_one_does_not_wrap() {
-        let max = EventId {
-            ms: u64::MAX,
-            seq: u64::MAX,
-        };
+        let max = EventId::new(u64::MAX, u64::MAX);
         assert!(max.next() >= max);
     }
 
     #[test]
     fn event_ids_parse_strictly() {
-        assert_eq!("5-2".parse::<EventId>(), Ok(EventId { ms: 5, seq: 2 }));
+        assert_eq!("5-2".parse::<EventId>(), Ok(EventId::new(5, 2)));
+        assert_eq!(
+            "3:5-2".parse::<EventId>(),
+            Ok(EventId::new(5, 2).in_shard(3))
+        );
+        assert_eq!(EventId::new(5, 2).in_shard(3).to_string(), "3:5-2");
+        assert_eq!(EventId::new(5, 2).in_shard(3).stream_id(), "5-2");
+        for bad in [":5-2", "x:5-2", "123456:5-2", "1:2:5-2", "1:5"] {
+            assert!(bad.parse::<EventId>().is_err(), "{bad}");
+        }
         for bad in [
             "",
             "5",

@@ -111,7 +111,22 @@ pub fn run(mut config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<()
         tracing::warn!("--io uring: io_uring cannot be used here ({why}); running on epoll");
         config.io = IoDriver::Epoll;
     }
-    let on_redis = config.redis.is_some() || !config.redis_sentinel.is_empty();
+    let on_redis = config.redis.is_some()
+        || !config.redis_sentinel.is_empty()
+        || !config.redis_cluster.is_empty();
+    if !config.redis_cluster.is_empty() && (config.publish_replicas > 0 || config.appwrite_pubsub) {
+        return Err(GatewayError::Redis(
+            "--redis-cluster does not support --publish-replicas or --appwrite-pubsub yet \
+             (WAIT and pub/sub would have to follow each stream's master)"
+                .into(),
+        ));
+    }
+    if config.stream_shards > 1 && !on_redis {
+        return Err(GatewayError::Redis(
+            "--stream-shards needs a Redis bus (--redis-cluster, --redis or --redis-sentinel)"
+                .into(),
+        ));
+    }
     if config.appwrite_pubsub && !on_redis {
         return Err(GatewayError::Redis(
             "--appwrite-pubsub needs --redis (Appwrite's pub/sub lives in Redis)".into(),
@@ -417,6 +432,7 @@ fn choose_bus(
 ) -> Result<ChosenBus, GatewayError> {
     let primary = match &config.redis {
         Some(url) => Primary::Url(url.clone()),
+        None if !config.redis_cluster.is_empty() => Primary::Cluster(config.redis_cluster.clone()),
         None if !config.redis_sentinel.is_empty() => Primary::Sentinel {
             addresses: config.redis_sentinel.clone(),
             master: config.redis_master.clone(),
@@ -436,6 +452,7 @@ fn choose_bus(
     };
     let settings = RedisSettings {
         primary,
+        stream_shards: config.stream_shards,
         publish_replicas: config.publish_replicas,
         publish_replicas_timeout: config.publish_replicas_timeout,
         stream: config.stream.clone(),

@@ -124,7 +124,7 @@ mod tests {
     }
 
     fn id(ms: u64) -> EventId {
-        EventId { ms, seq: 0 }
+        EventId::new(ms, 0)
     }
 
     #[test]

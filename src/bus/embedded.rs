@@ -35,10 +35,7 @@ impl EmbeddedBus {
     ) -> Self {
         let now = u64::try_from(chrono::Utc::now().timestamp_millis()).unwrap_or(0);
         // Just below the first id this process can assign.
-        let start = EventId {
-            ms: now.saturating_sub(1),
-            seq: u64::MAX,
-        };
+        let start = EventId::new(now.saturating_sub(1), u64::MAX);
         Self {
             outlet: Outlet::new(hub, metrics),
             state: Mutex::new(State {
@@ -70,6 +67,12 @@ impl EmbeddedBus {
     fn replay_now(&self, q: &ReplayQuery) -> Result<Vec<Arc<EncodedEvent>>, ReplayError> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let history = &state.history;
+        if q.after.shard != 0 {
+            return Err(ReplayError::Truncated(format!(
+                "lastEventId {} names stream shard {}; this node has one event history",
+                q.after, q.after.shard
+            )));
+        }
         if q.after > history.newest() {
             return Err(ReplayError::Ahead(q.after));
         }

@@ -8,6 +8,7 @@
 
 pub mod embedded;
 pub mod redis;
+pub mod streams;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -27,11 +27,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelServerType};
 use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, RedisResult};
 use serde_json::Value;
 
+use super::streams::StreamShards;
 use super::{
     BoxFuture, Bus, BusError, NewEvent, Outlet, PermissionChange, PublishRequest, select_replay,
 };
@@ -64,6 +67,8 @@ pub struct RedisSettings {
     pub publish_replicas: u32,
     /// How long a publish waits for them (`--publish-replicas-timeout`).
     pub publish_replicas_timeout: Duration,
+    /// Streams the events are split over (`--stream-shards`), by project.
+    pub stream_shards: u16,
 }
 
 /// How to reach the Redis primary.
@@ -77,27 +82,86 @@ pub enum Primary {
         addresses: Vec<String>,
         master: String,
     },
+    /// A Redis Cluster, found through any of these nodes; each stream shard lives on the master
+    /// of its key's slot.
+    Cluster(Vec<String>),
 }
 
-/// Where the Redis primary is: one fixed address, or wherever the Sentinels say it is now.
+/// `host:port` as a Redis URL; URLs stay as they are.
+fn redis_url(address: &str) -> String {
+    match address.contains("://") {
+        true => address.to_owned(),
+        false => format!("redis://{address}"),
+    }
+}
+
+/// Where the Redis primary is: one fixed address, wherever the Sentinels say it is now, or a
+/// cluster.
 enum Endpoint {
     Direct(redis::Client),
     Sentinel(tokio::sync::Mutex<SentinelClient>),
+    Cluster(Vec<String>),
+}
+
+/// A connection to the primary or to the cluster; both multiplex commands and are cheap to
+/// clone.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// One stream shard as this node reads it.
+struct StreamState {
+    key: String,
+    history: Mutex<History>,
+    /// Where the reader started: the stream's last id when this node first connected.
+    start: OnceLock<EventId>,
+    up: AtomicBool,
 }
 
 impl Endpoint {
     fn new(settings: &RedisSettings) -> RedisResult<Self> {
         let (addresses, master) = match &settings.primary {
             Primary::Url(url) => return Ok(Self::Direct(redis::Client::open(url.as_str())?)),
+            Primary::Cluster(nodes) => {
+                let urls = nodes.iter().map(|a| redis_url(a)).collect();
+                return Ok(Self::Cluster(urls));
+            }
             Primary::Sentinel { addresses, master } => (addresses, master),
         };
-        let urls = addresses
-            .iter()
-            .map(|a| match a.contains("://") {
-                true => a.clone(),
-                false => format!("redis://{a}"),
-            })
-            .collect::<Vec<_>>();
+        let urls = addresses.iter().map(|a| redis_url(a)).collect::<Vec<_>>();
         let client = SentinelClient::build(urls, master.clone(), None, SentinelServerType::Master)?;
         Ok(Self::Sentinel(tokio::sync::Mutex::new(client)))
     }
@@ -107,7 +171,31 @@ impl Endpoint {
         match self {
             Self::Direct(client) => Ok(client.clone()),
             Self::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
+            Self::Cluster(_) => Err(redis::RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "a Redis Cluster has no single primary",
+            ))),
         }
+    }
+
+    /// A new connection; `response_timeout` bounds every answer (a blocking XREAD's too).
+    async fn connect(&self, response_timeout: Duration) -> RedisResult<Conn> {
+        if let Self::Cluster(urls) = self {
+            let client = ClusterClient::builder(urls.clone())
+                .connection_timeout(Duration::from_secs(2))
+                .response_timeout(response_timeout)
+                .build()?;
+            return Ok(Conn::Cluster(client.get_async_connection().await?));
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(response_timeout));
+        let conn = self
+            .primary()
+            .await?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(Conn::Single(conn))
     }
 }
 
@@ -117,13 +205,12 @@ pub struct RedisBus {
     outlet: Outlet,
     metrics: Metrics,
     /// Connection for commands that answer at once (XADD, XRANGE, XINFO).
-    commands: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    commands: tokio::sync::Mutex<Option<Conn>>,
     /// Connection for replays (XRANGE, XINFO), made by the replay thread's runtime.
-    replay_commands: tokio::sync::Mutex<Option<MultiplexedConnection>>,
-    history: Mutex<History>,
-    /// Where the reader started: the stream's last id when this node first connected.
-    start: OnceLock<EventId>,
-    reader_up: AtomicBool,
+    replay_commands: tokio::sync::Mutex<Option<Conn>>,
+    shards: StreamShards,
+    /// One per stream shard, in shard order.
+    streams: Vec<StreamState>,
     pubsub_up: AtomicBool,
 }
 
@@ -160,12 +247,26 @@ impl Parsed {
 #[error("{0}")]
 pub struct BadEntry(String);
 
-/// Parses a stream entry: its event gets the entry id.
+/// Parses an entry of a single stream: its event gets the entry id.
 pub fn parse_entry(entry: &StreamId, default_project: &str) -> Result<Parsed, BadEntry> {
+    parse_shard_entry(entry, default_project, &StreamShards::new("", 1), 0)
+}
+
+/// Parses an entry of stream shard `shard`: its event gets the entry id in that shard, and its
+/// project must belong there (its resumes would look in the other stream).
+pub fn parse_shard_entry(
+    entry: &StreamId,
+    default_project: &str,
+    shards: &StreamShards,
+    shard: u16,
+) -> Result<Parsed, BadEntry> {
     let id: EventId = entry
         .id
-        .parse()
-        .map_err(|_| BadEntry(format!("entry id {} is not a stream id", entry.id)))?;
+        .parse::<EventId>()
+        .ok()
+        .filter(|id| id.shard == 0)
+        .ok_or_else(|| BadEntry(format!("entry id {} is not a stream id", entry.id)))?
+        .in_shard(shard);
     let text = |field: &str| -> Result<Option<String>, BadEntry> {
         match entry.map.get(field) {
             None => Ok(None),
@@ -229,12 +330,16 @@ pub fn parse_entry(entry: &StreamId, default_project: &str) -> Result<Parsed, Ba
     let event = request
         .validate(default_project)
         .map_err(|e| BadEntry(e.to_string()))?;
+    let home = shards.shard_of(&event.project);
+    if home != shard {
+        return Err(BadEntry(format!(
+            "project {} belongs in stream {}, not in stream shard {shard}",
+            event.project,
+            shards.key(home).unwrap_or_default()
+        )));
+    }
     // The entry id carries the time of the XADD, so every node stamps the same time.
-    Ok(Parsed::new(
-        event,
-        entry.id.clone(),
-        timestamp_from_ms(id.ms),
-    ))
+    Ok(Parsed::new(event, id.to_string(), timestamp_from_ms(id.ms)))
 }
 
 impl RedisBus {
@@ -244,11 +349,23 @@ impl RedisBus {
         metrics: Metrics,
     ) -> Result<Arc<Self>, redis::RedisError> {
         let endpoint = Endpoint::new(&settings)?;
-        let history = History::new(
-            EventId::ZERO,
-            settings.history_events,
-            settings.history_bytes,
-        );
+        let shards = StreamShards::new(&settings.stream, settings.stream_shards);
+        let keys = shards.keys().len();
+        let streams = shards
+            .keys()
+            .iter()
+            .map(|key| StreamState {
+                key: key.clone(),
+                // The memory bound holds for the node, not per stream.
+                history: Mutex::new(History::new(
+                    EventId::ZERO,
+                    settings.history_events.div_ceil(keys),
+                    settings.history_bytes / keys,
+                )),
+                start: OnceLock::new(),
+                up: AtomicBool::new(false),
+            })
+            .collect();
         Ok(Arc::new(Self {
             endpoint,
             settings,
@@ -256,35 +373,22 @@ impl RedisBus {
             metrics,
             commands: tokio::sync::Mutex::new(None),
             replay_commands: tokio::sync::Mutex::new(None),
-            history: Mutex::new(history),
-            start: OnceLock::new(),
-            reader_up: AtomicBool::new(false),
+            shards,
+            streams,
             pubsub_up: AtomicBool::new(false),
         }))
     }
 
     /// Starts the stream reader (and the Appwrite pub/sub listener) on the current runtime.
     pub fn spawn_workers(self: &Arc<Self>) {
-        let me = self.clone();
-        tokio::spawn(async move { me.run_reader().await });
+        for shard in 0..self.shards.count() {
+            let me = self.clone();
+            tokio::spawn(async move { me.run_reader(shard).await });
+        }
         if let Some(channel) = self.settings.appwrite_channel.clone() {
             let me = self.clone();
             tokio::spawn(async move { me.run_pubsub(channel).await });
         }
-    }
-
-    async fn connect(
-        &self,
-        response_timeout: Option<Duration>,
-    ) -> RedisResult<MultiplexedConnection> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(response_timeout);
-        self.endpoint
-            .primary()
-            .await?
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
     }
 
     /// Runs a command on the shared command connection, reconnecting once if it broke.
@@ -300,7 +404,7 @@ impl RedisBus {
 
     async fn command_on<T: redis::FromRedisValue>(
         &self,
-        slot: &tokio::sync::Mutex<Option<MultiplexedConnection>>,
+        slot: &tokio::sync::Mutex<Option<Conn>>,
         cmd: &redis::Cmd,
     ) -> RedisResult<T> {
         let mut conn = self.shared(slot).await?;
@@ -312,25 +416,19 @@ impl RedisBus {
     /// The connection in `slot`, connecting first if there is none. The lock only guards
     /// connecting; commands run on a clone, so they pipeline on the one connection instead of
     /// waiting for each other.
-    async fn shared(
-        &self,
-        slot: &tokio::sync::Mutex<Option<MultiplexedConnection>>,
-    ) -> RedisResult<MultiplexedConnection> {
+    async fn shared(&self, slot: &tokio::sync::Mutex<Option<Conn>>) -> RedisResult<Conn> {
         let mut guard = slot.lock().await;
         Ok(match guard.as_ref() {
             Some(c) => c.clone(),
             // WAIT holds its answer back for up to the replicas' timeout.
             None => {
                 let timeout = Duration::from_secs(2) + self.settings.publish_replicas_timeout;
-                guard.insert(self.connect(Some(timeout)).await?).clone()
+                guard.insert(self.endpoint.connect(timeout).await?).clone()
             }
         })
     }
 
-    async fn forget_if_broken<T>(
-        slot: &tokio::sync::Mutex<Option<MultiplexedConnection>>,
-        result: &RedisResult<T>,
-    ) {
+    async fn forget_if_broken<T>(slot: &tokio::sync::Mutex<Option<Conn>>, result: &RedisResult<T>) {
         // READONLY: the primary was demoted by a failover; ask for the new one.
         if result.as_ref().is_err_and(|e| {
             e.is_io_error()
@@ -344,11 +442,19 @@ impl RedisBus {
 
     /// XADD, then (with `--publish-replicas`) WAIT in the same round trip: the entry's id once
     /// enough replicas hold it.
-    async fn append(&self, xadd: redis::Cmd) -> Result<String, BusError> {
+    async fn append(&self, xadd: redis::Cmd, shard: u16) -> Result<String, BusError> {
         let unavailable = |e: redis::RedisError| BusError::Unavailable(format!("Redis: {e}"));
+        let in_shard = |id: String| match id.parse::<EventId>() {
+            Ok(id) => id.in_shard(shard).to_string(),
+            Err(_) => id,
+        };
         let wanted = self.settings.publish_replicas;
         if wanted == 0 {
-            return self.command::<String>(&xadd).await.map_err(unavailable);
+            return self
+                .command::<String>(&xadd)
+                .await
+                .map(in_shard)
+                .map_err(unavailable);
         }
         let waited = self.settings.publish_replicas_timeout;
         let mut pipe = redis::pipe();
@@ -360,6 +466,7 @@ impl RedisBus {
         let result: RedisResult<(String, u64)> = pipe.query_async(&mut conn).await;
         Self::forget_if_broken(&self.commands, &result).await;
         let (id, acked) = result.map_err(unavailable)?;
+        let id = in_shard(id);
         if acked < u64::from(wanted) {
             self.metrics.publish_unreplicated.inc();
             return Err(BusError::Unreplicated {
@@ -372,15 +479,17 @@ impl RedisBus {
         Ok(id)
     }
 
-    async fn run_reader(self: Arc<Self>) {
+    async fn run_reader(self: Arc<Self>, shard: u16) {
         let mut last: Option<EventId> = None;
         let mut backoff = Duration::from_millis(100);
+        let stream = &self.streams[usize::from(shard)];
         loop {
-            let err = self.read_stream(&mut last, &mut backoff).await;
-            if self.reader_up.swap(false, Ordering::AcqRel) {
+            let err = self.read_stream(shard, &mut last, &mut backoff).await;
+            if stream.up.swap(false, Ordering::AcqRel) {
                 self.metrics.bus_reconnects.inc();
             }
             tracing::warn!(
+                stream = %stream.key,
                 error = %err,
                 resume_after = %last.map_or("-".to_owned(), |l| l.to_string()),
                 retry_in = ?backoff,
@@ -391,37 +500,41 @@ impl RedisBus {
         }
     }
 
-    /// Reads until an error; `last` is the id of the last entry handed to the shards.
+    /// Reads stream shard `shard` until an error; `last` is the id of the last entry handed to
+    /// the shards.
     async fn read_stream(
         &self,
+        shard: u16,
         last: &mut Option<EventId>,
         backoff: &mut Duration,
     ) -> redis::RedisError {
+        let stream = &self.streams[usize::from(shard)];
         // No response timeout would hang forever on a silently dead peer; BLOCK bounds the wait.
-        let mut conn = match self.connect(Some(BLOCK + Duration::from_secs(5))).await {
+        let mut conn = match self.endpoint.connect(BLOCK + Duration::from_secs(5)).await {
             Ok(c) => c,
             Err(e) => return e,
         };
         let after = match *last {
             Some(l) => {
-                if let Err(e) = self.check_for_gap(&mut conn, l).await {
+                if let Err(e) = self.check_for_gap(shard, &mut conn, l).await {
                     return e;
                 }
                 l
             }
-            None => match stream_last_id(&mut conn, &self.settings.stream).await {
+            None => match stream_last_id(&mut conn, &stream.key).await {
                 Ok(start) => {
-                    let _ = self.start.set(start);
-                    self.lock_history().reset(start);
+                    let start = start.in_shard(shard);
+                    let _ = stream.start.set(start);
+                    self.lock_history(shard).reset(start);
                     *last = Some(start);
                     start
                 }
                 Err(e) => return e,
             },
         };
-        self.reader_up.store(true, Ordering::Release);
+        stream.up.store(true, Ordering::Release);
         *backoff = Duration::from_millis(100);
-        tracing::info!(stream = %self.settings.stream, after = %after, "reading the Redis stream");
+        tracing::info!(stream = %stream.key, after = %after, "reading the Redis stream");
         let mut cursor = after;
         loop {
             let reply: RedisResult<Option<StreamReadReply>> = redis::cmd("XREAD")
@@ -430,8 +543,8 @@ impl RedisBus {
                 .arg("BLOCK")
                 .arg(BLOCK.as_millis() as u64)
                 .arg("STREAMS")
-                .arg(&self.settings.stream)
-                .arg(cursor.to_string())
+                .arg(&stream.key)
+                .arg(cursor.stream_id())
                 .query_async(&mut conn)
                 .await;
             let reply = match reply {
@@ -443,23 +556,25 @@ impl RedisBus {
                 let Ok(id) = entry.id.parse::<EventId>() else {
                     continue;
                 };
-                match parse_entry(&entry, &self.settings.default_project) {
+                let parsed =
+                    parse_shard_entry(&entry, &self.settings.default_project, &self.shards, shard);
+                match parsed {
                     Ok(parsed) => {
                         if let Some(change) = &parsed.permissions_changed {
                             // In stream order: the events before it first.
-                            self.deliver(std::mem::take(&mut batch)).await;
+                            self.deliver(shard, std::mem::take(&mut batch)).await;
                             self.change_permissions(change).await;
                         }
                         batch.extend(parsed.event.map(|ev| EncodedEvent::encode(&ev)));
                     }
                     Err(e) => {
                         self.metrics.stream_entries_skipped.inc();
-                        tracing::warn!(id = %entry.id, error = %e, "skipping a malformed stream entry");
+                        tracing::warn!(stream = %stream.key, id = %entry.id, error = %e, "skipping a malformed stream entry");
                     }
                 }
-                cursor = id;
+                cursor = id.in_shard(shard);
             }
-            self.deliver(batch).await;
+            self.deliver(shard, batch).await;
             *last = Some(cursor);
         }
     }
@@ -470,12 +585,14 @@ impl RedisBus {
     /// so a trim that removed nothing this node had not delivered yet can be reported too.
     async fn check_for_gap(
         &self,
-        conn: &mut MultiplexedConnection,
+        shard: u16,
+        conn: &mut Conn,
         last: EventId,
     ) -> Result<(), redis::RedisError> {
+        let key = &self.streams[usize::from(shard)].key;
         let info: redis::Value = match redis::cmd("XINFO")
             .arg("STREAM")
-            .arg(&self.settings.stream)
+            .arg(key)
             .query_async(conn)
             .await
         {
@@ -491,20 +608,23 @@ impl RedisBus {
         if let Some(deleted) = deleted_after(&info, last) {
             self.metrics.stream_gaps.inc();
             tracing::error!(
-                stream = %self.settings.stream,
+                stream = %key,
                 last_delivered = %last,
                 deleted_through = %deleted,
                 "entries were trimmed from the stream while this node was disconnected: events \
                  between the last one delivered here and {deleted} may not have been delivered \
                  (raise --stream-maxlen); resumes from before {deleted} get 4010"
             );
-            self.lock_history().forget_through(deleted);
+            self.lock_history(shard).forget_through(deleted);
         }
         Ok(())
     }
 
-    fn lock_history(&self) -> std::sync::MutexGuard<'_, History> {
-        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_history(&self, shard: u16) -> std::sync::MutexGuard<'_, History> {
+        self.streams[usize::from(shard)]
+            .history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Tells the shards that a user's permissions changed, waiting while their queues are full.
@@ -514,16 +634,17 @@ impl RedisBus {
         }
     }
 
-    /// Hands events to the shards in one batch, waiting while their queues are full (the
-    /// stream holds everything meanwhile, so back-pressure costs latency, never events).
-    async fn deliver(&self, events: Vec<Arc<EncodedEvent>>) {
+    /// Hands events of stream shard `shard` to the shards in one batch, waiting while their
+    /// queues are full (the stream holds everything meanwhile, so back-pressure costs latency,
+    /// never events).
+    async fn deliver(&self, shard: u16, events: Vec<Arc<EncodedEvent>>) {
         if events.is_empty() {
             return;
         }
         loop {
             let handed = self
                 .outlet
-                .deliver(&mut self.lock_history(), &events)
+                .deliver(&mut self.lock_history(shard), &events)
                 .is_ok();
             if handed {
                 return;
@@ -561,7 +682,7 @@ impl RedisBus {
                                     if let Some(mut ev) = parsed.event {
                                         // Pub/sub has no history: these ids are not positions.
                                         ev.id = format!("appwrite-{}", ids.next_id());
-                                        self.deliver(vec![EncodedEvent::encode(&ev)]).await;
+                                        self.deliver(0, vec![EncodedEvent::encode(&ev)]).await;
                                     }
                                 }
                                 Err(e) => {
@@ -583,13 +704,25 @@ impl RedisBus {
 
     async fn replay_from(&self, q: ReplayQuery) -> Result<Vec<Arc<EncodedEvent>>, ReplayError> {
         let unavailable = |e: redis::RedisError| ReplayError::Unavailable(format!("Redis: {e}"));
-        let start = *self
+        let shard = q.after.shard;
+        let home = self.shards.shard_of(&q.project);
+        if shard != home {
+            return Err(ReplayError::Truncated(format!(
+                "lastEventId {} is not from the stream that holds project {}'s events (shard \
+                 {home} of {})",
+                q.after,
+                q.project,
+                self.shards.count()
+            )));
+        }
+        let stream = &self.streams[usize::from(shard)];
+        let start = *stream
             .start
             .get()
             .ok_or_else(|| ReplayError::Unavailable("not connected to Redis yet".into()))?;
-        let upto = q.upto.unwrap_or(start);
+        let upto = q.upto.filter(|u| u.shard == shard).unwrap_or(start);
         let (newest, cached) = {
-            let h = self.lock_history();
+            let h = self.lock_history(shard);
             (h.newest(), h.range(q.after, upto))
         };
         if q.after > newest {
@@ -597,7 +730,7 @@ impl RedisBus {
             let last: EventId = self
                 .replay_command::<Option<StreamRangeReply>>(
                     redis::cmd("XREVRANGE")
-                        .arg(&self.settings.stream)
+                        .arg(&stream.key)
                         .arg("+")
                         .arg("-")
                         .arg("COUNT")
@@ -605,8 +738,9 @@ impl RedisBus {
                 )
                 .await
                 .map_err(unavailable)?
-                .and_then(|r| r.ids.first().and_then(|e| e.id.parse().ok()))
-                .unwrap_or(EventId::ZERO);
+                .and_then(|r| r.ids.first().and_then(|e| e.id.parse::<EventId>().ok()))
+                .unwrap_or(EventId::ZERO)
+                .in_shard(shard);
             if q.after > last {
                 return Err(ReplayError::Ahead(q.after));
             }
@@ -620,7 +754,7 @@ impl RedisBus {
         }
         // Older than memory reaches: read the stream, unless it was trimmed past `after`.
         let info: redis::Value = self
-            .replay_command(redis::cmd("XINFO").arg("STREAM").arg(&self.settings.stream))
+            .replay_command(redis::cmd("XINFO").arg("STREAM").arg(&stream.key))
             .await
             .map_err(unavailable)?;
         if let Some(reason) = trimmed_past(&info, q.after) {
@@ -642,9 +776,9 @@ impl RedisBus {
             let page: StreamRangeReply = self
                 .replay_command(
                     redis::cmd("XRANGE")
-                        .arg(&self.settings.stream)
-                        .arg(from.to_string())
-                        .arg(upto.to_string())
+                        .arg(&stream.key)
+                        .arg(from.stream_id())
+                        .arg(upto.stream_id())
                         .arg("COUNT")
                         .arg(BATCH),
                 )
@@ -653,10 +787,16 @@ impl RedisBus {
             let Some(last) = page.ids.last().and_then(|e| e.id.parse::<EventId>().ok()) else {
                 break;
             };
+            let last = last.in_shard(shard);
+            let project = &self.settings.default_project;
             let events = page
                 .ids
                 .iter()
-                .filter_map(|e| parse_entry(e, &self.settings.default_project).ok()?.event)
+                .filter_map(|e| {
+                    parse_shard_entry(e, project, &self.shards, shard)
+                        .ok()?
+                        .event
+                })
                 .map(|e| EncodedEvent::encode(&e));
             select_replay(events, &q, &mut selected, &mut bytes)?;
             if page.ids.len() < BATCH {
@@ -669,7 +809,7 @@ impl RedisBus {
 }
 
 /// The last id in `stream`, or 0-0 when it is empty or missing.
-async fn stream_last_id(conn: &mut MultiplexedConnection, stream: &str) -> RedisResult<EventId> {
+async fn stream_last_id(conn: &mut Conn, stream: &str) -> RedisResult<EventId> {
     let reply: Option<StreamRangeReply> = redis::cmd("XREVRANGE")
         .arg(stream)
         .arg("+")
@@ -689,14 +829,20 @@ async fn stream_last_id(conn: &mut MultiplexedConnection, stream: &str) -> Redis
 /// by ([`trimmed_past`]), and the id through which history must be forgotten.
 fn deleted_after(info: &redis::Value, last: EventId) -> Option<EventId> {
     trimmed_past(info, last)?;
-    let id = |name: &str| info_field(info, name).and_then(|s| s.parse::<EventId>().ok());
+    let id = |name: &str| {
+        let id = info_field(info, name)?.parse::<EventId>().ok()?;
+        Some(id.in_shard(last.shard))
+    };
     let deleted = id("max-deleted-entry-id").filter(|&d| d > last);
     let first = id("recorded-first-entry-id").filter(|&f| f > last);
     deleted.max(first).or(Some(last.next()))
 }
 
 fn trimmed_past(info: &redis::Value, after: EventId) -> Option<String> {
-    let id = |name: &str| info_field(info, name).and_then(|s| s.parse::<EventId>().ok());
+    let id = |name: &str| {
+        let id = info_field(info, name)?.parse::<EventId>().ok()?;
+        Some(id.in_shard(after.shard))
+    };
     let number = |name: &str| info_field(info, name).and_then(|s| s.parse::<u64>().ok());
     if let Some(deleted) = id("max-deleted-entry-id")
         && after < deleted
@@ -773,8 +919,9 @@ impl Bus for RedisBus {
     fn publish(&self, event: NewEvent) -> BoxFuture<'_, Result<String, BusError>> {
         Box::pin(async move {
             let json = |v: &[String]| serde_json::to_string(v).unwrap_or_else(|_| "[]".to_owned());
+            let shard = self.shards.shard_of(&event.project);
             let mut cmd = redis::cmd("XADD");
-            cmd.arg(&self.settings.stream)
+            cmd.arg(&self.streams[usize::from(shard)].key)
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(self.settings.maxlen)
@@ -795,7 +942,7 @@ impl Bus for RedisBus {
                     .arg("userId")
                     .arg(&change.user);
             }
-            self.append(cmd).await
+            self.append(cmd, shard).await
         })
     }
 
@@ -807,7 +954,7 @@ impl Bus for RedisBus {
     }
 
     fn ready(&self) -> bool {
-        self.reader_up.load(Ordering::Acquire)
+        self.streams.iter().all(|s| s.up.load(Ordering::Acquire))
             && (self.settings.appwrite_channel.is_none() || self.pubsub_up.load(Ordering::Acquire))
     }
 }

@@ -845,8 +845,13 @@ impl Shard {
             taken += 1;
             match cmd {
                 Command::Event(ev) => {
-                    if ev.position.is_some() {
-                        self.shared.position = self.shared.position.max(ev.position);
+                    if let Some(p) = ev.position {
+                        let at = usize::from(p.shard);
+                        let positions = &mut self.shared.positions;
+                        if positions.len() <= at {
+                            positions.resize(at + 1, None);
+                        }
+                        positions[at] = positions[at].max(Some(p));
                     }
                     self.batch.push_event(ev);
                 }

@@ -1,7 +1,8 @@
 //! Test harness shared by herald's tests and the load generator's (benches/loadgen/tests):
-//! starts servers that print herald's startup line (herald or a baseline) and Redis on loopback,
-//! and talks to them as clients do. Must not name a binary of either package: each crate's
-//! tests start their own (`CARGO_BIN_EXE_*` exists only in the package that builds it).
+//! starts servers that print herald's startup line (herald or a baseline) and Redis on loopback
+//! (one redis-server, or a Redis Cluster of three), and talks to them as clients do. Must not
+//! name a binary of either package: each crate's tests start their own (`CARGO_BIN_EXE_*` exists
+//! only in the package that builds it).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -450,8 +451,14 @@ pub fn free_port() -> u16 {
 
 impl RedisServer {
     pub fn start(extra: &[&str]) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), extra)
+    }
+
+    /// Starts it on `port` (free, picked by the caller).
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("herald-redis-{}-{port}", std::process::id()));
+        // A fresh server: nothing left from an earlier one (a cluster node's nodes.conf above all).
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("redis dir");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let child = Self::spawn(port, &dir, &extra);
@@ -535,6 +542,201 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `n` distinct free loopback ports (all held at once while they are picked, so none repeats).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+/// A Redis Cluster of the test's own: three redis-server masters on free loopback ports, each
+/// in its own directory (a [`RedisServer`] each), with no replicas, the slots split evenly.
+/// Each node's cluster bus port is a free port of its own too (`--cluster-port`), not port +
+/// 10000, which may be past 65535. Every node writes its AOF with `appendfsync always`, so a
+/// SIGKILL loses no acknowledged write, and `nodes.conf` (in its directory) records the cluster:
+/// after [`RedisCluster::restart_all`] the same nodes on the same ports form the same cluster
+/// with the same data, without `--cluster create`.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+    /// The cluster connection [`RedisCluster::xadd`] and [`RedisCluster::query`] use, made on
+    /// first use and dropped when the cluster is killed.
+    conn: std::sync::Mutex<Option<redis::cluster::ClusterConnection>>,
+}
+
+/// How long a new or restarted cluster may take to report `cluster_state:ok` on every node.
+const CLUSTER_OK_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        // Each node's client port and cluster bus port, all six distinct.
+        let ports = free_ports(6);
+        let nodes: Vec<RedisServer> = ports
+            .chunks(2)
+            .map(|pair| {
+                let bus = pair[1].to_string();
+                RedisServer::start_on(
+                    pair[0],
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "5000",
+                        "--cluster-port",
+                        &bus,
+                        "--appendonly",
+                        "yes",
+                        "--appendfsync",
+                        "always",
+                    ],
+                )
+            })
+            .collect();
+        let cluster = Self {
+            nodes,
+            conn: std::sync::Mutex::new(None),
+        };
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(cluster.addresses().split(','))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli is not installed: run ./scripts/test, which installs it");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create {} failed: {}{}",
+            cluster.addresses(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// The nodes' ports, in the order the cluster was created (the first holds slots 0-5460).
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// "127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3", as `--redis-cluster` takes them.
+    pub fn addresses(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The nodes' URLs (redis://127.0.0.1:P), as a cluster client takes them.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// A new cluster connection: routes each command to the master of its key's slot.
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        redis::cluster::ClusterClient::new(self.urls())
+            .expect("cluster client")
+            .get_connection()
+            .expect("connect to the Redis Cluster")
+    }
+
+    /// Runs `cmd` on the master of its key's slot; panics on an error.
+    pub fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
+        let mut cached = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let conn = cached.get_or_insert_with(|| self.conn());
+        match cmd.query(conn) {
+            Ok(value) => value,
+            Err(e) => {
+                // The next call starts from a new connection, whatever state this one is in.
+                *cached = None;
+                panic!("Redis Cluster command failed: {e}")
+            }
+        }
+    }
+
+    /// XADDs an entry with raw fields to `key`, as any publisher would; returns its id.
+    pub fn xadd(&self, key: &str, fields: &[(&str, &str)]) -> String {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(key).arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(*v);
+        }
+        self.query(&cmd)
+    }
+
+    /// One node's `CLUSTER INFO` (empty when it does not answer).
+    pub fn cluster_info(&self, port: u16) -> String {
+        let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
+            return String::new();
+        };
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
+            return String::new();
+        };
+        redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query::<String>(&mut conn)
+            .unwrap_or_default()
+    }
+
+    /// Waits until every node says `cluster_state:ok` and knows all three nodes.
+    fn wait_ok(&self) {
+        let deadline = Instant::now() + CLUSTER_OK_TIMEOUT;
+        loop {
+            let infos: Vec<(u16, String)> = self
+                .ports()
+                .into_iter()
+                .map(|p| (p, self.cluster_info(p)))
+                .collect();
+            let ok = |info: &str| {
+                let has = |line: &str| info.lines().any(|l| l.trim() == line);
+                has("cluster_state:ok") && has("cluster_known_nodes:3")
+            };
+            if infos.iter().all(|(_, info)| ok(info)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Redis Cluster on {} did not report cluster_state:ok on every node within \
+                 {CLUSTER_OK_TIMEOUT:?}: {infos:?}",
+                self.addresses()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops every node abruptly (SIGKILL): the whole cluster is gone.
+    pub fn kill_all(&mut self) {
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+
+    /// Starts every node again on its port and directory (killing any still running first):
+    /// nodes.conf and the AOF bring back the same cluster and data. Returns once every node
+    /// says `cluster_state:ok` again.
+    pub fn restart_all(&mut self) {
+        self.kill_all();
+        for node in &mut self.nodes {
+            node.restart();
+        }
+        self.wait_ok();
+    }
+}
+
+impl Drop for RedisCluster {
+    /// Kills every node; each node's own drop then removes its directory.
+    fn drop(&mut self) {
+        self.kill_all();
     }
 }
 
