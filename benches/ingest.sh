@@ -18,7 +18,8 @@
 #   each XADDed to its project's shard's stream (stream_tool load --cluster, pipelined per key).
 #   The baseline reads the SHARDS streams of a second sharded stream, one XREAD loop each.
 # Settings: COUNT (200000), PAYLOAD_BYTES (200), SUBSCRIBERS (1000); with CLUSTER=1, SHARDS (3)
-# and PROJECTS (64).
+# and PROJECTS (64). FANOUT=N (0) then also measures end-to-end fan-out on the same bus: N
+# subscribers of one channel, 5 single events and 20 and 50 events/s through the publish API.
 set -euo pipefail
 # Load generators open thousands of connections from a few loopback addresses: herald's per-IP
 # limits (on by default) are switched off here, explicitly.
@@ -26,6 +27,7 @@ export HERALD_MAX_CONNECTIONS_PER_IP=0 HERALD_HANDSHAKES_PER_IP=0
 COUNT=${COUNT:-200000}
 PAYLOAD_BYTES=${PAYLOAD_BYTES:-200}
 SUBSCRIBERS=${SUBSCRIBERS:-1000}
+FANOUT=${FANOUT:-0}
 CLUSTER=${CLUSTER:-0}
 if [[ $CLUSTER == 1 ]]; then
   SHARDS=${SHARDS:-3}
@@ -131,3 +133,22 @@ echo "  XADD load rate (pipelined):        $load_rate/s"
 echo "  herald ingestion (read+encode+fan-out, end to end): $herald_rate/s"
 echo "  baseline plain XREAD loop tailing the same load: $base_rate/s"
 echo "RESULT {\"count\":$COUNT,\"herald_per_s\":$herald_rate,\"xread_baseline_per_s\":$base_rate,\"ratio\":$ratio,\"xadd_load_per_s\":$load_rate,\"mode\":\"${mode%%:*}\",\"stream_shards\":${SHARDS:-1}}"
+
+# End-to-end fan-out on the same bus (FANOUT subscribers, 0 to skip): events published through the
+# admin API, read back from the stream, delivered to every subscriber of one channel.
+if (( FANOUT > 0 )); then
+  "$BIN/herald-bench" fanout --target "$ws?project=fan" --project fan --admin "http://$admin" \
+    --connections "$FANOUT" --source-ips 127.0.0.2-127.0.0.40 --single 5 --rates 20,50 \
+    --phase-time 5s >"$tmp/fanout.json" 2>"$tmp/fanout.out" || true
+  python3 - "$tmp/fanout.json" "$FANOUT" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"  fan-out to {sys.argv[2]} subscribers of one channel (publish API -> stream -> herald):")
+for ph in r["phases"]:
+    ttl = ph.get("time_to_last_subscriber_ms") or {}
+    print(f"    {ph['label']}: delivered {ph['delivered']}/{ph['expected']} ({ph['missing']} missing, "
+          f"{ph['duplicates']} dup), {ph['delivered_per_s']:.0f} msg/s, latency p50 "
+          f"{ph['latency_ms']['p50']:.1f} p99 {ph['latency_ms']['p99']:.1f} ms, last subscriber "
+          f"p50 {ttl.get('p50', 0):.1f} ms")
+PY
+fi
