@@ -56,12 +56,46 @@ const THP_ALLOWED: i32 = -3;
 /// off later, in `main`, the arena's first 2 MiB were already one resident huge page, with its
 /// bookkeeping 3.5 MiB of every idle process; `benches/RESULTS.md`, "Base memory").
 pub extern "C" fn configure_allocator() {
+    code_on_demand();
     let state = match disable_transparent_huge_pages() {
         Ok(true) => THP_OFF,
         Ok(false) => THP_ALLOWED,
         Err(e) => e.raw_os_error().unwrap_or(0),
     };
     THP.store(state, Ordering::Relaxed);
+}
+
+/// Maps the program's code and read-only data page by page, as it is used (`MADV_RANDOM`),
+/// instead of the kernel's 64 KiB blocks around each page fault ("fault-around"), which make
+/// most of the binary resident in every process for code it never runs: with 52 processes on
+/// one machine, each one's base counts (`benches/RESULTS.md`, "Per-process base"). Covers every
+/// object loaded at start (herald and its shared libraries); their writable data is left alone.
+/// Allocates nothing: it runs before `main`.
+fn code_on_demand() {
+    unsafe extern "C" fn each(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        _data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: the loader hands a valid record whose program headers stay mapped.
+        let info = unsafe { &*info };
+        for i in 0..usize::from(info.dlpi_phnum) {
+            // SAFETY: `i` is below the number of program headers the record holds.
+            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            if ph.p_type != libc::PT_LOAD || ph.p_flags & libc::PF_W != 0 {
+                continue;
+            }
+            let start = (info.dlpi_addr + ph.p_vaddr) as usize;
+            let page = start & !4095;
+            let len = start + ph.p_memsz as usize - page;
+            // SAFETY: advice on a range the loader mapped for this object; a failure only
+            // leaves the kernel's default.
+            unsafe { libc::madvise(page as *mut libc::c_void, len, libc::MADV_RANDOM) };
+        }
+        0
+    }
+    // SAFETY: the callback reads only what the loader passes it.
+    unsafe { libc::dl_iterate_phdr(Some(each), std::ptr::null_mut()) };
 }
 
 /// Transparent huge pages as [`configure_allocator`] left them; when it did not run (a

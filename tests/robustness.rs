@@ -539,3 +539,35 @@ fn half_closed_and_reset_peers_are_dropped_while_a_neighbour_gets_everything() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_code_of_every_process_is_mapped_on_demand_not_in_blocks_around_each_fault() {
+    // With 52 processes on one machine each one's resident code counts: herald advises
+    // MADV_RANDOM on its code and read-only data before main (`rr` in /proc/PID/smaps).
+    let server = Server::start(&["--shards", "1"]);
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", server.pid())).unwrap();
+    let mut mapping = "";
+    let mut code = Vec::new();
+    for line in smaps.lines() {
+        if line
+            .split_whitespace()
+            .next()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            mapping = line;
+        } else if let Some(flags) = line.strip_prefix("VmFlags:")
+            && mapping.contains(" r-xp ")
+            && mapping.ends_with("/herald")
+        {
+            code.push(flags.split_whitespace().any(|f| f == "rr"));
+        }
+    }
+    assert!(
+        !code.is_empty(),
+        "no executable mapping of herald in its smaps"
+    );
+    assert!(
+        code.iter().all(|rr| *rr),
+        "herald's code is not advised MADV_RANDOM"
+    );
+}
