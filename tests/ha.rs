@@ -228,6 +228,8 @@ struct Seen {
     lost_at: Vec<(Instant, Option<u16>)>,
     /// When each event stamped with its publish time arrived, and how long it took.
     latencies: Vec<(Instant, f64)>,
+    /// Codes of the `error` messages received (4010: "resync", the client may have missed some).
+    errors: Vec<u64>,
     ended: bool,
 }
 
@@ -247,9 +249,8 @@ async fn subscriber(url: String, first: Arc<AtomicUsize>, deadline: Instant) -> 
             (hello["type"] == "connected").then_some(ws)
         };
         let Ok(Some(mut ws)) = tokio::time::timeout(Duration::from_secs(5), connected).await else {
-            let jitter = rand::random_range(0..=backoff.as_millis() as u64);
-            tokio::time::sleep(backoff / 2 + Duration::from_millis(jitter / 2)).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(jittered(backoff)).await;
             continue;
         };
         if seen.connected_at.is_empty() {
@@ -262,8 +263,17 @@ async fn subscriber(url: String, first: Arc<AtomicUsize>, deadline: Instant) -> 
             return seen;
         }
         seen.lost_at.push((Instant::now(), code));
+        drop(ws);
+        // Every client of a lost node comes back at once otherwise: spread them out.
+        tokio::time::sleep(jittered(backoff)).await;
     }
     seen
+}
+
+/// Half of `backoff` plus a random share of the other half ("equal jitter").
+fn jittered(backoff: Duration) -> Duration {
+    let half = backoff.as_millis() as u64 / 2;
+    Duration::from_millis(half + rand::random_range(0..=half))
 }
 
 /// Reads events until the end marker or the connection's end; returns its close code.
@@ -273,6 +283,9 @@ async fn read_events(ws: &mut Ws, seen: &mut Seen, deadline: Instant) -> Option<
         match tokio::time::timeout(left, ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => {
                 let v: Value = serde_json::from_str(&t).expect("json");
+                if v["type"] == "error" {
+                    seen.errors.push(v["data"]["code"].as_u64().unwrap_or(0));
+                }
                 if v["type"] != "event" {
                     continue;
                 }
@@ -412,6 +425,7 @@ async fn judge(
         }
     }
     let reconnected = all.iter().filter(|s| !s.lost_at.is_empty()).count();
+    let errors: Vec<u64> = all.iter().flat_map(|s| s.errors.iter().copied()).collect();
     let unfinished = all.iter().filter(|s| !s.ended).count();
     println!(
         "drill {drill}: {CLIENTS} clients through HAProxy, {} events acknowledged ({refused} refused), \
@@ -426,6 +440,11 @@ async fn judge(
         "{unfinished} clients never read the end marker"
     );
     assert_eq!((lost, duplicated, out_of_order), (0, 0, 0), "drill {drill}");
+    assert_eq!(
+        errors,
+        Vec::<u64>::new(),
+        "errors sent to clients (4010: told to resync)"
+    );
     // Only a publish that was refused may still have reached the stream.
     assert!(
         unpublished <= refused * CLIENTS,

@@ -51,6 +51,8 @@ const BATCH: usize = 1000;
 /// How long one XREAD waits for new entries.
 const BLOCK: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a resume waits for a reader that has not reached its stream yet.
+const START_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -338,8 +340,13 @@ pub fn parse_shard_entry(
             shards.key(home).unwrap_or_default()
         )));
     }
-    // The entry id carries the time of the XADD, so every node stamps the same time.
-    Ok(Parsed::new(event, id.to_string(), timestamp_from_ms(id.ms)))
+    // The id as the stream wrote it, prefixed with the stream shard beyond the first. The
+    // entry id carries the time of the XADD, so every node stamps the same time.
+    let shown = match shard {
+        0 => entry.id.clone(),
+        k => format!("{k}:{}", entry.id),
+    };
+    Ok(Parsed::new(event, shown, timestamp_from_ms(id.ms)))
 }
 
 impl RedisBus {
@@ -702,6 +709,25 @@ impl RedisBus {
         }
     }
 
+    /// Where `stream`'s reader started, waiting a little for a node that is still connecting:
+    /// right after a restart, a load balancer may send resuming clients before the first
+    /// health check says the node is not ready, and answering them "resync" would make every
+    /// client of a rolling restart refetch everything.
+    async fn started(stream: &StreamState) -> Result<EventId, ReplayError> {
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        loop {
+            if let Some(start) = stream.start.get() {
+                return Ok(*start);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ReplayError::Unavailable(format!(
+                    "not connected to Redis after {START_WAIT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn replay_from(&self, q: ReplayQuery) -> Result<Vec<Arc<EncodedEvent>>, ReplayError> {
         let unavailable = |e: redis::RedisError| ReplayError::Unavailable(format!("Redis: {e}"));
         let shard = q.after.shard;
@@ -716,10 +742,7 @@ impl RedisBus {
             )));
         }
         let stream = &self.streams[usize::from(shard)];
-        let start = *stream
-            .start
-            .get()
-            .ok_or_else(|| ReplayError::Unavailable("not connected to Redis yet".into()))?;
+        let start = Self::started(stream).await?;
         let upto = q.upto.filter(|u| u.shard == shard).unwrap_or(start);
         let (newest, cached) = {
             let h = self.lock_history(shard);
@@ -1008,6 +1031,33 @@ mod tests {
         ] {
             assert!(parse_entry(&entry(&bad), "console").is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_entry_of_a_stream_shard_names_it_and_must_belong_there() {
+        let shards = StreamShards::new("s", 3);
+        let project = (0..)
+            .map(|n| format!("p{n}"))
+            .find(|p| shards.shard_of(p) == 2)
+            .unwrap();
+        let fields = [
+            ("channels", r#"["c"]"#),
+            ("payload", "{}"),
+            ("project", project.as_str()),
+        ];
+        let ev = parse_shard_entry(&entry(&fields), "console", &shards, 2)
+            .unwrap()
+            .event
+            .unwrap();
+        assert_eq!(ev.id, "2:1795393049647-3");
+        assert!(parse_shard_entry(&entry(&fields), "console", &shards, 1).is_err());
+        // The stream's own text of the id, even where it is not canonical.
+        let mut odd = entry(&[("channels", r#"["c"]"#), ("payload", "{}")]);
+        odd.id = "0001-0".into();
+        assert_eq!(
+            parse_entry(&odd, "console").unwrap().event.unwrap().id,
+            "0001-0"
+        );
     }
 
     #[test]
