@@ -274,7 +274,7 @@ impl Context<'_> {
     }
 }
 
-/// Longest `lastEventId` quoted back in an error (an event id is at most 41 characters).
+/// Longest `lastEventId` quoted back in an error (an event id is at most 47 characters: `65535:` and two 20-digit numbers).
 const MAX_LAST_EVENT_ID_BYTES: usize = 64;
 
 /// How long a resume waits for its history before the client is told it is unavailable (4010)

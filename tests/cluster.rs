@@ -7,13 +7,11 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-use futures_util::StreamExt;
 use herald::bus::streams::StreamShards;
-use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
+use serde_json::json;
 
 const STREAM: &str = "herald:events";
 const SHARDS: u16 = 3;
@@ -144,81 +142,6 @@ fn node(cluster: &RedisCluster, extra: &[&str]) -> Server {
     server
 }
 
-fn wait_ready(server: &Server, ready: bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while (server.get("/readyz").0 == 200) != ready {
-        assert!(
-            Instant::now() < deadline,
-            "node never became {}",
-            if ready { "ready" } else { "not ready" }
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Connects `n` small-buffered clients to `url`.
-async fn clients(url: &str, n: usize) -> Vec<Ws> {
-    let config =
-        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n.div_ceil(100) {
-        let batch = (0..100.min(n - out.len())).map(|_| {
-            let url = url.to_owned();
-            async move {
-                let (mut ws, _) =
-                    tokio_tungstenite::connect_async_with_config(url, Some(config), false)
-                        .await
-                        .expect("connect");
-                assert_eq!(next_json(&mut ws).await["type"], "connected");
-                ws
-            }
-        });
-        out.extend(futures_util::future::join_all(batch).await);
-    }
-    out
-}
-
-/// Every client must read exactly `expected` (event ids, in order) and nothing more.
-async fn assert_all_receive(clients: Vec<Ws>, expected: &[String]) {
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .map(|mut ws| {
-            let expected = expected.to_vec();
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                while got.len() < expected.len() {
-                    match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
-                        Ok(Some(Ok(Message::Text(t)))) => {
-                            let v: Value = serde_json::from_str(&t).unwrap();
-                            assert_eq!(v["type"], "event", "{v}");
-                            got.push(v["data"]["id"].as_str().unwrap().to_owned());
-                        }
-                        Ok(Some(Ok(_))) => {}
-                        other => panic!(
-                            "stopped after {} of {} events: {other:?}",
-                            got.len(),
-                            expected.len()
-                        ),
-                    }
-                }
-                assert_eq!(got, expected);
-                let extra = tokio::time::timeout(Duration::from_millis(300), ws.next()).await;
-                assert!(extra.is_err(), "unexpected extra message: {extra:?}");
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-}
-
-async fn expect(ws: &mut Ws, ids: &[String]) {
-    for id in ids {
-        let ev = next_json(ws).await;
-        assert_eq!(ev["data"]["id"], id.as_str(), "{ev}");
-    }
-}
-
 async fn expect_error(ws: &mut Ws, code: u16) {
     let err = next_json(ws).await;
     assert_eq!(err["type"], "error", "{err}");
@@ -342,7 +265,7 @@ async fn the_whole_cluster_restarted_loses_nothing_and_nodes_come_back_by_themse
         .map(|p| (0..5).map(|n| p.xadd(&cluster, n)).collect())
         .collect();
     for (ws, ids) in conns.iter_mut().zip(&published) {
-        expect(ws, ids).await;
+        expect_events(ws, ids).await;
     }
 
     cluster.kill_all();
@@ -364,11 +287,11 @@ async fn the_whole_cluster_restarted_loses_nothing_and_nodes_come_back_by_themse
     }
     // The same connections, never closed, get every event after the restart once, in order.
     for (ws, ids) in conns.iter_mut().zip(&published) {
-        expect(ws, &ids[5..]).await;
+        expect_events(ws, &ids[5..]).await;
     }
     let last: Vec<String> = projects.iter().map(|p| p.xadd(&cluster, 16)).collect();
     for (ws, id) in conns.iter_mut().zip(last) {
-        expect(ws, &[id]).await;
+        expect_events(ws, &[id]).await;
         let extra = next_json_within(ws, Duration::from_millis(300)).await;
         assert!(extra.is_none(), "unexpected extra message: {extra:?}");
     }
@@ -392,43 +315,7 @@ async fn killed_node_clients_resume_on_the_other_node_with_every_event_exactly_o
         for ws in clients(&p.url(&a, ""), CLIENTS_PER_PROJECT).await {
             let url_b = url_b.clone();
             let start = start.clone();
-            let task = tokio::spawn(async move {
-                let mut ws = Some(ws);
-                let mut got: Vec<String> = Vec::new();
-                let mut reconnects = 0;
-                while got.len() < ROUNDS {
-                    let conn = match ws.as_mut() {
-                        Some(c) => c,
-                        None => {
-                            reconnects += 1;
-                            assert!(reconnects < 20, "could not reconnect");
-                            let url =
-                                format!("{url_b}&lastEventId={}", got.last().unwrap_or(&start));
-                            match tokio_tungstenite::connect_async(url).await {
-                                Ok((mut c, _)) => {
-                                    assert_eq!(next_json(&mut c).await["type"], "connected");
-                                    ws.insert(c)
-                                }
-                                Err(_) => {
-                                    tokio::time::sleep(Duration::from_millis(100)).await;
-                                    continue;
-                                }
-                            }
-                        }
-                    };
-                    match tokio::time::timeout(Duration::from_secs(30), conn.next()).await {
-                        Ok(Some(Ok(Message::Text(t)))) => {
-                            let v: Value = serde_json::from_str(&t).unwrap();
-                            assert_eq!(v["type"], "event", "{v}");
-                            got.push(v["data"]["id"].as_str().unwrap().to_owned());
-                        }
-                        Ok(Some(Ok(_))) => {}
-                        Ok(_) => ws = None,
-                        Err(_) => panic!("no event for 30 s after {}", got.len()),
-                    }
-                }
-                (got, reconnects)
-            });
+            let task = tokio::spawn(follow(ws, url_b, start, ROUNDS));
             tasks.push((i, task));
         }
     }
@@ -471,7 +358,7 @@ async fn resume_on_the_projects_shard_and_its_edge_cases() {
         .map(|p| (0..20).map(|n| p.xadd(&cluster, n)).collect())
         .collect();
     for (ws, ids) in live.iter_mut().zip(&ids) {
-        expect(ws, ids).await;
+        expect_events(ws, ids).await;
     }
 
     // (project index, client) for every client that must get the next live event.
@@ -480,12 +367,12 @@ async fn resume_on_the_projects_shard_and_its_edge_cases() {
         // Past the memory history: served from the project's stream with XRANGE.
         let url = p.url(&a, &format!("&lastEventId={}", ids[i][12]));
         let (mut far, _) = connect(&url).await;
-        expect(&mut far, &ids[i][13..]).await;
+        expect_events(&mut far, &ids[i][13..]).await;
         // The last two: from memory (for the last project at least, whatever the history's
         // layout), otherwise from the stream.
         let url = p.url(&a, &format!("&lastEventId={}", ids[i][17]));
         let (mut near, _) = connect(&url).await;
-        expect(&mut near, &ids[i][18..]).await;
+        expect_events(&mut near, &ids[i][18..]).await;
         waiting.push((i, far));
         waiting.push((i, near));
     }
@@ -509,6 +396,6 @@ async fn resume_on_the_projects_shard_and_its_edge_cases() {
     // Every one of them stays connected and gets what comes next, live.
     let last: Vec<String> = projects.iter().map(|p| p.xadd(&cluster, 1000)).collect();
     for (i, ws) in &mut waiting {
-        expect(ws, std::slice::from_ref(&last[*i])).await;
+        expect_events(ws, std::slice::from_ref(&last[*i])).await;
     }
 }

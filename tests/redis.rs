@@ -6,9 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 
 const STREAM: &str = "herald:events";
 
@@ -19,18 +17,6 @@ fn node(redis: &RedisServer, extra: &[&str]) -> Server {
     let server = Server::start(&args);
     wait_ready(&server, true);
     server
-}
-
-fn wait_ready(server: &Server, ready: bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while (server.get("/readyz").0 == 200) != ready {
-        assert!(
-            Instant::now() < deadline,
-            "node never became {}",
-            if ready { "ready" } else { "not ready" }
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn event_fields(n: usize) -> Vec<(String, String)> {
@@ -45,62 +31,6 @@ fn xadd_event(redis: &RedisServer, n: usize) -> String {
     let f = event_fields(n);
     let refs: Vec<(&str, &str)> = f.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
     redis.xadd(STREAM, &refs)
-}
-
-/// Connects `n` small-buffered clients to `url`.
-async fn clients(url: &str, n: usize) -> Vec<Ws> {
-    let config =
-        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n.div_ceil(100) {
-        let batch = (0..100.min(n - out.len())).map(|_| {
-            let url = url.to_owned();
-            async move {
-                let (mut ws, _) =
-                    tokio_tungstenite::connect_async_with_config(url, Some(config), false)
-                        .await
-                        .expect("connect");
-                assert_eq!(next_json(&mut ws).await["type"], "connected");
-                ws
-            }
-        });
-        out.extend(futures_util::future::join_all(batch).await);
-    }
-    out
-}
-
-/// Every client must read exactly `expected` (event ids, in order) and nothing more.
-async fn assert_all_receive(clients: Vec<Ws>, expected: &[String]) {
-    let tasks: Vec<_> = clients
-        .into_iter()
-        .map(|mut ws| {
-            let expected = expected.to_vec();
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                while got.len() < expected.len() {
-                    match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
-                        Ok(Some(Ok(Message::Text(t)))) => {
-                            let v: Value = serde_json::from_str(&t).unwrap();
-                            assert_eq!(v["type"], "event", "{v}");
-                            got.push(v["data"]["id"].as_str().unwrap().to_owned());
-                        }
-                        Ok(Some(Ok(_))) => {}
-                        other => panic!(
-                            "stopped after {} of {} events: {other:?}",
-                            got.len(),
-                            expected.len()
-                        ),
-                    }
-                }
-                assert_eq!(got, expected);
-                let extra = tokio::time::timeout(Duration::from_millis(300), ws.next()).await;
-                assert!(extra.is_err(), "unexpected extra message: {extra:?}");
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -165,7 +95,7 @@ async fn redis_restart_loses_nothing_and_nodes_reconnect_by_themselves() {
     let a = node(&redis, &[]);
     let (mut ws, _) = connect(&a.url("/v1/realtime?project=p&channels[]=c")).await;
     let mut published: Vec<String> = (0..5).map(|n| xadd_event(&redis, n)).collect();
-    expect(&mut ws, &published).await;
+    expect_events(&mut ws, &published).await;
 
     redis.kill();
     wait_ready(&a, false);
@@ -179,15 +109,8 @@ async fn redis_restart_loses_nothing_and_nodes_reconnect_by_themselves() {
     wait_ready(&a, true);
     published.extend((10..15).map(|n| xadd_event(&redis, n)));
     published.push(a.publish(json!({"project": "p", "channels": ["c"], "payload": {"n": 15}})));
-    expect(&mut ws, &published[5..]).await;
+    expect_events(&mut ws, &published[5..]).await;
     assert!(a.metric("herald_bus_reconnects_total") >= 1.0);
-}
-
-async fn expect(ws: &mut Ws, ids: &[String]) {
-    for id in ids {
-        let ev = next_json(ws).await;
-        assert_eq!(ev["data"]["id"], id.as_str(), "{ev}");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -207,45 +130,7 @@ async fn killed_node_clients_resume_on_the_other_node_with_every_event_exactly_o
         .into_iter()
         .map(|ws| {
             let url_b = url_b.clone();
-            tokio::spawn(async move {
-                let mut ws = Some(ws);
-                let mut got: Vec<String> = Vec::new();
-                let mut reconnects = 0;
-                while got.len() < EVENTS {
-                    let conn = match ws.as_mut() {
-                        Some(c) => c,
-                        None => {
-                            reconnects += 1;
-                            assert!(reconnects < 20, "could not reconnect");
-                            let url = format!(
-                                "{url_b}&lastEventId={}",
-                                got.last().map_or("0-0", |s| s.as_str())
-                            );
-                            match tokio_tungstenite::connect_async(url).await {
-                                Ok((mut c, _)) => {
-                                    assert_eq!(next_json(&mut c).await["type"], "connected");
-                                    ws.insert(c)
-                                }
-                                Err(_) => {
-                                    tokio::time::sleep(Duration::from_millis(100)).await;
-                                    continue;
-                                }
-                            }
-                        }
-                    };
-                    match tokio::time::timeout(Duration::from_secs(30), conn.next()).await {
-                        Ok(Some(Ok(Message::Text(t)))) => {
-                            let v: Value = serde_json::from_str(&t).unwrap();
-                            assert_eq!(v["type"], "event", "{v}");
-                            got.push(v["data"]["id"].as_str().unwrap().to_owned());
-                        }
-                        Ok(Some(Ok(_))) => {}
-                        Ok(_) => ws = None,
-                        Err(_) => panic!("no event for 30 s after {}", got.len()),
-                    }
-                }
-                (got, reconnects)
-            })
+            tokio::spawn(follow(ws, url_b, "0-0".to_owned(), EVENTS))
         })
         .collect();
 
@@ -271,7 +156,7 @@ async fn resume_from_redis_and_its_edge_cases() {
     let a = node(&redis, &["--history-events", "5", "--stream-maxlen", "10"]);
     let (mut live, _) = connect(&a.url("/v1/realtime?project=p&channels[]=c")).await;
     let ids: Vec<String> = (0..20).map(|n| xadd_event(&redis, n)).collect();
-    expect(&mut live, &ids).await;
+    expect_events(&mut live, &ids).await;
 
     // Served from Redis (XRANGE), past the memory history.
     let (mut ws, _) = connect(&a.url(&format!(
@@ -279,13 +164,13 @@ async fn resume_from_redis_and_its_edge_cases() {
         ids[12]
     )))
     .await;
-    expect(&mut ws, &ids[13..]).await;
+    expect_events(&mut ws, &ids[13..]).await;
 
     // Many entries later the stream is trimmed past early ids: 4010.
     let more: Vec<String> = (20..400)
         .map(|n| a.publish(json!({"project": "p", "channels": ["c"], "payload": {"n": n}})))
         .collect();
-    expect(&mut live, &more).await;
+    expect_events(&mut live, &more).await;
     let (mut old, _) = connect(&a.url(&format!(
         "/v1/realtime?project=p&channels[]=c&lastEventId={}",
         ids[0]
@@ -302,7 +187,7 @@ async fn resume_from_redis_and_its_edge_cases() {
 
     let last = vec![xadd_event(&redis, 1000)];
     for ws in [&mut old, &mut future, &mut bad, &mut live] {
-        expect(ws, &last).await;
+        expect_events(ws, &last).await;
     }
 }
 
@@ -339,7 +224,7 @@ async fn entries_trimmed_while_the_reader_was_away_are_counted_and_resumes_acros
     let a = node(&redis, &[]);
     let (mut ws, _) = connect(&a.url("/v1/realtime?project=p&channels[]=c")).await;
     let before: Vec<String> = (0..3).map(|n| xadd_event(&redis, n)).collect();
-    expect(&mut ws, &before).await;
+    expect_events(&mut ws, &before).await;
     let last_seen = before.last().cloned().unwrap_or_default();
 
     redis.kill();
@@ -361,7 +246,7 @@ async fn entries_trimmed_while_the_reader_was_away_are_counted_and_resumes_acros
         std::thread::sleep(Duration::from_millis(50));
     }
     // What was still in the stream arrives; the trimmed ones cannot.
-    expect(&mut ws, &lost[3..]).await;
+    expect_events(&mut ws, &lost[3..]).await;
 
     let url = a.url(&format!(
         "/v1/realtime?project=p&channels[]=c&lastEventId={last_seen}"
@@ -398,7 +283,7 @@ async fn a_resume_reads_at_most_replay_max_scan_entries_whatever_it_matches() {
     }
     let () = pipe.query(&mut conn).unwrap();
     let wanted = xadd_event(&redis, 1);
-    expect(&mut live, &[first.clone(), wanted.clone()]).await;
+    expect_events(&mut live, &[first.clone(), wanted.clone()]).await;
 
     // Matching nothing for 3,000 entries is more searching than allowed: 4010, then live.
     let (mut far, _) = connect(&a.url(&format!(
@@ -422,10 +307,10 @@ async fn a_resume_reads_at_most_replay_max_scan_entries_whatever_it_matches() {
         "/v1/realtime?project=p&channels[]=c&lastEventId={first}"
     )))
     .await;
-    expect(&mut near, std::slice::from_ref(&wanted)).await;
+    expect_events(&mut near, std::slice::from_ref(&wanted)).await;
     let last = vec![xadd_event(&redis, 2)];
     for ws in [&mut near, &mut live] {
-        expect(ws, &last).await;
+        expect_events(ws, &last).await;
     }
     // The far client's shard may not have reached `wanted` when it connected: then `wanted`
     // comes live after the 4010, which is right too. Nothing else may.
@@ -437,4 +322,82 @@ async fn a_resume_reads_at_most_replay_max_scan_entries_whatever_it_matches() {
         }
         assert_eq!(id, wanted, "{ev}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_answer_once_replicas_hold_the_entry_and_503_with_its_id_when_too_few_do() {
+    let redis = RedisServer::start(&[]);
+    let a = node(
+        &redis,
+        &[
+            "--publish-replicas",
+            "1",
+            "--publish-replicas-timeout",
+            "300ms",
+        ],
+    );
+    let (mut ws, _) = connect(&a.url("/v1/realtime?project=p&channels[]=c")).await;
+
+    // No replica: the entry is in the stream, but the publisher is told it is not safe.
+    let started = Instant::now();
+    let (status, reply) = a.publish_raw(r#"{"project":"p","channels":["c"],"payload":{"n":0}}"#);
+    assert_eq!(status, 503, "{reply}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "answered before the timeout"
+    );
+    assert_eq!(reply["replicas"], 0, "{reply}");
+    let unsafe_id = reply["id"].as_str().expect("the entry's id").to_owned();
+    expect_events(&mut ws, std::slice::from_ref(&unsafe_id)).await;
+    assert_eq!(a.metric("herald_publish_unreplicated_total"), 1.0);
+
+    // With a replica, concurrent publishes are all acknowledged, each once the replica has it.
+    let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &redis.port.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut replica.conn())
+            .unwrap_or_default();
+        if info.contains("master_link_status:up") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replica never synced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let admin = a.admin;
+    let publishers: Vec<_> = (1..=64)
+        .map(|n| {
+            std::thread::spawn(move || {
+                let body = json!({"project": "p", "channels": ["c"], "payload": {"n": n}});
+                let mut resp = ureq::post(&format!("http://{admin}/v1/events"))
+                    .config()
+                    .http_status_as_error(false)
+                    .build()
+                    .header("content-type", "application/json")
+                    .send(body.to_string())
+                    .expect("admin reachable");
+                let text = resp.body_mut().read_to_string().expect("body");
+                (resp.status().as_u16(), text)
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for p in publishers {
+        let (status, text) = p.join().unwrap();
+        assert_eq!(status, 200, "{text}");
+        let reply: Value = serde_json::from_str(&text).unwrap();
+        ids.push(reply["id"].as_str().unwrap().to_owned());
+    }
+    let held: i64 = redis::cmd("XLEN")
+        .arg(STREAM)
+        .query(&mut replica.conn())
+        .unwrap();
+    assert_eq!(held, 65, "every acknowledged entry is on the replica");
+    ids.sort_by_key(|id| {
+        let (ms, seq) = id.split_once('-').unwrap();
+        (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+    });
+    expect_events(&mut ws, &ids).await;
+    assert_eq!(a.metric("herald_publish_unreplicated_total"), 1.0);
 }

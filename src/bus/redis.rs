@@ -214,7 +214,22 @@ pub struct RedisBus {
     /// One per stream shard, in shard order.
     streams: Vec<StreamState>,
     pubsub_up: AtomicBool,
+    /// Publishes waiting for replicas, committed in batches by one task (`--publish-replicas`).
+    replicated: tokio::sync::mpsc::Sender<Pending>,
+    replicated_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Pending>>>,
 }
+
+/// A publish whose answer waits for its entry to reach the replicas.
+struct Pending {
+    xadd: redis::Cmd,
+    shard: u16,
+    answer: tokio::sync::oneshot::Sender<Result<String, BusError>>,
+}
+
+/// Publishes waiting for replicas at most; more are answered 503 ("overloaded").
+const REPLICATED_QUEUE: usize = 10_000;
+/// Publishes one `WAIT` covers at most.
+const REPLICATED_BATCH: usize = 512;
 
 /// The fields a stream entry may have (the module header says what each holds).
 const ENTRY_FIELDS: [&str; 7] = [
@@ -373,6 +388,7 @@ impl RedisBus {
                 up: AtomicBool::new(false),
             })
             .collect();
+        let (replicated, replicated_rx) = tokio::sync::mpsc::channel(REPLICATED_QUEUE);
         Ok(Arc::new(Self {
             endpoint,
             settings,
@@ -383,6 +399,8 @@ impl RedisBus {
             shards,
             streams,
             pubsub_up: AtomicBool::new(false),
+            replicated,
+            replicated_rx: Mutex::new(Some(replicated_rx)),
         }))
     }
 
@@ -395,6 +413,11 @@ impl RedisBus {
         if let Some(channel) = self.settings.appwrite_channel.clone() {
             let me = self.clone();
             tokio::spawn(async move { me.run_pubsub(channel).await });
+        }
+        let pending = self.replicated_rx.lock().ok().and_then(|mut rx| rx.take());
+        if let Some(pending) = pending.filter(|_| self.settings.publish_replicas > 0) {
+            let me = self.clone();
+            tokio::spawn(async move { me.run_replicated(pending).await });
         }
     }
 
@@ -447,43 +470,92 @@ impl RedisBus {
         }
     }
 
-    /// XADD, then (with `--publish-replicas`) WAIT in the same round trip: the entry's id once
-    /// enough replicas hold it.
+    /// XADD; with `--publish-replicas`, the entry's id only once enough replicas hold it.
     async fn append(&self, xadd: redis::Cmd, shard: u16) -> Result<String, BusError> {
-        let unavailable = |e: redis::RedisError| BusError::Unavailable(format!("Redis: {e}"));
-        let in_shard = |id: String| match id.parse::<EventId>() {
-            Ok(id) => id.in_shard(shard).to_string(),
-            Err(_) => id,
-        };
-        let wanted = self.settings.publish_replicas;
-        if wanted == 0 {
+        if self.settings.publish_replicas == 0 {
             return self
                 .command::<String>(&xadd)
                 .await
-                .map(in_shard)
+                .map(|id| in_shard(id, shard))
                 .map_err(unavailable);
         }
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let pending = Pending {
+            xadd,
+            shard,
+            answer,
+        };
+        self.replicated
+            .try_send(pending)
+            .map_err(|_| BusError::Overloaded)?;
+        answered
+            .await
+            .unwrap_or_else(|_| Err(BusError::Unavailable("the publisher stopped".into())))
+    }
+
+    /// Commits waiting publishes in batches on a connection of their own: their XADDs, then one
+    /// `WAIT`, in one round trip. Redis answers nothing else on a connection while it waits
+    /// there, so one `WAIT` per publish would make publishes wait for each other.
+    async fn run_replicated(self: Arc<Self>, mut pending: tokio::sync::mpsc::Receiver<Pending>) {
+        let slot = tokio::sync::Mutex::new(None);
+        while let Some(first) = pending.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < REPLICATED_BATCH {
+                match pending.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            self.commit(&slot, batch).await;
+        }
+    }
+
+    async fn commit(&self, slot: &tokio::sync::Mutex<Option<Conn>>, batch: Vec<Pending>) {
+        let wanted = self.settings.publish_replicas;
         let waited = self.settings.publish_replicas_timeout;
         let mut pipe = redis::pipe();
-        pipe.add_command(xadd)
-            .cmd("WAIT")
+        for p in &batch {
+            pipe.add_command(p.xadd.clone());
+        }
+        pipe.cmd("WAIT")
             .arg(wanted)
             .arg(waited.as_millis().max(1) as u64);
-        let mut conn = self.shared(&self.commands).await.map_err(unavailable)?;
-        let result: RedisResult<(String, u64)> = pipe.query_async(&mut conn).await;
-        Self::forget_if_broken(&self.commands, &result).await;
-        let (id, acked) = result.map_err(unavailable)?;
-        let id = in_shard(id);
-        if acked < u64::from(wanted) {
-            self.metrics.publish_unreplicated.inc();
-            return Err(BusError::Unreplicated {
-                id,
-                acked,
-                wanted,
-                waited,
-            });
+        let result: RedisResult<Vec<redis::Value>> = match self.shared(slot).await {
+            Ok(mut conn) => pipe.query_async(&mut conn).await,
+            Err(e) => Err(e),
+        };
+        Self::forget_if_broken(slot, &result).await;
+        let mut values = match result {
+            Ok(values) if values.len() == batch.len() + 1 => values,
+            other => {
+                let why = match other {
+                    Err(e) => format!("Redis: {e}"),
+                    Ok(_) => "Redis answered the publish pipeline with too few replies".into(),
+                };
+                for p in batch {
+                    let _ = p.answer.send(Err(BusError::Unavailable(why.clone())));
+                }
+                return;
+            }
+        };
+        let acked =
+            redis::from_redis_value::<u64>(values.pop().unwrap_or(redis::Value::Nil)).unwrap_or(0);
+        for (p, id) in batch.into_iter().zip(values) {
+            let answer = match redis::from_redis_value::<String>(id) {
+                Err(e) => Err(BusError::Unavailable(format!("Redis: {e}"))),
+                Ok(id) if acked < u64::from(wanted) => {
+                    self.metrics.publish_unreplicated.inc();
+                    Err(BusError::Unreplicated {
+                        id: in_shard(id, p.shard),
+                        acked,
+                        wanted,
+                        waited,
+                    })
+                }
+                Ok(id) => Ok(in_shard(id, p.shard)),
+            };
+            let _ = p.answer.send(answer);
         }
-        Ok(id)
     }
 
     async fn run_reader(self: Arc<Self>, shard: u16) {
@@ -531,8 +603,9 @@ impl RedisBus {
             None => match stream_last_id(&mut conn, &stream.key).await {
                 Ok(start) => {
                     let start = start.in_shard(shard);
-                    let _ = stream.start.set(start);
+                    // History first: a resume that sees `start` must find it reset.
                     self.lock_history(shard).reset(start);
+                    let _ = stream.start.set(start);
                     *last = Some(start);
                     start
                 }
@@ -828,6 +901,18 @@ impl RedisBus {
             from = last.next();
         }
         Ok(selected)
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> BusError {
+    BusError::Unavailable(format!("Redis: {e}"))
+}
+
+/// A stream id XADD answered, as the event id of stream shard `shard`.
+fn in_shard(id: String, shard: u16) -> String {
+    match id.parse::<EventId>() {
+        Ok(parsed) => parsed.in_shard(shard).to_string(),
+        Err(_) => id,
     }
 }
 
