@@ -140,21 +140,9 @@ async fn publish(State(st): State<AdminState>, headers: HeaderMap, body: Body) -
     match st.bus.publish(event).await {
         Ok(id) => json_response(StatusCode::OK, json!({"id": id})),
         Err(BusError::Invalid(m)) => error(StatusCode::BAD_REQUEST, &m),
-        Err(BusError::Unreplicated {
-            id,
-            acked,
-            wanted,
-            waited,
-        }) => {
-            let message = BusError::Unreplicated {
-                id: id.clone(),
-                acked,
-                wanted,
-                waited,
-            }
-            .to_string();
+        Err(ref e @ BusError::Unreplicated { ref id, acked, .. }) => {
             // The id lets the publisher tell a retry from a new event.
-            let body = json!({"code": 503, "message": message, "id": id, "replicas": acked});
+            let body = json!({"code": 503, "message": e.to_string(), "id": id, "replicas": acked});
             json_response(StatusCode::SERVICE_UNAVAILABLE, body)
         }
         Err(e @ (BusError::Overloaded | BusError::Unavailable(_))) => {

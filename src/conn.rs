@@ -274,7 +274,8 @@ impl Context<'_> {
     }
 }
 
-/// Longest `lastEventId` quoted back in an error (an event id is at most 47 characters: `65535:` and two 20-digit numbers).
+/// Longest `lastEventId` quoted back in an error (an event id is at most 47 characters: a
+/// shard of up to five digits, a colon, and two 20-digit numbers joined by a dash).
 const MAX_LAST_EVENT_ID_BYTES: usize = 64;
 
 /// How long a resume waits for its history before the client is told it is unavailable (4010)
