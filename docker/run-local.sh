@@ -86,6 +86,8 @@ free_port() {
 # --- the configuration, as compose resolves it ---------------------------------------------------
 # compose.yml refuses to resolve without an admin token; a throwaway one does for this run.
 export HERALD_ADMIN_TOKEN=${HERALD_ADMIN_TOKEN:-run-local-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')}
+# Grafana is not run here, but compose config requires its password too.
+export GRAFANA_ADMIN_PASSWORD=${GRAFANA_ADMIN_PASSWORD:-run-local-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')}
 $COMPOSE_CMD -f "$COMPOSE_FILE" config --format json > "$TMP/compose.json" \
   || die "docker compose config failed"
 # Writes redis.args (one argument per line, NUL-free) and one <service>.env per herald service

@@ -6,6 +6,7 @@
 //! built at delivery time. Must not know about sockets, shards or buses.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -59,6 +60,8 @@ pub struct EncodedEvent {
     /// The payload as JSON, parsed from `prefix` the first time a subscription query needs it
     /// (once for the whole process, whichever shard asks first).
     payload: OnceLock<serde_json::Value>,
+    /// When herald took the event in, for the fan-out latency.
+    pub received: Instant,
 }
 
 impl EncodedEvent {
@@ -100,6 +103,7 @@ impl EncodedEvent {
             roles,
             prefix: Bytes::from(prefix),
             payload: OnceLock::new(),
+            received: Instant::now(),
         })
     }
 

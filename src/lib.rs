@@ -40,18 +40,21 @@
 //! - [`hub`]: hands each encoded event to every shard.
 //! - [`bus`]: event sources behind the [`bus::Bus`] trait ([`bus::embedded`] by default), the
 //!   one validation of events, and the [`bus::Outlet`] every bus delivers through.
-//! - [`bus::redis`]: Redis Streams, for many nodes and replay after restarts.
+//! - [`bus::redis`]: Redis Streams, for many nodes and replay after restarts;
+//!   [`bus::lag`] counts how far its readers are behind.
 //! - [`history`]: recent events in memory, for replay to reconnecting clients.
 //! - [`doorbell`]: how a shard's request wakes the control-plane task that serves it.
 //! - [`replay`]: serves shards' replay requests from the bus, off the data plane.
 //! - [`resolver`]: resolves Appwrite sessions into users (`--auth-url`, `--appwrite-endpoint`)
 //!   for shards, off the data plane, with a cache.
-//! - [`admin`]: HTTP publish API, health, readiness, metrics.
+//! - [`admin`]: HTTP publish API, health, readiness, metrics, and the live dashboard page
+//!   (`GET /`, fed by `/v1/stats`).
 //! - [`metrics`]: Prometheus metrics.
 //!
 //! Wiring: [`gateway`] starts everything in order; [`config`] holds every setting;
 //! [`limits`] raises the open-file limit; [`memory`] sets the allocator up and decides when a
-//! thread gives freed pages back.
+//! thread gives freed pages back; [`doctor`] (`herald doctor`) checks a machine's limits for
+//! a number of connections and touches nothing else.
 //!
 //! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `filter`, `origin`,
 //! `names` know nothing else; `identity` knows `names`; `event` knows `identity`; `registry`
@@ -67,6 +70,7 @@ pub mod batch;
 pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod doctor;
 pub mod doorbell;
 pub mod event;
 pub mod filter;

@@ -1,4 +1,5 @@
-//! The `herald` command: `serve` runs the gateway, `publish` sends one event to a running one.
+//! The `herald` command: `serve` runs the gateway, `publish` sends one event to a running one,
+//! `doctor` checks whether this machine fits a number of connections.
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -32,6 +33,22 @@ enum Command {
     Serve(Box<Config>),
     /// Publish one event through a running gateway's admin API.
     Publish(PublishArgs),
+    /// Check whether this machine fits N connections: open files, kernel settings, memory.
+    /// Prints the fix for each failed check; exits 1 when N does not fit.
+    Doctor(Box<DoctorArgs>),
+}
+
+#[derive(clap::Args)]
+struct DoctorArgs {
+    /// Connections to check for (all processes together).
+    #[arg(long)]
+    connections: u64,
+    /// herald processes sharing them (where a per-process open-file cap cannot be raised).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    processes: u64,
+    /// The settings `herald serve` would run with (`--config FILE` and `HERALD_*` included).
+    #[command(flatten)]
+    config: Config,
 }
 
 #[derive(clap::Args)]
@@ -87,7 +104,24 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Publish(args) => publish(args),
+        Command::Doctor(args) => doctor(&args),
     }
+}
+
+fn doctor(args: &DoctorArgs) -> anyhow::Result<()> {
+    use herald::doctor::{Readings, Target, checks, report};
+    let target = Target {
+        connections: args.connections,
+        processes: args.processes,
+        max_connections: args.config.max_connections.map(|m| m as u64),
+    };
+    let readings = Readings::of_this_machine(args.connections.div_ceil(args.processes) + 64);
+    let (text, fits) = report(&target, &checks(&target, &readings));
+    print!("{text}");
+    if !fits {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// `--config PATH`, `--config=PATH` or `HERALD_CONFIG`, looked up before clap parses anything

@@ -3,7 +3,10 @@
 //! Owns metric names and registration. Shards take per-shard handles once at start and bump
 //! plain atomics; nothing here may block or allocate on the hot path.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -29,7 +32,18 @@ pub struct Metrics {
     pub bus_reconnects: IntCounter,
     pub stream_gaps: IntCounter,
     pub publish_unreplicated: IntCounter,
+    pub fanout_latency: HistogramVec,
+    pub bus_lag_entries: IntGaugeVec,
+    pub bus_lag_seconds: GaugeVec,
+    pub bus_ready: IntGauge,
+    pub resident_memory: IntGauge,
 }
+
+/// Buckets of the fan-out latency, in seconds: from a fraction of a millisecond (one event to a
+/// few subscribers) to the tens of seconds a million subscribers on a busy machine can take.
+const FANOUT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -79,6 +93,46 @@ impl Metrics {
             "herald_bus_reconnects_total",
             "Times the bus lost its connection to Redis and reconnected",
         );
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let fanout_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "herald_fanout_latency_seconds",
+                "Time from herald taking an event in (bus read or publish) to its shard having \
+                 written it, or queued it, for every subscriber",
+            )
+            .buckets(FANOUT_BUCKETS.to_vec()),
+            &["shard"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(fanout_latency.clone()))
+            .expect("unique metric");
+        let bus_lag_seconds = GaugeVec::new(
+            Opts::new(
+                "herald_bus_lag_seconds",
+                "How far this node's reader is behind the Redis stream's last entry, in the \
+                 stream's own time (entry ids are milliseconds)",
+            ),
+            &["stream"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(bus_lag_seconds.clone()))
+            .expect("unique metric");
+        let bus_ready = gauge(
+            "herald_bus_ready",
+            "1 while the event bus is connected (every Redis stream read), else 0",
+        );
+        let resident_memory = gauge(
+            "herald_resident_memory_bytes",
+            "Resident memory of this process (RSS), read when the metrics are scraped",
+        );
         let fd_limit = IntGauge::new(
             "herald_fd_limit",
             "RLIMIT_NOFILE soft limit after start-up (upper bound on connections)",
@@ -87,7 +141,7 @@ impl Metrics {
         registry
             .register(Box::new(fd_limit.clone()))
             .expect("unique metric");
-        Self {
+        let metrics = Self {
             connections: gauge_vec(
                 "herald_connections",
                 "Open WebSocket connections",
@@ -169,12 +223,49 @@ impl Metrics {
                  unavailable (timeout, error, busy), and whether the answer came from the cache",
                 &["outcome", "cached"],
             ),
+            bus_lag_entries: gauge_vec(
+                "herald_bus_lag_entries",
+                "Entries of the Redis stream this node's reader has not read yet",
+                &["stream"],
+            ),
+            fanout_latency,
+            bus_lag_seconds,
+            bus_ready,
+            resident_memory,
             stream_entries_skipped,
             bus_reconnects,
             stream_gaps,
             publish_unreplicated,
             fd_limit,
             registry,
+        };
+        metrics.with_known_labels();
+        metrics
+    }
+
+    /// Creates the series whose label values are known up front, at zero: a dashboard then
+    /// shows 0 instead of "no data" until the first occurrence, and `rate()` sees the first one.
+    fn with_known_labels(&self) {
+        for kind in ["fd_limit", "other"] {
+            self.accept_errors.with_label_values(&[kind]);
+        }
+        for outcome in [
+            "ok",
+            "truncated",
+            "ahead",
+            "unavailable",
+            "cancelled",
+            "refused",
+        ] {
+            self.replays.with_label_values(&[outcome]);
+        }
+        for code in ["0", "1009", "1013"] {
+            self.memory_shed.with_label_values(&[code]);
+        }
+        for outcome in ["ok", "denied", "unavailable"] {
+            for cached in ["true", "false"] {
+                self.resolutions.with_label_values(&[outcome, cached]);
+            }
         }
     }
 
@@ -183,9 +274,25 @@ impl Metrics {
         let mut out = String::new();
         let encoder = prometheus::TextEncoder::new();
         // Encoding into a String only fails on invalid metric families, which register() refuses.
-        let _ = encoder.encode_utf8(&self.registry.gather(), &mut out);
+        let _ = encoder.encode_utf8(&self.gather(), &mut out);
         out
     }
+
+    /// Every metric as of now (the figures read at scrape time refreshed first).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.resident_memory
+            .set(resident_bytes().map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
+        self.registry.gather()
+    }
+}
+
+/// This process's resident set size, from `/proc/self/statm` (pages).
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
 }
 
 impl Default for Metrics {

@@ -7,6 +7,7 @@
 //! connections or shards directly.
 
 pub mod embedded;
+pub mod lag;
 pub mod redis;
 pub mod streams;
 

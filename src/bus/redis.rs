@@ -34,6 +34,7 @@ use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, RedisResult};
 use serde_json::Value;
 
+use super::lag::Progress;
 use super::streams::StreamShards;
 use super::{
     BoxFuture, Bus, BusError, NewEvent, Outlet, PermissionChange, PublishRequest, select_replay,
@@ -53,6 +54,8 @@ const BLOCK: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a resume waits for a reader that has not reached its stream yet.
 const START_WAIT: Duration = Duration::from_secs(5);
+/// How often the readers' lag is sampled.
+const LAG_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -151,6 +154,7 @@ struct StreamState {
     /// Where the reader started: the stream's last id when this node first connected.
     start: OnceLock<EventId>,
     up: AtomicBool,
+    progress: Mutex<Progress>,
 }
 
 impl Endpoint {
@@ -386,6 +390,7 @@ impl RedisBus {
                 )),
                 start: OnceLock::new(),
                 up: AtomicBool::new(false),
+                progress: Mutex::new(Progress::default()),
             })
             .collect();
         let (replicated, replicated_rx) = tokio::sync::mpsc::channel(REPLICATED_QUEUE);
@@ -409,6 +414,8 @@ impl RedisBus {
         for shard in 0..self.shards.count() {
             let me = self.clone();
             tokio::spawn(async move { me.run_reader(shard).await });
+            let me = self.clone();
+            tokio::spawn(async move { me.run_lag(shard).await });
         }
         if let Some(channel) = self.settings.appwrite_channel.clone() {
             let me = self.clone();
@@ -600,9 +607,10 @@ impl RedisBus {
                 }
                 l
             }
-            None => match stream_last_id(&mut conn, &stream.key).await {
-                Ok(start) => {
+            None => match stream_start(&mut conn, &stream.key).await {
+                Ok((start, added)) => {
                     let start = start.in_shard(shard);
+                    lock(&stream.progress).start(start, added);
                     // History first: a resume that sees `start` must find it reset.
                     self.lock_history(shard).reset(start);
                     let _ = stream.start.set(start);
@@ -632,7 +640,9 @@ impl RedisBus {
                 Err(e) => return e,
             };
             let mut batch = Vec::new();
+            let mut read = 0;
             for entry in reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids) {
+                read += 1;
                 let Ok(id) = entry.id.parse::<EventId>() else {
                     continue;
                 };
@@ -656,6 +666,47 @@ impl RedisBus {
             }
             self.deliver(shard, batch).await;
             *last = Some(cursor);
+            lock(&stream.progress).advance(cursor, read);
+        }
+    }
+
+    /// Samples how far the reader of stream shard `shard` is behind, once a second, into
+    /// `herald_bus_lag_entries` and `herald_bus_lag_seconds`.
+    async fn run_lag(self: Arc<Self>, shard: u16) {
+        let stream = &self.streams[usize::from(shard)];
+        let entries = self
+            .metrics
+            .bus_lag_entries
+            .with_label_values(&[&stream.key]);
+        let seconds = self
+            .metrics
+            .bus_lag_seconds
+            .with_label_values(&[&stream.key]);
+        let mut every = tokio::time::interval(LAG_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            if !stream.up.load(Ordering::Acquire) {
+                continue;
+            }
+            let cmd = redis::cmd("XINFO").arg("STREAM").arg(&stream.key).clone();
+            // No stream yet, or Redis unreachable: the reader reports that; keep the last figure.
+            let Ok(info) = self.command::<redis::Value>(&cmd).await else {
+                continue;
+            };
+            let Some(last) = info_field(&info, "last-generated-id").and_then(|l| l.parse().ok())
+            else {
+                continue;
+            };
+            let added = info_field(&info, "entries-added").and_then(|a| a.parse().ok());
+            let lag = lock(&stream.progress).sample(EventId::in_shard(last, shard), added);
+            if let Some(lag) = lag {
+                entries.set(
+                    lag.entries
+                        .map_or(0, |e| i64::try_from(e).unwrap_or(i64::MAX)),
+                );
+                seconds.set(lag.seconds);
+            }
         }
     }
 
@@ -916,19 +967,30 @@ fn in_shard(id: String, shard: u16) -> String {
     }
 }
 
-/// The last id in `stream`, or 0-0 when it is empty or missing.
-async fn stream_last_id(conn: &mut Conn, stream: &str) -> RedisResult<EventId> {
-    let reply: Option<StreamRangeReply> = redis::cmd("XREVRANGE")
+/// The id of `stream`'s last entry (0-0 when it is empty or missing) and how many entries it
+/// ever had (Redis 7 and later), read in one command so the two agree.
+async fn stream_start(conn: &mut Conn, stream: &str) -> RedisResult<(EventId, Option<u64>)> {
+    let info: redis::Value = match redis::cmd("XINFO")
+        .arg("STREAM")
         .arg(stream)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
         .query_async(conn)
-        .await?;
-    Ok(reply
-        .and_then(|r| r.ids.first().and_then(|e| e.id.parse().ok()))
-        .unwrap_or(EventId::ZERO))
+        .await
+    {
+        Ok(info) => info,
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {
+            return Ok((EventId::ZERO, Some(0)));
+        }
+        Err(e) => return Err(e),
+    };
+    let last = match info_value(&info, "last-entry") {
+        Some(redis::Value::Array(entry)) => entry
+            .first()
+            .and_then(|id| redis::from_redis_value_ref::<String>(id).ok())
+            .and_then(|id| id.parse().ok()),
+        _ => None,
+    };
+    let added = info_field(&info, "entries-added").and_then(|a| a.parse().ok());
+    Ok((last.unwrap_or(EventId::ZERO), added))
 }
 
 /// Whether entries after `after` may have been removed, judged from XINFO STREAM: trimming
@@ -968,6 +1030,11 @@ fn trimmed_past(info: &redis::Value, after: EventId) -> Option<String> {
 
 /// A text field of an XINFO STREAM reply (a flat key/value array in RESP2, a map in RESP3).
 fn info_field(info: &redis::Value, name: &str) -> Option<String> {
+    redis::from_redis_value_ref(info_value(info, name)?).ok()
+}
+
+/// A field of an XINFO STREAM reply, as Redis sent it.
+fn info_value<'a>(info: &'a redis::Value, name: &str) -> Option<&'a redis::Value> {
     let pairs: Vec<(&redis::Value, &redis::Value)> = match info {
         redis::Value::Array(items) => items.chunks_exact(2).map(|p| (&p[0], &p[1])).collect(),
         redis::Value::Map(items) => items.iter().map(|(k, v)| (k, v)).collect(),
@@ -975,8 +1042,13 @@ fn info_field(info: &redis::Value, name: &str) -> Option<String> {
     };
     pairs.into_iter().find_map(|(k, v)| {
         let key: String = redis::from_redis_value_ref(k).ok()?;
-        (key == name).then(|| redis::from_redis_value_ref::<String>(v).ok())?
+        (key == name).then_some(v)
     })
+}
+
+/// Locks a mutex that a panicking holder cannot leave inconsistent (plain figures).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Maps one of Appwrite's `PUBLISH realtime` messages onto an event (id assigned by the caller)

@@ -174,6 +174,7 @@ struct ShardMetrics {
     pings_sent: prometheus::IntCounter,
     pings_saved: prometheus::IntCounter,
     queue: prometheus::IntGauge,
+    fanout_latency: prometheus::Histogram,
 }
 
 impl ShardMetrics {
@@ -190,6 +191,7 @@ impl ShardMetrics {
             pings_sent: metrics.idle_pings.with_label_values(&["sent"]),
             pings_saved: metrics.idle_pings.with_label_values(&["saved"]),
             queue: metrics.shard_queue.with_label_values(&[&label]),
+            fanout_latency: metrics.fanout_latency.with_label_values(&[&label]),
             metrics,
         }
     }
@@ -229,6 +231,8 @@ pub struct Shard {
     scratch: Box<[u8]>,
     batch: Batch,
     candidates: Vec<u32>,
+    /// Batch event ranges that reached at least one subscriber, for the fan-out latency.
+    reached: Vec<(u32, u32)>,
     epoch: Instant,
     next_tick: Instant,
     accept_paused_until: Option<Instant>,
@@ -314,6 +318,7 @@ impl Shard {
             scratch: vec![0u8; SCRATCH_BYTES].into_boxed_slice(),
             batch: Batch::default(),
             candidates: Vec::new(),
+            reached: Vec::new(),
             epoch: now,
             next_tick: now + TICK,
             accept_paused_until: None,
@@ -900,7 +905,9 @@ impl Shard {
         let mut start = 0;
         while (start as usize) < self.batch.len() {
             let end = self.batch.route_end(start);
-            self.stage(start, end);
+            if self.stage(start, end) > 0 {
+                self.reached.push((start, end));
+            }
             start = end;
         }
         let touched = self.batch.take_touched();
@@ -936,13 +943,25 @@ impl Shard {
                 Err(_) => self.remove(k as usize),
             }
         }
+        self.observe_fanout();
         self.batch.clear(touched);
+    }
+
+    /// Records how long the events that reached someone took from intake to here.
+    fn observe_fanout(&mut self) {
+        let now = Instant::now();
+        for (start, end) in self.reached.drain(..) {
+            for i in start..end {
+                let took = now.saturating_duration_since(self.batch.event(i).received);
+                self.m.fanout_latency.observe(took.as_secs_f64());
+            }
+        }
     }
 
     /// Stages batch events `start..end`, which share project, channels and roles (one route),
     /// for every subscriber, connection by connection: each connection decides, and a
     /// connection that got the previous event reuses its tail.
-    fn stage(&mut self, start: u32, end: u32) {
+    fn stage(&mut self, start: u32, end: u32) -> u64 {
         let ev = self.batch.event(start);
         self.shared
             .registry
@@ -967,6 +986,7 @@ impl Shard {
         }
         self.m.delivered.inc_by(staged);
         self.worked_since_tick |= staged > 0;
+        staged
     }
 
     fn finish_replay(&mut self, answer: ReplayAnswer) {

@@ -1,9 +1,13 @@
-//! The admin HTTP listener on the control plane: publish API, health, readiness, metrics.
+//! The admin HTTP listener on the control plane: publish API, health, readiness, metrics, and
+//! the live dashboard (`GET /`, fed by `GET /v1/stats`).
 //!
 //! Owns HTTP routes, their JSON errors and their guards: publishing needs
 //! `Content-Type: application/json` (so a web page cannot publish with a CORS "simple
-//! request"), and with a token configured, publishing and metrics need it as a bearer token.
-//! Publishing goes through the [`Bus`]; this module must not reach into shards.
+//! request"), and with a token configured, publishing, metrics and stats need it as a bearer
+//! token. Publishing goes through the [`Bus`]; this module must not reach into shards.
+
+mod dashboard;
+mod stats;
 
 use std::sync::Arc;
 
@@ -41,6 +45,12 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/stats", get(stats))
+        .route("/", get(dashboard::page))
+        .route("/dashboard.js", get(dashboard::script))
+        .route("/dashboard.css", get(dashboard::style))
+        // Browsers ask for it with every page; an empty answer keeps their consoles clean.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint") })
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -182,12 +192,37 @@ async fn metrics(State(st): State<AdminState>, headers: HeaderMap) -> Response {
     if !authorized(&st, &headers) {
         return unauthorized();
     }
+    st.metrics.bus_ready.set(i64::from(st.bus.ready()));
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         st.metrics.render(),
     )
         .into_response()
+}
+
+/// The counters of `/metrics` as JSON, with what the page needs besides.
+async fn stats(State(st): State<AdminState>, headers: HeaderMap) -> Response {
+    if !authorized(&st, &headers) {
+        return unauthorized();
+    }
+    st.metrics.bus_ready.set(i64::from(st.bus.ready()));
+    let time_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let body = json!({
+        "time_ms": time_ms,
+        "default_project": st.default_project,
+        "draining": st.hub.is_draining(),
+        "bus": {"name": st.bus.name(), "ready": st.bus.ready()},
+        "metrics": stats::families_json(&st.metrics.gather()),
+    });
+    let mut r = json_response(StatusCode::OK, body);
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
 }
 
 #[cfg(test)]
