@@ -85,14 +85,14 @@ pub struct Config {
     #[arg(long, env = "HERALD_LISTEN", default_value = "0.0.0.0:9505")]
     pub listen: SocketAddr,
 
-    /// Address of the admin HTTP listener (publish API, health, metrics). Keep it private: a
-    /// non-loopback address needs --admin-token.
+    /// Address of the admin HTTP listener (publish API, health, metrics, the dashboard page).
+    /// Keep it private: a non-loopback address needs --admin-token.
     #[arg(long, env = "HERALD_ADMIN", default_value = "127.0.0.1:9506")]
     pub admin: SocketAddr,
 
-    /// Bearer token the admin API requires on `POST /v1/events` and `/metrics`
-    /// (`Authorization: Bearer TOKEN`); `/healthz` and `/readyz` stay open. Required when
-    /// --admin binds a non-loopback address.
+    /// Bearer token the admin API requires on `POST /v1/events`, `/metrics` and `/v1/stats`
+    /// (`Authorization: Bearer TOKEN`); `/healthz`, `/readyz` and the dashboard page (which
+    /// holds no data) stay open. Required when --admin binds a non-loopback address.
     #[arg(long, env = "HERALD_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
 
