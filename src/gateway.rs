@@ -227,6 +227,7 @@ pub fn run(mut config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<()
         if let Some(r) = &redis {
             r.spawn_workers();
         }
+        tokio::spawn(release_startup_code(bus.clone()));
         let mut signals = StopSignals::new();
         // The admin API keeps serving through the drain: /readyz answers 503 ("draining") so
         // load balancers send no one new, /metrics shows the connections going; it stops with
@@ -334,6 +335,19 @@ async fn wait_for_threads(threads: &[JoinHandle<()>], limit: Duration) -> bool {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     true
+}
+
+/// Once the bus is connected (or has had ten seconds to), start-up is over: its code need not
+/// stay mapped ([`crate::memory::release_startup_code`]).
+async fn release_startup_code(bus: Arc<dyn Bus>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !bus.ready() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What the first second of serving runs (the first accepts, the admin API's first request)
+    // would come straight back.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    crate::memory::release_startup_code();
 }
 
 fn raise_fd_limit(metrics: &Metrics) -> Option<FdLimit> {

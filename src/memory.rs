@@ -79,20 +79,7 @@ fn code_on_demand() {
     ) -> libc::c_int {
         // SAFETY: the loader hands a valid record whose program headers stay mapped.
         let info = unsafe { &*info };
-        // SAFETY: sysconf reads a constant of the system; a failure (-1) skips the advice.
-        let page_size = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
-            n if n > 0 && (n as usize).is_power_of_two() => n as usize,
-            _ => return 1,
-        };
-        for i in 0..usize::from(info.dlpi_phnum) {
-            // SAFETY: `i` is below the number of program headers the record holds.
-            let ph = unsafe { &*info.dlpi_phdr.add(i) };
-            if ph.p_type != libc::PT_LOAD || ph.p_flags & libc::PF_W != 0 {
-                continue;
-            }
-            let start = (info.dlpi_addr + ph.p_vaddr) as usize;
-            let page = start & !(page_size - 1);
-            let len = start + ph.p_memsz as usize - page;
+        for (page, len) in read_only_segments(info) {
             // SAFETY: advice on a range the loader mapped for this object; a failure only
             // leaves the kernel's default.
             unsafe { libc::madvise(page as *mut libc::c_void, len, libc::MADV_RANDOM) };
@@ -101,6 +88,64 @@ fn code_on_demand() {
     }
     // SAFETY: the callback reads only what the loader passes it.
     unsafe { libc::dl_iterate_phdr(Some(each), std::ptr::null_mut()) };
+}
+
+/// Unmaps the program's code and read-only data (of herald and the libraries loaded with it)
+/// once start-up is over, so that only what the running gateway touches is mapped again. The
+/// pages stay in the page cache, shared by every process of the same binary: a page touched
+/// again costs a minor fault, never a read. Start-up code (argument parsing, runtimes, TLS and
+/// Redis set-up) is most of what a fresh process maps, and the kernel maps up to 16 neighbours
+/// of every page it faults in (fault-around), so that one start-up leaves megabytes mapped
+/// that the process never runs again (`benches/RESULTS.md`, "Per-process base").
+///
+/// Only segments the loader never writes are touched: relocated read-only data (RELRO) is in
+/// a writable segment and holds private copies, which this would throw away.
+pub fn release_startup_code() {
+    unsafe extern "C" fn each(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        _data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: the loader hands a valid record whose program headers stay mapped.
+        let info = unsafe { &*info };
+        // The main program has an empty name, a library its path; the vDSO is neither a file
+        // mapping nor ours to unmap.
+        // SAFETY: the loader's name is a NUL-terminated string (or null).
+        let name = (!info.dlpi_name.is_null())
+            .then(|| unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) }.to_bytes());
+        if name.is_some_and(|n| !n.is_empty() && !n.starts_with(b"/")) {
+            return 0;
+        }
+        for (page, len) in read_only_segments(info) {
+            // SAFETY: a range the loader mapped read-only from a file for this object, never
+            // written: dropping it only makes the next access fault the same bytes in again.
+            unsafe { libc::madvise(page as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+        }
+        0
+    }
+    // SAFETY: the callback reads only what the loader passes it.
+    unsafe { libc::dl_iterate_phdr(Some(each), std::ptr::null_mut()) };
+}
+
+/// The page-aligned ranges of an object's non-writable `PT_LOAD` segments.
+fn read_only_segments(info: &libc::dl_phdr_info) -> impl Iterator<Item = (usize, usize)> + '_ {
+    // SAFETY: sysconf reads a constant of the system; a failure (-1) yields no range.
+    let page_size = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 && (n as usize).is_power_of_two() => n as usize,
+        _ => usize::MAX,
+    };
+    (0..usize::from(info.dlpi_phnum))
+        .filter(move |_| page_size != usize::MAX)
+        .filter_map(move |i| {
+            // SAFETY: `i` is below the number of program headers the record holds.
+            let ph = unsafe { &*info.dlpi_phdr.add(i) };
+            if ph.p_type != libc::PT_LOAD || ph.p_flags & libc::PF_W != 0 {
+                return None;
+            }
+            let start = (info.dlpi_addr + ph.p_vaddr) as usize;
+            let page = start & !(page_size - 1);
+            Some((page, start + ph.p_memsz as usize - page))
+        })
 }
 
 /// Transparent huge pages as [`configure_allocator`] left them; when it did not run (a
