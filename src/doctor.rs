@@ -9,7 +9,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::limits::FdLimit;
+use crate::limits::{FdLimit, RESERVED_FDS};
 
 /// Kernel memory per idle connection, server side: socket, inode, dentry, file, epoll item
 /// (measured, benches/RESULTS.md "Idle memory per connection").
@@ -20,7 +20,7 @@ pub const HERALD_BYTES_PER_CONNECTION: u64 = 128;
 /// One herald process before its first connection (measured 8.5-8.8 MB; rounded up).
 pub const BASE_BYTES_PER_PROCESS: u64 = 10 << 20;
 /// The accept backlog herald asks for on each shard listener.
-pub const LISTEN_BACKLOG: u64 = 4096;
+const LISTEN_BACKLOG: u64 = crate::gateway::LISTEN_BACKLOG as u64;
 /// Send-queue memory while one small event is on its way to every connection at once (an skb's
 /// truesize): what `tcp_mem` must leave room for.
 const BURST_BYTES_PER_CONNECTION: u64 = 1_024;
@@ -119,7 +119,8 @@ fn sysctl_fix(line: &str) -> String {
 }
 
 impl Target {
-    fn per_process(&self) -> u64 {
+    /// Connections each process holds.
+    pub fn per_process(&self) -> u64 {
         self.connections.div_ceil(self.processes.max(1))
     }
 }
@@ -162,8 +163,12 @@ fn open_files(t: &Target, r: &Readings) -> Check {
     if holds >= need {
         return check(true, Status::Fail, what, "");
     }
-    let wanted = need + (limit.hard - holds);
+    let wanted = need.saturating_add(RESERVED_FDS);
     let fix = match r.nofile_raisable_to {
+        _ if r.nr_open.is_some_and(|n| n < wanted) => format!(
+            "fs.nr_open caps every process's open files below {wanted}: raise it first (below), \
+             then the hard limit: LimitNOFILE={wanted} in herald's systemd unit"
+        ),
         Some(max) if max > limit.hard => format!(
             "raise the hard limit to at least {wanted}: LimitNOFILE={wanted} in herald's systemd unit, \
              `herald hard nofile {wanted}` in /etc/security/limits.conf, or `--ulimit nofile={wanted}:{wanted}` for Docker"
@@ -186,7 +191,7 @@ fn nr_open(t: &Target, r: &Readings) -> Check {
     let Some(nr_open) = r.nr_open else {
         return unreadable("fs.nr_open");
     };
-    let need = t.per_process() + 64;
+    let need = t.per_process().saturating_add(RESERVED_FDS);
     let what = format!(
         "fs.nr_open {} (the most RLIMIT_NOFILE can be raised to), {} needed",
         grouped(nr_open),
@@ -205,7 +210,7 @@ fn file_max(t: &Target, r: &Readings) -> Check {
         return unreadable("fs.file-max");
     };
     let open = r.files_open.unwrap_or(0);
-    let need = t.connections + open;
+    let need = t.connections.saturating_add(open);
     let what = format!(
         "fs.file-max {} (machine-wide open files), {} needed ({} open now); a load generator on this machine needs as many again",
         grouped(max),
@@ -238,8 +243,9 @@ fn backlog(key: &str, value: Option<u64>) -> Check {
         return unreadable(key);
     };
     let what = format!(
-        "{key} {}: herald asks for a backlog of {LISTEN_BACKLOG} per shard listener",
-        grouped(v)
+        "{key} {}: herald asks for a backlog of {} per shard listener, which this caps",
+        grouped(v),
+        grouped(LISTEN_BACKLOG)
     );
     // A lower cap truncates the backlog: reconnect storms then lose SYNs and retry after 1 s.
     check(
@@ -254,8 +260,8 @@ fn tcp_mem(t: &Target, r: &Readings) -> Check {
     let Some(pages) = r.tcp_mem_max_pages else {
         return unreadable("net.ipv4.tcp_mem");
     };
-    let have = pages * r.page_size;
-    let need = t.connections * BURST_BYTES_PER_CONNECTION;
+    let have = pages.saturating_mul(r.page_size);
+    let need = t.connections.saturating_mul(BURST_BYTES_PER_CONNECTION);
     let what = format!(
         "net.ipv4.tcp_mem limit {} MiB; one event to every connection at once queues about {} MiB",
         grouped(have >> 20),
@@ -269,9 +275,11 @@ fn memory(t: &Target, r: &Readings) -> Check {
     let Some(available) = r.mem_available else {
         return unreadable("memory (MemAvailable)");
     };
-    let kernel = t.connections * KERNEL_BYTES_PER_CONNECTION;
-    let herald = t.connections * HERALD_BYTES_PER_CONNECTION + t.processes * BASE_BYTES_PER_PROCESS;
-    let need = kernel + herald;
+    let per_connection = KERNEL_BYTES_PER_CONNECTION + HERALD_BYTES_PER_CONNECTION;
+    let need = t
+        .connections
+        .saturating_mul(per_connection)
+        .saturating_add(t.processes.saturating_mul(BASE_BYTES_PER_PROCESS));
     let what = format!(
         "memory: {} MiB available, {} MiB needed (kernel {} B and herald {} B per connection, {} MiB per process)",
         grouped(available >> 20),
@@ -322,7 +330,11 @@ fn ports(t: &Target, r: &Readings) -> Check {
         (1 + sources).min(254)
     );
     // Only load tests from this machine need it; servers accept on one port.
-    let fix = sysctl_fix("net.ipv4.ip_local_port_range = 1024 65535");
+    let fix = format!(
+        "on the machine that runs the load generator, {} together with its \
+         `net.ipv4.ip_local_reserved_ports` line, which keeps herald's and Redis's ports out of it",
+        sysctl_fix("net.ipv4.ip_local_port_range = 1024 65535")
+    );
     check(ports >= 60_000, Status::Warn, what, fix)
 }
 
@@ -411,15 +423,20 @@ impl Readings {
             tcp_mem_max_pages: numbers("proc/sys/net/ipv4/tcp_mem").get(2).copied(),
             page_size: 4096,
             port_range: (range.len() == 2).then(|| (range[0], range[1])),
-            mem_available: text("proc/meminfo").and_then(|m| meminfo_available(&m)),
+            mem_available: available_memory(
+                text("proc/meminfo").and_then(|m| meminfo_available(&m)),
+                first("sys/fs/cgroup/memory.max"),
+                first("sys/fs/cgroup/memory.current"),
+            ),
             conntrack_max: first("proc/sys/net/netfilter/nf_conntrack_max"),
             conntrack_count: first("proc/sys/net/netfilter/nf_conntrack_count"),
         }
     }
 
     /// The real machine, with this process's open-file limit and whether its hard limit can be
-    /// raised to `wanted` (tried on this process only, which exits right after).
-    pub fn of_this_machine(wanted: u64) -> Self {
+    /// raised as far as `t` needs (tried on this process only, which exits right after).
+    pub fn of_this_machine(t: &Target) -> Self {
+        let wanted = t.per_process().saturating_add(RESERVED_FDS);
         let mut r = Self::read(Path::new("/"));
         // SAFETY: sysconf has no preconditions.
         if let Ok(page) = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }) {
@@ -438,6 +455,16 @@ impl Readings {
             };
         }
         r
+    }
+}
+
+/// What the machine has available, or what this cgroup (a container) may still use when that
+/// is less (`memory.max` reads `max` when there is no limit).
+fn available_memory(machine: Option<u64>, max: Option<u64>, current: Option<u64>) -> Option<u64> {
+    let cgroup = max.map(|m| m.saturating_sub(current.unwrap_or(0)));
+    match (machine, cgroup) {
+        (Some(a), Some(c)) => Some(a.min(c)),
+        (a, c) => a.or(c),
     }
 }
 
@@ -594,6 +621,7 @@ mod tests {
         assert_eq!(
             warned,
             [
+                "net.core.somaxconn",
                 "net.ipv4.tcp_max_syn_backlog",
                 "net.ipv4.tcp_mem",
                 "net.ipv4.ip_local_port_range"
@@ -634,7 +662,6 @@ mod tests {
 
     #[test]
     fn a_lower_connection_cap_fails() {
-        let r = Readings::read(&fake_root(&tuned()));
         let t = Target {
             max_connections: Some(5_000),
             ..target(20_000, 2)
@@ -642,7 +669,41 @@ mod tests {
         let c = max_connections(&t);
         assert_eq!(c.status, Status::Fail);
         assert!(c.fix.contains("to 10000"), "{}", c.fix);
-        let _ = r;
+    }
+
+    #[test]
+    fn a_container_has_what_its_cgroup_leaves() {
+        let mut files = tuned();
+        files.push(("sys/fs/cgroup/memory.max", "4294967296\n"));
+        files.push(("sys/fs/cgroup/memory.current", "1073741824\n"));
+        let r = Readings::read(&fake_root(&files));
+        assert_eq!(r.mem_available, Some(3 << 30));
+        assert_eq!(memory(&target(1_000_000, 1), &r).status, Status::Fail);
+        let mut files = tuned();
+        files.push(("sys/fs/cgroup/memory.max", "max\n"));
+        let r = Readings::read(&fake_root(&files));
+        assert_eq!(r.mem_available, Some(20971520 * 1024));
+    }
+
+    #[test]
+    fn an_open_file_limit_capped_by_nr_open_says_to_raise_nr_open_first() {
+        let mut r = Readings::read(&fake_root(&tuned()));
+        r.nr_open = Some(1_048_576);
+        r.nofile = Some(FdLimit {
+            soft: 1_048_576,
+            hard: 1_048_576,
+        });
+        r.nofile_raisable_to = Some(1_048_576);
+        let c = open_files(&target(1_500_000, 1), &r);
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.fix.starts_with("fs.nr_open caps"), "{}", c.fix);
+    }
+
+    #[test]
+    fn absurd_numbers_do_not_overflow_into_a_pass() {
+        let r = Readings::read(&fake_root(&tuned()));
+        let checks = checks(&target(u64::MAX, u64::MAX), &r);
+        assert!(failed(&checks).contains(&"memory:"), "{checks:?}");
     }
 
     #[test]

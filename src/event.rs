@@ -236,6 +236,13 @@ impl std::str::FromStr for EventId {
     }
 }
 
+/// Milliseconds since the Unix epoch, the unit of stream ids (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Appwrite's timestamp format for an instant given in unix milliseconds.
 pub fn timestamp_from_ms(ms: u64) -> String {
     let dt = chrono::DateTime::from_timestamp_millis(i64::try_from(ms).unwrap_or(i64::MAX))

@@ -64,7 +64,7 @@ pub enum GatewayError {
 }
 
 /// Listen backlog per shard; the kernel caps it at net.core.somaxconn (see sysctl/herald.conf).
-const BACKLOG: i32 = 65_535;
+pub const LISTEN_BACKLOG: i32 = 65_535;
 
 /// A non-blocking listener on `addr` that other sockets may join (`SO_REUSEPORT`), as every
 /// shard binds it; the benchmark baselines bind theirs the same way.
@@ -74,7 +74,7 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
+    socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
 }
 

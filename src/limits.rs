@@ -5,7 +5,7 @@
 
 /// Descriptors kept for everything that is not a client connection: listeners, epoll, wakers,
 /// the admin listener and its clients, log files.
-const RESERVED_FDS: u64 = 64;
+pub const RESERVED_FDS: u64 = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FdLimit {

@@ -41,7 +41,7 @@ enum Command {
 #[derive(clap::Args)]
 struct DoctorArgs {
     /// Connections to check for (all processes together).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000_000))]
     connections: u64,
     /// herald processes sharing them (where a per-process open-file cap cannot be raised).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
@@ -115,7 +115,7 @@ fn doctor(args: &DoctorArgs) -> anyhow::Result<()> {
         processes: args.processes,
         max_connections: args.config.max_connections.map(|m| m as u64),
     };
-    let readings = Readings::of_this_machine(args.connections.div_ceil(args.processes) + 64);
+    let readings = Readings::of_this_machine(&target);
     let (text, fits) = report(&target, &checks(&target, &readings));
     print!("{text}");
     if !fits {

@@ -223,6 +223,85 @@ async fn the_readers_lag_is_zero_once_they_have_read_everything() {
     assert_eq!(server.metric("herald_bus_ready"), 1.0);
 }
 
+#[tokio::test]
+async fn entries_deleted_before_a_reader_starts_are_no_lag() {
+    let redis = RedisServer::start(&[]);
+    let fields = [
+        ("project", "p"),
+        ("channels", r#"["c"]"#),
+        ("payload", "{}"),
+    ];
+    redis.xadd("herald:events", &fields);
+    let newest = redis.xadd("herald:events", &fields);
+    let _: i64 = redis::cmd("XDEL")
+        .arg("herald:events")
+        .arg(&newest)
+        .query(&mut redis.conn())
+        .unwrap();
+    let url = redis.url();
+    let server = Server::start(&["--shards", "1", "--redis", &url]);
+    wait_ready(&server, true);
+    let sampled = r#"herald_bus_lag_seconds{stream="herald:events"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.get("/metrics").1.contains(sampled) {
+        assert!(Instant::now() < deadline, "no lag sample");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(server.metric("herald_bus_lag_entries"), 0.0);
+    assert_eq!(server.metric("herald_bus_lag_seconds"), 0.0);
+}
+
+/// The status of a request to the admin listener naming `host`.
+fn status_for_host(server: &Server, path: &str, host: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(server.admin).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn without_a_token_only_requests_to_a_loopback_host_are_answered() {
+    // A page on evil.example whose name now resolves to 127.0.0.1 (DNS rebinding) would be
+    // same-origin with the admin API; its requests still say Host: evil.example.
+    let open = Server::start(&["--shards", "1"]);
+    let port = open.admin.port();
+    assert_eq!(
+        status_for_host(&open, "/v1/stats", &format!("evil.example:{port}")),
+        421
+    );
+    assert_eq!(
+        status_for_host(&open, "/", &format!("evil.example:{port}")),
+        421
+    );
+    assert_eq!(
+        status_for_host(&open, "/healthz", "node-1:9506"),
+        200,
+        "health checks stay open"
+    );
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "[::1]".to_owned(),
+    ] {
+        assert_eq!(status_for_host(&open, "/v1/stats", &host), 200, "{host}");
+    }
+    // With a token, the token is the guard, whatever name the node is reached by.
+    let guarded = Server::start(&["--shards", "1", "--admin-token", TOKEN]);
+    assert_eq!(status_for_host(&guarded, "/", "herald-1:9506"), 200);
+    assert_eq!(status_for_host(&guarded, "/v1/stats", "herald-1:9506"), 401);
+}
+
 fn doctor(args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
         .arg("doctor")

@@ -44,22 +44,25 @@ function rate(stats, name) {
   return Math.max(0, (total(stats, name) - total(previous, name)) / seconds);
 }
 
-// Merged cumulative buckets of a histogram family over all its series: [[le, count], ...].
-function buckets(stats, name) {
+// A histogram family merged over its series: cumulative buckets [[le, count], ...] without
+// +Inf, and the count of every observation (the +Inf bucket).
+function histogram(stats, name) {
   const merged = new Map();
+  let count = 0;
   const family = stats.metrics[name];
   for (const s of family ? family.series : []) {
+    count += s.count;
     for (const [le, n] of s.buckets) merged.set(le, (merged.get(le) ?? 0) + n);
   }
-  return [...merged.entries()].sort((a, b) => a[0] - b[0]);
+  return { count, buckets: [...merged.entries()].sort((a, b) => a[0] - b[0]) };
 }
 
-// Quantile q of what was observed between the two samples (the upper bound of its bucket).
+// Quantile q of what was observed between the two samples: the upper bound of its bucket, or
+// Infinity when it lies beyond the largest bound.
 function quantile(q, now, before) {
-  const diff = now.map(([le, n], i) => [le, n - (before[i] ? before[i][1] : 0)]);
-  const count = diff.length ? diff[diff.length - 1][1] : 0;
+  const count = now.count - (before ? before.count : 0);
   if (count <= 0) return null;
-  const bucket = diff.find(([, n]) => n >= q * count);
+  const bucket = now.buckets.find(([, n], i) => n - (before?.buckets[i]?.[1] ?? 0) >= q * count);
   return bucket ? bucket[0] : Infinity;
 }
 
@@ -115,8 +118,8 @@ function render(stats) {
   $("messages-out-rate").textContent = perSecond(out);
   $("messages-out").textContent = `${number(total(stats, "herald_event_frames_total"))} messages`;
 
-  const now = buckets(stats, "herald_fanout_latency_seconds");
-  const before = previous ? buckets(previous, "herald_fanout_latency_seconds") : [];
+  const now = histogram(stats, "herald_fanout_latency_seconds");
+  const before = previous ? histogram(previous, "herald_fanout_latency_seconds") : null;
   const p50 = quantile(0.5, now, before);
   if (p50 !== null) {
     lastLatency = `${seconds(p50)} / ${seconds(quantile(0.99, now, before))}`;

@@ -4,7 +4,9 @@
 //! Owns HTTP routes, their JSON errors and their guards: publishing needs
 //! `Content-Type: application/json` (so a web page cannot publish with a CORS "simple
 //! request"), and with a token configured, publishing, metrics and stats need it as a bearer
-//! token. Publishing goes through the [`Bus`]; this module must not reach into shards.
+//! token; without one, only requests addressed to a loopback host are answered (see
+//! [`loopback_host_only`]). Publishing goes through the [`Bus`]; this module must not reach
+//! into shards.
 
 mod dashboard;
 mod stats;
@@ -30,7 +32,7 @@ pub struct AdminState {
     pub metrics: Metrics,
     pub default_project: String,
     pub max_publish_bytes: usize,
-    /// Required as `Authorization: Bearer` on publishing and metrics when set.
+    /// Required as `Authorization: Bearer` on publishing, metrics and stats when set.
     pub token: Option<Arc<Secret>>,
     /// For readiness: every shard must be running.
     pub hub: Arc<Hub>,
@@ -52,8 +54,51 @@ pub fn router(state: AdminState) -> Router {
         // Browsers ask for it with every page; an empty answer keeps their consoles clean.
         .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            loopback_host_only,
+        ))
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Without a token the admin API is on loopback only (the gateway refuses anything else), and
+/// answers only requests addressed to a loopback host: a web page whose own host name was
+/// pointed at 127.0.0.1 (DNS rebinding) is same-origin with the admin API, so the browser
+/// would let it read the stats and publish, but its requests name its own host. Health checks
+/// stay open to any Host; a request without one (HTTP/1.0) comes from no browser.
+async fn loopback_host_only(
+    State(st): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let health = matches!(req.uri().path(), "/healthz" | "/readyz");
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or(""));
+    if st.token.is_some() || health || host.is_none_or(is_loopback_host) {
+        return next.run(req).await;
+    }
+    error(
+        StatusCode::MISDIRECTED_REQUEST,
+        "without an admin token the admin API answers only requests to a loopback host \
+         (127.0.0.1, [::1] or localhost)",
+    )
+}
+
+/// Whether a Host header names this machine's loopback (with or without a port).
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
@@ -227,7 +272,34 @@ async fn stats(State(st): State<AdminState>, headers: HeaderMap) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{constant_time_eq, is_loopback_host};
+
+    #[test]
+    fn loopback_hosts_are_told_from_others() {
+        for host in [
+            "127.0.0.1:9506",
+            "127.0.0.1",
+            "127.1.2.3:80",
+            "[::1]:9506",
+            "[::1]",
+            "localhost:9506",
+            "LOCALHOST",
+            "a.localhost:1",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example:9506",
+            "evil.example",
+            "10.0.0.1:9506",
+            "[2001:db8::1]:9506",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example",
+            "",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 
     #[test]
     fn tokens_compare_whole() {

@@ -34,7 +34,7 @@ use redis::streams::{StreamId, StreamRangeReply, StreamReadReply};
 use redis::{AsyncConnectionConfig, RedisResult};
 use serde_json::Value;
 
-use super::lag::Progress;
+use super::lag::{Progress, Snapshot};
 use super::streams::StreamShards;
 use super::{
     BoxFuture, Bus, BusError, NewEvent, Outlet, PermissionChange, PublishRequest, select_replay,
@@ -608,9 +608,15 @@ impl RedisBus {
                 l
             }
             None => match stream_start(&mut conn, &stream.key).await {
-                Ok((start, added)) => {
-                    let start = start.in_shard(shard);
-                    lock(&stream.progress).start(start, added);
+                Ok(StreamStart {
+                    last_entry,
+                    last_generated,
+                    added,
+                }) => {
+                    let start = last_entry.in_shard(shard);
+                    // Entries deleted after the last one will never be read: not a lag.
+                    let read_to = last_entry.max(last_generated).in_shard(shard);
+                    lock(&stream.progress).start(read_to, added);
                     // History first: a resume that sees `start` must find it reset.
                     self.lock_history(shard).reset(start);
                     let _ = stream.start.set(start);
@@ -686,20 +692,11 @@ impl RedisBus {
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            if !stream.up.load(Ordering::Acquire) {
-                continue;
-            }
-            let cmd = redis::cmd("XINFO").arg("STREAM").arg(&stream.key).clone();
-            // No stream yet, or Redis unreachable: the reader reports that; keep the last figure.
-            let Ok(info) = self.command::<redis::Value>(&cmd).await else {
+            // Also while the reader is away: how far behind it falls is the point then.
+            let Some(snapshot) = self.snapshot(shard).await else {
                 continue;
             };
-            let Some(last) = info_field(&info, "last-generated-id").and_then(|l| l.parse().ok())
-            else {
-                continue;
-            };
-            let added = info_field(&info, "entries-added").and_then(|a| a.parse().ok());
-            let lag = lock(&stream.progress).sample(EventId::in_shard(last, shard), added);
+            let lag = lock(&stream.progress).sample(&snapshot);
             if let Some(lag) = lag {
                 entries.set(
                     lag.entries
@@ -708,6 +705,42 @@ impl RedisBus {
                 seconds.set(lag.seconds);
             }
         }
+    }
+
+    /// What the lag sampler needs of stream shard `shard` now; `None` before the reader started,
+    /// while there is no stream, or when Redis does not answer (the figures stay as they were).
+    async fn snapshot(&self, shard: u16) -> Option<Snapshot> {
+        let stream = &self.streams[usize::from(shard)];
+        let at = lock(&stream.progress).at()?;
+        let info: redis::Value = self
+            .command(redis::cmd("XINFO").arg("STREAM").arg(&stream.key))
+            .await
+            .ok()?;
+        let last: EventId = info_field(&info, "last-generated-id")?.parse().ok()?;
+        let last = last.in_shard(shard);
+        let oldest_unread_ms = if at < last {
+            let next: Option<StreamRangeReply> = self
+                .command(
+                    redis::cmd("XRANGE")
+                        .arg(&stream.key)
+                        .arg(at.next().stream_id())
+                        .arg("+")
+                        .arg("COUNT")
+                        .arg(1),
+                )
+                .await
+                .ok()?;
+            next.and_then(|r| r.ids.first().and_then(|e| e.id.parse::<EventId>().ok()))
+                .map(|id| id.ms)
+        } else {
+            None
+        };
+        Some(Snapshot {
+            last,
+            added: info_field(&info, "entries-added").and_then(|a| a.parse().ok()),
+            oldest_unread_ms,
+            now_ms: crate::event::now_ms(),
+        })
     }
 
     /// After a reconnect: were entries after `last` trimmed while the reader was away? They are
@@ -967,9 +1000,18 @@ fn in_shard(id: String, shard: u16) -> String {
     }
 }
 
-/// The id of `stream`'s last entry (0-0 when it is empty or missing) and how many entries it
-/// ever had (Redis 7 and later), read in one command so the two agree.
-async fn stream_start(conn: &mut Conn, stream: &str) -> RedisResult<(EventId, Option<u64>)> {
+/// Where a stream stands when a reader first reaches it, read in one command so that the
+/// figures agree.
+struct StreamStart {
+    /// The id of its last entry (0-0 when it is empty or missing).
+    last_entry: EventId,
+    /// `last-generated-id`: past entries deleted after the last one.
+    last_generated: EventId,
+    /// How many entries it ever had (Redis 7 and later).
+    added: Option<u64>,
+}
+
+async fn stream_start(conn: &mut Conn, stream: &str) -> RedisResult<StreamStart> {
     let info: redis::Value = match redis::cmd("XINFO")
         .arg("STREAM")
         .arg(stream)
@@ -977,20 +1019,47 @@ async fn stream_start(conn: &mut Conn, stream: &str) -> RedisResult<(EventId, Op
         .await
     {
         Ok(info) => info,
-        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {
-            return Ok((EventId::ZERO, Some(0)));
+        Err(e) if is_no_such_key(&e) => {
+            return Ok(StreamStart {
+                last_entry: EventId::ZERO,
+                last_generated: EventId::ZERO,
+                added: Some(0),
+            });
         }
+        // Any other refusal (a renamed command, a proxy): starting at 0-0 would send the whole
+        // stream to live subscribers as new events.
         Err(e) => return Err(e),
     };
-    let last = match info_value(&info, "last-entry") {
+    let unreadable = |what: &str| {
+        redis::RedisError::from((
+            redis::ErrorKind::Parse,
+            "XINFO STREAM answered without a readable field",
+            what.to_owned(),
+        ))
+    };
+    let last_entry = match info_value(&info, "last-entry") {
         Some(redis::Value::Array(entry)) => entry
             .first()
             .and_then(|id| redis::from_redis_value_ref::<String>(id).ok())
-            .and_then(|id| id.parse().ok()),
-        _ => None,
+            .and_then(|id| id.parse().ok())
+            .ok_or_else(|| unreadable("last-entry"))?,
+        Some(redis::Value::Nil) => EventId::ZERO,
+        _ => return Err(unreadable("last-entry")),
     };
-    let added = info_field(&info, "entries-added").and_then(|a| a.parse().ok());
-    Ok((last.unwrap_or(EventId::ZERO), added))
+    let last_generated = info_field(&info, "last-generated-id")
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(|| unreadable("last-generated-id"))?;
+    Ok(StreamStart {
+        last_entry,
+        last_generated,
+        added: info_field(&info, "entries-added").and_then(|a| a.parse().ok()),
+    })
+}
+
+/// Redis's answer to XINFO STREAM on a key that does not exist.
+fn is_no_such_key(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+        && e.to_string().to_ascii_lowercase().contains("no such key")
 }
 
 /// Whether entries after `after` may have been removed, judged from XINFO STREAM: trimming

@@ -30,6 +30,7 @@ const herald = spawn(bin, ['serve', '--listen', '127.0.0.1:0', '--admin', '127.0
 let browser;
 async function stop(code) {
   if (browser) await browser.close().catch(() => {});
+  herald.removeAllListeners('exit');
   herald.kill('SIGKILL');
   process.exit(code);
 }
@@ -39,6 +40,7 @@ function fail(message) {
 }
 setTimeout(() => fail('timed out after 90 s'), 90_000).unref();
 
+herald.once('exit', (code, signal) => fail(`herald exited (${code ?? signal}) before the test ended`));
 const line = await new Promise((done) => createInterface({ input: herald.stdout }).once('line', done));
 const ws = /ws:\/\/([^/\s]+)/.exec(line)?.[1];
 const admin = /admin on http:\/\/(\S+)/.exec(line)?.[1];
@@ -67,6 +69,7 @@ try {
   await dashboard.goto(`http://${admin}/`);
   // Without the token the page shows no figures and asks for it.
   await dashboard.waitForSelector('#token-form:not([hidden])', { timeout: 10_000 });
+  await expectText(dashboard, '#status', (t) => t === 'admin token needed', 'status without the token');
   await expectText(dashboard, '#connections', (t) => t === '–', 'figures shown without the token');
   await dashboard.fill('#token', TOKEN);
   await dashboard.click('#token-form button');
@@ -96,7 +99,6 @@ try {
   await expectText(dashboard, '#per-shard', (t) => /0: \d+ · 1: \d+/.test(t), 'per-shard figures');
 
   // The publish form: project "console", channel "files" by default.
-  await expectText(dashboard, '#pub-project', () => true, 'project field');
   const project = await dashboard.inputValue('#pub-project');
   if (project !== 'console') await fail(`the form's project is "${project}", not the default project`);
   await dashboard.fill('#pub-payload', '{"$id": "from-the-dashboard", "n": 1}');
