@@ -116,8 +116,8 @@ impl Metrics {
         let bus_lag_seconds = GaugeVec::new(
             Opts::new(
                 "herald_bus_lag_seconds",
-                "How far this node's reader is behind the Redis stream's last entry, in the \
-                 stream's own time (entry ids are milliseconds)",
+                "How long the oldest entry of the Redis stream that this node's reader has not \
+                 read yet has been waiting (0 when it has read everything)",
             ),
             &["stream"],
         )
