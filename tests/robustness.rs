@@ -119,16 +119,29 @@ async fn slow_consumer_is_closed_with_1013_while_its_neighbour_gets_everything()
 
     const EVENTS: usize = 120;
     let blob = "x".repeat(100_000);
+    let got = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = got.clone();
     let reader = tokio::spawn(async move {
         let mut ids = Vec::new();
         while ids.len() < EVENTS {
             let ev = next_json(&mut healthy).await;
             ids.push(ev["data"]["id"].as_str().unwrap().to_owned());
+            counted.store(ids.len(), std::sync::atomic::Ordering::Release);
         }
         ids
     });
     let mut published = Vec::new();
     for n in 0..EVENTS {
+        // A healthy client keeps up: the publisher stays at most 4 events (400 KB, under the
+        // 1 MiB queue limit) ahead of it, however busy the machine running the test is.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while got.load(std::sync::atomic::Ordering::Acquire) + 4 < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the healthy client stopped reading"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         published.push(server.publish(
             json!({"project": "p", "channels": ["big"], "payload": {"n": n, "blob": blob}}),
         ));
