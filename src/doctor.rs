@@ -424,7 +424,8 @@ impl Readings {
             page_size: 4096,
             port_range: (range.len() == 2).then(|| (range[0], range[1])),
             mem_available: available_memory(
-                text("proc/meminfo").and_then(|m| meminfo_available(&m)),
+                text("proc/meminfo")
+                    .and_then(|m| crate::limits::meminfo_bytes(&m, "MemAvailable:")),
                 first("sys/fs/cgroup/memory.max"),
                 first("sys/fs/cgroup/memory.current"),
             ),
@@ -466,12 +467,6 @@ fn available_memory(machine: Option<u64>, max: Option<u64>, current: Option<u64>
         (Some(a), Some(c)) => Some(a.min(c)),
         (a, c) => a.or(c),
     }
-}
-
-fn meminfo_available(meminfo: &str) -> Option<u64> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
 }
 
 #[cfg(test)]

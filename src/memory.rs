@@ -72,22 +72,8 @@ pub extern "C" fn configure_allocator() {
 /// object loaded at start (herald and its shared libraries); their writable data is left alone.
 /// Allocates nothing: it runs before `main`.
 fn code_on_demand() {
-    unsafe extern "C" fn each(
-        info: *mut libc::dl_phdr_info,
-        _size: libc::size_t,
-        _data: *mut libc::c_void,
-    ) -> libc::c_int {
-        // SAFETY: the loader hands a valid record whose program headers stay mapped.
-        let info = unsafe { &*info };
-        for (page, len) in read_only_segments(info) {
-            // SAFETY: advice on a range the loader mapped for this object; a failure only
-            // leaves the kernel's default.
-            unsafe { libc::madvise(page as *mut libc::c_void, len, libc::MADV_RANDOM) };
-        }
-        0
-    }
-    // SAFETY: the callback reads only what the loader passes it.
-    unsafe { libc::dl_iterate_phdr(Some(each), std::ptr::null_mut()) };
+    // SAFETY: advice on ranges the loader mapped read-only; a failure leaves the kernel's default.
+    unsafe { advise_read_only(libc::MADV_RANDOM) };
 }
 
 /// Unmaps the program's code and read-only data (of herald and the libraries loaded with it)
@@ -101,15 +87,26 @@ fn code_on_demand() {
 /// Only segments the loader never writes are touched: relocated read-only data (RELRO) is in
 /// a writable segment and holds private copies, which this would throw away.
 pub fn release_startup_code() {
+    // SAFETY: ranges the loader mapped read-only from files and never wrote: dropping them only
+    // makes the next access fault the same bytes in again.
+    unsafe { advise_read_only(libc::MADV_DONTNEED) };
+}
+
+/// Gives `advice` on the non-writable segments of the program and of every library loaded from
+/// a file (not the vDSO, which is no file mapping). Allocates nothing.
+///
+/// # Safety
+/// `advice` must be harmless on read-only file mappings whatever their content.
+unsafe fn advise_read_only(advice: libc::c_int) {
     unsafe extern "C" fn each(
         info: *mut libc::dl_phdr_info,
         _size: libc::size_t,
-        _data: *mut libc::c_void,
+        data: *mut libc::c_void,
     ) -> libc::c_int {
-        // SAFETY: the loader hands a valid record whose program headers stay mapped.
-        let info = unsafe { &*info };
-        // The main program has an empty name, a library its path; the vDSO is neither a file
-        // mapping nor ours to unmap.
+        // SAFETY: the loader hands a valid record whose program headers stay mapped, and
+        // `data` is the advice `advise_read_only` passed.
+        let (info, advice) = unsafe { (&*info, *data.cast::<libc::c_int>()) };
+        // The main program has an empty name, a library its path.
         // SAFETY: the loader's name is a NUL-terminated string (or null).
         let name = (!info.dlpi_name.is_null())
             .then(|| unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) }.to_bytes());
@@ -117,14 +114,16 @@ pub fn release_startup_code() {
             return 0;
         }
         for (page, len) in read_only_segments(info) {
-            // SAFETY: a range the loader mapped read-only from a file for this object, never
-            // written: dropping it only makes the next access fault the same bytes in again.
-            unsafe { libc::madvise(page as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+            // SAFETY: a range the loader mapped for this object; the caller vouches for the
+            // advice.
+            unsafe { libc::madvise(page as *mut libc::c_void, len, advice) };
         }
         0
     }
-    // SAFETY: the callback reads only what the loader passes it.
-    unsafe { libc::dl_iterate_phdr(Some(each), std::ptr::null_mut()) };
+    let mut advice = advice;
+    // SAFETY: the callback reads only what the loader passes it and the advice, which outlives
+    // the call.
+    unsafe { libc::dl_iterate_phdr(Some(each), (&raw mut advice).cast()) };
 }
 
 /// The page-aligned ranges of an object's non-writable `PT_LOAD` segments.
