@@ -49,33 +49,28 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
-            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
+            registered(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            registered(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let events_published = IntCounter::new(
             "herald_events_published_total",
             "Events accepted from the bus",
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(events_published.clone()))
-            .expect("unique metric");
+        let events_published = registered(&registry, events_published);
         let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            registered(
+                &registry,
+                IntCounter::new(name, help).expect("valid metric"),
+            )
         };
         let stream_entries_skipped = counter(
             "herald_stream_entries_skipped_total",
@@ -94,11 +89,7 @@ impl Metrics {
             "Times the bus lost its connection to Redis and reconnected",
         );
         let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
+            registered(&registry, IntGauge::new(name, help).expect("valid metric"))
         };
         let fanout_latency = HistogramVec::new(
             HistogramOpts::new(
@@ -110,9 +101,7 @@ impl Metrics {
             &["shard"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(fanout_latency.clone()))
-            .expect("unique metric");
+        let fanout_latency = registered(&registry, fanout_latency);
         let bus_lag_seconds = GaugeVec::new(
             Opts::new(
                 "herald_bus_lag_seconds",
@@ -122,9 +111,7 @@ impl Metrics {
             &["stream"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(bus_lag_seconds.clone()))
-            .expect("unique metric");
+        let bus_lag_seconds = registered(&registry, bus_lag_seconds);
         let bus_ready = gauge(
             "herald_bus_ready",
             "1 while the event bus is connected (every Redis stream read), else 0",
@@ -138,9 +125,7 @@ impl Metrics {
             "RLIMIT_NOFILE soft limit after start-up (upper bound on connections)",
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(fd_limit.clone()))
-            .expect("unique metric");
+        let fd_limit = registered(&registry, fd_limit);
         let metrics = Self {
             connections: gauge_vec(
                 "herald_connections",
@@ -293,6 +278,17 @@ pub fn resident_bytes() -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * u64::try_from(page).ok()?)
+}
+
+/// Registers `metric` and hands it back (registering fails only on a duplicate name).
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
 }
 
 impl Default for Metrics {
