@@ -252,11 +252,8 @@ async fn stats(State(st): State<AdminState>, headers: HeaderMap) -> Response {
         return unauthorized();
     }
     st.metrics.bus_ready.set(i64::from(st.bus.ready()));
-    let time_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
     let body = json!({
-        "time_ms": time_ms,
+        "time_ms": crate::event::now_ms(),
         "default_project": st.default_project,
         "draining": st.hub.is_draining(),
         "bus": {"name": st.bus.name(), "ready": st.bus.ready()},
