@@ -69,6 +69,12 @@ impl OutFrame {
         self.head.as_bytes().len() + self.body.len() + self.tail.len()
     }
 
+    /// Memory this frame holds that no other connection's frame shares: the frame itself
+    /// and its bytes, without a shared event body (counted once, not per subscriber).
+    pub fn own_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.len() - self.shared_len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -35,6 +35,10 @@ const ENTRIES: u32 = 1024;
 /// Receive buffers shared by a shard's connections, and their size. Only buffers that have
 /// been used are resident.
 const BUFFERS: u16 = 256;
+/// Buffers offered to the kernel at once while receives are few. The kernel takes them in
+/// turn, so this many stay resident however quiet the shard is; the offer doubles (up to
+/// [`BUFFERS`]) whenever a receive finds none left, and goes back to this once it is quiet.
+const OFFERED_QUIET: u16 = 16;
 const BUFFER_BYTES: usize = 4096;
 const BUFFER_GROUP: u16 = 0;
 /// Send records kept for reuse: one fan-out's worth for a shard of a 19,000-connection node.
@@ -130,6 +134,8 @@ pub struct Completion {
 struct InFlight {
     key: u32,
     serial: u32,
+    /// What this send holds of its own, counted in [`Ring::sending_bytes`].
+    bytes: usize,
     frames: Vec<OutFrame>,
     iovecs: Vec<libc::iovec>,
     header: libc::msghdr,
@@ -150,12 +156,23 @@ pub struct SendDone {
 
 /// The shared receive buffers: the kernel takes one per completed receive from the ring, and
 /// the driver gives it back once the connection has read it.
+///
+/// Only `offered` of them are in the ring at a time, and the ones given back last go in
+/// first: with all of them offered the kernel would cycle through every buffer, and a shard
+/// serving a few pings a second would keep all 1 MiB resident (57 B per connection of an
+/// 18,000-connection process, measured by `benches/million.sh`).
 struct BufferRing {
     entries: *mut BufRingEntry,
     /// The buffers, one allocation; raw because the kernel writes into parts of it while
     /// the driver reads others.
     data: *mut u8,
     tail: u16,
+    /// Buffers neither in the ring nor with the driver, the last given back on top.
+    spare: Vec<u16>,
+    /// Buffers in the ring or with the driver (not yet given back).
+    out: u16,
+    /// How many buffers the ring is kept filled with.
+    offered: u16,
     /// Left to the kernel at exit (see [`Ring::abandon`]).
     abandoned: bool,
 }
@@ -193,6 +210,9 @@ impl BufferRing {
             entries,
             data,
             tail: 0,
+            spare: (0..BUFFERS).rev().collect(),
+            out: 0,
+            offered: OFFERED_QUIET,
             abandoned: false,
         };
         // SAFETY: the entries stay allocated until `drop`, after the ring (which owns the
@@ -205,11 +225,33 @@ impl BufferRing {
                 0,
             )?;
         }
-        for id in 0..BUFFERS {
-            this.push(id);
-        }
+        this.refill();
         this.publish();
         Ok(this)
+    }
+
+    /// Tops the ring up to `offered` from the spare buffers, most recently used first.
+    fn refill(&mut self) {
+        while self.out < self.offered {
+            let Some(id) = self.spare.pop() else {
+                return;
+            };
+            self.push(id);
+            self.out += 1;
+        }
+    }
+
+    /// Buffer `id` is back from the driver.
+    fn give_back(&mut self, id: u16) {
+        self.out = self.out.saturating_sub(1);
+        self.spare.push(id % BUFFERS);
+        self.refill();
+    }
+
+    /// A receive found the ring empty: offer twice as many.
+    fn grow(&mut self) {
+        self.offered = self.offered.saturating_mul(2).min(BUFFERS);
+        self.refill();
     }
 
     fn push(&mut self, id: u16) {
@@ -232,6 +274,34 @@ impl BufferRing {
             let tail = BufRingEntry::tail(self.entries).cast_mut();
             std::sync::atomic::AtomicU16::from_ptr(tail)
                 .store(self.tail, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Once quiet: the offer goes back to [`OFFERED_QUIET`] as the kernel uses up what it
+    /// holds, and the pages of the buffers no one holds are dropped (they read as zeroes
+    /// when next used). With `all`, the pages of the buffers in the ring are dropped too:
+    /// only sound when nothing can write into them meanwhile and the driver holds none, which
+    /// the caller ([`Ring::release_spare`]) makes sure of.
+    fn drop_pages(&mut self, all: bool) {
+        self.offered = OFFERED_QUIET;
+        if all {
+            self.advise_free(0, BUFFERS);
+            return;
+        }
+        for i in 0..self.spare.len() {
+            let id = self.spare[i];
+            self.advise_free(id, 1);
+        }
+    }
+
+    fn advise_free(&mut self, first: u16, count: u16) {
+        let len = usize::from(count) * BUFFER_BYTES;
+        // SAFETY: the range lies in this ring's own page-aligned allocation (`first + count`
+        // <= BUFFERS); MADV_DONTNEED on private anonymous memory only makes its contents read
+        // as zeroes next time.
+        unsafe {
+            let start = self.data.add(usize::from(first) * BUFFER_BYTES);
+            libc::madvise(start.cast(), len, libc::MADV_DONTNEED);
         }
     }
 
@@ -272,17 +342,31 @@ pub struct Ring {
     closing: Slab<OwnedFd>,
     /// Whether buffers were given back since the last submit.
     buffers_dirty: bool,
+    /// What the sends in flight hold of their own (frames, vectors, records): memory the
+    /// connections' queues no longer count, until each send completes.
+    sending_bytes: usize,
+    /// The kernel runs this ring's work only inside its own `io_uring_enter`
+    /// (`DEFER_TASKRUN`): between two calls nothing writes into the receive buffers.
+    deferred: bool,
 }
 
 impl Ring {
     pub fn new() -> io::Result<Self> {
-        let ring = IoUring::builder()
+        let deferred = IoUring::builder()
             .setup_cqsize(ENTRIES * 4)
             .setup_single_issuer()
             .setup_coop_taskrun()
             .setup_defer_taskrun()
-            .build(ENTRIES)
-            .or_else(|_| IoUring::builder().setup_cqsize(ENTRIES * 4).build(ENTRIES))?;
+            .build(ENTRIES);
+        let (ring, deferred) = match deferred {
+            Ok(ring) => (ring, true),
+            Err(_) => (
+                IoUring::builder()
+                    .setup_cqsize(ENTRIES * 4)
+                    .build(ENTRIES)?,
+                false,
+            ),
+        };
         if !ring.params().is_feature_nodrop() || !ring.params().is_feature_submit_stable() {
             return Err(io::Error::other(
                 "this kernel's io_uring lacks NODROP or SUBMIT_STABLE",
@@ -297,6 +381,8 @@ impl Ring {
             spare: Vec::new(),
             closing: Slab::new(),
             buffers_dirty: false,
+            sending_bytes: 0,
+            deferred,
         })
     }
 
@@ -393,6 +479,7 @@ impl Ring {
             Box::new(InFlight {
                 key,
                 serial,
+                bytes: 0,
                 frames: Vec::new(),
                 iovecs: Vec::new(),
                 // SAFETY: msghdr is plain data; all zeroes is an empty header.
@@ -414,6 +501,10 @@ impl Ring {
         }
         flight.header.msg_iov = flight.iovecs.as_mut_ptr();
         flight.header.msg_iovlen = flight.iovecs.len();
+        flight.bytes = std::mem::size_of::<InFlight>()
+            + flight.iovecs.capacity() * std::mem::size_of::<libc::iovec>()
+            + flight.frames.iter().map(OutFrame::own_bytes).sum::<usize>();
+        self.sending_bytes += flight.bytes;
         let header: *const libc::msghdr = &flight.header;
         let index = self.sends.insert(flight) as u32;
         // MSG_WAITALL: the kernel goes on until all is sent (or the socket fails), so a
@@ -426,6 +517,7 @@ impl Ring {
     /// The send of a completion: its connection and what of its frames was not sent.
     pub fn finish_send(&mut self, c: &Completion) -> Option<SendDone> {
         let mut flight = self.sends.try_remove(c.tag.key as usize)?;
+        self.sending_bytes = self.sending_bytes.saturating_sub(flight.bytes);
         let mut left = usize::try_from(c.result).unwrap_or(0);
         let mut first = 0;
         while first < flight.frames.len() && left >= flight.frames[first].len() {
@@ -451,9 +543,14 @@ impl Ring {
         Some(done)
     }
 
-    /// Lets go of the reusable send records (once the shard is quiet).
+    /// Lets go of the reusable send records and the receive buffers' pages (once the shard
+    /// is quiet). Called between two submits, when the driver has recycled every buffer it
+    /// was handed. The pages of buffers in the ring go too where the kernel fills buffers
+    /// inside this thread's `io_uring_enter` alone (`DEFER_TASKRUN`), so that no receive can
+    /// be writing into one meanwhile; elsewhere only the spare buffers' pages go.
     pub fn release_spare(&mut self) {
         self.spare = Vec::new();
+        self.buffers.drop_pages(self.deferred);
     }
 
     /// Closes `socket` once the kernel has let go of its requests: they hold the socket open,
@@ -478,7 +575,7 @@ impl Ring {
     }
 
     pub fn recycle(&mut self, buffer: u16) {
-        self.buffers.push(buffer);
+        self.buffers.give_back(buffer);
         self.buffers_dirty = true;
     }
 
@@ -519,6 +616,10 @@ impl Ring {
             let Some(tag) = Tag::decode(cqe.user_data()) else {
                 continue;
             };
+            if tag.op == Op::Recv && cqe.result() == -libc::ENOBUFS {
+                self.buffers.grow();
+                self.buffers_dirty = true;
+            }
             out.push(Completion {
                 tag,
                 result: cqe.result(),
@@ -527,6 +628,11 @@ impl Ring {
             });
         }
         waited
+    }
+
+    /// What the sends in flight hold, in bytes.
+    pub fn sending_bytes(&self) -> usize {
+        self.sending_bytes
     }
 
     /// Requests still running that point into memory this ring owns.
@@ -642,6 +748,114 @@ mod tests {
         assert!(back.names(0x1234_5678));
         assert!(!back.names(0x1234_5679));
         assert_eq!(Tag::decode(0), None);
+    }
+
+    use std::collections::HashSet;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::time::Instant;
+
+    /// Submits and reaps until `done` says enough, for at most 5 s.
+    fn reap(ring: &mut Ring, mut done: impl FnMut(&mut Ring, Completion) -> bool) {
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            let mut out = Vec::new();
+            ring.submit_and_wait(Duration::from_millis(20), &mut out)
+                .expect("the ring works");
+            for c in out {
+                if done(ring, c) {
+                    return;
+                }
+            }
+        }
+        panic!("the completions did not come within 5 s");
+    }
+
+    /// Reads one receive completion: its bytes, given back; its receive armed again if it
+    /// ended. Answers the bytes.
+    fn take(ring: &mut Ring, c: &Completion, fd: RawFd) -> Vec<u8> {
+        let mut got = Vec::new();
+        if let Some(b) = c.buffer {
+            got = ring.received(b, c.result as usize).to_vec();
+            ring.recycle(b);
+        }
+        if !c.more {
+            ring.arm_recv(fd, c.tag.key, 0);
+        }
+        got
+    }
+
+    #[test]
+    fn a_quiet_shard_keeps_few_receive_buffers_and_a_storm_gets_more() {
+        let mut ring = Ring::new().expect("io_uring on the test machine (kernel 6.18)");
+        let pairs: Vec<_> = (0..64).map(|_| UnixStream::pair().unwrap()).collect();
+        let fd = |i: u32| pairs[i as usize].0.as_raw_fd();
+        for i in 0..64 {
+            ring.arm_recv(fd(i), i, 0);
+        }
+        // One message at a time: the same few buffers go round.
+        let mut used = HashSet::new();
+        for round in 0..200u32 {
+            (&pairs[(round % 64) as usize].1)
+                .write_all(b"ping")
+                .unwrap();
+            let mut got = Vec::new();
+            reap(&mut ring, |ring, c| {
+                used.extend(c.buffer);
+                got.extend(take(ring, &c, fd(c.tag.key)));
+                got == b"ping"
+            });
+        }
+        assert!(
+            used.len() <= usize::from(OFFERED_QUIET),
+            "{} buffers",
+            used.len()
+        );
+        // All at once: more than are offered arrive together; every byte still arrives once.
+        for (_, peer) in &pairs {
+            (&*peer).write_all(&[7u8; 3000]).unwrap();
+        }
+        let mut got = vec![0usize; 64];
+        reap(&mut ring, |ring, c| {
+            let bytes = take(ring, &c, fd(c.tag.key));
+            assert!(bytes.iter().all(|&b| b == 7));
+            got[c.tag.key as usize] += bytes.len();
+            got.iter().all(|&n| n == 3000)
+        });
+        assert!(ring.buffers.offered > OFFERED_QUIET);
+        // Quiet again: the offer shrinks back.
+        ring.release_spare();
+        assert_eq!(ring.buffers.offered, OFFERED_QUIET);
+    }
+
+    #[test]
+    fn a_send_in_flight_counts_what_it_holds_until_it_completes() {
+        let mut ring = Ring::new().expect("io_uring on the test machine (kernel 6.18)");
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let body = bytes::Bytes::from(vec![b'x'; 4 << 20]);
+        ring.send(ours.as_raw_fd(), 7, 1, |frames| {
+            frames.push(OutFrame::raw(body.clone()))
+        });
+        let mut out = Vec::new();
+        ring.submit_and_wait(Duration::from_millis(50), &mut out)
+            .unwrap();
+        assert!(
+            out.is_empty(),
+            "the peer reads nothing: the send cannot finish"
+        );
+        assert!(ring.sending_bytes() >= 4 << 20, "{}", ring.sending_bytes());
+        let reader = std::thread::spawn(move || {
+            let mut all = vec![0u8; 4 << 20];
+            peer.read_exact(&mut all).map(|()| all.len())
+        });
+        reap(&mut ring, |ring, c| {
+            let done = ring.finish_send(&c).expect("the send's completion");
+            assert_eq!((done.key, done.result), (7, 4 << 20));
+            assert!(done.unsent.is_empty());
+            true
+        });
+        assert_eq!(reader.join().unwrap().unwrap(), 4 << 20);
+        assert_eq!(ring.sending_bytes(), 0);
     }
 
     #[test]

@@ -410,7 +410,7 @@ impl Shard {
             if !self.shared.resolves.is_empty() {
                 self.request_resolves();
             }
-            if self.held_total > self.held_cap {
+            if self.held_with_sends() > self.held_cap {
                 self.shed_largest();
             }
             let now = Instant::now();
@@ -731,10 +731,23 @@ impl Shard {
         true
     }
 
+    /// What the connections hold, and on io_uring what their sends in flight hold too (the
+    /// kernel still reads it; the connections' own counts let go of it when it went out).
+    fn held_with_sends(&self) -> usize {
+        let sending = match &self.io {
+            Io::Uring(u) => u.sending_bytes(),
+            Io::Epoll { .. } => 0,
+        };
+        self.held_total + sending
+    }
+
     /// Over the cap on held bytes: closes the largest holders first until the total is back
     /// under three quarters of it, so that a shard under pressure does not shed on every event.
     fn shed_largest(&mut self) {
-        let target = self.held_cap / 4 * 3;
+        // Sends in flight go only when the kernel is done with them: what they hold is left
+        // out of what shedding can bring down.
+        let target =
+            (self.held_cap / 4 * 3).saturating_sub(self.held_with_sends() - self.held_total);
         let mut holders: Vec<(u32, usize)> = self
             .slab
             .iter()
@@ -1126,7 +1139,7 @@ impl Shard {
         self.m.pings_saved.inc_by(c.pings_saved);
         self.m
             .buffered
-            .set(i64::try_from(self.held_total).unwrap_or(i64::MAX));
+            .set(i64::try_from(self.held_with_sends()).unwrap_or(i64::MAX));
         self.shared.registry.collect_garbage();
         // One shard is enough to keep the process-wide table small.
         if self.id == 0 {

@@ -85,6 +85,10 @@ impl UringIo {
         }
     }
 
+    pub(super) fn sending_bytes(&self) -> usize {
+        self.ring.as_ref().map_or(0, Ring::sending_bytes)
+    }
+
     /// Memory kept between bursts goes back (see `Shard::give_back_memory`).
     pub(super) fn release(&mut self) {
         if let Some(ring) = self.ring.as_mut() {

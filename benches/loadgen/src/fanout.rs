@@ -893,13 +893,14 @@ impl Coordinator<'_> {
         Some(s)
     }
 
-    /// The server's figures once its RSS is stable (two samples 0.5 s apart within 64 KiB,
-    /// at most 10 s).
+    /// The server's figures once its RSS is stable (two samples 1.5 s apart within 64 KiB,
+    /// at most 15 s). Longer apart than herald's one quiet second after which a shard gives
+    /// memory back: two closer samples can both fall inside it and catch a burst's memory.
     fn settled_server_sample(&mut self) -> Option<ServerSample> {
         let mut prev = self.server_sample()?;
-        for _ in 0..20 {
+        for _ in 0..10 {
             if self
-                .pump(Instant::now() + Duration::from_millis(500))
+                .pump(Instant::now() + Duration::from_millis(1500))
                 .is_err()
             {
                 break;
