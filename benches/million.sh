@@ -21,6 +21,15 @@
 # processes: run nothing else heavy beside it. The sysctls it needs (sysctl/herald.conf: port
 # range, backlogs, conntrack, tcp_mem, file-max) are printed, set, and restored at exit.
 #
+# The run lives in a network namespace of its own (NETNS=1, the default; NETNS=0 runs in the
+# machine's). Two reasons, both measured (benches/RESULTS.md, "The million run in its own
+# network namespace"): the kernel's hash of established connections is sized at boot from
+# memory (262,144 buckets on this 24 GiB machine, so two million sockets make chains of 8 that
+# every packet walks), and a new namespace gets one sized for the run
+# (net.ipv4.tcp_child_ehash_entries, set for the moment the namespace is created, then
+# restored); and whatever walks the machine's sockets (on this sandbox, its agent, PID 1, took
+# a quarter of both cores once two million were open) does not see the run's.
+#
 # On a machine without a hard cap on open files, one herald holds all of them: raise its limit
 # (systemd `LimitNOFILE=1100000`, or `ulimit -n 1100000` as root), start one
 # `herald serve` and run herald-bench fanout with its one --target; PER_PROCESS=N here does that.
@@ -29,13 +38,15 @@
 # (127.0.0.2-127.0.0.120), SINGLE (5 single events), RATE (0.05 events/s: each event is a
 # million deliveries, and the load generator on this 2-core machine receives about 100-175k
 # messages a second, for herald and the ceiling alike) for RATE_TIME (60s), CEILING (1: also
-# measure kernel_fanout), HERALD_ARGS (extra `herald serve` arguments: a tuned variant, which
+# measure kernel_fanout), NETNS (1: its own network namespace), HERALD_ARGS (extra
+# `herald serve` arguments: a tuned variant, which
 # then carries LABEL in its file names and summary, e.g. LABEL=herald-no-pings HERALD_ARGS="--ping-interval 0
 # --idle-timeout 0"), OUT (reports/million), RUN_LIMIT (1800 s per herald-bench run), BIN_DIR
 # (prebuilt herald, herald-bench, kernel_fanout; otherwise built).
 set -euo pipefail
 # The load comes from a few loopback addresses: herald's per-IP limits are switched off here.
 export HERALD_MAX_CONNECTIONS_PER_IP=0 HERALD_HANDSHAKES_PER_IP=0
+SELF=$(realpath "$0")
 cd "$(dirname "$0")/.."
 
 CONNECTIONS=1000000
@@ -59,6 +70,37 @@ OUT=${OUT:-reports/million}
 RUN_LIMIT=${RUN_LIMIT:-1800}
 STREAM=herald:million
 PROCS=$(((CONNECTIONS + PER_PROCESS - 1) / PER_PROCESS))
+NETNS=${NETNS:-1}
+
+# run_in_netns ARGS: this script again, in a new network namespace whose connection hash has
+# a bucket for every socket of the run; exits with its status.
+run_in_netns() {
+    local key=net.ipv4.tcp_child_ehash_entries old buckets=65536 inner rc=0 ours
+    command -v unshare >/dev/null || { echo "needs unshare (util-linux), or NETNS=0" >&2; exit 2; }
+    old=$(sysctl -n "$key" 2>/dev/null) || { echo "this kernel has no $key (it came in 5.19): NETNS=0 runs in the machine's namespace" >&2; exit 2; }
+    # Both ends of every connection are sockets here; the kernel's limit is 2^24.
+    while ((buckets < 2 * CONNECTIONS && buckets < 1 << 24)); do buckets=$((buckets * 2)); done
+    sysctl -q -w "$key=$buckets"
+    HERALD_MILLION_NETNS=$buckets unshare --net -- bash -c 'ip link set lo up && exec "$@"' bash "$SELF" "$@" &
+    inner=$!
+    trap 'kill -TERM "$inner" 2>/dev/null' INT TERM HUP
+    # Restored as soon as the namespace exists: only its creation reads the setting.
+    ours=$(readlink /proc/self/ns/net)
+    for _ in $(seq 200); do
+        [[ $(readlink "/proc/$inner/ns/net" 2>/dev/null) == "$ours" ]] || break
+        sleep 0.05
+    done
+    sysctl -q -w "$key=$old"
+    echo "== own network namespace: $buckets connection hash buckets ($key $old -> $buckets -> $old)" >&2
+    while true; do
+        wait "$inner" && rc=0 || rc=$?
+        kill -0 "$inner" 2>/dev/null || break
+    done
+    exit "$rc"
+}
+if [[ $NETNS == 1 && -z ${HERALD_MILLION_NETNS:-} ]]; then
+    run_in_netns --connections "$CONNECTIONS"
+fi
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -277,13 +319,15 @@ run herald
 [[ $CEILING == 1 ]] && run kernel
 
 python3 - "$WORK/summary-herald.json" "$WORK/summary-kernel.json" "$(date -u +%FT%TZ)" \
-    "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >>"$OUT/results.jsonl" <<'PY'
+    "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "${HERALD_MILLION_NETNS:-}" \
+    "$(sysctl -n net.ipv4.tcp_ehash_entries 2>/dev/null | tr -d -)" >>"$OUT/results.jsonl" <<'PY'
 import json, os, sys
 h = json.load(open(sys.argv[1]))
 k = json.load(open(sys.argv[2])) if os.path.exists(sys.argv[2]) else None
 def ttl(s, key):
     return (((s or {}).get("single") or {}).get("time_to_last_subscriber_ms") or {}).get(key)
-line = {"scenario": "million", "date": sys.argv[3], "commit": sys.argv[4], "herald": h, "kernel": k}
+line = {"scenario": "million", "date": sys.argv[3], "commit": sys.argv[4], "herald": h, "kernel": k,
+        "own_network_namespace": bool(sys.argv[5]), "tcp_ehash_entries": int(sys.argv[6] or 0)}
 summary = (f"million: {h.get('server')} {h.get('connected')}/{h.get('connections')} connected "
            f"({h.get('failed')} failed) at {h.get('connect_rate_per_s') or 0:.0f}/s over "
            f"{h.get('processes')} processes; last subscriber p50 {ttl(h, 'p50')} ms max "
@@ -300,6 +344,8 @@ summary += (f"; user space {per:.0f} B per idle connection net of "
             f"{h.get('servers_rss_base_per_process_bytes', 0) / 2**20:.1f} MiB per process"
             if per is not None else "")
 summary += f"; machine memory peak {h.get('machine_used_peak_bytes', 0) / 2**30:.2f} GiB"
+summary += (f"; own network namespace, {line['tcp_ehash_entries']:,} connection hash buckets"
+            if line["own_network_namespace"] else "; the machine's network namespace")
 line["summary"] = summary
 print(json.dumps(line))
 print(summary, file=sys.stderr)

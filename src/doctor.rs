@@ -41,6 +41,10 @@ pub struct Readings {
     pub tcp_max_syn_backlog: Option<u64>,
     /// net.ipv4.tcp_mem's hard limit, in pages.
     pub tcp_mem_max_pages: Option<u64>,
+    /// Buckets of the TCP established-connection hash this network namespace looks sockets up
+    /// in (`net.ipv4.tcp_ehash_entries`; the kernel writes it negative when the namespace
+    /// shares the machine's table).
+    pub tcp_ehash_entries: Option<u64>,
     pub page_size: u64,
     pub port_range: Option<(u64, u64)>,
     pub mem_available: Option<u64>,
@@ -135,6 +139,7 @@ pub fn checks(t: &Target, r: &Readings) -> Vec<Check> {
         backlog("net.core.somaxconn", r.somaxconn),
         backlog("net.ipv4.tcp_max_syn_backlog", r.tcp_max_syn_backlog),
         tcp_mem(t, r),
+        ehash(t, r),
         memory(t, r),
         conntrack(t, r),
         ports(t, r),
@@ -296,6 +301,31 @@ fn memory(t: &Target, r: &Readings) -> Check {
     check(available >= need, Status::Fail, what, fix)
 }
 
+/// Most buckets a namespace's own table can be given (`tcp_child_ehash_entries`).
+const CHILD_EHASH_MAX: u64 = 1 << 24;
+
+fn ehash(t: &Target, r: &Readings) -> Check {
+    let Some(buckets) = r.tcp_ehash_entries.filter(|&b| b > 0) else {
+        return unreadable("net.ipv4.tcp_ehash_entries");
+    };
+    let wanted = t.connections.next_power_of_two().min(CHILD_EHASH_MAX);
+    let what = format!(
+        "net.ipv4.tcp_ehash_entries {}: the kernel's hash of established connections, for {} \
+         connections (every packet's lookup walks {} socket(s) of a bucket on average)",
+        grouped(buckets),
+        grouped(t.connections),
+        t.connections.div_ceil(buckets).max(1)
+    );
+    // The size is fixed at boot from the machine's memory, so no sysctl file can change it.
+    let fix = format!(
+        "boot with `thash_entries={wanted}` on the kernel command line, or run herald in a \
+         network namespace (a container) created after `sysctl -w \
+         net.ipv4.tcp_child_ehash_entries={wanted}`; a load generator on the same machine \
+         doubles the sockets"
+    );
+    check(buckets >= t.connections, Status::Warn, what, fix)
+}
+
 fn conntrack(t: &Target, r: &Readings) -> Check {
     let Some(max) = r.conntrack_max else {
         let what = "conntrack: nf_conntrack is not loaded (nothing tracks connections)".to_owned();
@@ -421,6 +451,9 @@ impl Readings {
             somaxconn: first("proc/sys/net/core/somaxconn"),
             tcp_max_syn_backlog: first("proc/sys/net/ipv4/tcp_max_syn_backlog"),
             tcp_mem_max_pages: numbers("proc/sys/net/ipv4/tcp_mem").get(2).copied(),
+            tcp_ehash_entries: text("proc/sys/net/ipv4/tcp_ehash_entries")
+                .and_then(|t| t.trim().parse::<i64>().ok())
+                .map(i64::unsigned_abs),
             page_size: 4096,
             port_range: (range.len() == 2).then(|| (range[0], range[1])),
             mem_available: available_memory(
@@ -495,6 +528,7 @@ mod tests {
             ("proc/sys/net/core/somaxconn", "65535\n"),
             ("proc/sys/net/ipv4/tcp_max_syn_backlog", "65535\n"),
             ("proc/sys/net/ipv4/tcp_mem", "786432\t1048576\t1572864\n"),
+            ("proc/sys/net/ipv4/tcp_ehash_entries", "1048576\n"),
             ("proc/sys/net/ipv4/ip_local_port_range", "1024\t65535\n"),
             (
                 "proc/meminfo",
@@ -587,6 +621,7 @@ mod tests {
             ("proc/sys/net/core/somaxconn", "4096\n"),
             ("proc/sys/net/ipv4/tcp_max_syn_backlog", "1024\n"),
             ("proc/sys/net/ipv4/tcp_mem", "94444\t125925\t188888\n"),
+            ("proc/sys/net/ipv4/tcp_ehash_entries", "262144\n"),
             ("proc/sys/net/ipv4/ip_local_port_range", "32768\t60999\n"),
             ("proc/sys/net/netfilter/nf_conntrack_max", "262144\n"),
             ("proc/sys/net/netfilter/nf_conntrack_count", "118\n"),
@@ -619,6 +654,7 @@ mod tests {
                 "net.core.somaxconn",
                 "net.ipv4.tcp_max_syn_backlog",
                 "net.ipv4.tcp_mem",
+                "net.ipv4.tcp_ehash_entries",
                 "net.ipv4.ip_local_port_range"
             ]
         );
@@ -631,6 +667,26 @@ mod tests {
         );
         // 28,232 ports: 54 source addresses for 1.5M connections.
         assert!(text.contains("needs 54 source address(es)"), "{text}");
+    }
+
+    #[test]
+    fn a_small_connection_hash_warns_with_the_boot_parameter() {
+        let mut files = tuned();
+        files.retain(|(rel, _)| !rel.ends_with("tcp_ehash_entries"));
+        // A namespace that shares the machine's table reads negative.
+        files.push(("proc/sys/net/ipv4/tcp_ehash_entries", "-262144\n"));
+        let r = Readings::read(&fake_root(&files));
+        assert_eq!(r.tcp_ehash_entries, Some(262_144));
+        let c = ehash(&target(1_000_000, 52), &r);
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.what.contains("walks 4 socket(s)"), "{}", c.what);
+        assert!(c.fix.contains("thash_entries=1048576"), "{}", c.fix);
+        assert!(
+            c.fix.contains("tcp_child_ehash_entries=1048576"),
+            "{}",
+            c.fix
+        );
+        assert_eq!(ehash(&target(200_000, 11), &r).status, Status::Ok);
     }
 
     #[test]
