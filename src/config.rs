@@ -212,6 +212,15 @@ pub struct Config {
     #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "30s", value_parser = duration)]
     pub ping_interval: Duration,
 
+    /// The kernel probes a silent connection with TCP keepalive after two thirds of
+    /// --ping-interval, and a client whose TCP answers is heard without a WebSocket ping: no
+    /// wake-up of herald or the client (a million idle connections would otherwise take 33,000
+    /// pings and pongs a second). Clients behind a trusted proxy, and those whose TCP does not
+    /// answer, are still pinged. Set false behind a proxy that is not in --trusted-proxies:
+    /// its TCP would answer for every client.
+    #[arg(long, env = "HERALD_TCP_KEEPALIVE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tcp_keepalive: bool,
+
     /// A connection silent for this long (no message, no pong, no acknowledgement of what it
     /// was sent) is closed; "0s" disables.
     #[arg(long, env = "HERALD_IDLE_TIMEOUT", default_value = "90s", value_parser = duration)]

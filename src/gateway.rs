@@ -37,6 +37,8 @@ pub enum GatewayError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot set TCP keepalive on the listener (--tcp-keepalive false goes without): {0}")]
+    Keepalive(std::io::Error),
     #[error("cannot start shard {shard}: {source}")]
     Shard {
         shard: usize,
@@ -76,6 +78,23 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
+}
+
+/// How long a connection is silent before the kernel probes it (`--tcp-keepalive`): early
+/// enough that the answer is in by the time an idle ping would be due, in whole seconds.
+pub fn keepalive_idle(config: &Config) -> Option<Duration> {
+    let ping = config.ping_interval.as_secs();
+    (config.tcp_keepalive && ping > 0).then(|| Duration::from_secs((ping * 2 / 3).max(1)))
+}
+
+/// TCP keepalive on a listener, which every connection it accepts inherits: a peer whose TCP
+/// answers the probe has acknowledged everything, which is what the idle ping asks
+/// ([`crate::liveness`]), at no cost to either application.
+fn probe_idle_peers(listener: &std::net::TcpListener, idle: Duration) -> std::io::Result<()> {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(idle);
+    socket2::SockRef::from(listener).set_tcp_keepalive(&keepalive)
 }
 
 /// What a running gateway reports about itself.
@@ -155,6 +174,11 @@ pub fn run(mut config: Config, on_start: impl FnOnce(&StartupInfo)) -> Result<()
         None => tracing::warn!("--max-buffered-bytes 0: no cap on what connections may hold"),
     }
     let (listen, listeners) = bind_listeners(config.listen, config.shard_count())?;
+    if let Some(idle) = keepalive_idle(&config) {
+        for listener in &listeners {
+            probe_idle_peers(listener, idle).map_err(GatewayError::Keepalive)?;
+        }
+    }
 
     let bell = Arc::new(ReplayBell::default());
     let (replay_tx, replay_rx) = replay_channel(bell.clone(), REPLAY_QUEUE_CAPACITY);

@@ -4,8 +4,10 @@
 //! acknowledged everything sent to it, and how long ago did it last acknowledge anything
 //! (`TCP_INFO`)? A peer that keeps acknowledging the events it receives is alive to the
 //! network; a WebSocket ping would cost both ends a frame, a wake-up and a pong to learn the
-//! same (at a million connections, 33,000 pings and pongs a second). Knows nothing of
-//! connections or protocols: the connection decides what the answer means.
+//! same (at a million connections, 33,000 pings and pongs a second). A silent connection is
+//! asked too: the listeners' TCP keepalive (`--tcp-keepalive`, set by the gateway) makes the
+//! kernel probe it before its ping is due, and the probe's answer is an acknowledgement. Knows
+//! nothing of connections or protocols: the connection decides what the answer means.
 
 use std::os::fd::RawFd;
 

@@ -332,6 +332,7 @@ async fn publish_command_reaches_subscribers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_peers_are_pinged_and_dead_ones_closed() {
+    // Without TCP keepalive: the client's TCP would answer for it (the next test).
     let server = Server::start(&[
         "--shards",
         "1",
@@ -339,6 +340,8 @@ async fn idle_peers_are_pinged_and_dead_ones_closed() {
         "1s",
         "--idle-timeout",
         "3s",
+        "--tcp-keepalive",
+        "false",
     ]);
     // tungstenite answers pings while it is being read: it must survive.
     let (mut alive, _) = connect(&server.url("/v1/realtime?project=p&channels[]=c")).await;
@@ -366,6 +369,28 @@ async fn idle_peers_are_pinged_and_dead_ones_closed() {
     assert!(got.is_none());
     let id = server.publish(json!({"project": "p", "channels": ["c"], "payload": {}}));
     assert_eq!(next_json(&mut alive).await["data"]["id"], id.as_str());
+}
+
+/// By default the kernel probes a silent connection (TCP keepalive), and a client whose TCP
+/// answers is heard: it gets no WebSocket ping and outlives the idle timeout, still subscribed.
+#[test]
+fn silent_peers_whose_tcp_answers_keepalive_are_neither_pinged_nor_closed() {
+    let server = Server::start(&["--ping-interval", "3s", "--idle-timeout", "6s"]);
+    let mut silent = RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=c");
+    assert_eq!(silent.read_json()["type"], "connected");
+    silent
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // Never reads until now, never answers: 10 s is past the idle timeout and three pings.
+    assert_eq!(silent.read_frame(), None, "no ping, no close");
+    assert!(server.metric_with("herald_idle_pings_total", "saved") >= 2.0);
+    assert_eq!(
+        server.metric_with("herald_idle_pings_total", "\"sent\""),
+        0.0
+    );
+    let id = server.publish(json!({"project": "p", "channels": ["c"], "payload": {}}));
+    assert_eq!(silent.read_json()["data"]["id"], id.as_str());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

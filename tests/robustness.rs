@@ -463,10 +463,17 @@ fn a_reader_that_stalls_mid_burst_gets_every_event_intact_and_in_order() {
 
 /// A client that never answers pings stays connected while its TCP acknowledges the events it
 /// is sent (a ping would tell nothing more), and is pinged and closed by the idle timeout as
-/// soon as nothing is sent to it.
+/// soon as nothing is sent to it. Without TCP keepalive, whose probes its TCP would answer.
 #[test]
 fn peers_that_acknowledge_events_are_not_pinged_and_silent_ones_time_out() {
-    let server = Server::start(&["--ping-interval", "1s", "--idle-timeout", "3s"]);
+    let server = Server::start(&[
+        "--ping-interval",
+        "1s",
+        "--idle-timeout",
+        "3s",
+        "--tcp-keepalive",
+        "false",
+    ]);
     let mut busy = RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=c");
     let mut quiet = RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=q");
     assert_eq!(busy.read_json()["type"], "connected");
