@@ -73,7 +73,9 @@ PROCS=$(((CONNECTIONS + PER_PROCESS - 1) / PER_PROCESS))
 NETNS=${NETNS:-1}
 
 # run_in_netns ARGS: this script again, in a new network namespace whose connection hash has
-# a bucket for every socket of the run; exits with its status.
+# a bucket for every socket of the run; exits with its status. The machine-wide sysctls (fs.*,
+# vm.*, net.core.netdev_max_backlog ...) are set out here, since a namespace cannot see them;
+# the inner run sets the per-namespace ones in its own.
 run_in_netns() {
     local key=net.ipv4.tcp_child_ehash_entries old buckets=65536 inner rc=0 ours
     command -v unshare >/dev/null || { echo "needs unshare (util-linux), or NETNS=0" >&2; exit 2; }
@@ -81,7 +83,7 @@ run_in_netns() {
     # Both ends of every connection are sockets here; the kernel's limit is 2^24.
     while ((buckets < 2 * CONNECTIONS && buckets < 1 << 24)); do buckets=$((buckets * 2)); done
     sysctl -q -w "$key=$buckets"
-    HERALD_MILLION_NETNS=$buckets unshare --net -- bash -c 'ip link set lo up && exec "$@"' bash "$SELF" "$@" &
+    HERALD_MILLION_NETNS=$buckets BIN_DIR=$BIN unshare --net -- bash -c 'ip link set lo up && exec "$@"' bash "$SELF" "$@" &
     inner=$!
     trap 'kill -TERM "$inner" 2>/dev/null' INT TERM HUP
     # Restored as soon as the namespace exists: only its creation reads the setting.
@@ -98,10 +100,6 @@ run_in_netns() {
     done
     exit "$rc"
 }
-if [[ $NETNS == 1 && -z ${HERALD_MILLION_NETNS:-} ]]; then
-    run_in_netns --connections "$CONNECTIONS"
-fi
-
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 # WORK, PIDS and the cleanup at exit; BIN.
@@ -119,7 +117,8 @@ restore_sysctls() {
     for kv in "${SYSCTL_SAVED[@]}"; do
         sysctl -q -w "$kv" >/dev/null 2>&1 || true
     done
-    [[ ${#SYSCTL_SAVED[@]} -eq 0 ]] || echo "== sysctls restored: ${SYSCTL_SAVED[*]}" >&2
+    [[ ${#SYSCTL_SAVED[@]} -eq 0 ]] ||
+        echo "== sysctls restored${HERALD_MILLION_NETNS:+ (in the namespace of the run)}: ${SYSCTL_SAVED[*]}" >&2
 }
 finish() {
     [[ -n $SAMPLER ]] && kill "$SAMPLER" 2>/dev/null || true
@@ -234,13 +233,21 @@ run() {
     SAMPLER=$!
     local pid_args=() pid rc=0
     for pid in "${FLEET[@]}"; do pid_args+=(--server-pid "$pid"); done
+    # In the background and waited for, so that a signal to this script stops it at once
+    # (timeout runs it in a process group of its own, which the exit cleanup signals).
     timeout -s TERM -k 30 "$RUN_LIMIT" "$BIN/herald-bench" fanout --label "$name" \
         "${TARGETS[@]}" --redis "$REDIS_URL" --stream "$STREAM" --project p \
         --connections "$CONNECTIONS" --connect-rate "$CONNECT_RATE" --source-ips "$SOURCES" \
         --single "$SINGLE" --single-gap 1s --rates "$RATE" --phase-time "$RATE_TIME" \
         --drain-timeout 120s --max-lag 60s --settle 5s "${pid_args[@]}" \
         --max-time "$((RUN_LIMIT - 30))s" --html "$OUT/million-$name.html" \
-        >"$OUT/million-$name.json" 2>"$WORK/bench-$kind.err" || rc=$?
+        >"$OUT/million-$name.json" 2>"$WORK/bench-$kind.err" &
+    local bench=$!
+    PIDS+=("$bench")
+    wait "$bench" || rc=$?
+    local keep=() p
+    for p in "${PIDS[@]}"; do [[ $p == "$bench" ]] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
     grep -E '^herald-bench.*(phase|connect)|failures|no answer' "$WORK/bench-$kind.err" | grep -v '^herald-bench \[.*\] *[0-9.]*s ' | sed 's/^/   /' >&2 || true
     [[ $rc -le 1 ]] || { tail -20 "$WORK/bench-$kind.err" >&2; echo "herald-bench exited with $rc" >&2; }
     local peak_used peak_slab connected_rss
@@ -303,6 +310,9 @@ PY
 }
 
 apply_sysctls
+if [[ $NETNS == 1 && -z ${HERALD_MILLION_NETNS:-} ]]; then
+    run_in_netns --connections "$CONNECTIONS"
+fi
 REDIS_PORT=$((20000 + RANDOM % 20000))
 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
     --logfile "$WORK/redis.log" --daemonize no >/dev/null 2>&1 &
