@@ -212,8 +212,8 @@ pub struct Config {
     #[arg(long, env = "HERALD_PING_INTERVAL", default_value = "30s", value_parser = duration)]
     pub ping_interval: Duration,
 
-    /// The kernel probes a silent connection with TCP keepalive after two thirds of
-    /// --ping-interval, and a client whose TCP answers is heard without a WebSocket ping: no
+    /// The kernel probes a silent connection with TCP keepalive shortly before
+    /// --ping-interval (27 s of 30 s), and a client whose TCP answers is heard without a WebSocket ping: no
     /// wake-up of herald or the client (a million idle connections would otherwise take 33,000
     /// pings and pongs a second). Clients behind a trusted proxy, and those whose TCP does not
     /// answer, are still pinged. Set false behind a proxy that is not in --trusted-proxies:

@@ -80,11 +80,14 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     Ok(socket.into())
 }
 
-/// How long a connection is silent before the kernel probes it (`--tcp-keepalive`): early
-/// enough that the answer is in by the time an idle ping would be due, in whole seconds.
+/// How long a connection is silent before the kernel probes it (`--tcp-keepalive`): a tenth of
+/// the ping interval (at least a second) before an idle ping would be due, so that the answer
+/// is in by then even over a slow link, and no sooner, since at a million connections every
+/// second shorter is more probes (30 s: one every 27 s).
 pub fn keepalive_idle(config: &Config) -> Option<Duration> {
     let ping = config.ping_interval.as_secs();
-    (config.tcp_keepalive && ping > 0).then(|| Duration::from_secs((ping * 2 / 3).max(1)))
+    let idle = ping.saturating_sub((ping / 10).max(1)).max(1);
+    (config.tcp_keepalive && ping > 0).then(|| Duration::from_secs(idle))
 }
 
 /// TCP keepalive on a listener, which every connection it accepts inherits: a peer whose TCP
@@ -571,5 +574,26 @@ impl StopSignals {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_probes_come_shortly_before_a_ping_is_due() {
+        let mut c = Config::for_tests();
+        let idle = |c: &Config| keepalive_idle(c).map(|d| d.as_secs());
+        assert_eq!(idle(&c), Some(27), "the default 30 s ping interval");
+        c.ping_interval = Duration::from_secs(3);
+        assert_eq!(idle(&c), Some(2));
+        c.ping_interval = Duration::from_secs(1);
+        assert_eq!(idle(&c), Some(1));
+        c.ping_interval = Duration::ZERO;
+        assert_eq!(idle(&c), None, "no pings, no probes");
+        c.ping_interval = Duration::from_secs(30);
+        c.tcp_keepalive = false;
+        assert_eq!(idle(&c), None);
     }
 }
