@@ -322,7 +322,7 @@ fn doctor_on_this_machine_passes_a_small_load_and_refuses_an_impossible_one() {
         .lines()
         .filter(|l| l.starts_with("  ok") || l.starts_with("  warn") || l.starts_with("  FAIL"))
         .count();
-    assert_eq!(lines, 11, "one line per check: {text}");
+    assert_eq!(lines, 12, "one line per check: {text}");
     assert!(text.contains("open files per process"), "{text}");
 
     // A billion connections need terabytes: no test machine has them.
