@@ -22,13 +22,12 @@
 # range, backlogs, conntrack, tcp_mem, file-max) are printed, set, and restored at exit.
 #
 # The run lives in a network namespace of its own (NETNS=1, the default; NETNS=0 runs in the
-# machine's). Two reasons, both measured (benches/RESULTS.md, "The million run in its own
-# network namespace"): the kernel's hash of established connections is sized at boot from
+# machine's). Measured in benches/RESULTS.md, "Idle pings at a million": the kernel's hash of established connections is sized at boot from
 # memory (262,144 buckets on this 24 GiB machine, so two million sockets make chains of 8 that
 # every packet walks), and a new namespace gets one sized for the run
 # (net.ipv4.tcp_child_ehash_entries, set for the moment the namespace is created, then
-# restored); and whatever walks the machine's sockets (on this sandbox, its agent, PID 1, took
-# a quarter of both cores once two million were open) does not see the run's.
+# restored). (This sandbox's agent, PID 1, takes a quarter of both cores once two million
+# sockets are open, in any namespace: nothing here can change that.)
 #
 # On a machine without a hard cap on open files, one herald holds all of them: raise its limit
 # (systemd `LimitNOFILE=1100000`, or `ulimit -n 1100000` as root), start one
@@ -73,19 +72,23 @@ PROCS=$(((CONNECTIONS + PER_PROCESS - 1) / PER_PROCESS))
 NETNS=${NETNS:-1}
 
 # run_in_netns ARGS: this script again, in a new network namespace whose connection hash has
-# a bucket for every socket of the run; exits with its status. The machine-wide sysctls (fs.*,
-# vm.*, net.core.netdev_max_backlog ...) are set out here, since a namespace cannot see them;
-# the inner run sets the per-namespace ones in its own.
+# a bucket for every socket of the run; exits with its status. sysctl/herald.conf is applied
+# out here first, since a namespace cannot see the machine-wide keys (fs.*, vm.*,
+# net.core.netdev_max_backlog ...); the inner run applies it again in its own namespace.
 run_in_netns() {
     local key=net.ipv4.tcp_child_ehash_entries old buckets=65536 inner rc=0 ours
     command -v unshare >/dev/null || { echo "needs unshare (util-linux), or NETNS=0" >&2; exit 2; }
+    command -v ip >/dev/null || { echo "needs ip (iproute2), or NETNS=0" >&2; exit 2; }
     old=$(sysctl -n "$key" 2>/dev/null) || { echo "this kernel has no $key (it came in 5.19): NETNS=0 runs in the machine's namespace" >&2; exit 2; }
     # Both ends of every connection are sockets here; the kernel's limit is 2^24.
     while ((buckets < 2 * CONNECTIONS && buckets < 1 << 24)); do buckets=$((buckets * 2)); done
+    # Restored by the exit cleanup too, should a signal come before it is put back below.
+    SYSCTL_SAVED+=("$key=$old")
+    inner=""
+    trap '[[ -n $inner ]] && kill -TERM "$inner" 2>/dev/null' INT TERM HUP
     sysctl -q -w "$key=$buckets"
     HERALD_MILLION_NETNS=$buckets BIN_DIR=$BIN unshare --net -- bash -c 'ip link set lo up && exec "$@"' bash "$SELF" "$@" &
     inner=$!
-    trap 'kill -TERM "$inner" 2>/dev/null' INT TERM HUP
     # Restored as soon as the namespace exists: only its creation reads the setting.
     ours=$(readlink /proc/self/ns/net)
     for _ in $(seq 200); do
@@ -233,8 +236,9 @@ run() {
     SAMPLER=$!
     local pid_args=() pid rc=0
     for pid in "${FLEET[@]}"; do pid_args+=(--server-pid "$pid"); done
-    # In the background and waited for, so that a signal to this script stops it at once
-    # (timeout runs it in a process group of its own, which the exit cleanup signals).
+    # In the background and waited for, so that a signal to this script stops it at once:
+    # timeout runs it in a process group of its own, and the exit cleanup's TERM to timeout
+    # is passed on to it.
     timeout -s TERM -k 30 "$RUN_LIMIT" "$BIN/herald-bench" fanout --label "$name" \
         "${TARGETS[@]}" --redis "$REDIS_URL" --stream "$STREAM" --project p \
         --connections "$CONNECTIONS" --connect-rate "$CONNECT_RATE" --source-ips "$SOURCES" \
@@ -330,14 +334,16 @@ run herald
 
 python3 - "$WORK/summary-herald.json" "$WORK/summary-kernel.json" "$(date -u +%FT%TZ)" \
     "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" "${HERALD_MILLION_NETNS:-}" \
-    "$(sysctl -n net.ipv4.tcp_ehash_entries 2>/dev/null | tr -d -)" >>"$OUT/results.jsonl" <<'PY'
+    "$(sysctl -n net.ipv4.tcp_ehash_entries 2>/dev/null)" >>"$OUT/results.jsonl" <<'PY'
 import json, os, sys
 h = json.load(open(sys.argv[1]))
 k = json.load(open(sys.argv[2])) if os.path.exists(sys.argv[2]) else None
 def ttl(s, key):
     return (((s or {}).get("single") or {}).get("time_to_last_subscriber_ms") or {}).get(key)
 line = {"scenario": "million", "date": sys.argv[3], "commit": sys.argv[4], "herald": h, "kernel": k,
-        "own_network_namespace": bool(sys.argv[5]), "tcp_ehash_entries": int(sys.argv[6] or 0)}
+        # Negative: the namespace shares the machine's table, so it did not get its own.
+        "own_network_namespace": bool(sys.argv[5]) and int(sys.argv[6] or 0) > 0,
+        "tcp_ehash_entries": abs(int(sys.argv[6] or 0))}
 summary = (f"million: {h.get('server')} {h.get('connected')}/{h.get('connections')} connected "
            f"({h.get('failed')} failed) at {h.get('connect_rate_per_s') or 0:.0f}/s over "
            f"{h.get('processes')} processes; last subscriber p50 {ttl(h, 'p50')} ms max "

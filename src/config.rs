@@ -213,12 +213,13 @@ pub struct Config {
     pub ping_interval: Duration,
 
     /// The kernel probes a silent connection with TCP keepalive shortly before
-    /// --ping-interval (27 s of 30 s), and a client whose TCP answers is heard without a WebSocket ping: no
-    /// wake-up of herald or the client (a million idle connections would otherwise take 33,000
-    /// pings and pongs a second). Clients behind a trusted proxy, and those whose TCP does not
-    /// answer, are still pinged. Set false behind a proxy that is not in --trusted-proxies:
-    /// its TCP would answer for every client.
-    #[arg(long, env = "HERALD_TCP_KEEPALIVE", default_value_t = true, action = clap::ArgAction::Set)]
+    /// --ping-interval (27 s of 30 s), and a client whose TCP answers is heard without a
+    /// WebSocket ping: no wake-up of herald or the client (a million idle connections would
+    /// otherwise take 33,000 pings and pongs a second). Clients behind a trusted proxy, and
+    /// those whose TCP does not answer, are still pinged. Off by default: with no bytes on an
+    /// idle connection, a proxy herald is not told about (nginx, a cloud load balancer) closes
+    /// it at its own idle timeout, and a hung client whose machine answers is kept.
+    #[arg(long, env = "HERALD_TCP_KEEPALIVE", default_value_t = false, action = clap::ArgAction::Set)]
     pub tcp_keepalive: bool,
 
     /// A connection silent for this long (no message, no pong, no acknowledgement of what it

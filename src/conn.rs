@@ -480,7 +480,12 @@ pub struct Connection {
     phase: Phase,
     kind: Kind,
     ping_outstanding: bool,
+    /// Its peer is a trusted proxy: that TCP's acknowledgements are the proxy's, not the
+    /// client's, for as long as the connection lives.
     behind_proxy: bool,
+    /// The client behind the proxy is yet to be counted (once, at the upgrade, which runs again
+    /// after a session is resolved).
+    forwarded_uncounted: bool,
     /// When the peer last showed it is there: a whole message, or its TCP acknowledging all
     /// that was sent (asked only when a ping is due).
     last_heard: u32,
@@ -551,6 +556,7 @@ impl Connection {
     pub fn new(serial: u32, now: u32, cfg: &ConnConfig, behind_proxy: bool) -> Self {
         Self {
             behind_proxy,
+            forwarded_uncounted: behind_proxy,
             serial,
             phase: Phase::Handshake,
             kind: Kind::Realtime,
@@ -846,8 +852,8 @@ impl Connection {
                 "origin",
             );
         }
-        if self.behind_proxy {
-            self.behind_proxy = false;
+        if self.forwarded_uncounted {
+            self.forwarded_uncounted = false;
             let forwarded = req.forwarded_for.as_deref();
             match cx.ip_limits.admit_forwarded(forwarded, cx.instant) {
                 Ok(ticket) => *cx.admitted = Some(ticket),
@@ -2606,6 +2612,23 @@ mod tests {
         d.tick(7);
         let frames = d.frames();
         assert_eq!(close_code_of(&frames[0].1), close_code::GOING_AWAY);
+    }
+
+    #[test]
+    fn a_client_behind_a_trusted_proxy_is_pinged_whatever_the_proxy_acknowledges() {
+        let mut cfg = ConnConfig::from_config(&Config::for_tests());
+        cfg.ping_interval_secs = 2;
+        cfg.idle_timeout_secs = 5;
+        let mut d = Driver::new(cfg.clone());
+        d.conn = Connection::new(SERIAL, 0, &cfg, true);
+        d.read(&upgrade("/v1/realtime?project=p&channels[]=a"));
+        assert!(d.http_head().starts_with("HTTP/1.1 101"));
+        assert_eq!(json(&d.text())["type"], "connected");
+        d.peer_acked = Some(0);
+        d.tick(2);
+        assert!(!d.asked_peer, "the proxy's TCP answers for the proxy");
+        assert_eq!(d.frames(), vec![(PING, Vec::new())]);
+        assert_eq!(d.shared.counters.pings_sent, 1);
     }
 
     #[test]

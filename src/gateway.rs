@@ -85,10 +85,17 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
 /// is in by then even over a slow link, and no sooner, since at a million connections every
 /// second shorter is more probes (30 s: one every 27 s).
 pub fn keepalive_idle(config: &Config) -> Option<Duration> {
-    let ping = config.ping_interval.as_secs();
-    let idle = ping.saturating_sub((ping / 10).max(1)).max(1);
+    // Rounded up, as the connection rounds the ping interval.
+    let ping = config.ping_interval.as_nanos().div_ceil(1_000_000_000);
+    let ping = u64::try_from(ping).unwrap_or(u64::MAX);
+    let idle = ping
+        .saturating_sub((ping / 10).max(1))
+        .clamp(1, KEEPALIVE_MAX_SECS);
     (config.tcp_keepalive && ping > 0).then(|| Duration::from_secs(idle))
 }
+
+/// The longest TCP_KEEPIDLE and TCP_KEEPINTVL Linux accepts.
+const KEEPALIVE_MAX_SECS: u64 = 32_767;
 
 /// TCP keepalive on a listener, which every connection it accepts inherits: a peer whose TCP
 /// answers the probe has acknowledged everything, which is what the idle ping asks
@@ -585,7 +592,13 @@ mod tests {
     fn keepalive_probes_come_shortly_before_a_ping_is_due() {
         let mut c = Config::for_tests();
         let idle = |c: &Config| keepalive_idle(c).map(|d| d.as_secs());
+        assert_eq!(idle(&c), None, "off by default");
+        c.tcp_keepalive = true;
         assert_eq!(idle(&c), Some(27), "the default 30 s ping interval");
+        c.ping_interval = Duration::from_millis(1500);
+        assert_eq!(idle(&c), Some(1), "2 s, as the connection rounds it");
+        c.ping_interval = Duration::from_secs(86_400);
+        assert_eq!(idle(&c), Some(32_767), "the kernel's most");
         c.ping_interval = Duration::from_secs(3);
         assert_eq!(idle(&c), Some(2));
         c.ping_interval = Duration::from_secs(1);

@@ -371,18 +371,25 @@ async fn idle_peers_are_pinged_and_dead_ones_closed() {
     assert_eq!(next_json(&mut alive).await["data"]["id"], id.as_str());
 }
 
-/// By default the kernel probes a silent connection (TCP keepalive), and a client whose TCP
-/// answers is heard: it gets no WebSocket ping and outlives the idle timeout, still subscribed.
+/// With --tcp-keepalive the kernel probes a silent connection, and a client whose TCP answers
+/// is heard: it gets no WebSocket ping and outlives the idle timeout, still subscribed.
 #[test]
 fn silent_peers_whose_tcp_answers_keepalive_are_neither_pinged_nor_closed() {
-    let server = Server::start(&["--ping-interval", "3s", "--idle-timeout", "6s"]);
+    let server = Server::start(&[
+        "--ping-interval",
+        "3s",
+        "--idle-timeout",
+        "6s",
+        "--tcp-keepalive",
+        "true",
+    ]);
     let mut silent = RawClient::upgrade(server.ws, "/v1/realtime?project=p&channels[]=c");
     assert_eq!(silent.read_json()["type"], "connected");
     silent
         .stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    // Never reads until now, never answers: 10 s is past the idle timeout and three pings.
+    // Sends nothing and answers nothing for 10 s: past the idle timeout and three pings.
     assert_eq!(silent.read_frame(), None, "no ping, no close");
     assert!(server.metric_with("herald_idle_pings_total", "saved") >= 2.0);
     assert_eq!(
