@@ -109,7 +109,7 @@ pub struct ConnConfig {
     pub id_key: u64,
 }
 
-fn secs(d: std::time::Duration) -> u32 {
+pub(crate) fn secs(d: std::time::Duration) -> u32 {
     u32::try_from(d.as_secs() + u64::from(d.subsec_nanos() > 0)).unwrap_or(u32::MAX)
 }
 

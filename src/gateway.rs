@@ -85,9 +85,8 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
 /// is in by then even over a slow link, and no sooner, since at a million connections every
 /// second shorter is more probes (30 s: one every 27 s).
 pub fn keepalive_idle(config: &Config) -> Option<Duration> {
-    // Rounded up, as the connection rounds the ping interval.
-    let ping = config.ping_interval.as_nanos().div_ceil(1_000_000_000);
-    let ping = u64::try_from(ping).unwrap_or(u64::MAX);
+    // In whole seconds rounded up, as the connection counts the ping interval.
+    let ping = u64::from(crate::conn::secs(config.ping_interval));
     let idle = ping
         .saturating_sub((ping / 10).max(1))
         .clamp(1, KEEPALIVE_MAX_SECS);
