@@ -171,6 +171,8 @@ struct BufferRing {
     spare: Vec<u16>,
     /// Buffers in the ring or with the driver (not yet given back).
     out: u16,
+    /// Buffers with the driver: reaped in a completion, not yet given back.
+    held: u16,
     /// How many buffers the ring is kept filled with.
     offered: u16,
     /// Left to the kernel at exit (see [`Ring::abandon`]).
@@ -210,24 +212,56 @@ impl BufferRing {
             entries,
             data,
             tail: 0,
-            spare: (0..BUFFERS).rev().collect(),
+            spare: Vec::new(),
             out: 0,
+            held: 0,
             offered: OFFERED_QUIET,
             abandoned: false,
         };
+        this.register(ring)?;
+        Ok(this)
+    }
+
+    /// Registers the ring with the kernel, empty, and offers [`OFFERED_QUIET`] buffers.
+    fn register(&mut self, ring: &IoUring) -> io::Result<()> {
+        self.tail = 0;
+        self.out = 0;
+        self.offered = OFFERED_QUIET;
+        self.spare = (0..BUFFERS).rev().collect();
         // SAFETY: the entries stay allocated until `drop`, after the ring (which owns the
         // registration) is gone: `Ring` drops its `IoUring` first.
         unsafe {
             ring.submitter().register_buf_ring_with_flags(
-                entries as u64,
+                self.entries as u64,
                 BUFFERS,
                 BUFFER_GROUP,
                 0,
             )?;
         }
-        this.refill();
-        this.publish();
-        Ok(this)
+        self.refill();
+        self.publish();
+        Ok(())
+    }
+
+    /// Takes back every buffer the kernel holds and starts again with [`OFFERED_QUIET`] of
+    /// them, their pages dropped. The kernel consumes the ring in order, so after a storm
+    /// that grew the offer it would otherwise go through every buffer still offered, one
+    /// receive each, keeping all their pages resident however quiet the shard is (1 MiB per
+    /// process, 55 B per connection at a million, measured by `benches/million.sh`).
+    ///
+    /// Only sound when no receive can pick a buffer meanwhile (`DEFER_TASKRUN`, between two
+    /// submits) and no completion carrying one is still to be reaped: the caller
+    /// ([`Ring::release_spare`]) makes sure of both. Receives armed on the group find the
+    /// new ring at their next data, as they would find the old one. `Err` only when the
+    /// ring is gone and could not be registered again: no receive could complete.
+    fn reset(&mut self, ring: &IoUring) -> io::Result<()> {
+        if ring.submitter().unregister_buf_ring(BUFFER_GROUP).is_err() {
+            // Still registered as it was: left to drain.
+            self.drop_spare_pages();
+            return Ok(());
+        }
+        self.advise_free(0, BUFFERS);
+        self.register(ring)
     }
 
     /// Tops the ring up to `offered` from the spare buffers, most recently used first.
@@ -244,6 +278,7 @@ impl BufferRing {
     /// Buffer `id` is back from the driver.
     fn give_back(&mut self, id: u16) {
         self.out = self.out.saturating_sub(1);
+        self.held = self.held.saturating_sub(1);
         self.spare.push(id % BUFFERS);
         self.refill();
     }
@@ -277,17 +312,11 @@ impl BufferRing {
         }
     }
 
-    /// Once quiet: the offer goes back to [`OFFERED_QUIET`] as the kernel uses up what it
-    /// holds, and the pages of the buffers no one holds are dropped (they read as zeroes
-    /// when next used). With `all`, the pages of the buffers in the ring are dropped too:
-    /// only sound when nothing can write into them meanwhile and the driver holds none, which
-    /// the caller ([`Ring::release_spare`]) makes sure of.
-    fn drop_pages(&mut self, all: bool) {
+    /// Once quiet, where the ring cannot be [reset](Self::reset): the offer goes back to
+    /// [`OFFERED_QUIET`] as the kernel uses up what it holds, and the pages of the buffers no
+    /// one holds are dropped (they read as zeroes when next used).
+    fn drop_spare_pages(&mut self) {
         self.offered = OFFERED_QUIET;
-        if all {
-            self.advise_free(0, BUFFERS);
-            return;
-        }
         for i in 0..self.spare.len() {
             let id = self.spare[i];
             self.advise_free(id, 1);
@@ -348,6 +377,8 @@ pub struct Ring {
     /// The kernel runs this ring's work only inside its own `io_uring_enter`
     /// (`DEFER_TASKRUN`): between two calls nothing writes into the receive buffers.
     deferred: bool,
+    /// Why the ring can no longer serve (reported by the next submit).
+    failed: Option<io::Error>,
 }
 
 impl Ring {
@@ -383,6 +414,7 @@ impl Ring {
             buffers_dirty: false,
             sending_bytes: 0,
             deferred,
+            failed: None,
         })
     }
 
@@ -544,13 +576,21 @@ impl Ring {
     }
 
     /// Lets go of the reusable send records and the receive buffers' pages (once the shard
-    /// is quiet). Called between two submits, when the driver has recycled every buffer it
-    /// was handed. The pages of buffers in the ring go too where the kernel fills buffers
-    /// inside this thread's `io_uring_enter` alone (`DEFER_TASKRUN`), so that no receive can
-    /// be writing into one meanwhile; elsewhere only the spare buffers' pages go.
+    /// is quiet). Called between two submits. Where the kernel fills buffers inside this
+    /// thread's `io_uring_enter` alone (`DEFER_TASKRUN`), the driver holds none and no
+    /// completion is waiting in the kernel's overflow list, the buffer ring starts again
+    /// small ([`BufferRing::reset`]); elsewhere only the spare buffers' pages go.
     pub fn release_spare(&mut self) {
         self.spare = Vec::new();
-        self.buffers.drop_pages(self.deferred);
+        let settled =
+            self.deferred && self.buffers.held == 0 && !self.ring.submission().cq_overflow();
+        if !settled {
+            self.buffers.drop_spare_pages();
+            return;
+        }
+        if let Err(e) = self.buffers.reset(&self.ring) {
+            self.failed = Some(e);
+        }
     }
 
     /// Closes `socket` once the kernel has let go of its requests: they hold the socket open,
@@ -588,6 +628,9 @@ impl Ring {
         timeout: Duration,
         out: &mut Vec<Completion>,
     ) -> io::Result<()> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         if self.buffers_dirty {
             self.buffers.publish();
             self.buffers_dirty = false;
@@ -620,11 +663,13 @@ impl Ring {
                 self.buffers.grow();
                 self.buffers_dirty = true;
             }
+            let buffer = cqueue::buffer_select(cqe.flags());
+            self.buffers.held += u16::from(buffer.is_some());
             out.push(Completion {
                 tag,
                 result: cqe.result(),
                 more: cqueue::more(cqe.flags()),
-                buffer: cqueue::buffer_select(cqe.flags()),
+                buffer,
             });
         }
         waited
@@ -785,6 +830,22 @@ mod tests {
         got
     }
 
+    /// Sends "ping" on each pair in turn, 200 times, each received before the next: answers
+    /// the receive buffers used.
+    fn ping_in_turn(ring: &mut Ring, pairs: &[(UnixStream, UnixStream)]) -> HashSet<u16> {
+        let mut used = HashSet::new();
+        for round in 0..200 {
+            (&pairs[round % pairs.len()].1).write_all(b"ping").unwrap();
+            let mut got = Vec::new();
+            reap(ring, |ring, c| {
+                used.extend(c.buffer);
+                got.extend(take(ring, &c, pairs[c.tag.key as usize].0.as_raw_fd()));
+                got == b"ping"
+            });
+        }
+        used
+    }
+
     #[test]
     fn a_quiet_shard_keeps_few_receive_buffers_and_a_storm_gets_more() {
         let mut ring = Ring::new().expect("io_uring on the test machine (kernel 6.18)");
@@ -794,18 +855,7 @@ mod tests {
             ring.arm_recv(fd(i), i, 0);
         }
         // One message at a time: the same few buffers go round.
-        let mut used = HashSet::new();
-        for round in 0..200u32 {
-            (&pairs[(round % 64) as usize].1)
-                .write_all(b"ping")
-                .unwrap();
-            let mut got = Vec::new();
-            reap(&mut ring, |ring, c| {
-                used.extend(c.buffer);
-                got.extend(take(ring, &c, fd(c.tag.key)));
-                got == b"ping"
-            });
-        }
+        let used = ping_in_turn(&mut ring, &pairs);
         assert!(
             used.len() <= usize::from(OFFERED_QUIET),
             "{} buffers",
@@ -823,9 +873,20 @@ mod tests {
             got.iter().all(|&n| n == 3000)
         });
         assert!(ring.buffers.offered > OFFERED_QUIET);
-        // Quiet again: the offer shrinks back.
+        // Quiet again: the kernel holds only the quiet offer, so a trickle of messages goes
+        // round as few buffers as before the storm, through the receives armed before it.
         ring.release_spare();
         assert_eq!(ring.buffers.offered, OFFERED_QUIET);
+        let used = ping_in_turn(&mut ring, &pairs);
+        assert!(
+            used.len() <= usize::from(OFFERED_QUIET),
+            "{} buffers after the storm",
+            used.len()
+        );
+        assert_eq!(
+            ring.buffers.offered, OFFERED_QUIET,
+            "no receive ran out of buffers across the reset"
+        );
     }
 
     #[test]
