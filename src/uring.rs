@@ -175,6 +175,10 @@ struct BufferRing {
     held: u16,
     /// How many buffers the ring is kept filled with.
     offered: u16,
+    /// The offer grew since the last [`Ring::trim_buffers`].
+    grown: bool,
+    /// The offer has grown since the ring last started small.
+    wide: bool,
     /// Left to the kernel at exit (see [`Ring::abandon`]).
     abandoned: bool,
 }
@@ -216,6 +220,8 @@ impl BufferRing {
             out: 0,
             held: 0,
             offered: OFFERED_QUIET,
+            grown: false,
+            wide: false,
             abandoned: false,
         };
         this.register(ring)?;
@@ -227,6 +233,7 @@ impl BufferRing {
         self.tail = 0;
         self.out = 0;
         self.offered = OFFERED_QUIET;
+        self.wide = false;
         self.spare = (0..BUFFERS).rev().collect();
         // SAFETY: the entries stay allocated until `drop`, after the ring (which owns the
         // registration) is gone: `Ring` drops its `IoUring` first.
@@ -285,6 +292,8 @@ impl BufferRing {
 
     /// A receive found the ring empty: offer twice as many.
     fn grow(&mut self) {
+        self.grown = true;
+        self.wide = true;
         self.offered = self.offered.saturating_mul(2).min(BUFFERS);
         self.refill();
     }
@@ -576,16 +585,35 @@ impl Ring {
     }
 
     /// Lets go of the reusable send records and the receive buffers' pages (once the shard
-    /// is quiet). Called between two submits. Where the kernel fills buffers inside this
-    /// thread's `io_uring_enter` alone (`DEFER_TASKRUN`), the driver holds none and no
-    /// completion is waiting in the kernel's overflow list, the buffer ring starts again
-    /// small ([`BufferRing::reset`]); elsewhere only the spare buffers' pages go.
+    /// is quiet). Called between two submits.
     pub fn release_spare(&mut self) {
         self.spare = Vec::new();
+        self.restart_buffers();
+    }
+
+    /// Called once a second, between two submits: a buffer ring that grew for a storm of
+    /// receives and has not had to grow for a whole second starts again small. Receives
+    /// alone (a burst of pongs to the idle pings, say) never make the shard busy enough for
+    /// [`Self::release_spare`], and the kernel would keep walking every buffer the storm
+    /// offered.
+    pub fn trim_buffers(&mut self) {
+        let grown = std::mem::take(&mut self.buffers.grown);
+        if self.buffers.wide && !grown {
+            self.restart_buffers();
+        }
+    }
+
+    /// Where the kernel fills buffers inside this thread's `io_uring_enter` alone
+    /// (`DEFER_TASKRUN`), the driver holds none and no completion is waiting in the kernel's
+    /// overflow list, the buffer ring starts again small ([`BufferRing::reset`]); elsewhere
+    /// only the spare buffers' pages go.
+    fn restart_buffers(&mut self) {
         let settled =
             self.deferred && self.buffers.held == 0 && !self.ring.submission().cq_overflow();
         if !settled {
             self.buffers.drop_spare_pages();
+            // Without DEFER_TASKRUN no later second could do more.
+            self.buffers.wide &= self.deferred;
             return;
         }
         if let Err(e) = self.buffers.reset(&self.ring) {
@@ -855,37 +883,48 @@ mod tests {
             ring.arm_recv(fd(i), i, 0);
         }
         // One message at a time: the same few buffers go round.
-        let used = ping_in_turn(&mut ring, &pairs);
-        assert!(
-            used.len() <= usize::from(OFFERED_QUIET),
-            "{} buffers",
-            used.len()
-        );
-        // All at once: more than are offered arrive together; every byte still arrives once.
-        for (_, peer) in &pairs {
+        assert_few_buffers_go_round(&mut ring, &pairs);
+        storm(&mut ring, &pairs);
+        // A second with no storm, receives only: the kernel is left with the quiet offer, so
+        // a trickle of messages goes round as few buffers as before, through the receives
+        // armed before it. Not in the second the offer grew.
+        ring.trim_buffers();
+        assert!(ring.buffers.offered > OFFERED_QUIET, "kept while it grew");
+        ring.trim_buffers();
+        assert_eq!(ring.buffers.offered, OFFERED_QUIET);
+        assert_few_buffers_go_round(&mut ring, &pairs);
+        // The same once the shard is quiet after other work.
+        storm(&mut ring, &pairs);
+        ring.release_spare();
+        assert_few_buffers_go_round(&mut ring, &pairs);
+    }
+
+    /// 3,000 bytes on every pair at once: more than are offered arrive together; every byte
+    /// still arrives, once. The offer grows.
+    fn storm(ring: &mut Ring, pairs: &[(UnixStream, UnixStream)]) {
+        for (_, peer) in pairs {
             (&*peer).write_all(&[7u8; 3000]).unwrap();
         }
-        let mut got = vec![0usize; 64];
-        reap(&mut ring, |ring, c| {
-            let bytes = take(ring, &c, fd(c.tag.key));
+        let mut got = vec![0usize; pairs.len()];
+        reap(ring, |ring, c| {
+            let bytes = take(ring, &c, pairs[c.tag.key as usize].0.as_raw_fd());
             assert!(bytes.iter().all(|&b| b == 7));
             got[c.tag.key as usize] += bytes.len();
             got.iter().all(|&n| n == 3000)
         });
         assert!(ring.buffers.offered > OFFERED_QUIET);
-        // Quiet again: the kernel holds only the quiet offer, so a trickle of messages goes
-        // round as few buffers as before the storm, through the receives armed before it.
-        ring.release_spare();
-        assert_eq!(ring.buffers.offered, OFFERED_QUIET);
-        let used = ping_in_turn(&mut ring, &pairs);
+    }
+
+    fn assert_few_buffers_go_round(ring: &mut Ring, pairs: &[(UnixStream, UnixStream)]) {
+        let used = ping_in_turn(ring, pairs);
         assert!(
             used.len() <= usize::from(OFFERED_QUIET),
-            "{} buffers after the storm",
+            "{} buffers went round",
             used.len()
         );
         assert_eq!(
             ring.buffers.offered, OFFERED_QUIET,
-            "no receive ran out of buffers across the reset"
+            "no receive ran out of buffers"
         );
     }
 

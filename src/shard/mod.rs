@@ -1130,6 +1130,9 @@ impl Shard {
         self.for_each_connection(|conn, fd, cx| {
             conn.on_tick(cx, || crate::liveness::peer_acked_secs_ago(fd))
         });
+        if let Io::Uring(u) = &mut self.io {
+            u.trim();
+        }
         self.give_back_memory();
         let c = std::mem::take(&mut self.shared.counters);
         self.worked_since_tick |= c.busy_released > 0;

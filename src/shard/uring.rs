@@ -89,6 +89,13 @@ impl UringIo {
         self.ring.as_ref().map_or(0, Ring::sending_bytes)
     }
 
+    /// Once a second: receive buffers a storm needed and the last second did not go back.
+    pub(super) fn trim(&mut self) {
+        if let Some(ring) = self.ring.as_mut() {
+            ring.trim_buffers();
+        }
+    }
+
     /// Memory kept between bursts goes back (see `Shard::give_back_memory`).
     pub(super) fn release(&mut self) {
         if let Some(ring) = self.ring.as_mut() {
