@@ -604,12 +604,16 @@ impl Ring {
     }
 
     /// Where the kernel fills buffers inside this thread's `io_uring_enter` alone
-    /// (`DEFER_TASKRUN`), the driver holds none and no completion is waiting in the kernel's
-    /// overflow list, the buffer ring starts again small ([`BufferRing::reset`]); elsewhere
-    /// only the spare buffers' pages go.
+    /// (`DEFER_TASKRUN`), the driver holds none and no completion is waiting to be reaped,
+    /// the buffer ring starts again small ([`BufferRing::reset`]); elsewhere only the spare
+    /// buffers' pages go. A completion can be waiting between two submits: a full submission
+    /// queue is submitted as it fills (see `push`), and receives armed then may complete at
+    /// once, their bytes in a buffer the driver has not seen yet.
     fn restart_buffers(&mut self) {
-        let settled =
-            self.deferred && self.buffers.held == 0 && !self.ring.submission().cq_overflow();
+        let settled = self.deferred
+            && self.buffers.held == 0
+            && !self.ring.submission().cq_overflow()
+            && self.ring.completion().is_empty();
         if !settled {
             self.buffers.drop_spare_pages();
             // Without DEFER_TASKRUN no later second could do more.
@@ -897,6 +901,35 @@ mod tests {
         storm(&mut ring, &pairs);
         ring.release_spare();
         assert_few_buffers_go_round(&mut ring, &pairs);
+    }
+
+    #[test]
+    fn a_receive_completed_but_not_yet_reaped_keeps_its_bytes_across_a_trim() {
+        let mut ring = Ring::new().expect("io_uring on the test machine (kernel 6.18)");
+        let pairs: Vec<_> = (0..64).map(|_| UnixStream::pair().unwrap()).collect();
+        for (i, (ours, _)) in pairs.iter().enumerate() {
+            ring.arm_recv(ours.as_raw_fd(), i as u32, 0);
+        }
+        storm(&mut ring, &pairs);
+        ring.trim_buffers();
+        // A receive armed on bytes already there completes inside a plain submit (as when a
+        // full submission queue is submitted mid-iteration): its completion waits unreaped.
+        let (ours, peer) = UnixStream::pair().unwrap();
+        (&peer).write_all(b"kept intact").unwrap();
+        ring.arm_recv(ours.as_raw_fd(), 99, 0);
+        ring.ring.submit().unwrap();
+        ring.trim_buffers();
+        let mut got = Vec::new();
+        reap(&mut ring, |ring, c| {
+            if c.tag.key == 99 {
+                got.extend(take(ring, &c, ours.as_raw_fd()));
+            }
+            got.len() >= 11
+        });
+        assert_eq!(got, b"kept intact");
+        // Reaped and given back: the next second may start small.
+        ring.trim_buffers();
+        assert_eq!(ring.buffers.offered, OFFERED_QUIET);
     }
 
     /// 3,000 bytes on every pair at once: more than are offered arrive together; every byte
