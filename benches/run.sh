@@ -109,6 +109,9 @@ forget_pid() {
 start_server() {
     local name=$1 out=$WORK/$1.out err=$WORK/$1.err
     shift
+    # Emptied here, not only by the server's own redirection: that happens in the child after
+    # the fork, and the wait below could read the previous server's line (and port) first.
+    : >"$out"
     case $name in
         # An earlier build did not switch huge pages off itself: as herald does now, so that
         # herald/before compares the code, not the allocator setting.

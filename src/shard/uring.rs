@@ -346,6 +346,13 @@ impl Shard {
         {
             slot.set_recv_armed(false);
         }
+        // Only a receive with bytes carries a buffer; should any other, it goes back at once
+        // (a buffer never given back would keep the ring from ever starting again small).
+        if c.result <= 0
+            && let (Some(b), Some(ring)) = (c.buffer, self.uring().and_then(|u| u.ring.as_mut()))
+        {
+            ring.recycle(b);
+        }
         match c.result {
             n if n > 0 => {
                 let Some(buffer) = c.buffer else {
