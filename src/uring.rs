@@ -256,11 +256,12 @@ impl BufferRing {
     /// them, their pages dropped. The kernel consumes the ring in order, so after a storm
     /// that grew the offer it would otherwise go through every buffer still offered, one
     /// receive each, keeping all their pages resident however quiet the shard is (1 MiB per
-    /// process, 55 B per connection at a million, measured by `benches/million.sh`).
+    /// shard: on one process of 18,000 connections, when its first idle pings went out;
+    /// `benches/RESULTS.md`).
     ///
     /// Only sound when no receive can pick a buffer meanwhile (`DEFER_TASKRUN`, between two
     /// submits) and no completion carrying one is still to be reaped: the caller
-    /// ([`Ring::release_spare`]) makes sure of both. Receives armed on the group find the
+    /// ([`Ring::restart_buffers`]) makes sure of both. Receives armed on the group find the
     /// new ring at their next data, as they would find the old one. `Err` only when the
     /// ring is gone and could not be registered again: no receive could complete.
     fn reset(&mut self, ring: &IoUring) -> io::Result<()> {
