@@ -11,11 +11,12 @@
 # (time to the last of N subscribers), and a fixed-rate phase (loss and latency). Then the same
 # again against kernel_fanout processes reading the same stream: the kernel's ceiling (one
 # pre-encoded frame written to every socket) at the same scale, so herald's figures are ratios.
-# Machine memory, kernel Slab and the servers' RSS are sampled every 2 s throughout.
+# Machine memory, kernel Slab, the servers' RSS and the CPU time of the servers, the load
+# generator and the machine are sampled every 2 s throughout.
 #
 # Writes $OUT/million-<server>.json and .html (herald-bench's report: connections, memory and
-# delivery over time), $OUT/memory-<server>.csv, and one summary line on stdout, also appended
-# as JSON to $OUT/results.jsonl.
+# delivery over time), $OUT/memory-<server>.csv, herald-bench's log $OUT/bench-<server>.log,
+# and one summary line on stdout, also appended as JSON to $OUT/results.jsonl.
 #
 # Needs about 8.5 GB of memory at 1M (both ends of every socket are on this machine) and ~100
 # processes: run nothing else heavy beside it. The sysctls it needs (sysctl/herald.conf: port
@@ -152,12 +153,10 @@ apply_sysctls() {
 meminfo() { awk -v k="$1" '$1 == k":" { print $2 }' /proc/meminfo; }
 used_kb() { echo $(($(meminfo MemTotal) - $(meminfo MemAvailable))); }
 rss_sum_kb() {
-    local total=0 pid v
-    for pid in "$@"; do
-        v=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
-        total=$((total + ${v:-0}))
-    done
-    echo "$total"
+    local files=() pid
+    for pid in "$@"; do files+=("/proc/$pid/status"); done
+    # One awk for all; cat skips a process gone meanwhile.
+    cat "${files[@]}" /dev/null 2>/dev/null | awk '/^VmRSS:/ { t += $2 } END { print t + 0 }' || true
 }
 
 # start_fleet KIND: KIND (herald | kernel) processes reading the stream; sets FLEET (PIDs) and
@@ -209,13 +208,34 @@ stop_fleet() {
     FLEET=()
 }
 
-# sample KIND: machine memory, Slab and the fleet's RSS every 2 s, into memory-KIND.csv.
+# cpu_ticks PID...: the processes' CPU time so far (user + system), in clock ticks.
+cpu_ticks() {
+    local files=() pid
+    for pid in "$@"; do files+=("/proc/$pid/stat"); done
+    # Fields 14 and 15, counted after the command's closing parenthesis.
+    cat "${files[@]}" /dev/null 2>/dev/null | awk '{ sub(/.*\) /, ""); t += $12 + $13 } END { print t + 0 }' || true
+}
+
+# machine_ticks: the machine's busy CPU time so far, and the part of it in softirq, in ticks.
+machine_ticks() { awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8 "," $8 }' /proc/stat; }
+
+# tree PID: PID and all its descendants (herald-bench runs its workers as child processes).
+tree() {
+    local pid=$1 child
+    echo "$pid"
+    for child in $(cat "/proc/$pid/task/"*/children 2>/dev/null); do tree "$child"; done
+}
+
+# sample KIND BENCH: machine memory, Slab, the fleet's RSS, and the CPU time of the fleet, of
+# the load generator (BENCH and its children) and of the whole machine every 2 s, into
+# memory-KIND.csv (CPU in clock ticks, `getconf CLK_TCK` a second; the difference between two
+# rows is the CPU used between them).
 sample() {
-    local csv=$OUT/memory-$1.csv start
+    local csv=$OUT/memory-$1.csv start bench=$2
     start=$(date +%s)
-    echo "t_s,machine_used_kb,slab_kb,servers_rss_kb" >"$csv"
+    echo "t_s,unix_s,machine_used_kb,slab_kb,servers_rss_kb,servers_cpu_ticks,bench_cpu_ticks,machine_busy_ticks,softirq_ticks" >"$csv"
     while true; do
-        echo "$(($(date +%s) - start)),$(used_kb),$(meminfo Slab),$(rss_sum_kb "${FLEET[@]}")" >>"$csv"
+        echo "$(($(date +%s) - start)),$(date +%s),$(used_kb),$(meminfo Slab),$(rss_sum_kb "${FLEET[@]}"),$(cpu_ticks "${FLEET[@]}"),$(cpu_ticks $(tree "$bench")),$(machine_ticks)" >>"$csv"
         sleep 2
     done
 }
@@ -232,8 +252,6 @@ run() {
     sleep 2
     local base
     base=$(rss_sum_kb "${FLEET[@]}")
-    sample "$name" &
-    SAMPLER=$!
     local pid_args=() pid rc=0
     for pid in "${FLEET[@]}"; do pid_args+=(--server-pid "$pid"); done
     # In the background and waited for, so that a signal to this script stops it at once:
@@ -248,15 +266,20 @@ run() {
         >"$OUT/million-$name.json" 2>"$WORK/bench-$kind.err" &
     local bench=$!
     PIDS+=("$bench")
+    sample "$name" "$bench" &
+    SAMPLER=$!
     wait "$bench" || rc=$?
     local keep=() p
     for p in "${PIDS[@]}"; do [[ $p == "$bench" ]] || keep+=("$p"); done
     PIDS=("${keep[@]}")
     grep -E '^herald-bench.*(phase|connect)|failures|no answer' "$WORK/bench-$kind.err" | grep -v '^herald-bench \[.*\] *[0-9.]*s ' | sed 's/^/   /' >&2 || true
     [[ $rc -le 1 ]] || { tail -20 "$WORK/bench-$kind.err" >&2; echo "herald-bench exited with $rc" >&2; }
+    # Its progress lines carry the time since it started: with the CSV's unix_s, where each
+    # phase's CPU went.
+    cp "$WORK/bench-$kind.err" "$OUT/bench-$name.log"
     local peak_used peak_slab connected_rss
-    peak_used=$(tail -n +2 "$OUT/memory-$name.csv" | cut -d, -f2 | sort -n | tail -1)
-    peak_slab=$(tail -n +2 "$OUT/memory-$name.csv" | cut -d, -f3 | sort -n | tail -1)
+    peak_used=$(tail -n +2 "$OUT/memory-$name.csv" | cut -d, -f3 | sort -n | tail -1)
+    peak_slab=$(tail -n +2 "$OUT/memory-$name.csv" | cut -d, -f4 | sort -n | tail -1)
     peak_used=${peak_used:-$used0}
     peak_slab=${peak_slab:-$slab0}
     connected_rss=$(rss_sum_kb "${FLEET[@]}")

@@ -16,7 +16,7 @@ use mio::{Events, Poll};
 
 use super::{AcceptRefusal, Io, Shard, epoll_io};
 use crate::outbox::OutFrame;
-use crate::uring::{Completion, Op, Ring};
+use crate::uring::{Completion, Op, RecvBuffer, Ring};
 
 /// Bytes a paused connection may receive before its receive's cancellation takes effect (a
 /// few buffers in practice); beyond it the connection is dropped.
@@ -381,7 +381,7 @@ impl Shard {
 
     /// Hands received bytes to connection `k`, or keeps them when it wants no input now (they
     /// were on their way when its receive was paused). Answers false if `k` was dropped.
-    fn hand_over(&mut self, k: usize, buffer: u16, len: usize) -> bool {
+    fn hand_over(&mut self, k: usize, buffer: RecvBuffer, len: usize) -> bool {
         let Io::Uring(u) = &mut self.io else {
             return false;
         };
