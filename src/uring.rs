@@ -164,7 +164,17 @@ struct InFlight {
 // moves with it; only the thread owning the ring touches either.
 unsafe impl Send for InFlight {}
 
+/// A send, from its submission until the driver has read its completion.
+enum Sending {
+    /// The kernel may still read through the record.
+    Flying(Box<InFlight>),
+    /// Completed and reaped; its record is back among the spares, its result waits for the
+    /// driver (a fan-out reaps as it submits, long before the driver gets to the results).
+    Done(SendDone),
+}
+
 /// What a send's completion hands back: the frames not sent, and how much of the first was.
+#[derive(Default)]
 pub struct SendDone {
     pub key: u32,
     pub serial: u32,
@@ -438,7 +448,7 @@ impl Drop for BufferRing {
 pub struct Ring {
     ring: IoUring,
     buffers: BufferRing,
-    sends: Slab<Box<InFlight>>,
+    sends: Slab<Sending>,
     backlog: std::collections::VecDeque<squeue::Entry>,
     /// Send records done with, for the next sends. Boxed: a record must not move while the
     /// kernel reads through it, and it goes back into `sends` as it is.
@@ -455,6 +465,12 @@ pub struct Ring {
     deferred: bool,
     /// Why the ring can no longer serve (reported by the next submit).
     failed: Option<io::Error>,
+    /// Completions reaped while submitting mid-iteration (a full submission queue), for the
+    /// next [`Self::submit_and_wait`]: reaping as the sends go in lets a fan-out reuse the
+    /// records of sends done, and keeps the completion queue from overflowing.
+    early: Vec<Completion>,
+    /// Entries copied out of the completion queue, to be turned into completions.
+    cqes: Vec<cqueue::Entry>,
 }
 
 impl Ring {
@@ -491,6 +507,8 @@ impl Ring {
             sending_bytes: 0,
             deferred,
             failed: None,
+            early: Vec::new(),
+            cqes: Vec::new(),
         })
     }
 
@@ -501,7 +519,7 @@ impl Ring {
         if self.backlog.is_empty() && self.try_push(&entry) {
             return;
         }
-        if self.backlog.is_empty() && self.ring.submit().is_ok() && self.try_push(&entry) {
+        if self.backlog.is_empty() && self.submit_mid_iteration() && self.try_push(&entry) {
             return;
         }
         self.backlog.push_back(entry);
@@ -519,11 +537,20 @@ impl Ring {
             if self.try_push(&entry) {
                 continue;
             }
-            if self.ring.submit().is_err() || !self.try_push(&entry) {
+            if !self.submit_mid_iteration() || !self.try_push(&entry) {
                 self.backlog.push_front(entry);
                 return;
             }
         }
+    }
+
+    /// Submits what is queued without waiting, and reaps what completed into `early`.
+    fn submit_mid_iteration(&mut self) -> bool {
+        let submitted = self.ring.submit().is_ok();
+        let mut early = std::mem::take(&mut self.early);
+        self.reap(&mut early);
+        self.early = early;
+        submitted
     }
 
     /// Entries wait for room in the submission queue: the loop must not sleep.
@@ -614,7 +641,7 @@ impl Ring {
             + flight.frames.iter().map(OutFrame::own_bytes).sum::<usize>();
         self.sending_bytes += flight.bytes;
         let header: *const libc::msghdr = &flight.header;
-        let index = self.sends.insert(flight) as u32;
+        let index = self.sends.insert(Sending::Flying(flight)) as u32;
         // MSG_WAITALL: the kernel goes on until all is sent (or the socket fails), so a
         // completion is short only on an error.
         let flags = (libc::MSG_NOSIGNAL | libc::MSG_WAITALL) as u32;
@@ -624,9 +651,34 @@ impl Ring {
 
     /// The send of a completion: its connection and what of its frames was not sent.
     pub fn finish_send(&mut self, c: &Completion) -> Option<SendDone> {
-        let mut flight = self.sends.try_remove(c.tag.key as usize)?;
+        match self.sends.try_remove(c.tag.key as usize)? {
+            Sending::Done(done) => Some(done),
+            // Not reaped through `reap` (cannot happen): finished here the same way.
+            Sending::Flying(flight) => Some(self.retire(flight, c.result)),
+        }
+    }
+
+    /// A reaped send's completion: its record goes back among the spares at once, and its
+    /// result waits in its place for the driver.
+    fn send_completed(&mut self, index: u32, result: i32) {
+        let index = index as usize;
+        let Some(slot) = self.sends.get_mut(index) else {
+            return;
+        };
+        if !matches!(slot, Sending::Flying(_)) {
+            return;
+        }
+        let empty = Sending::Done(SendDone::default());
+        if let Sending::Flying(flight) = std::mem::replace(slot, empty) {
+            let done = self.retire(flight, result);
+            self.sends[index] = Sending::Done(done);
+        }
+    }
+
+    /// What a finished send hands back; its record is kept for reuse.
+    fn retire(&mut self, mut flight: Box<InFlight>, result: i32) -> SendDone {
         self.sending_bytes = self.sending_bytes.saturating_sub(flight.bytes);
-        let mut left = usize::try_from(c.result).unwrap_or(0);
+        let mut left = usize::try_from(result).unwrap_or(0);
         let mut first = 0;
         while first < flight.frames.len() && left >= flight.frames[first].len() {
             left -= flight.frames[first].len();
@@ -640,7 +692,7 @@ impl Ring {
         let done = SendDone {
             key: flight.key,
             serial: flight.serial,
-            result: c.result,
+            result,
             unsent,
             offset: left,
         };
@@ -648,13 +700,18 @@ impl Ring {
         if self.spare.len() < SPARE_SENDS {
             self.spare.push(flight);
         }
-        Some(done)
+        done
     }
 
     /// Lets go of the reusable send records and the receive buffers' pages (once the shard
     /// is quiet). Called between two submits.
     pub fn release_spare(&mut self) {
         self.spare = Vec::new();
+        if self.early.is_empty() {
+            self.early = Vec::new();
+        }
+        self.cqes = Vec::new();
+        self.sends.shrink_to_fit();
         self.restart_buffers();
     }
 
@@ -679,6 +736,7 @@ impl Ring {
     fn restart_buffers(&mut self) {
         let settled = self.deferred
             && self.buffers.held == 0
+            && self.early.is_empty()
             && !self.ring.submission().cq_overflow()
             && self.ring.completion().is_empty();
         if !settled {
@@ -759,13 +817,27 @@ impl Ring {
             }
             Err(e) => Err(e),
         };
-        for cqe in self.ring.completion() {
+        out.append(&mut self.early);
+        self.reap(out);
+        waited
+    }
+
+    /// Moves what the completion queue holds into `out`: receive buffers are located, the
+    /// offer grows where a receive found none, and finished sends give back their records.
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.extend(self.ring.completion());
+        for cqe in cqes.drain(..) {
             let Some(tag) = Tag::decode(cqe.user_data()) else {
                 continue;
             };
-            if tag.op == Op::Recv && cqe.result() == -libc::ENOBUFS {
-                self.buffers.grow();
-                self.buffers_dirty = true;
+            match tag.op {
+                Op::Recv if cqe.result() == -libc::ENOBUFS => {
+                    self.buffers.grow();
+                    self.buffers_dirty = true;
+                }
+                Op::Send => self.send_completed(tag.key, cqe.result()),
+                _ => {}
             }
             let buffer = cqueue::buffer_select(cqe.flags()).map(|id| {
                 self.buffers
@@ -778,7 +850,7 @@ impl Ring {
                 buffer,
             });
         }
-        waited
+        self.cqes = cqes;
     }
 
     /// What the sends in flight hold, in bytes.
@@ -1129,6 +1201,44 @@ mod tests {
         });
         assert_eq!(reader.join().unwrap().unwrap(), 4 << 20);
         assert_eq!(ring.sending_bytes(), 0);
+    }
+
+    #[test]
+    fn a_fan_out_larger_than_the_submission_queue_reuses_the_records_of_sends_done() {
+        let mut ring = Ring::new().expect("io_uring on the test machine (kernel 6.18)");
+        let n = 3 * ENTRIES as usize;
+        let pairs: Vec<_> = (0..n).map(|_| UnixStream::pair().unwrap()).collect();
+        for (i, (ours, _)) in pairs.iter().enumerate() {
+            let body = bytes::Bytes::from(format!("event {i:5}"));
+            ring.send(ours.as_raw_fd(), i as u32, 1, |frames| {
+                frames.push(OutFrame::raw(body))
+            });
+        }
+        // Submitted as the queue filled, and reaped then: the sends went on in the records
+        // of sends already done.
+        let flying = ring
+            .sends
+            .iter()
+            .filter(|(_, s)| matches!(s, Sending::Flying(_)));
+        let made = ring.spare.len() + flying.count();
+        assert!(
+            made <= 2 * ENTRIES as usize,
+            "{made} send records for {n} sends"
+        );
+        let mut done = vec![false; n];
+        reap(&mut ring, |ring, c| {
+            let sent = ring.finish_send(&c).expect("a send's completion");
+            assert_eq!((sent.result, sent.unsent.len()), (11, 0));
+            done[sent.key as usize] = true;
+            done.iter().all(|&d| d)
+        });
+        assert_eq!(ring.in_flight(), 0);
+        assert_eq!(ring.sending_bytes(), 0);
+        for (i, (_, peer)) in pairs.iter().enumerate() {
+            let mut got = [0u8; 11];
+            (&*peer).read_exact(&mut got).unwrap();
+            assert_eq!(got, *format!("event {i:5}").as_bytes());
+        }
     }
 
     #[test]
