@@ -829,7 +829,7 @@ impl Ring {
                 break;
             }
             self.reap(out);
-            limit = DRAIN_BATCH as usize;
+            limit = DRAIN_BATCH;
             rounds += 1;
             if out.len() - start < limit {
                 break;
