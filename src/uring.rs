@@ -20,7 +20,11 @@
 //!   retries it when the socket is ready, instead of completing it with `EAGAIN`; the few
 //!   direct writes the driver still makes pass `MSG_DONTWAIT` ([`DontWait`]);
 //! - a fan-out's sends are queued as one `SENDMSG` per connection and go in with the next
-//!   `io_uring_enter`, together with everything else of the iteration.
+//!   `io_uring_enter`, together with everything else of the iteration, or as the submission
+//!   queue fills; the completions of a submit made then are reaped at once, so the fan-out
+//!   reuses the records of sends done;
+//! - a wait asks the kernel again, without waiting, while it may have stopped at its limit
+//!   of 20 deferred receives per call (6.13).
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -189,8 +193,10 @@ pub struct SendDone {
     pub offset: usize,
 }
 
-/// The shared receive buffers: the kernel takes one per completed receive from the ring, and
-/// the driver gives it back once the connection has read it.
+/// The shared receive buffers: the kernel fills the buffer at the head of the ring with
+/// receives in turn (incremental consumption; one buffer per receive on kernels before 6.12)
+/// and moves on once it is full; the driver gives a buffer back once the receive that
+/// finished it has been read.
 ///
 /// Only `offered` of them are in the ring at a time, and the ones given back last go in
 /// first: with all of them offered the kernel would cycle through every buffer, and a shard
@@ -206,7 +212,8 @@ struct BufferRing {
     spare: Vec<u16>,
     /// Buffers in the ring or with the driver (not yet given back).
     out: u16,
-    /// Buffers with the driver: reaped in a completion, not yet given back.
+    /// Finished buffers with the driver: reaped in the completion that finished them, not
+    /// yet given back (a buffer the kernel is still filling is not counted).
     held: u16,
     /// How many buffers the ring is kept filled with.
     offered: u16,
@@ -239,7 +246,9 @@ impl BufferRing {
         std::alloc::Layout::from_size_align(bytes, 4096).expect("a valid layout")
     }
 
-    fn new(ring: &IoUring) -> io::Result<Self> {
+    /// `incremental`: ask for incremental consumption (false only in tests: the kernel's
+    /// refusal is what turns it off in service).
+    fn new(ring: &IoUring, incremental: bool) -> io::Result<Self> {
         // SAFETY: a non-zero size; zeroed entries are valid (the kernel reads only those
         // below the tail).
         let entries = unsafe { std::alloc::alloc_zeroed(Self::layout()) }.cast::<BufRingEntry>();
@@ -264,7 +273,7 @@ impl BufferRing {
             grown: false,
             wide: false,
             abandoned: false,
-            incremental: true,
+            incremental,
             used: vec![0; usize::from(BUFFERS)],
         };
         this.register(ring)?;
@@ -311,10 +320,11 @@ impl BufferRing {
 
     /// Takes back every buffer the kernel holds and starts again with [`OFFERED_QUIET`] of
     /// them, their pages dropped. The kernel consumes the ring in order, so after a storm
-    /// that grew the offer it would otherwise go through every buffer still offered, one
-    /// receive each, keeping all their pages resident however quiet the shard is (1 MiB per
-    /// shard: on one process of 18,000 connections, when its first idle pings went out;
-    /// `benches/RESULTS.md`).
+    /// that grew the offer it would otherwise go through every buffer still offered (one
+    /// receive each before incremental consumption, a buffer's worth of receives each with
+    /// it), keeping all their pages resident however quiet the shard is (1 MiB per shard, in
+    /// whole-buffer mode: on one process of 18,000 connections, when its first idle pings
+    /// went out; `benches/RESULTS.md`).
     ///
     /// Only sound when no receive can pick a buffer meanwhile (`DEFER_TASKRUN`, between two
     /// submits) and no completion carrying one is still to be reaped: the caller
@@ -349,6 +359,9 @@ impl BufferRing {
         let id = id % BUFFERS;
         let slot = &mut self.used[usize::from(id)];
         let offset = if self.incremental { *slot } else { 0 };
+        // No bytes taken: an incremental buffer stays the kernel's, where it was (some
+        // kernels report it without BUF_MORE then); giving it back would offer it twice.
+        let more = more || (self.incremental && len <= 0);
         if self.incremental && more {
             let len = u16::try_from(len.max(0)).unwrap_or(u16::MAX);
             *slot = slot.saturating_add(len).min(BUFFER_BYTES as u16);
@@ -481,6 +494,10 @@ pub struct Ring {
 
 impl Ring {
     pub fn new() -> io::Result<Self> {
+        Self::with_buffers(true)
+    }
+
+    fn with_buffers(incremental: bool) -> io::Result<Self> {
         let deferred = IoUring::builder()
             .setup_cqsize(ENTRIES * 4)
             .setup_single_issuer()
@@ -501,7 +518,7 @@ impl Ring {
                 "this kernel's io_uring lacks NODROP or SUBMIT_STABLE",
             ));
         }
-        let buffers = BufferRing::new(&ring)?;
+        let buffers = BufferRing::new(&ring, incremental)?;
         Ok(Self {
             ring,
             buffers,
@@ -550,8 +567,15 @@ impl Ring {
         }
     }
 
-    /// Submits what is queued without waiting, and reaps what completed into `early`.
+    /// Submits what is queued without waiting, and reaps what completed into `early`: the
+    /// sends that completed at once (most of a fan-out's), not deferred work such as
+    /// receives, which the kernel runs only when asked for completions.
     fn submit_mid_iteration(&mut self) -> bool {
+        // Receives armed now find the buffers given back so far in this iteration.
+        if self.buffers_dirty {
+            self.buffers.publish();
+            self.buffers_dirty = false;
+        }
         let submitted = self.ring.submit().is_ok();
         let mut early = std::mem::take(&mut self.early);
         self.reap(&mut early);
@@ -559,9 +583,10 @@ impl Ring {
         submitted
     }
 
-    /// Entries wait for room in the submission queue: the loop must not sleep.
+    /// Entries wait for room in the submission queue, or completions wait to be handed over:
+    /// the loop must not sleep.
     pub fn has_backlog(&self) -> bool {
-        !self.backlog.is_empty()
+        !self.backlog.is_empty() || !self.early.is_empty()
     }
 
     /// One accept on `listener`.
@@ -804,7 +829,9 @@ impl Ring {
             self.buffers_dirty = false;
         }
         self.flush_backlog();
-        let timeout = if self.backlog.is_empty() {
+        // Completions reaped mid-iteration are waiting already: no sleep before they are
+        // handed over (a fan-out's connections stay "sending" until then).
+        let timeout = if self.backlog.is_empty() && self.early.is_empty() {
             timeout
         } else {
             Duration::ZERO
@@ -893,7 +920,8 @@ impl Ring {
         self.sending_bytes
     }
 
-    /// Requests still running that point into memory this ring owns.
+    /// Requests still running that point into memory this ring owns, and sends whose
+    /// completion the driver has not read yet.
     pub fn in_flight(&self) -> usize {
         self.sends.len() + self.closing.len()
     }
@@ -1127,19 +1155,22 @@ mod tests {
         }
         // A pong from every connection at once, as after a round of idle pings: 256 bytes,
         // one buffer's worth, where whole-buffer receives would want 64 buffers.
+        let pong = |i: usize| format!("p{i:03}").into_bytes();
         for _ in 0..3 {
-            for (_, peer) in &pairs {
-                (&*peer).write_all(b"pong").unwrap();
+            for (i, (_, peer)) in pairs.iter().enumerate() {
+                (&*peer).write_all(&pong(i)).unwrap();
             }
             let mut used = HashSet::new();
-            let mut got = 0;
+            let mut got = vec![Vec::new(); pairs.len()];
             reap(&mut ring, |ring, c| {
                 used.extend(c.buffer.map(|b| b.id));
-                let bytes = take(ring, &c, pairs[c.tag.key as usize].0.as_raw_fd());
-                assert!(b"pong".starts_with(&bytes) || bytes == b"pong", "{bytes:?}");
-                got += bytes.len();
-                got == 4 * pairs.len()
+                let k = c.tag.key as usize;
+                got[k].extend(take(ring, &c, pairs[k].0.as_raw_fd()));
+                got.iter().all(|g| g.len() >= 4)
             });
+            for (i, g) in got.iter().enumerate() {
+                assert_eq!(*g, pong(i), "connection {i} read another's bytes");
+            }
             assert!(used.len() <= 2, "{} buffers for 256 bytes", used.len());
             assert_eq!(ring.buffers.offered, OFFERED_QUIET, "none ran out");
         }
@@ -1147,7 +1178,20 @@ mod tests {
 
     #[test]
     fn receives_packed_into_shared_buffers_keep_every_stream_intact_and_in_order() {
-        let mut ring = Ring::new().expect("io_uring on the test machine (kernel 6.18)");
+        let ring = Ring::new().expect("io_uring on the test machine (kernel 6.18)");
+        assert!(ring.buffers.incremental);
+        every_stream_arrives_intact_and_in_order(ring);
+    }
+
+    #[test]
+    fn receives_into_whole_buffers_keep_every_stream_intact_and_in_order() {
+        // As on a kernel before 6.12, which refuses incremental consumption.
+        let ring = Ring::with_buffers(false).expect("io_uring on the test machine");
+        assert!(!ring.buffers.incremental);
+        every_stream_arrives_intact_and_in_order(ring);
+    }
+
+    fn every_stream_arrives_intact_and_in_order(mut ring: Ring) {
         let pairs: Vec<_> = (0..64).map(|_| UnixStream::pair().unwrap()).collect();
         for (i, (ours, _)) in pairs.iter().enumerate() {
             ring.arm_recv(ours.as_raw_fd(), i as u32, 0);
@@ -1178,8 +1222,8 @@ mod tests {
     }
 
     /// 8,000 bytes on every pair at once: more than the buffers offered hold arrive together
-    /// (the kernel takes a connection's bytes in one go, two buffers' worth here); every byte
-    /// still arrives, once. The offer grows.
+    /// (the kernel takes a connection's bytes in receives of up to a buffer each, one after
+    /// the other); every byte still arrives, once. The offer grows.
     fn storm(ring: &mut Ring, pairs: &[(UnixStream, UnixStream)]) {
         const EACH: usize = 8000;
         for (_, peer) in pairs {
@@ -1296,6 +1340,33 @@ mod tests {
         // a busy shard would fall behind its receives.
         let received = out.iter().filter(|c| c.result == 4).count();
         assert_eq!(received, pairs.len());
+    }
+
+    #[test]
+    fn completions_reaped_mid_iteration_are_handed_over_without_a_wait() {
+        let mut ring = Ring::new().expect("io_uring on the test machine (kernel 6.18)");
+        let pairs: Vec<_> = (0..ENTRIES).map(|_| UnixStream::pair().unwrap()).collect();
+        for (i, (ours, _)) in pairs.iter().enumerate() {
+            let body = bytes::Bytes::from_static(b"event");
+            ring.send(ours.as_raw_fd(), i as u32, 1, |frames| {
+                frames.push(OutFrame::raw(body))
+            });
+        }
+        // The queue is full: arming a receive on a quiet socket submits the sends, which
+        // complete at once and are reaped; the receive alone is left, and will not complete.
+        let (quiet, _peer) = UnixStream::pair().unwrap();
+        ring.arm_recv(quiet.as_raw_fd(), 0, 0);
+        let mut out = Vec::new();
+        let start = Instant::now();
+        ring.submit_and_wait(Duration::from_secs(2), &mut out)
+            .unwrap();
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            start.elapsed()
+        );
+        let sent = out.iter().filter(|c| c.tag.op == Op::Send).count();
+        assert_eq!(sent, ENTRIES as usize);
     }
 
     #[test]
