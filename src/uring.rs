@@ -1041,6 +1041,15 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::time::Instant;
 
+    /// `n` socket pairs, a receive armed on our end of each (keyed by its index).
+    fn armed(ring: &mut Ring, n: usize) -> Vec<(UnixStream, UnixStream)> {
+        let pairs: Vec<_> = (0..n).map(|_| UnixStream::pair().unwrap()).collect();
+        for (i, (ours, _)) in pairs.iter().enumerate() {
+            ring.arm_recv(ours.as_raw_fd(), i as u32, 0);
+        }
+        pairs
+    }
+
     /// Submits and reaps until `done` says enough, for at most 5 s.
     fn reap(ring: &mut Ring, mut done: impl FnMut(&mut Ring, Completion) -> bool) {
         let until = Instant::now() + Duration::from_secs(5);
@@ -1090,11 +1099,7 @@ mod tests {
     #[test]
     fn a_quiet_shard_keeps_few_receive_buffers_and_a_storm_gets_more() {
         let mut ring = Ring::new().expect("io_uring on the test machine (kernel 6.18)");
-        let pairs: Vec<_> = (0..64).map(|_| UnixStream::pair().unwrap()).collect();
-        let fd = |i: u32| pairs[i as usize].0.as_raw_fd();
-        for i in 0..64 {
-            ring.arm_recv(fd(i), i, 0);
-        }
+        let pairs = armed(&mut ring, 64);
         // One message at a time: the same few buffers go round.
         assert_few_buffers_go_round(&mut ring, &pairs);
         storm(&mut ring, &pairs);
@@ -1115,10 +1120,7 @@ mod tests {
     #[test]
     fn a_receive_completed_but_not_yet_reaped_keeps_its_bytes_across_a_trim() {
         let mut ring = Ring::new().expect("io_uring on the test machine (kernel 6.18)");
-        let pairs: Vec<_> = (0..64).map(|_| UnixStream::pair().unwrap()).collect();
-        for (i, (ours, _)) in pairs.iter().enumerate() {
-            ring.arm_recv(ours.as_raw_fd(), i as u32, 0);
-        }
+        let pairs = armed(&mut ring, 64);
         storm(&mut ring, &pairs);
         ring.trim_buffers();
         // A receive armed on bytes already there completes inside a plain submit (as when a
@@ -1149,10 +1151,7 @@ mod tests {
             ring.buffers.incremental,
             "kernel 6.12 or later consumes buffers in parts"
         );
-        let pairs: Vec<_> = (0..64).map(|_| UnixStream::pair().unwrap()).collect();
-        for (i, (ours, _)) in pairs.iter().enumerate() {
-            ring.arm_recv(ours.as_raw_fd(), i as u32, 0);
-        }
+        let pairs = armed(&mut ring, 64);
         // A pong from every connection at once, as after a round of idle pings: 256 bytes,
         // one buffer's worth, where whole-buffer receives would want 64 buffers.
         let pong = |i: usize| format!("p{i:03}").into_bytes();
@@ -1192,10 +1191,7 @@ mod tests {
     }
 
     fn every_stream_arrives_intact_and_in_order(mut ring: Ring) {
-        let pairs: Vec<_> = (0..64).map(|_| UnixStream::pair().unwrap()).collect();
-        for (i, (ours, _)) in pairs.iter().enumerate() {
-            ring.arm_recv(ours.as_raw_fd(), i as u32, 0);
-        }
+        let pairs = armed(&mut ring, 64);
         let mut sent = vec![Vec::new(); pairs.len()];
         let mut got = vec![Vec::new(); pairs.len()];
         // Lengths that make receives end anywhere in a buffer and straddle buffer ends.
@@ -1323,10 +1319,7 @@ mod tests {
     #[test]
     fn one_wait_hands_over_every_receive_that_is_ready() {
         let mut ring = Ring::new().expect("io_uring on the test machine (kernel 6.18)");
-        let pairs: Vec<_> = (0..300).map(|_| UnixStream::pair().unwrap()).collect();
-        for (i, (ours, _)) in pairs.iter().enumerate() {
-            ring.arm_recv(ours.as_raw_fd(), i as u32, 0);
-        }
+        let pairs = armed(&mut ring, 300);
         let mut out = Vec::new();
         ring.submit_and_wait(Duration::ZERO, &mut out).unwrap();
         // Every receive waits for data now; then a pong arrives on each connection at once.
