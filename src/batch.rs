@@ -83,6 +83,78 @@ struct Frame {
     tail_len: u32,
 }
 
+/// A batch's events, held by the sends of its fan-out that outlive it (io_uring): one
+/// reference per send instead of one per frame.
+pub type Bodies = Arc<[Arc<EncodedEvent>]>;
+
+/// One connection's frames of a batch, packed for a send that the kernel performs after the
+/// batch is gone. The bodies are the batch's (shared through [`Bodies`], never copied); the
+/// small pieces, each frame's header and tail, sit in `glue` in wire order, so that `k` frames
+/// are `2k + 1` pieces, as in [`Batch::write`].
+#[derive(Debug, Default)]
+pub struct Staged {
+    bodies: Option<Bodies>,
+    /// Per frame: its event, and where its tail starts in `glue` (its header ends there).
+    frames: Vec<Frame>,
+    glue: Vec<u8>,
+}
+
+impl Staged {
+    /// The frames' bytes in wire order, as pieces that stay put while `self` is not changed.
+    pub fn parts(&self, mut each: impl FnMut(&[u8])) {
+        let Some(bodies) = self.bodies.as_deref() else {
+            return;
+        };
+        let mut from = 0;
+        for f in &self.frames {
+            let head_end = f.tail_start as usize;
+            each(&self.glue[from..head_end]);
+            each(&bodies[f.event as usize].prefix);
+            from = head_end;
+        }
+        each(&self.glue[from..]);
+    }
+
+    /// Memory this holds of its own (bodies are the batch's, counted once there).
+    pub fn own_bytes(&self) -> usize {
+        self.glue.capacity() + self.frames.capacity() * std::mem::size_of::<Frame>()
+    }
+
+    /// What was not sent of the first `sent` bytes, as frames for the connection's outbox:
+    /// the frames from the first one not wholly sent, and how much of it was. Empties `self`.
+    pub fn unsent(&mut self, sent: usize) -> (Vec<OutFrame>, usize) {
+        let Some(bodies) = self.bodies.take() else {
+            return (Vec::new(), 0);
+        };
+        let mut left = sent;
+        let mut rest = Vec::new();
+        for f in &self.frames {
+            let body = &bodies[f.event as usize].prefix;
+            let tail = &self.glue[f.tail_start as usize..(f.tail_start + f.tail_len) as usize];
+            let len = ServerHeader::new(Opcode::Text, body.len() + tail.len())
+                .as_bytes()
+                .len()
+                + body.len()
+                + tail.len();
+            if rest.is_empty() && left >= len {
+                left -= len;
+                continue;
+            }
+            rest.push(OutFrame::event(body.clone(), SmallVec::from_slice(tail)));
+        }
+        let offset = if rest.is_empty() { 0 } else { left };
+        self.clear();
+        (rest, offset)
+    }
+
+    /// Lets go of the batch's events; keeps the capacity for the next send.
+    pub fn clear(&mut self) {
+        self.bodies = None;
+        self.frames.clear();
+        self.glue.clear();
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Batch {
     events: Vec<Arc<EncodedEvent>>,
@@ -209,6 +281,39 @@ impl Batch {
     /// [`Self::clear`].
     pub fn take_touched(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.touched)
+    }
+
+    /// The batch's events, for the sends of this fan-out that outlive it ([`Self::stage_send`]).
+    pub fn bodies(&self) -> Bodies {
+        Arc::from(&self.events[..])
+    }
+
+    /// Packs `key`'s frames into `into` (emptied first) for a send that outlives the batch;
+    /// `bodies` is this batch's, from [`Self::bodies`].
+    pub fn stage_send(&self, key: u32, bodies: &Bodies, into: &mut Staged) {
+        into.clear();
+        let Some(list) = self.lists.get(key as usize) else {
+            return;
+        };
+        into.bodies = Some(Arc::clone(bodies));
+        let mut r = list.first;
+        while r != NONE {
+            let run = self.runs[r as usize];
+            let tail =
+                &self.tails[run.tail_start as usize..(run.tail_start + run.tail_len) as usize];
+            for event in run.first..=run.last {
+                let body = self.events[event as usize].prefix.len();
+                let head = ServerHeader::new(Opcode::Text, body + tail.len());
+                into.glue.extend_from_slice(head.as_bytes());
+                into.frames.push(Frame {
+                    event,
+                    tail_start: into.glue.len() as u32,
+                    tail_len: run.tail_len,
+                });
+                into.glue.extend_from_slice(tail);
+            }
+            r = run.next;
+        }
     }
 
     /// `key`'s frames as owned frames, for a connection whose outbox already holds data.
@@ -490,6 +595,41 @@ mod tests {
                 }
             }
             assert_eq!(w.out, whole, "budget {budget}");
+        }
+    }
+
+    #[test]
+    fn a_staged_send_is_the_same_bytes_and_hands_back_the_exact_rest() {
+        for sent in [0, 1, 3, 40, 250, 320, 1000] {
+            let b = one_run(
+                0,
+                (0..4).map(|i| event(&i.to_string(), &"z".repeat(50 * i))),
+            );
+            let mut all = Vec::new();
+            b.frames_of(0, &mut all);
+            let whole = expected(&all);
+            let mut staged = Staged::default();
+            b.stage_send(0, &b.bodies(), &mut staged);
+            // The send outlives its batch.
+            drop(b);
+            let (mut wire, mut pieces) = (Vec::new(), 0);
+            staged.parts(|p| {
+                wire.extend_from_slice(p);
+                pieces += 1;
+            });
+            assert_eq!(wire, whole);
+            assert_eq!(
+                pieces,
+                2 * 4 + 1,
+                "a frame's tail and the next header go together"
+            );
+            let sent = sent.min(whole.len());
+            let (rest, offset) = staged.unsent(sent);
+            let mut ob = crate::outbox::Outbox::default();
+            ob.queue_unsent(rest, offset);
+            let mut w = Throttled::new(usize::MAX);
+            assert!(ob.flush(&mut w).unwrap());
+            assert_eq!([&whole[..sent], &w.out[..]].concat(), whole, "sent {sent}");
         }
     }
 

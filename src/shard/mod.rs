@@ -924,6 +924,8 @@ impl Shard {
             start = end;
         }
         let touched = self.batch.take_touched();
+        // io_uring's sends hold the batch's events until the kernel is done with them.
+        let mut bodies = None;
         for &k in &touched {
             let Some(slot) = self.slab.get_mut(k as usize) else {
                 continue;
@@ -940,8 +942,9 @@ impl Shard {
                     self.settle(k as usize);
                 } else {
                     let batch = &self.batch;
-                    u.send(slot.stream.as_raw_fd(), k, slot.conn.serial(), |frames| {
-                        batch.frames_of(k, frames)
+                    let bodies = bodies.get_or_insert_with(|| batch.bodies());
+                    u.send(slot.stream.as_raw_fd(), k, slot.conn.serial(), |staged| {
+                        batch.stage_send(k, bodies, staged)
                     });
                     slot.set_sending(true);
                 }

@@ -15,7 +15,6 @@ use mio::net::TcpStream;
 use mio::{Events, Poll};
 
 use super::{AcceptRefusal, Io, Shard, epoll_io};
-use crate::outbox::OutFrame;
 use crate::uring::{Completion, Op, RecvBuffer, Ring};
 
 /// Bytes a paused connection may receive before its receive's cancellation takes effect (a
@@ -78,7 +77,7 @@ impl UringIo {
         fd: RawFd,
         key: u32,
         serial: u32,
-        fill: impl FnOnce(&mut Vec<OutFrame>),
+        fill: impl FnOnce(&mut crate::batch::Staged),
     ) {
         if let Some(ring) = self.ring.as_mut() {
             ring.send(fd, key, serial, fill);
