@@ -7,7 +7,9 @@
 //! per subscriber, not one per frame. At write time the small per-connection pieces (a frame's
 //! tail and the next frame's header) are packed together, so `k` frames take `2k + 1` iovecs and
 //! every event body is the shared encoded prefix, referenced in place. Frames a socket does not
-//! take are handed back as [`OutFrame`]s for the connection's outbox.
+//! take are handed back as [`OutFrame`]s for the connection's outbox. For a driver whose sends
+//! outlive the batch (io_uring), [`Staged`] packs a connection's frames the same way and holds
+//! the batch's events through one shared reference per send.
 //!
 //! Must not decide who receives what: [`Batch::offer`] asks the connection (`conn.rs`) and
 //! stages what it answers. Must not touch sockets other than the writer it is handed, nor the

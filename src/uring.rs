@@ -19,10 +19,10 @@
 //! - sockets stay blocking: the kernel then parks an operation that cannot proceed and
 //!   retries it when the socket is ready, instead of completing it with `EAGAIN`; the few
 //!   direct writes the driver still makes pass `MSG_DONTWAIT` ([`DontWait`]);
-//! - a fan-out's sends are queued as one `SENDMSG` per connection and go in with the next
-//!   `io_uring_enter`, together with everything else of the iteration, or as the submission
-//!   queue fills; the completions of a submit made then are reaped at once, so the fan-out
-//!   reuses the records of sends done;
+//! - a fan-out's sends are queued as one `SENDMSG` per connection, holding the batch's events
+//!   through one shared reference ([`Staged`]), and submitted 64 at a time: the
+//!   kernel reads each record while it is still in the cache, and the completions of a submit
+//!   made then are reaped at once, so the fan-out goes round a few records of sends done;
 //! - a wait asks the kernel again, without waiting, while it may have stopped at its limit
 //!   of 20 deferred receives per call (6.13).
 
