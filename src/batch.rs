@@ -77,7 +77,8 @@ pub enum Written {
     Blocked { rest: Vec<OutFrame>, offset: usize },
 }
 
-/// One frame to write: a batch event and its tail in `tails`.
+/// One frame to write: a batch event and its tail in `tails` (in a [`Staged`] send: its
+/// event in the send's bodies, its tail in `glue`).
 #[derive(Debug, Clone, Copy)]
 struct Frame {
     event: u32,
@@ -87,7 +88,17 @@ struct Frame {
 
 /// A batch's events, held by the sends of its fan-out that outlive it (io_uring): one
 /// reference per send instead of one per frame.
-pub type Bodies = Arc<[Arc<EncodedEvent>]>;
+#[derive(Debug, Clone)]
+pub struct Bodies {
+    events: Arc<[Arc<EncodedEvent>]>,
+    /// The events' encoded bytes.
+    bytes: usize,
+}
+
+/// A send shares its batch's events only while they are at most this many bytes, or four
+/// times its own frames' bodies: otherwise it holds just its own events, so that a client
+/// that stops reading keeps little of other channels' events alive until its send completes.
+const SHARE_BYTES: usize = 64 * 1024;
 
 /// One connection's frames of a batch, packed for a send that the kernel performs after the
 /// batch is gone. The bodies are the batch's (shared through [`Bodies`], never copied); the
@@ -95,8 +106,9 @@ pub type Bodies = Arc<[Arc<EncodedEvent>]>;
 /// are `2k + 1` pieces, as in [`Batch::write`].
 #[derive(Debug, Default)]
 pub struct Staged {
-    bodies: Option<Bodies>,
-    /// Per frame: its event, and where its tail starts in `glue` (its header ends there).
+    bodies: Option<Arc<[Arc<EncodedEvent>]>>,
+    /// Per frame: its event in `bodies`, and where its tail starts in `glue` (its header ends
+    /// there).
     frames: Vec<Frame>,
     glue: Vec<u8>,
 }
@@ -287,7 +299,10 @@ impl Batch {
 
     /// The batch's events, for the sends of this fan-out that outlive it ([`Self::stage_send`]).
     pub fn bodies(&self) -> Bodies {
-        Arc::from(&self.events[..])
+        Bodies {
+            events: Arc::from(&self.events[..]),
+            bytes: self.events.iter().map(|e| e.prefix.len()).sum(),
+        }
     }
 
     /// Packs `key`'s frames into `into` (emptied first) for a send that outlives the batch;
@@ -297,7 +312,7 @@ impl Batch {
         let Some(list) = self.lists.get(key as usize) else {
             return;
         };
-        into.bodies = Some(Arc::clone(bodies));
+        let mut own = 0;
         let mut r = list.first;
         while r != NONE {
             let run = self.runs[r as usize];
@@ -305,6 +320,7 @@ impl Batch {
                 &self.tails[run.tail_start as usize..(run.tail_start + run.tail_len) as usize];
             for event in run.first..=run.last {
                 let body = self.events[event as usize].prefix.len();
+                own += body;
                 let head = ServerHeader::new(Opcode::Text, body + tail.len());
                 into.glue.extend_from_slice(head.as_bytes());
                 into.frames.push(Frame {
@@ -316,6 +332,19 @@ impl Batch {
             }
             r = run.next;
         }
+        if bodies.bytes <= SHARE_BYTES.max(own.saturating_mul(4)) {
+            into.bodies = Some(Arc::clone(&bodies.events));
+            return;
+        }
+        let mine = into
+            .frames
+            .iter()
+            .map(|f| Arc::clone(&self.events[f.event as usize]))
+            .collect();
+        for (i, f) in into.frames.iter_mut().enumerate() {
+            f.event = i as u32;
+        }
+        into.bodies = Some(mine);
     }
 
     /// `key`'s frames as owned frames, for a connection whose outbox already holds data.
@@ -633,6 +662,46 @@ mod tests {
             assert!(ob.flush(&mut w).unwrap());
             assert_eq!([&whole[..sent], &w.out[..]].concat(), whole, "sent {sent}");
         }
+    }
+
+    #[test]
+    fn a_send_that_uses_little_of_its_batch_holds_only_its_own_events() {
+        let mut b = Batch::default();
+        let small = b.push_event(event("0", "a"));
+        let big = event("1", &"b".repeat(200 * 1024));
+        let e1 = b.push_event(Arc::clone(&big));
+        b.stage(0, small, tail("s0"));
+        b.stage(1, e1, tail("s1"));
+        b.stage(2, small, tail("s2"));
+        b.extend(2, e1);
+        let mut wires = Vec::new();
+        let mut staged: Vec<Staged> = (0..3).map(|_| Staged::default()).collect();
+        let bodies = b.bodies();
+        for (key, s) in staged.iter_mut().enumerate() {
+            let mut owned = Vec::new();
+            b.frames_of(key as u32, &mut owned);
+            wires.push(expected(&owned));
+            b.stage_send(key as u32, &bodies, s);
+        }
+        drop((b, bodies));
+        for (key, s) in staged.iter().enumerate() {
+            let mut wire = Vec::new();
+            s.parts(|p| wire.extend_from_slice(p));
+            assert_eq!(wire, wires[key], "connection {key}");
+        }
+        // Connections 1 and 2 got the big event, and their sends hold it; connection 0 got
+        // the small one only, and once the others are done its send keeps the big one no more.
+        assert!(Arc::strong_count(&big) > 1);
+        staged[1].clear();
+        staged[2].clear();
+        assert_eq!(Arc::strong_count(&big), 1);
+        // Its rest, after a short send, still names its own event.
+        let (rest, offset) = staged[0].unsent(3);
+        let mut ob = crate::outbox::Outbox::default();
+        ob.queue_unsent(rest, offset);
+        let mut w = Throttled::new(usize::MAX);
+        assert!(ob.flush(&mut w).unwrap());
+        assert_eq!(w.out, wires[0][3..]);
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //!   retries it when the socket is ready, instead of completing it with `EAGAIN`; the few
 //!   direct writes the driver still makes pass `MSG_DONTWAIT` ([`DontWait`]);
 //! - a fan-out's sends are queued as one `SENDMSG` per connection, holding the batch's events
-//!   through one shared reference ([`Staged`]), and submitted 64 at a time: the
+//!   through one shared reference ([`Staged`]), and submitted 128 at a time: the
 //!   kernel reads each record while it is still in the cache, and the completions of a submit
 //!   made then are reaped at once, so the fan-out goes round a few records of sends done;
 //! - a wait asks the kernel again, without waiting, while it may have stopped at its limit
@@ -37,8 +37,8 @@ use slab::Slab;
 use crate::batch::Staged;
 use crate::outbox::OutFrame;
 
-/// Submission queue entries; the completion queue has four times as many. A fan-out to more
-/// connections than this submits as it goes.
+/// Submission queue entries; the completion queue has four times as many. A fan-out submits
+/// its sends every [`SUBMIT_EVERY`], other requests go in when the queue is full.
 const ENTRIES: u32 = 1024;
 /// Receive buffers shared by a shard's connections, and their size. Only buffers that have
 /// been used are resident.
@@ -62,7 +62,7 @@ const DRAIN_ROUNDS: usize = 8;
 /// Sends queued before they are submitted (and what completed is reaped): the kernel reads
 /// their headers and vectors while they are still in the cache, and a fan-out goes round
 /// the same few records instead of a submission queue's worth.
-const SUBMIT_EVERY: usize = 64;
+const SUBMIT_EVERY: usize = 128;
 /// Send records kept for reuse: one fan-out's worth for a shard of a 19,000-connection node.
 const SPARE_SENDS: usize = 16 * 1024;
 
@@ -178,7 +178,8 @@ struct InFlight {
 }
 
 // SAFETY: the pointers in an in-flight send point into the record's own heap memory, which
-// moves with it; only the thread owning the ring touches either.
+// moves with it, and into event bodies the record holds a reference to; only the thread
+// owning the ring touches either.
 unsafe impl Send for InFlight {}
 
 /// A send, from its submission until the driver has read its completion.
@@ -491,7 +492,8 @@ pub struct Ring {
     deferred: bool,
     /// Why the ring can no longer serve (reported by the next submit).
     failed: Option<io::Error>,
-    /// Completions reaped while submitting mid-iteration (a full submission queue), for the
+    /// Completions reaped while submitting mid-iteration (a fan-out's sends, a full submission
+    /// queue), for the
     /// next [`Self::submit_and_wait`]: reaping as the sends go in lets a fan-out reuse the
     /// records of sends done, and keeps the completion queue from overflowing.
     early: Vec<Completion>,
@@ -768,9 +770,10 @@ impl Ring {
     /// Where the kernel fills buffers inside this thread's `io_uring_enter` alone
     /// (`DEFER_TASKRUN`), the driver holds none and no completion is waiting to be reaped,
     /// the buffer ring starts again small ([`BufferRing::reset`]); elsewhere only the spare
-    /// buffers' pages go. A completion can be waiting between two submits: a full submission
-    /// queue is submitted as it fills (see `push`), and receives armed then may complete at
-    /// once, their bytes in a buffer the driver has not seen yet.
+    /// buffers' pages go. A completion can be waiting between two submits: a fan-out's sends
+    /// and a full submission queue are submitted mid-iteration (see `send` and `push`), and
+    /// receives armed then may complete at once, their bytes in a buffer the driver has not
+    /// seen yet.
     fn restart_buffers(&mut self) {
         let settled = self.deferred
             && self.buffers.held == 0
@@ -1334,7 +1337,7 @@ mod tests {
             .filter(|(_, s)| matches!(s, Sending::Flying(_)));
         let made = ring.spare.len() + flying.count();
         assert!(
-            made <= 2 * SUBMIT_EVERY,
+            !ring.spare.is_empty() && made <= 256,
             "{made} send records for {n} sends"
         );
         let mut done = vec![false; n];
@@ -1383,10 +1386,14 @@ mod tests {
                 batch.stage_send(0, &bodies, staged)
             });
         }
-        // The queue is full: arming a receive on a quiet socket submits the sends, which
-        // complete at once and are reaped; the receive alone is left, and will not complete.
-        let (quiet, _peer) = UnixStream::pair().unwrap();
-        ring.arm_recv(quiet.as_raw_fd(), 0, 0);
+        // The sends went in as they were queued, and completed at once; then receives on quiet
+        // sockets fill the queue, and the one beyond it submits them. What completed is
+        // reaped each time; the receives are left, and will not complete.
+        let quiet: Vec<_> = (0..=ENTRIES).map(|_| UnixStream::pair().unwrap()).collect();
+        for (i, (ours, _)) in quiet.iter().enumerate() {
+            ring.arm_recv(ours.as_raw_fd(), i as u32, 0);
+        }
+        assert!(ring.backlog.is_empty(), "the full queue was submitted");
         let mut out = Vec::new();
         let start = Instant::now();
         ring.submit_and_wait(Duration::from_secs(2), &mut out)
