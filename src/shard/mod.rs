@@ -39,6 +39,9 @@ const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 /// Events taken from the inbound queue before frames are flushed and sockets polled again.
 const COMMAND_BATCH: usize = 256;
+// The io_uring driver sends a connection's frames of one batch as one SENDMSG of 2k + 1
+// vectors (`batch::Staged`), with no split: Linux takes at most 1024 (UIO_MAXIOV).
+const _: () = assert!(2 * COMMAND_BATCH < 1024);
 /// Connections accepted per loop iteration, so an accept storm cannot starve delivery.
 const ACCEPT_BATCH: usize = 512;
 /// Socket reads per readable event: enough for normal traffic, bounded against floods.
