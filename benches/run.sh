@@ -15,8 +15,9 @@
 #             herald/kernel delivered (target >= 0.7), herald/naive (>= 5), last-subscriber p99
 #             herald/kernel (<= 1.5).
 #   channels  19,000 connections over 1,000 channels with Zipf(1) popularity, events on Zipf
-#             channels with payloads of 0, 256 or 1,024 bytes: herald and naive_server
-#             (kernel_fanout sends every event to every connection, so it has no channels).
+#             channels with payloads of 0, 256 or 1,024 bytes: kernel_fanout --by-channel
+#             (the ceiling: each connection's pre-encoded frames of a wake in one writev), herald
+#             and naive_server.
 #   churn     19,000 connections, 10% closing and reopening every second for 20 s while 10
 #             events/s flow: every live subscriber must get every event; herald's RSS before churn
 #             (after a 10 s warm-up at the same event rate) and after it, at the same connection
@@ -119,7 +120,8 @@ start_server() {
         uring) env HERALD_IO=uring "$@" "$BIN/herald" serve --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s >"$out" 2>"$err" & ;;
         herald) env "$@" "$BIN/herald" serve --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s >"$out" 2>"$err" & ;;
         naive) env "$@" "$EX/naive_server" --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 --drain-timeout 2s >"$out" 2>"$err" & ;;
-        kernel) env "$@" "$EX/kernel_fanout" --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 >"$out" 2>"$err" & ;;
+        # shellcheck disable=SC2086 # KERNEL_ARGS is a list of flags
+        kernel) env "$@" "$EX/kernel_fanout" --shards "$SHARDS" --listen 127.0.0.1:0 --admin 127.0.0.1:0 ${KERNEL_ARGS:-} >"$out" 2>"$err" & ;;
         tcp) env "$@" "$BENCH" accept-loop --listen 127.0.0.1:0 --threads "$SHARDS" --max-time 1h >"$out" 2>"$err" & ;;
         *) echo "unknown server $name" >&2; exit 2 ;;
     esac
@@ -280,17 +282,19 @@ scenario_fanout() {
 scenario_channels() {
     local channels=1000
     ((N >= 5000)) || channels=$((N / 10 > 1 ? N / 10 : 2))
-    echo "== channels: $N connections over $channels channels (Zipf 1); herald, naive_server" >&2
+    echo "== channels: $N connections over $channels channels (Zipf 1); kernel_fanout --by-channel, herald, naive_server" >&2
     # shellcheck disable=SC2046
-    local servers=(herald) runs=()
+    local servers=(kernel herald) runs=()
     [[ ${URING:-0} == 1 ]] && servers+=(uring)
     servers+=(naive)
     for s in "${servers[@]}"; do
         runs+=("$s=$OUT/channels-$s.json")
-        fanout_run "$s" channels --channels "$channels" --zipf 1 --pad 0,256,1024 --publishers 4 \
+        local kernel_args=""
+        [[ $s == kernel ]] && kernel_args=--by-channel
+        KERNEL_ARGS=$kernel_args fanout_run "$s" channels --channels "$channels" --zipf 1 --pad 0,256,1024 --publishers 4 \
             $(rate_args 50 100) --burst "$((BURST * 5))"
     done
-    compare channels "${runs[@]}"
+    compare channels --subject herald "${runs[@]}"
 }
 
 scenario_churn() {

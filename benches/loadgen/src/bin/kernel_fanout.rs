@@ -17,11 +17,17 @@
 //!   only a connection whose buffer passes `--max-outbound-bytes` is closed (counted and
 //!   printed at exit).
 //!
-//! The URL's project and channels are not read: every connection gets the same `connected`
-//! frame (channels from `--channel`, default `files`, and one subscription id minted at start)
-//! and every event. The admin listener is a blocking thread per HTTP/1.1 connection
-//! (keep-alive): `POST /v1/events` frames the event, hands it to every shard over a crossbeam
-//! channel and wakes the shard (mio `Waker`), and replies `{"id":"<ms>-<seq>"}`; `GET /healthz`.
+//! By default the URL's project and channels are not read: every connection gets the same
+//! `connected` frame (channels from `--channel`, default `files`, and one subscription id minted
+//! at start) and every event. With `--by-channel` (the ceiling of the many-channels scenario)
+//! a connection is subscribed to its URL's `channels[]`, its `connected` frame lists them, and
+//! it gets only the events of those channels: per wake, the frames each connection is owed are
+//! written with one `writev`, straight from the shared pre-encoded frames (no copy, no
+//! encoding), as herald writes a connection's share of a batch with one `writev`.
+//!
+//! The admin listener is a blocking thread per HTTP/1.1 connection (keep-alive): `POST
+//! /v1/events` frames the event, hands it to every shard over a crossbeam channel and wakes the
+//! shard (mio `Waker`), and replies `{"id":"<ms>-<seq>"}`; `GET /healthz`.
 //! With `--redis URL` it also reads events from a Redis stream (`--stream`, entries as herald's
 //! publish API writes them), like a herald node: many processes then share one event source, as
 //! herald's fleet does in the million-connection benchmark.
@@ -35,6 +41,7 @@
 //! 127.0.0.1:0 --admin 127.0.0.1:0 --shards 2`. A leading `serve` argument is accepted and
 //! ignored, so scripts written for `herald serve` work unchanged.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream as StdTcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,6 +68,8 @@ const MAX_HEAD: usize = 16 * 1024;
 const MAX_BODY: usize = 256 * 1024;
 /// Publishes joined into one write per connection at most (herald takes 256 per wake).
 const MAX_BATCH: usize = 256;
+// `--by-channel` names a batch's frames by `u16` index.
+const _: () = assert!(MAX_BATCH <= 1 << 16);
 /// How long shutdown waits for clients to hang up after the close frame.
 const DRAIN: Duration = Duration::from_secs(2);
 /// An idle admin connection is dropped after this long.
@@ -92,12 +101,20 @@ struct Cli {
     redis: Option<String>,
     #[arg(long, default_value = "herald:events")]
     stream: String,
+    /// Send each event only to the connections whose URL named one of its channels
+    /// (`channels[]=`), one `writev` per connection per batch of the frames it is owed.
+    #[arg(long)]
+    by_channel: bool,
 }
+
+/// One event as a shard queues it: its pre-encoded frame and its channels.
+type Published = (Arc<[u8]>, Arc<[String]>);
 
 /// What the admin side and the signal handler send to a shard.
 enum Command {
-    /// One pre-encoded WebSocket frame for every connection.
-    Frame(Arc<[u8]>),
+    /// One pre-encoded WebSocket frame for every connection (with `--by-channel`: for the
+    /// connections subscribed to one of these channels).
+    Frame(Arc<[u8]>, Arc<[String]>),
     Shutdown,
 }
 
@@ -177,6 +194,7 @@ fn main() -> anyhow::Result<()> {
             counters: counters.clone(),
             accept_paused: false,
             draining: None,
+            index: cli.by_channel.then(|| ChannelIndex::new(url_id)),
         };
         threads.push(
             std::thread::Builder::new()
@@ -286,6 +304,92 @@ struct Conn {
     /// Bytes the socket did not take yet; empty (no heap) while it keeps up.
     unsent: Vec<u8>,
     write_shut: bool,
+    /// `--by-channel`: the URL's channels (empty otherwise).
+    channels: Vec<String>,
+}
+
+/// `--by-channel`: each channel's connections, and what one batch owes each of them.
+struct ChannelIndex {
+    /// Names the URL subscription in `connected`, as the events' subscription id does.
+    url_id: herald::protocol::UrlId,
+    subscribers: HashMap<String, Vec<usize>>,
+    /// Interns channel names for the `connected` messages, as a herald shard does.
+    registry: herald::registry::Registry,
+    /// Per connection key, the indices of the batch's frames it is owed (kept for reuse).
+    owed: Vec<Vec<u16>>,
+    /// Keys whose `owed` is not empty.
+    touched: Vec<usize>,
+}
+
+impl ChannelIndex {
+    fn new(url_id: herald::protocol::UrlId) -> Self {
+        Self {
+            url_id,
+            subscribers: HashMap::new(),
+            registry: herald::registry::Registry::default(),
+            owed: Vec::new(),
+            touched: Vec::new(),
+        }
+    }
+
+    /// herald's `connected` message for a guest on `channels`, as a frame.
+    fn connected_frame(&mut self, channels: &[String]) -> Arc<[u8]> {
+        let session = Session::new(
+            Arc::from("console"),
+            Arc::new(herald::identity::Identity::guest()),
+            channels,
+            &mut self.registry,
+        );
+        text_frame(
+            session
+                .connected_message(None, None, &self.url_id)
+                .as_bytes(),
+        )
+    }
+
+    fn subscribe(&mut self, k: usize, channels: &[String]) {
+        for c in channels {
+            self.subscribers.entry(c.clone()).or_default().push(k);
+        }
+    }
+
+    fn unsubscribe(&mut self, k: usize, channels: &[String]) {
+        for c in channels {
+            if let Some(keys) = self.subscribers.get_mut(c)
+                && let Some(at) = keys.iter().position(|&x| x == k)
+            {
+                keys.swap_remove(at);
+                if keys.is_empty() {
+                    self.subscribers.remove(c);
+                }
+            }
+        }
+    }
+
+    /// Fills `owed` and `touched` with who gets which of `batch`'s frames, each at most once.
+    fn route(&mut self, batch: &[Published]) {
+        for (i, (_, channels)) in batch.iter().enumerate() {
+            let i = i as u16;
+            for c in channels.iter() {
+                let Some(keys) = self.subscribers.get(c) else {
+                    continue;
+                };
+                for &k in keys {
+                    if self.owed.len() <= k {
+                        self.owed.resize_with(k + 1, Vec::new);
+                    }
+                    let owed = &mut self.owed[k];
+                    if owed.last() == Some(&i) {
+                        continue;
+                    }
+                    if owed.is_empty() {
+                        self.touched.push(k);
+                    }
+                    owed.push(i);
+                }
+            }
+        }
+    }
 }
 
 /// What became of a connection after handling it.
@@ -306,6 +410,8 @@ struct Shard {
     accept_paused: bool,
     /// Set once shutdown began: the deadline for clients to hang up.
     draining: Option<Instant>,
+    /// `--by-channel`: events go to their channels' connections only.
+    index: Option<ChannelIndex>,
 }
 
 impl Shard {
@@ -393,6 +499,7 @@ impl Shard {
                         phase: Phase::Upgrading(Vec::new()),
                         unsent: Vec::new(),
                         write_shut: false,
+                        channels: Vec::new(),
                     });
                     self.counters.accepted.fetch_add(1, Ordering::Relaxed);
                 }
@@ -411,11 +518,11 @@ impl Shard {
     /// one write per connection per wake, as herald coalesces queued events into one `writev`.
     /// A lone publish is written as is; several are joined once per shard, never per connection.
     fn commands(&mut self) {
-        let mut batch: Vec<Arc<[u8]>> = Vec::new();
+        let mut batch: Vec<Published> = Vec::new();
         while let Ok(cmd) = self.rx.try_recv() {
             match cmd {
-                Command::Frame(frame) => {
-                    batch.push(frame);
+                Command::Frame(frame, channels) => {
+                    batch.push((frame, channels));
                     if batch.len() == MAX_BATCH {
                         self.fan_out_batch(&mut batch);
                     }
@@ -429,13 +536,61 @@ impl Shard {
         self.fan_out_batch(&mut batch);
     }
 
-    fn fan_out_batch(&mut self, batch: &mut Vec<Arc<[u8]>>) {
+    fn fan_out_batch(&mut self, batch: &mut Vec<Published>) {
         match batch.len() {
             0 => {}
-            1 => self.fan_out(&batch[0], 1),
-            n => self.fan_out(&batch.concat(), n as u64),
+            _ if self.index.is_some() => self.fan_out_by_channel(batch),
+            1 => self.fan_out(&batch[0].0, 1),
+            n => {
+                let mut joined = Vec::with_capacity(batch.iter().map(|(f, _)| f.len()).sum());
+                for (f, _) in batch.iter() {
+                    joined.extend_from_slice(f);
+                }
+                self.fan_out(&joined, n as u64);
+            }
         }
         batch.clear();
+    }
+
+    /// `--by-channel`: each connection gets the frames of its channels' events, in order, with
+    /// one `writev` of the shared frames.
+    fn fan_out_by_channel(&mut self, batch: &[Published]) {
+        let Some(index) = self.index.as_mut() else {
+            return;
+        };
+        index.route(batch);
+        // Ascending keys, the order a herald shard writes a batch in.
+        index.touched.sort_unstable();
+        let (mut delivered, mut writes, mut blocked) = (0u64, 0u64, 0u64);
+        let mut dead = Vec::new();
+        let mut frames: Vec<&[u8]> = Vec::with_capacity(MAX_BATCH);
+        for &k in &index.touched {
+            let owed = &mut index.owed[k];
+            frames.clear();
+            frames.extend(owed.iter().map(|&i| &*batch[usize::from(i)].0));
+            owed.clear();
+            let Some(conn) = self.conns.get_mut(k) else {
+                continue;
+            };
+            if !matches!(conn.phase, Phase::Open) {
+                continue;
+            }
+            match send_frames(conn, &frames, self.max_outbound) {
+                Sent::All => writes += 1,
+                Sent::Partly => {
+                    writes += 1;
+                    blocked += 1;
+                }
+                Sent::Behind => {}
+                Sent::Dead => {
+                    dead.push(k);
+                    continue;
+                }
+            }
+            delivered += frames.len() as u64;
+        }
+        index.touched.clear();
+        self.count_fan_out(delivered, writes, blocked, dead);
     }
 
     /// The whole point: the same bytes (`frames` pre-encoded frames) to every open connection.
@@ -468,6 +623,10 @@ impl Shard {
                 Err(_) => dead.push(k),
             }
         }
+        self.count_fan_out(delivered, writes, blocked, dead);
+    }
+
+    fn count_fan_out(&mut self, delivered: u64, writes: u64, blocked: u64, dead: Vec<usize>) {
         let c = Arc::clone(&self.counters);
         c.frames_written.fetch_add(delivered, Ordering::Relaxed);
         c.writes.fetch_add(writes, Ordering::Relaxed);
@@ -518,7 +677,7 @@ impl Shard {
                 continue;
             };
             head.extend_from_slice(&scratch[..n]);
-            match upgrade_response(head) {
+            match upgrade_response(head, self.index.is_some()) {
                 Upgrade::Incomplete if head.len() > MAX_HEAD => {
                     let _ = conn
                         .stream
@@ -530,11 +689,18 @@ impl Shard {
                     let _ = conn.stream.write_all(response.as_bytes());
                     return Fate::Drop;
                 }
-                Upgrade::Accept(response) => {
+                Upgrade::Accept(response, channels) => {
                     // Anything after the head is a client frame: discarded.
                     conn.phase = Phase::Open;
                     let mut bytes = response.into_bytes();
-                    bytes.extend_from_slice(&self.connected);
+                    match self.index.as_mut() {
+                        Some(index) => {
+                            bytes.extend_from_slice(&index.connected_frame(&channels));
+                            index.subscribe(k, &channels);
+                            conn.channels = channels;
+                        }
+                        None => bytes.extend_from_slice(&self.connected),
+                    }
                     match write_some(&mut conn.stream, &bytes) {
                         Ok(w) if w == bytes.len() => {}
                         Ok(w) => conn.unsent.extend_from_slice(&bytes[w..]),
@@ -548,6 +714,9 @@ impl Shard {
     fn close(&mut self, k: usize) {
         if let Some(mut conn) = self.conns.try_remove(k) {
             let _ = self.poll.registry().deregister(&mut conn.stream);
+            if let Some(index) = self.index.as_mut() {
+                index.unsubscribe(k, &conn.channels);
+            }
         }
     }
 }
@@ -571,6 +740,79 @@ fn flush(conn: &mut Conn) -> Fate {
     Fate::Keep
 }
 
+/// What [`send_frames`] did with a connection's frames.
+enum Sent {
+    /// The socket took them all.
+    All,
+    /// Written in part; the rest waits in the connection's buffer.
+    Partly,
+    /// Queued behind bytes already waiting; nothing written.
+    Behind,
+    /// The socket failed, or the buffer passed `max_outbound`.
+    Dead,
+}
+
+/// Writes `frames` with `writev` until the socket takes no more (behind whatever already
+/// waits), keeping the rest.
+fn send_frames(conn: &mut Conn, frames: &[&[u8]], max_outbound: usize) -> Sent {
+    let outcome = if conn.unsent.is_empty() {
+        match write_frames(&mut conn.stream, frames) {
+            Ok(written) if written == frames.iter().map(|f| f.len()).sum::<usize>() => {
+                return Sent::All;
+            }
+            Ok(written) => {
+                let mut skip_total = written;
+                for f in frames {
+                    let skip = skip_total.min(f.len());
+                    skip_total -= skip;
+                    conn.unsent.extend_from_slice(&f[skip..]);
+                }
+                Sent::Partly
+            }
+            Err(_) => return Sent::Dead,
+        }
+    } else {
+        for f in frames {
+            conn.unsent.extend_from_slice(f);
+        }
+        Sent::Behind
+    };
+    if conn.unsent.len() > max_outbound {
+        Sent::Dead
+    } else {
+        outcome
+    }
+}
+
+/// Writes as much of `frames` as the socket takes now, as `write_some` does for one buffer.
+fn write_frames(stream: &mut TcpStream, frames: &[&[u8]]) -> io::Result<usize> {
+    let mut slices: Vec<io::IoSlice<'_>> = frames.iter().map(|f| io::IoSlice::new(f)).collect();
+    let mut rest = &mut slices[..];
+    let mut written = 0;
+    while !rest.is_empty() {
+        match stream.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n;
+                io::IoSlice::advance_slices(&mut rest, n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(written)
+}
+
+/// The `channels[]` (or `channels`) values of a request path's query.
+fn url_channels(path: &str) -> Vec<String> {
+    let query = path.split_once('?').map_or("", |(_, q)| q);
+    form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, _)| k == "channels[]" || k == "channels")
+        .map(|(_, v)| v.into_owned())
+        .collect()
+}
+
 /// Writes as much of `bytes` as the socket takes now.
 fn write_some(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
     let mut written = 0;
@@ -588,12 +830,13 @@ fn write_some(stream: &mut TcpStream, bytes: &[u8]) -> io::Result<usize> {
 
 enum Upgrade {
     Incomplete,
-    Accept(String),
+    /// The 101 answer, and the URL's channels.
+    Accept(String, Vec<String>),
     Refuse(String),
 }
 
 /// The answer to an upgrade request head, once it is complete.
-fn upgrade_response(head: &[u8]) -> Upgrade {
+fn upgrade_response(head: &[u8], by_channel: bool) -> Upgrade {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
     let refuse = |status: &str| {
@@ -606,9 +849,14 @@ fn upgrade_response(head: &[u8]) -> Upgrade {
         Ok(httparse::Status::Partial) => return Upgrade::Incomplete,
         Err(_) => return refuse("400 Bad Request"),
     }
-    if !req.path.is_some_and(|p| p.starts_with("/v1/realtime")) {
+    let Some(path) = req.path.filter(|p| p.starts_with("/v1/realtime")) else {
         return refuse("404 Not Found");
-    }
+    };
+    let channels = if by_channel {
+        url_channels(path)
+    } else {
+        Vec::new()
+    };
     let key = req
         .headers
         .iter()
@@ -618,9 +866,12 @@ fn upgrade_response(head: &[u8]) -> Upgrade {
         return refuse("426 Upgrade Required");
     };
     let accept = tungstenite::handshake::derive_accept_key(key);
-    Upgrade::Accept(format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    ))
+    Upgrade::Accept(
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        ),
+        channels,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -673,11 +924,14 @@ impl Publisher {
             payload: body.payload,
         };
         let encoded = EncodedEvent::encode(&event);
+        let channels: Arc<[String]> = event.channels.into();
         let mut message = encoded.prefix.to_vec();
         write_tail(&mut message, std::iter::once(self.subscription.as_str()));
         let frame = text_frame(&message);
         for shard in self.shards.iter() {
-            let _ = shard.tx.send(Command::Frame(frame.clone()));
+            let _ = shard
+                .tx
+                .send(Command::Frame(frame.clone(), channels.clone()));
             let _ = shard.waker.wake();
         }
         drop(ids);
@@ -887,4 +1141,50 @@ fn respond(
         body.len()
     );
     stream.write_all(response.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(channels: &[&str]) -> Published {
+        let channels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+        (text_frame(b"{}"), channels.into())
+    }
+
+    #[test]
+    fn url_channels_reads_both_spellings_and_escapes() {
+        assert_eq!(
+            url_channels("/v1/realtime?project=p&channels[]=a&channels%5B%5D=b%20c&channels=d"),
+            ["a", "b c", "d"]
+        );
+        assert!(url_channels("/v1/realtime").is_empty());
+    }
+
+    #[test]
+    fn a_batch_owes_each_subscriber_its_channels_events_once_and_in_order() {
+        let mut index = ChannelIndex::new(herald::protocol::UrlId::new(1, 0));
+        index.subscribe(0, &["a".into()]);
+        index.subscribe(3, &["a".into(), "b".into()]);
+        index.subscribe(5, &["c".into()]);
+        let batch = [
+            event(&["b"]),
+            event(&["a", "b"]),
+            event(&["x"]),
+            event(&["a"]),
+        ];
+        index.route(&batch);
+        assert_eq!(
+            index.touched,
+            [3, 0],
+            "in the order first owed; sorted before writing"
+        );
+        assert_eq!(index.owed[3], [0, 1, 3]);
+        assert_eq!(index.owed[0], [1, 3]);
+        assert!(index.owed.get(5).is_none_or(|o| o.is_empty()));
+
+        index.unsubscribe(3, &["a".into(), "b".into()]);
+        assert_eq!(index.subscribers["a"], [0]);
+        assert!(!index.subscribers.contains_key("b"));
+    }
 }
