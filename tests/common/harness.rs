@@ -441,12 +441,35 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
+/// A free loopback port for a server a test starts (redis-server, haproxy, herald).
+///
+/// It is taken below the kernel's ephemeral range (`ip_local_port_range`), never from it: a port
+/// from `bind(0)` is free only until the server binds it, and in between any outgoing
+/// connection (a cluster bus link, a client) may get it as its source port. The kernel never
+/// hands out ports below that range by itself, so only another test could take it; the walk
+/// starts at a place of this process's own and never repeats within it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = (10_000u32, ephemeral_low().max(10_001));
+    let span = high - low;
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = (low + offset) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
+}
+
+/// The lowest port the kernel picks for `bind(0)` and outgoing connections.
+fn ephemeral_low() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 impl RedisServer {
@@ -471,7 +494,7 @@ impl RedisServer {
     }
 
     fn spawn(port: u16, dir: &std::path::Path, extra: &[String]) -> Child {
-        let child = Command::new("redis-server")
+        let mut child = Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -489,6 +512,9 @@ impl RedisServer {
             .expect("redis-server is not installed: run ./scripts/test, which installs it");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("redis-server on port {port} exited at start ({status}); its log is above");
+            }
             if let Ok(c) = redis::Client::open(format!("redis://127.0.0.1:{port}"))
                 && let Ok(mut conn) = c.get_connection()
                 && redis::cmd("PING").query::<String>(&mut conn).is_ok()
@@ -545,14 +571,9 @@ impl Drop for RedisServer {
     }
 }
 
-/// `n` distinct free loopback ports (all held at once while they are picked, so none repeats).
+/// `n` distinct free loopback ports ([`free_port`] never repeats one within a process).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
+    (0..n).map(|_| free_port()).collect()
 }
 
 /// A Redis Cluster of the test's own: three redis-server masters on free loopback ports, each
