@@ -12,9 +12,12 @@
 //! a local receiver is copied when the packet is delivered, so there zero-copy adds work.
 //!
 //! Per payload size and mode it prints the throughput and the CPU seconds per GiB of the sending
-//! thread (the driver's cost) and of the receiving thread; the modes alternate round by round so
-//! both see the same machine. With `--sink HOST:PORT` the bytes go to `send_zc --serve ADDR` on
-//! another machine, the only way to measure a real NIC (this one has none to measure).
+//! thread (the driver's cost) and of the receiving thread, a trial lasting until every byte has
+//! left the sockets (`TIOCOUTQ` 0: a copying send completes when its bytes are queued, a
+//! zero-copy one only when they are acknowledged), after one discarded warm-up trial per mode;
+//! the modes alternate round by round so both see the same machine. With `--sink HOST:PORT`
+//! the bytes go to `send_zc --serve ADDR` on another machine, the only way to measure a real
+//! NIC (this one has none to measure).
 //!
 //! Run: `cargo build --release -p herald-loadgen && target/release/send_zc` (loopback), or
 //! `send_zc --serve 0.0.0.0:9610` on the receiver and `send_zc --sink RECEIVER:9610` here.
@@ -22,6 +25,7 @@
 use std::io::{self, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
@@ -47,8 +51,8 @@ const IORING_NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 )]
 struct Cli {
     /// Connections the body is fanned out to.
-    #[arg(long, default_value_t = 256)]
-    connections: usize,
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=16384))]
+    connections: u32,
     /// Body sizes in bytes, comma separated.
     #[arg(
         long,
@@ -116,6 +120,10 @@ fn main() -> Result<()> {
             None => "loopback receiver thread".into(),
         }
     );
+    // Connections start cold (slow start, small windows): one discarded trial of each mode.
+    for mode in [Mode::Copy, Mode::ZeroCopy] {
+        bench.trial(mode, cli.sizes[0], (cli.mib << 20) / 4)?;
+    }
     let mut results: Vec<(usize, Mode, Vec<Trial>)> = Vec::new();
     for round in 0..cli.rounds {
         for &size in &cli.sizes {
@@ -146,7 +154,8 @@ fn check_kernel() -> Result<()> {
         .register_probe(&mut probe)
         .context("io_uring probe")?;
     if !probe.is_supported(opcode::SendMsgZc::CODE) {
-        bail!("this kernel has no IORING_OP_SENDMSG_ZC (Linux 6.1 or later)");
+        // IORING_SEND_ZC_REPORT_USAGE, which the count of copied sends needs, came in 6.2.
+        bail!("this kernel has no IORING_OP_SENDMSG_ZC (Linux 6.2 or later)");
     }
     Ok(())
 }
@@ -164,10 +173,13 @@ impl Bench {
             None => {
                 let listener = TcpListener::bind("127.0.0.1:0")?;
                 let addr = listener.local_addr()?;
-                (addr, Some(Receiver::start(listener, cli.connections)?))
+                (
+                    addr,
+                    Some(Receiver::start(listener, cli.connections as usize)?),
+                )
             }
         };
-        let mut streams = Vec::with_capacity(cli.connections);
+        let mut streams = Vec::with_capacity(cli.connections as usize);
         for _ in 0..cli.connections {
             let s = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
             s.set_nodelay(true)?;
@@ -176,29 +188,28 @@ impl Bench {
         Ok(Bench { streams, receiver })
     }
 
+    /// One trial, timed until every byte has left the sender's sockets (and, on loopback,
+    /// has been read): a copying send completes once its bytes are queued, a zero-copy send's
+    /// notification only once they are acknowledged, so stopping at the completions would
+    /// favour copying by whatever the socket buffers hold.
     fn trial(&mut self, mode: Mode, size: usize, bytes: u64) -> Result<Trial> {
         let received_before = self
             .receiver
             .as_ref()
             .map(|r| r.bytes.load(Ordering::Relaxed));
-        let rx_cpu_before = self
-            .receiver
-            .as_ref()
-            .map(|r| r.cpu_nanos.load(Ordering::Relaxed));
+        let rx_cpu_before = self.receiver.as_ref().map(Receiver::cpu).transpose()?;
         let start = Instant::now();
-        let cpu_before = thread_cpu();
+        let cpu_before = thread_cpu()?;
         let mut sent = send_all(&self.streams, mode, size, bytes)?;
-        let sender_cpu = thread_cpu() - cpu_before;
+        wait_unsent(&self.streams, start)?;
+        let sender_cpu = thread_cpu()? - cpu_before;
         if let (Some(r), Some(before)) = (&self.receiver, received_before) {
             r.wait_for(before + sent.bytes, start)?;
         }
         sent.seconds = start.elapsed().as_secs_f64();
         sent.sender_cpu = sender_cpu;
         if let (Some(r), Some(before)) = (&self.receiver, rx_cpu_before) {
-            // The receiver publishes its CPU time after every read burst; let it catch up.
-            thread::sleep(Duration::from_millis(20));
-            let nanos = r.cpu_nanos.load(Ordering::Relaxed) - before;
-            sent.receiver_cpu = Some(nanos as f64 / 1e9);
+            sent.receiver_cpu = Some(r.cpu()? - before);
         }
         Ok(sent)
     }
@@ -227,9 +238,33 @@ struct Slot {
 fn send_all(streams: &[TcpStream], mode: Mode, size: usize, bytes: u64) -> Result<Trial> {
     let body = vec![0x5au8; size];
     let mut slots: Box<[Slot]> = streams.iter().map(|s| new_slot(s, size)).collect();
+    let entries = (slots.len() as u32).next_power_of_two().max(8);
+    // A connection has one send in flight but may have several notifications still to come:
+    // room for eight completions per connection keeps them off the kernel's overflow list.
+    let mut ring = IoUring::builder()
+        .setup_cqsize(entries * 8)
+        .build(entries)?;
+    let result = run_sends(&mut ring, &mut slots, &body, mode, bytes);
+    if result.is_err() {
+        // Sends may still be in flight, reading `body` and the slots: never free them.
+        std::mem::forget(ring);
+        std::mem::forget(body);
+        std::mem::forget(slots);
+    }
+    result
+}
+
+/// The send loop of [`send_all`]: every frame sent, every notification reaped.
+fn run_sends(
+    ring: &mut IoUring,
+    slots: &mut [Slot],
+    body: &[u8],
+    mode: Mode,
+    bytes: u64,
+) -> Result<Trial> {
+    let size = body.len();
     let frame_len = slots[0].header_len + size;
     let frames = (bytes / frame_len as u64).max(slots.len() as u64);
-    let mut ring = IoUring::new((slots.len() as u32).next_power_of_two().max(8))?;
     let mut trial = Trial {
         seconds: 0.0,
         sender_cpu: 0.0,
@@ -239,10 +274,10 @@ fn send_all(streams: &[TcpStream], mode: Mode, size: usize, bytes: u64) -> Resul
         copied: 0,
     };
     let (mut queued, mut finished, mut pending_notifs) = (0u64, 0u64, 0u64);
-    for i in 0..slots.len() {
+    for (i, slot) in slots.iter_mut().enumerate() {
         if queued < frames {
             queued += 1;
-            push_send(&mut ring, &mut slots[i], i, &body, mode)?;
+            push_send(ring, slot, i, body, mode)?;
         }
     }
     let deadline = Instant::now() + TRIAL_LIMIT;
@@ -253,11 +288,21 @@ fn send_all(streams: &[TcpStream], mode: Mode, size: usize, bytes: u64) -> Resul
         }
         ring.submit_and_wait(1)?;
         completions.clear();
-        completions.extend(ring.completion());
+        let mut cq = ring.completion();
+        if cq.overflow() > 0 {
+            bail!(
+                "{} completions overflowed the completion queue",
+                cq.overflow()
+            );
+        }
+        completions.extend(&mut cq);
+        drop(cq);
         for cqe in &completions {
             let i = cqe.user_data() as usize;
             if cqueue::notif(cqe.flags()) {
-                pending_notifs -= 1;
+                pending_notifs = pending_notifs
+                    .checked_sub(1)
+                    .context("a notification that no send announced")?;
                 trial.notifications += 1;
                 if cqe.result() as u32 & IORING_NOTIF_USAGE_ZC_COPIED != 0 {
                     trial.copied += 1;
@@ -267,21 +312,21 @@ fn send_all(streams: &[TcpStream], mode: Mode, size: usize, bytes: u64) -> Resul
             if cqueue::more(cqe.flags()) {
                 pending_notifs += 1;
             }
-            if cqe.result() < 0 {
+            if cqe.result() <= 0 {
                 let err = io::Error::from_raw_os_error(-cqe.result());
-                bail!("{} failed: {err}", mode.name());
+                bail!("{} failed ({}): {err}", mode.name(), cqe.result());
             }
             let slot = &mut slots[i];
             slot.done += cqe.result() as usize;
             if slot.done < frame_len {
-                push_send(&mut ring, slot, i, &body, mode)?;
+                push_send(ring, slot, i, body, mode)?;
                 continue;
             }
             finished += 1;
             slot.done = 0;
             if queued < frames {
                 queued += 1;
-                push_send(&mut ring, slot, i, &body, mode)?;
+                push_send(ring, slot, i, body, mode)?;
             }
         }
     }
@@ -349,47 +394,89 @@ fn push_send(ring: &mut IoUring, slot: &mut Slot, i: usize, body: &[u8], mode: M
     };
     let entry = entry.user_data(i as u64);
     // SAFETY: the message, its vectors and the bytes they point at stay put and unchanged
-    // until this send's completion (and, zero-copy, its notification) has been reaped.
+    // until this send's completion (and, zero-copy, its notification) has been reaped; on an
+    // error `send_all` leaks them instead of freeing them.
     while unsafe { ring.submission().push(&entry) }.is_err() {
         ring.submit()?;
     }
     Ok(())
 }
 
+/// Waits until none of `streams` holds unsent or unacknowledged bytes (`TIOCOUTQ`).
+fn wait_unsent(streams: &[TcpStream], start: Instant) -> Result<()> {
+    for s in streams {
+        loop {
+            let mut queued: libc::c_int = 0;
+            // SAFETY: TIOCOUTQ writes one int to the pointer it is given.
+            if unsafe { libc::ioctl(s.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } != 0 {
+                return Err(io::Error::last_os_error()).context("ioctl(TIOCOUTQ)");
+            }
+            if queued == 0 {
+                break;
+            }
+            if start.elapsed() > TRIAL_LIMIT {
+                bail!("a socket still held {queued} bytes after {TRIAL_LIMIT:?}");
+            }
+            thread::sleep(Duration::from_micros(200));
+        }
+    }
+    Ok(())
+}
+
 /// CPU time (user + system) of the calling thread, in seconds.
-fn thread_cpu() -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct it is given.
-    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut u) };
-    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
-    t(u.ru_utime) + t(u.ru_stime)
+fn thread_cpu() -> Result<f64> {
+    clock_seconds(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+fn clock_seconds(clock: libc::clockid_t) -> Result<f64> {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec to the pointer it is given.
+    if unsafe { libc::clock_gettime(clock, &mut t) } != 0 {
+        return Err(io::Error::last_os_error()).context("clock_gettime");
+    }
+    Ok(t.tv_sec as f64 + t.tv_nsec as f64 / 1e9)
 }
 
 /// The loopback receiving thread: reads every connection and counts the bytes.
 struct Receiver {
     bytes: Arc<AtomicU64>,
-    cpu_nanos: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: thread::JoinHandle<()>,
+    /// The thread's CPU-time clock, read from here whenever a trial needs it.
+    clock: libc::clockid_t,
 }
 
 impl Receiver {
     fn start(listener: TcpListener, connections: usize) -> Result<Receiver> {
         let bytes = Arc::new(AtomicU64::new(0));
-        let cpu_nanos = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (b, c, s) = (bytes.clone(), cpu_nanos.clone(), stop.clone());
+        let (b, s) = (bytes.clone(), stop.clone());
         let thread = thread::spawn(move || {
-            if let Err(e) = receive(listener, connections, &b, &c, &s) {
+            if let Err(e) = receive(listener, connections, &b, &s) {
                 eprintln!("send_zc: receiver: {e:#}");
             }
         });
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: the thread is alive (it is joined only in `Bench::stop`), and the call
+        // writes one clockid_t to the pointer it is given.
+        let rc = unsafe { libc::pthread_getcpuclockid(thread.as_pthread_t(), &mut clock) };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc)).context("pthread_getcpuclockid");
+        }
         Ok(Receiver {
             bytes,
-            cpu_nanos,
             stop,
             thread,
+            clock,
         })
+    }
+
+    /// The receiving thread's CPU time so far, in seconds.
+    fn cpu(&self) -> Result<f64> {
+        clock_seconds(self.clock)
     }
 
     fn wait_for(&self, total: u64, start: Instant) -> Result<()> {
@@ -408,7 +495,6 @@ fn receive(
     listener: TcpListener,
     connections: usize,
     bytes: &AtomicU64,
-    cpu_nanos: &AtomicU64,
     stop: &AtomicBool,
 ) -> Result<()> {
     let mut poll = mio::Poll::new()?;
@@ -438,7 +524,6 @@ fn receive(
                 }
             }
         }
-        cpu_nanos.store((thread_cpu() * 1e9) as u64, Ordering::Relaxed);
     }
     Ok(())
 }
