@@ -1,5 +1,7 @@
-//! `send_zc`: a benchmark, never shipped: whether io_uring's zero-copy send (`SENDMSG_ZC`)
-//! is cheaper than the copying `SENDMSG` herald's io_uring driver queues for every subscriber.
+//! `send_zc`: a benchmark, never shipped: whether io_uring's zero-copy send (`SENDMSG_ZC`),
+//! or a copying send to a registered file (a fixed descriptor, which spares the kernel taking
+//! and dropping a reference to the socket on every request), is cheaper than the plain
+//! `SENDMSG` herald's io_uring driver queues for every subscriber.
 //!
 //! Owns one measurement and must not be used by herald. The traffic has a fan-out's shape: one
 //! body, encoded once, goes to every connection as a WebSocket binary frame (a connection's own
@@ -10,6 +12,9 @@
 //! the order). The kernel is asked to report whether it copied after all
 //! (`IORING_SEND_ZC_REPORT_USAGE`): on loopback and veth it always does, since a page pinned for
 //! a local receiver is copied when the packet is delivered, so there zero-copy adds work.
+//!
+//! The modes (`--modes copy,zc,fixed`) each run on their own ring; `fixed` registers every
+//! connection's socket with it first.
 //!
 //! Per payload size and mode it prints the throughput and the CPU seconds per GiB of the sending
 //! thread (the driver's cost) and of the receiving thread, a trial lasting until every byte has
@@ -33,7 +38,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use io_uring::{IoUring, Probe, cqueue, opcode, types::Fd};
+use io_uring::types::{Fd, Fixed};
+use io_uring::{IoUring, Probe, cqueue, opcode};
 
 /// Longest a trial may take before the run stops with an error.
 const TRIAL_LIMIT: Duration = Duration::from_secs(120);
@@ -47,7 +53,7 @@ const IORING_NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 #[derive(Parser)]
 #[command(
     name = "send_zc",
-    about = "Benchmark: io_uring zero-copy sends (SENDMSG_ZC) against copying sends (SENDMSG), fan-out shaped"
+    about = "Benchmark: io_uring zero-copy sends (SENDMSG_ZC) and sends to registered files against copying sends (SENDMSG), fan-out shaped"
 )]
 struct Cli {
     /// Connections the body is fanned out to.
@@ -63,9 +69,13 @@ struct Cli {
     /// Bytes sent per trial (one size, one mode), in MiB.
     #[arg(long, default_value_t = 2048)]
     mib: u64,
-    /// Rounds; each round runs every size in both modes, alternating which goes first.
+    /// Rounds; each round runs every size in every mode, rotating which goes first.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
+    /// The modes compared with `copy` (which always runs): `zc` (SENDMSG_ZC) and `fixed`
+    /// (SENDMSG to registered files), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "copy,zc")]
+    modes: Vec<Mode>,
     /// Send to `send_zc --serve` at this address instead of a receiving thread on loopback.
     #[arg(long)]
     sink: Option<SocketAddr>,
@@ -77,10 +87,15 @@ struct Cli {
     serve_for: Duration,
 }
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum Mode {
+    /// `SENDMSG` on the socket's descriptor, as herald's driver sends.
     Copy,
+    /// `SENDMSG_ZC`.
+    #[value(name = "zc")]
     ZeroCopy,
+    /// `SENDMSG` on the socket registered with the ring (`IOSQE_FIXED_FILE`).
+    Fixed,
 }
 
 impl Mode {
@@ -88,6 +103,7 @@ impl Mode {
         match self {
             Mode::Copy => "SENDMSG",
             Mode::ZeroCopy => "SENDMSG_ZC",
+            Mode::Fixed => "SENDMSG_FIXED",
         }
     }
 }
@@ -108,7 +124,12 @@ fn main() -> Result<()> {
     if let Some(addr) = cli.serve {
         return serve(addr, cli.serve_for);
     }
-    check_kernel()?;
+    let mut modes = vec![Mode::Copy];
+    modes.extend(cli.modes.iter().filter(|m| **m != Mode::Copy));
+    modes.dedup();
+    if modes.contains(&Mode::ZeroCopy) {
+        check_kernel()?;
+    }
     let mut bench = Bench::connect(&cli)?;
     println!(
         "send_zc: {} connections, {} MiB per trial, {} rounds, {}",
@@ -121,17 +142,14 @@ fn main() -> Result<()> {
         }
     );
     // Connections start cold (slow start, small windows): one discarded trial of each mode.
-    for mode in [Mode::Copy, Mode::ZeroCopy] {
+    for &mode in &modes {
         bench.trial(mode, cli.sizes[0], (cli.mib << 20) / 4)?;
     }
     let mut results: Vec<(usize, Mode, Vec<Trial>)> = Vec::new();
     for round in 0..cli.rounds {
         for &size in &cli.sizes {
-            let order = if round % 2 == 0 {
-                [Mode::Copy, Mode::ZeroCopy]
-            } else {
-                [Mode::ZeroCopy, Mode::Copy]
-            };
+            let mut order = modes.clone();
+            order.rotate_left(round % modes.len());
             for mode in order {
                 let trial = bench.trial(mode, size, cli.mib << 20)?;
                 print_trial(round, size, mode, &trial);
@@ -142,7 +160,9 @@ fn main() -> Result<()> {
             }
         }
     }
-    print_summary(&cli.sizes, &results);
+    for &mode in &modes[1..] {
+        print_summary(&cli.sizes, mode, &results);
+    }
     bench.stop();
     Ok(())
 }
@@ -244,6 +264,12 @@ fn send_all(streams: &[TcpStream], mode: Mode, size: usize, bytes: u64) -> Resul
     let mut ring = IoUring::builder()
         .setup_cqsize(entries * 8)
         .build(entries)?;
+    if mode == Mode::Fixed {
+        let fds: Vec<i32> = slots.iter().map(|s| s.fd).collect();
+        ring.submitter()
+            .register_files(&fds)
+            .context("register the sockets with the ring")?;
+    }
     let result = run_sends(&mut ring, &mut slots, &body, mode, bytes);
     if result.is_err() {
         // Sends may still be in flight, reading `body` and the slots: never free them.
@@ -387,6 +413,10 @@ fn push_send(ring: &mut IoUring, slot: &mut Slot, i: usize, body: &[u8], mode: M
     let msg: *const libc::msghdr = &slot.msg;
     let entry = match mode {
         Mode::Copy => opcode::SendMsg::new(Fd(slot.fd), msg).flags(flags).build(),
+        // The registered table holds the sockets in slot order.
+        Mode::Fixed => opcode::SendMsg::new(Fixed(i as u32), msg)
+            .flags(flags)
+            .build(),
         Mode::ZeroCopy => opcode::SendMsgZc::new(Fd(slot.fd), msg)
             .flags(flags)
             .ioprio(IORING_SEND_ZC_REPORT_USAGE)
@@ -586,14 +616,18 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Per size, zero-copy's ratio to copying in each round (the two trials ran back to back),
-/// as median and range: sender CPU per GiB, both threads' CPU per GiB, throughput.
-fn print_summary(sizes: &[usize], results: &[(usize, Mode, Vec<Trial>)]) {
-    println!("\nzero-copy / copy, per round: median [min-max]");
+/// Per size, `mode`'s ratio to copying in each round (the trials ran back to back), as
+/// median and range: sender CPU per GiB, both threads' CPU per GiB, throughput.
+fn print_summary(sizes: &[usize], mode: Mode, results: &[(usize, Mode, Vec<Trial>)]) {
+    println!(
+        "\n{} / {}, per round: median [min-max]",
+        mode.name(),
+        Mode::Copy.name()
+    );
     println!("   size  sender CPU per GiB     sender+receiver CPU    throughput");
     for &size in sizes {
-        let get = |mode: Mode| results.iter().find(|r| r.0 == size && r.1 == mode);
-        let (Some(c), Some(z)) = (get(Mode::Copy), get(Mode::ZeroCopy)) else {
+        let get = |m: Mode| results.iter().find(|r| r.0 == size && r.1 == m);
+        let (Some(c), Some(z)) = (get(Mode::Copy), get(mode)) else {
             continue;
         };
         let pairs = || c.2.iter().zip(&z.2);
