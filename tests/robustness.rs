@@ -560,6 +560,48 @@ fn half_closed_and_reset_peers_are_dropped_while_a_neighbour_gets_everything() {
     }
 }
 
+/// Reads end at a short read only when epoll will report what comes next: a message that
+/// arrives in two parts, the second after a pause, is answered, and a message sent together
+/// with the FIN is answered before herald lets the peer go. Runs on both drivers.
+#[test]
+fn split_messages_and_a_message_sent_with_the_fin_are_both_answered() {
+    let server = Server::start(&["--shards", "1"]);
+    let path = "/v1/realtime?project=p&channels[]=c";
+    let ping = herald::ws::decoder::encode_client_frame(
+        true,
+        1,
+        br#"{"type":"ping"}"#,
+        [0x12, 0x34, 0x56, 0x78],
+    );
+    let mut split = RawClient::upgrade(server.ws, path);
+    assert_eq!(split.read_json()["type"], "connected");
+    for _ in 0..3 {
+        split.write(&ping[..5]);
+        std::thread::sleep(Duration::from_millis(50));
+        split.write(&ping[5..]);
+        assert_eq!(split.read_json()["type"], "pong");
+    }
+    let mut with_fin = RawClient::upgrade(server.ws, path);
+    assert_eq!(with_fin.read_json()["type"], "connected");
+    // One segment with the message, then the FIN, both queued before herald looks.
+    with_fin.write(&ping);
+    with_fin.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(with_fin.read_json()["type"], "pong");
+    assert_eq!(
+        with_fin.read_frame(),
+        None,
+        "closed by herald after the peer's FIN"
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.metric("herald_connections") > 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the peer that sent its FIN is still counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// herald's executable mappings in its smaps: (size kB, resident kB, advised MADV_RANDOM).
 fn herald_code(pid: u32) -> Vec<(u64, u64, bool)> {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();

@@ -46,6 +46,18 @@ const _: () = assert!(2 * COMMAND_BATCH < 1024);
 const ACCEPT_BATCH: usize = 512;
 /// Socket reads per readable event: enough for normal traffic, bounded against floods.
 const READS_PER_EVENT: usize = 16;
+
+/// How far a readiness event's reads go (edge-triggered epoll reports new arrivals only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    None,
+    /// A read shorter than the buffer ends them: the socket was drained, and epoll reports
+    /// whatever comes after.
+    UntilShort,
+    /// Until the socket says it would block: data or a FIN may be waiting that raised its
+    /// edge before (a resumed read, or an event that already reported the FIN or an error).
+    UntilBlocked,
+}
 const SCRATCH_BYTES: usize = 64 * 1024;
 /// Replay answers written per loop iteration, after live events.
 const ANSWERS_PER_ITERATION: usize = 16;
@@ -382,12 +394,21 @@ impl Shard {
                     WAKER => {}
                     Token(k) => {
                         let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                        self.on_socket_event(k, readable, ev.is_writable());
+                        // A FIN or an error already there when epoll looked raises no new
+                        // edge: only then must the reads go on to the end.
+                        let short_read_drains = !(ev.is_read_closed() || ev.is_error());
+                        let reads = match readable {
+                            false => Reads::None,
+                            true if short_read_drains => Reads::UntilShort,
+                            true => Reads::UntilBlocked,
+                        };
+                        self.on_socket_event(k, reads, ev.is_writable());
                     }
                 }
             }
             for k in std::mem::take(&mut self.unfinished_reads) {
-                self.on_socket_event(k, true, false);
+                // What was there before the last event raises no edge again.
+                self.on_socket_event(k, Reads::UntilBlocked, false);
             }
             if self.after_io() {
                 return;
@@ -617,11 +638,11 @@ impl Shard {
         }
     }
 
-    fn on_socket_event(&mut self, k: usize, readable: bool, writable: bool) {
+    fn on_socket_event(&mut self, k: usize, reads: Reads, writable: bool) {
         if writable && self.slab.contains(k) {
             self.settle(k);
         }
-        if !readable {
+        if reads == Reads::None {
             return;
         }
         for _ in 0..READS_PER_EVENT {
@@ -647,6 +668,12 @@ impl Shard {
                         slot.ip = ticket;
                     }
                     if !self.settle(k) {
+                        return;
+                    }
+                    // Less than asked for: the socket held no more. Whatever arrives later,
+                    // the FIN included, raises a new edge, so a read that would only find
+                    // nothing (one per pong, one per handshake) is spared.
+                    if reads == Reads::UntilShort && n < self.scratch.len() {
                         return;
                     }
                 }
