@@ -443,33 +443,54 @@ pub struct RedisServer {
 
 /// A free loopback port for a server a test starts (redis-server, haproxy, herald).
 ///
-/// It is taken below the kernel's ephemeral range (`ip_local_port_range`), never from it: a port
-/// from `bind(0)` is free only until the server binds it, and in between any outgoing
-/// connection (a cluster bus link, a client) may get it as its source port. The kernel never
-/// hands out ports below that range by itself, so only another test could take it; the walk
-/// starts at a place of this process's own and never repeats within it.
+/// It is taken outside the kernel's ephemeral range (`ip_local_port_range`), below it or, where
+/// too little is left below, above it: a port from `bind(0)` is free only until the server
+/// binds it, and in between any outgoing connection (a cluster bus link, a client) may get it
+/// as its source port. The kernel never hands out ports outside that range by itself, so only
+/// another test could take it; the walk starts at a place of this process's own and never
+/// repeats a port within it.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let (low, high) = (10_000u32, ephemeral_low().max(10_001));
-    let span = high - low;
+    let (low, span) = outside_ephemeral_range();
     let start = std::process::id().wrapping_mul(7919) % span;
-    for _ in 0..span {
-        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-        let port = (low + offset) as u16;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            n < span,
+            "every loopback port in {low}..{} was handed out",
+            low + span
+        );
+        let port = (low + (start + n) % span) as u16;
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free loopback port in {low}..{high}");
 }
 
-/// The lowest port the kernel picks for `bind(0)` and outgoing connections.
-fn ephemeral_low() -> u32 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(32_768)
+/// The first port and the number of ports [`free_port`] walks: 10000 up to the kernel's
+/// ephemeral range, or the ports above it when fewer than 1,000 are left below.
+fn outside_ephemeral_range() -> (u32, u32) {
+    const LOWEST: u32 = 10_000;
+    const ENOUGH: u32 = 1_000;
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let mut bounds = range
+        .iter()
+        .flat_map(|s| s.split_whitespace())
+        .filter_map(|n| n.parse::<u32>().ok());
+    let (first, last) = (
+        bounds.next().unwrap_or(32_768),
+        bounds.next().unwrap_or(60_999),
+    );
+    if first.saturating_sub(LOWEST) >= ENOUGH {
+        (LOWEST, first - LOWEST)
+    } else {
+        assert!(
+            65_535u32.saturating_sub(last) >= ENOUGH,
+            "ip_local_port_range {first} {last} leaves fewer than {ENOUGH} ports outside it for test servers"
+        );
+        (last + 1, 65_535 - last)
+    }
 }
 
 impl RedisServer {
@@ -505,6 +526,8 @@ impl RedisServer {
                 "--dir",
             ])
             .arg(dir)
+            .arg("--logfile")
+            .arg(dir.join("redis.log"))
             .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -513,7 +536,8 @@ impl RedisServer {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("redis-server on port {port} exited at start ({status}); its log is above");
+                let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
+                panic!("redis-server on port {port} exited at start ({status}); its log:\n{log}");
             }
             if let Ok(c) = redis::Client::open(format!("redis://127.0.0.1:{port}"))
                 && let Ok(mut conn) = c.get_connection()

@@ -57,7 +57,9 @@ const IORING_NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 )]
 struct Cli {
     /// Connections the body is fanned out to.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=16384))]
+    /// At most 8,192: the ring has room for eight completions per connection, and a
+    /// completion queue holds at most 65,536.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=8192))]
     connections: u32,
     /// Body sizes in bytes, comma separated.
     #[arg(
@@ -125,8 +127,11 @@ fn main() -> Result<()> {
         return serve(addr, cli.serve_for);
     }
     let mut modes = vec![Mode::Copy];
-    modes.extend(cli.modes.iter().filter(|m| **m != Mode::Copy));
-    modes.dedup();
+    for &m in &cli.modes {
+        if !modes.contains(&m) {
+            modes.push(m);
+        }
+    }
     if modes.contains(&Mode::ZeroCopy) {
         check_kernel()?;
     }
@@ -616,7 +621,7 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Per size, `mode`'s ratio to copying in each round (the trials ran back to back), as
+/// Per size, `mode`'s ratio to copying in each round (the two trials ran in the same round), as
 /// median and range: sender CPU per GiB, both threads' CPU per GiB, throughput.
 fn print_summary(sizes: &[usize], mode: Mode, results: &[(usize, Mode, Vec<Trial>)]) {
     println!(
