@@ -52,7 +52,9 @@ const READS_PER_EVENT: usize = 16;
 enum Reads {
     None,
     /// A read shorter than the buffer ends them: the socket was drained, and epoll reports
-    /// whatever comes after.
+    /// whatever comes after. (TCP urgent data also stops a read short with more queued; no
+    /// WebSocket client sends it, and one that does only stalls its own connection until it
+    /// sends again.)
     UntilShort,
     /// Until the socket says it would block: data or a FIN may be waiting that raised its
     /// edge before (a resumed read, or an event that already reported the FIN or an error).
