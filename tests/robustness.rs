@@ -550,14 +550,7 @@ fn half_closed_and_reset_peers_are_dropped_while_a_neighbour_gets_everything() {
     for id in &ids {
         assert_eq!(neighbour.read_json()["data"]["id"], id.as_str());
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while server.metric("herald_connections") > 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the half-closed and reset peers are still counted"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_one_connection(&server, "the half-closed and reset peers are still counted");
 }
 
 /// Reads end at a short read only when epoll will report what comes next: a message that
@@ -596,12 +589,14 @@ fn split_messages_and_a_message_sent_with_the_fin_are_both_answered() {
         None,
         "closed by herald after the peer's FIN"
     );
+    wait_for_one_connection(&server, "the peer that sent its FIN is still counted");
+}
+
+/// Waits up to 5 s for herald to count a single connection again; fails with `what` if not.
+fn wait_for_one_connection(server: &Server, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while server.metric("herald_connections") > 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the peer that sent its FIN is still counted"
-        );
+        assert!(Instant::now() < deadline, "{what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
