@@ -33,6 +33,7 @@
 //!   payloads; knows no connections, sockets or protocol messages.
 //! - [`origin`]: which browser origins may connect (`--allowed-origins`).
 //! - [`names`]: the id and name rules every input is checked against.
+//! - [`distinct`]: short lists with their repeats removed, without a hash table.
 //! - [`event`]: events and their encode-once form.
 //! - [`identity`]: guests and users, their roles, JWT verification, the `account` channel.
 //!
@@ -56,9 +57,9 @@
 //! thread gives freed pages back; [`doctor`] (`herald doctor`) checks a machine's limits for
 //! a number of connections and touches nothing else.
 //!
-//! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `query`, `filter`, `origin`,
-//! `names` know nothing else; `identity` knows `names`; `event` knows `identity`; `registry`
-//! knows `identity`; `protocol` knows `event`, `identity` and `registry` (its interning);
+//! Dependencies point one way (`tests/layout.rs` checks it): `ws`, `filter`, `origin`, `names`,
+//! `distinct` know nothing else; `query` knows `distinct`; `identity` knows `names`; `event` knows `identity`; `registry`
+//! knows `identity`; `protocol` knows `event`, `identity`, `distinct` and `registry` (its interning);
 //! `mailbox` knows `event`, `identity` and `filter`; `conn` uses those, `batch`, `outbox`
 //! and `registry`; `shard` drives `conn` and `batch` and talks to the control plane only
 //! through `mailbox`; `hub`, `replay` and `resolver` reach shards only through `mailbox`; buses reach
@@ -70,6 +71,7 @@ pub mod batch;
 pub mod bus;
 pub mod config;
 pub mod conn;
+pub mod distinct;
 pub mod doctor;
 pub mod doorbell;
 pub mod event;

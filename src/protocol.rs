@@ -13,6 +13,7 @@ use compact_str::CompactString;
 use rustc_hash::FxHashSet;
 use serde_json::{Value, json};
 
+use crate::distinct::Distinct;
 use crate::event::EncodedEvent;
 use crate::filter::{Filter, FilterLimits};
 use crate::identity::{Identity, JwtVerifier};
@@ -328,22 +329,24 @@ impl Session {
         let ids = self.subscriptions(url_id).map(|s| s.id);
         let subscriptions = match slots {
             Some(slots) if slots.iter().enumerate().any(|(i, &s)| s as usize != i) => {
-                Value::Object(
-                    slots
-                        .iter()
-                        .zip(ids)
-                        .map(|(s, id)| (s.to_string(), Value::from(id)))
-                        .collect(),
-                )
+                SubscriptionIds::BySlot(slots.iter().copied().zip(ids).collect())
             }
-            _ => Value::from(ids.collect::<Vec<_>>()),
+            _ => SubscriptionIds::List(ids.collect()),
         };
-        json!({"type": "connected", "data": {
-            "channels": self.channels().iter().map(|c| &**c).collect::<Vec<_>>(),
-            "subscriptions": subscriptions,
-            "user": user.cloned().unwrap_or_else(|| self.identity.user_json()),
-        }})
-        .to_string()
+        let channels = self.channels();
+        let message = Connected {
+            data: ConnectedData {
+                channels: channels.iter().map(|c| &**c).collect(),
+                subscriptions,
+                user: match user {
+                    Some(account) => UserJson::Account(account),
+                    None => UserJson::Id(self.identity.user_id()),
+                },
+            },
+            kind: "connected",
+        };
+        // Serialising borrowed fields cannot fail: no map has a non-string key.
+        serde_json::to_string(&message).unwrap_or_default()
     }
 
     /// Becomes `identity` (a verified `authentication`): every subscription keeps its id and
@@ -392,12 +395,11 @@ impl Session {
     /// Every distinct channel of every subscription, in first-seen order (linear: a session may
     /// hold 100 subscriptions of 100 channels).
     pub fn channels(&self) -> Vec<Arc<str>> {
-        let mut seen = FxHashSet::default();
-        self.channel_lists()
-            .flat_map(|c| c.iter())
-            .filter(|c| seen.insert(&***c))
-            .cloned()
-            .collect()
+        let mut seen = Distinct::default();
+        for c in self.channel_lists().flat_map(|c| c.iter()) {
+            seen.push(c.clone());
+        }
+        seen.into_vec()
     }
 
     /// Ids of the subscriptions that listen to any of `channels` (in subscription order) and
@@ -658,23 +660,74 @@ fn distinct_channels(subscriptions: &[Subscription]) -> usize {
 }
 
 /// Channels as `identity` listens to them (the `account` conversion), interned, each once.
+/// The `connected` message, written straight from the session: one is sent per upgrade, so it
+/// builds no JSON tree. Fields in the order a `json!` object writes them (sorted).
+#[derive(serde::Serialize)]
+struct Connected<'a> {
+    data: ConnectedData<'a>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct ConnectedData<'a> {
+    channels: Vec<&'a str>,
+    subscriptions: SubscriptionIds<'a>,
+    user: UserJson<'a>,
+}
+
+/// Subscription ids: a list, or an object from Gen B slot number to id when the slots are not
+/// simply 0, 1, 2...
+enum SubscriptionIds<'a> {
+    List(Vec<&'a str>),
+    BySlot(Vec<(u32, &'a str)>),
+}
+
+impl serde::Serialize for SubscriptionIds<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::List(ids) => s.collect_seq(ids),
+            Self::BySlot(pairs) => s.collect_map(pairs.iter().map(|(slot, id)| (slot, id))),
+        }
+    }
+}
+
+/// The `user` of a `connected` message: the Account object a resolver returned, `{"$id"}` when
+/// only the id is known, `null` for a guest.
+enum UserJson<'a> {
+    Account(&'a Value),
+    Id(Option<&'a str>),
+}
+
+impl serde::Serialize for UserJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Self::Account(v) => v.serialize(s),
+            Self::Id(None) => s.serialize_none(),
+            Self::Id(Some(id)) => {
+                let mut map = s.serialize_map(Some(1))?;
+                map.serialize_entry("$id", id)?;
+                map.end()
+            }
+        }
+    }
+}
+
 fn convert_channels<S: AsRef<str>>(
     identity: &Identity,
     channels: impl Iterator<Item = S>,
     intern: &mut dyn Intern,
 ) -> Box<[Arc<str>]> {
-    let mut out: Vec<Arc<str>> = Vec::new();
-    let mut seen = FxHashSet::default();
+    let mut out: Distinct<Arc<str>> = Distinct::default();
     for c in channels {
         crate::identity::convert_channel(identity, c.as_ref(), |name| {
-            if !seen.contains(name) {
-                let name = intern.name(name);
-                seen.insert(name.clone());
-                out.push(name);
+            if !out.contains(name) {
+                out.push(intern.name(name));
             }
         });
     }
-    out.into_boxed_slice()
+    out.into_vec().into_boxed_slice()
 }
 
 /// An `authentication` with an Appwrite session: handed to the resolver when there is one;

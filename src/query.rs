@@ -4,7 +4,7 @@
 //! and an ordered channel list, in time linear in the query's length. Pure string work; it must
 //! not validate projects or channels beyond counting them.
 
-use rustc_hash::FxHashSet;
+use crate::distinct::Distinct;
 
 /// What the realtime handshake reads from the query string.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,7 +32,7 @@ pub const MAX_SLOT_QUERIES: usize = 1000;
 /// Parses a raw (still percent-encoded) query string, keeping at most `max_channels` channels.
 pub fn parse(query: &str, max_channels: usize) -> RealtimeQuery {
     let mut out = RealtimeQuery::default();
-    let mut seen = FxHashSet::default();
+    let mut channels = Distinct::default();
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {
         let (base, bracket) = match key.find('[') {
             Some(i) => (&key[..i], Some(&key[i..])),
@@ -54,17 +54,19 @@ pub fn parse(query: &str, max_channels: usize) -> RealtimeQuery {
             }
             // `channels[]`, `channels[3]`, and a bare `channels=x` (read as a one-element list
             // rather than failing the way PHP's type error does).
-            ("channels", b) if b.is_none_or(is_list_index) && !seen.contains(value.as_ref()) => {
-                if out.channels.len() == max_channels {
+            ("channels", b)
+                if b.is_none_or(is_list_index) && !channels.contains(value.as_ref()) =>
+            {
+                if channels.len() == max_channels {
                     out.too_many_channels = true;
                     continue;
                 }
-                seen.insert(value.clone().into_owned());
-                out.channels.push(value.into_owned());
+                channels.push(value.into_owned());
             }
             _ => {}
         }
     }
+    out.channels = channels.into_vec();
     out
 }
 

@@ -25,6 +25,7 @@ const DATA_PLANE: &[&str] = &[
     "admission",
     "identity",
     "names",
+    "distinct",
     "memory",
     "liveness",
     "uring",

@@ -55,6 +55,22 @@ pub struct Request {
     pub fallback_cookies: Option<String>,
 }
 
+/// The headers [`parse_request`] reads; every other one (`Host`, `User-Agent`, ...) is skipped
+/// before its value is looked at.
+const WANTED: [&str; 11] = [
+    "upgrade",
+    "connection",
+    "sec-websocket-version",
+    "sec-websocket-key",
+    "x-appwrite-project",
+    "origin",
+    "x-appwrite-jwt",
+    "cookie",
+    "x-appwrite-session",
+    "x-fallback-cookies",
+    "x-forwarded-for",
+];
+
 /// Parses a request head from the start of `buf`. `Ok(None)` means it is incomplete; bytes
 /// after the head (if any) belong to the WebSocket stream and are reported by the length.
 pub fn parse_request(
@@ -90,9 +106,15 @@ pub fn parse_request(
         ..Request::default()
     };
     for h in req.headers.iter() {
-        let value = String::from_utf8_lossy(h.value);
-        let value = value.trim();
         let name = h.name;
+        if !WANTED.iter().any(|w| name.eq_ignore_ascii_case(w)) {
+            continue;
+        }
+        let value = match std::str::from_utf8(h.value) {
+            Ok(v) => std::borrow::Cow::Borrowed(v),
+            Err(_) => String::from_utf8_lossy(h.value),
+        };
+        let value = value.trim();
         if name.eq_ignore_ascii_case("upgrade") {
             out.upgrade_websocket = value
                 .split(',')
